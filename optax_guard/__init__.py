@@ -1,0 +1,34 @@
+"""optax_guard: keep training alive when gradients explode, and show why.
+
+Composable `optax` gradient transformations that clip, skip and monitor inside
+the jitted step, carrying their statistics in the optimizer state; read them
+with `optax_guard.metrics(opt_state)`.
+"""
+
+from optax_guard._clipping import clip_by_global_norm
+from optax_guard._clipping import clip_by_layer_norm
+from optax_guard._clipping import clip_by_value
+from optax_guard._clipping import ClipByGlobalNormState
+from optax_guard._clipping import ClipByLayerNormState
+from optax_guard._clipping import ClipByValueState
+from optax_guard._metrics import metrics
+from optax_guard._metrics import PerLayer
+from optax_guard._monitor import monitor
+from optax_guard._monitor import MonitorState
+from optax_guard._stats import HIST_BUCKETS
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ClipByGlobalNormState",
+    "ClipByLayerNormState",
+    "ClipByValueState",
+    "HIST_BUCKETS",
+    "MonitorState",
+    "PerLayer",
+    "clip_by_global_norm",
+    "clip_by_layer_norm",
+    "clip_by_value",
+    "metrics",
+    "monitor",
+)

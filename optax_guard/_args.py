@@ -1,0 +1,75 @@
+"""Checks of factory arguments, shared by every transformation.
+
+Each check raises a `ValueError` whose message is a full sentence naming the
+argument, the value given and what is allowed. Values that are tracers (as
+under `optax.inject_hyperparams`, whose hyperparameters reach the factory as
+arrays inside a trace) cannot be inspected and are let through.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete_number(value: Any) -> float | None:
+  """Returns `value` as a float, None for a tracer, raises for a non-number."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, bool):
+    return float("nan")  # A bool is almost always a mistake for a number.
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+      return float(np.asarray(value))
+  return float("nan")
+
+
+def check_number(name: str, value: Any, *, minimum: float = 0.0,
+                 strict: bool = False, maximum: float | None = None,
+                 strict_max: bool = False) -> None:
+  """Raises a `ValueError` unless `value` is a real number in the range."""
+  number = _concrete_number(value)
+  if number is None:
+    return
+  low_ok = number > minimum if strict else number >= minimum
+  high_ok = (maximum is None or
+             (number < maximum if strict_max else number <= maximum))
+  if not (np.isfinite(number) and low_ok and high_ok):
+    low = f"{'>' if strict else '>='} {minimum:g}"
+    high = ("" if maximum is None else
+            f" and {'<' if strict_max else '<='} {maximum:g}")
+    raise ValueError(
+        f"`{name}` must be a finite real number {low}{high}, but got "
+        f"{value!r}.")
+
+
+def check_int(name: str, value: Any, *, minimum: int,
+              allow_none: bool = False) -> None:
+  """Raises a `ValueError` unless `value` is an int >= minimum (or None)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
+      value < minimum):
+    allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+    raise ValueError(f"`{name}` must be {allowed}, but got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+  """Raises a `ValueError` unless `value` is one of `choices`."""
+  if value not in choices:
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ValueError(
+        f"`{name}` must be one of {allowed}, but got {value!r}.")
+
+
+def require_params(params: Any, factory: str) -> None:
+  """Raises a `ValueError` when an update that needs params got none."""
+  if params is None:
+    raise ValueError(
+        f"`{factory}` needs the current parameters: call "
+        f"`update(updates, state, params)`; it was called with params=None.")

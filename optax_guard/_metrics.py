@@ -1,0 +1,181 @@
+"""Metric naming and the read-out of statistics from any optimizer state.
+
+All metric names are made here. Names are lower case, `/`-separated (so
+TensorBoard and W&B group them), with per-layer entries written
+`<metric>/<layer path>`, e.g. `grad/norm/Dense_0/kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The key in a parameter tree that holds the parameters themselves in Flax
+# linen's `{"params": ...}` collections; it adds nothing to a layer's name.
+_ROOT_COLLECTION = "params"
+
+
+def _key_name(key: Any) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """Writes a pytree key path as a layer name such as `Dense_0/kernel`.
+
+  A leading `params` collection and the trailing `value` attribute of Flax nnx
+  `Variable`s are dropped; an empty path (a bare array) is named `.`.
+  """
+  parts = [_key_name(k) for k in path]
+  if parts and parts[-1] == "value" and isinstance(
+      path[-1], jax.tree_util.GetAttrKey):
+    parts = parts[:-1]
+  if len(parts) > 1 and parts[0] == _ROOT_COLLECTION:
+    parts = parts[1:]
+  return "/".join(parts) or "."
+
+
+def layer_names(tree: Any) -> tuple[str, ...]:
+  """The names of the leaves of `tree`, in `jax.tree.leaves` order."""
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return tuple(path_name(path) for path, _ in paths)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["values"], meta_fields=["names"])
+@dataclasses.dataclass(frozen=True)
+class PerLayer:
+  """Per-layer statistics: one row of `values` per named layer.
+
+  The names are static pytree metadata, so they survive `jit`, `lax.scan`,
+  buffer donation and checkpoint restores while the state holds only arrays.
+
+  Attributes:
+    values: array of shape `[num_layers, ...]`.
+    names: the layer names, `len(names) == num_layers`.
+  """
+  values: Any
+  names: tuple[str, ...]
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=[], meta_fields=["kind", "prefix"])
+@dataclasses.dataclass(frozen=True)
+class Naming:
+  """Static naming of a state's metrics: a pytree node without leaves.
+
+  Attributes:
+    kind: the namespace of what was measured, `"grad"` or `"update"`.
+    prefix: a string prepended to every metric name.
+  """
+  kind: str = "grad"
+  prefix: str = ""
+
+
+def per_layer_zeros(names: tuple[str, ...], dtype: Any,
+                    trailing: tuple[int, ...] = ()) -> PerLayer:
+  return PerLayer(jnp.zeros((len(names),) + trailing, dtype), names)
+
+
+def _unwrap(x: Any) -> Any:
+  """The array inside a Flax nnx `Variable` (or `x` itself)."""
+  if hasattr(x, "get_value"):
+    return x.get_value()
+  if hasattr(x, "value") and not isinstance(x, (np.ndarray, jax.Array)):
+    return x.value
+  return x
+
+
+def expand(name: str, value: Any) -> dict[str, Any]:
+  """One metric, or one per layer when `value` is a `PerLayer`."""
+  if isinstance(value, PerLayer):
+    rows = _unwrap(value.values)
+    return {f"{name}/{layer}": rows[i] for i, layer in enumerate(value.names)}
+  return {name: _unwrap(value)}
+
+
+def _is_guard_state(x: Any) -> bool:
+  return hasattr(type(x), "_og_metrics")
+
+
+def _collect(opt_state: Any) -> dict[str, Any]:
+  found = jax.tree_util.tree_leaves(opt_state, is_leaf=_is_guard_state)
+  out: dict[str, Any] = {}
+  for state in found:
+    if not _is_guard_state(state):
+      continue
+    for name, value in state._og_metrics().items():
+      unique, k = name, 0
+      while unique in out:
+        k += 1
+        unique = f"{name}.{k}"
+      out[unique] = value
+  return out
+
+
+_collect_on_device = jax.jit(_collect)
+
+
+def metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Every statistic recorded in an optimizer state, as one flat named dict.
+
+  Walks any state tree (a plain `optax.chain`, `optax.named_chain`, wrappers
+  nested in each other, a Flax nnx optimizer's state whose leaves are
+  `Variable`s, a state fetched to the host) and gathers the statistics of every
+  `optax_guard` state in it, under the names of the design (`grad/norm`,
+  `grad/norm/<layer>`, `optim/num_clipped`, ...).
+
+  Naming rule for repeats: when two states record the same name (two monitors
+  in one chain, say), the first in the tree's order (the earlier one in a
+  chain) keeps the plain name and later ones get `.1`, `.2`, ... appended, e.g.
+  `grad/norm` and `grad/norm.1`. Give a monitor a `prefix` to choose its names
+  yourself.
+
+  On device arrays the read-out runs as one compiled call (inside a jitted step
+  it is traced inline, so a step can return it); fetch everything to the host
+  with a single `jax.device_get(og.metrics(state))`. On a state already on the
+  host it returns NumPy values.
+
+  Args:
+    opt_state: any optimizer state tree.
+
+  Returns:
+    A dict from metric name to scalar array.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.full(3, 4.0)}, state, params)
+    >>> m = og.metrics(state)
+    >>> print(f"{float(m['grad/norm']):.3f} {int(m['optim/num_clipped'])}")
+    6.928 1
+
+  References:
+    DESIGN §4 (metric names).
+  """
+  leaves = jax.tree_util.tree_leaves(opt_state)
+  on_device = any(isinstance(_unwrap(x), jax.Array) for x in leaves)
+  if on_device and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+    return _collect_on_device(_strip_variables(opt_state))
+  return _collect(opt_state)
+
+
+def _strip_variables(opt_state: Any) -> Any:
+  """Replaces nnx `Variable` leaves by their arrays so the state can be jitted."""
+  return jax.tree_util.tree_map(
+      _unwrap, opt_state, is_leaf=lambda x: hasattr(x, "get_value"))
+

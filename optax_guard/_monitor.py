@@ -1,0 +1,208 @@
+"""`monitor`: records the detection signals of explosion, changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import optax
+
+from optax_guard import _args
+from optax_guard import _metrics
+from optax_guard import _stats
+
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+class MonitorState(NamedTuple):
+  """State of `monitor`. Per-layer fields are empty when `per_layer=False`."""
+  step: jax.Array                    # i32[] updates seen.
+  norm: jax.Array                    # f32[] global norm of what passed.
+  layer_norms: _metrics.PerLayer     # f32[L] norm of each layer.
+  frac_above_1: _metrics.PerLayer    # f32[L] fraction of |x| > 1 per layer.
+  nonfinite: _metrics.PerLayer       # i32[L] NaN/Inf counts (0 if finite).
+  param_norm: jax.Array              # f32[] global parameter norm.
+  param_layer_norms: _metrics.PerLayer  # f32[L] norm of each parameter.
+  param_nonfinite: jax.Array         # i32[] non-finite parameter elements.
+  loss: jax.Array                    # f32[] last loss given (0 if none).
+  loss_ema: jax.Array                # f32[] debiased EMA of finite losses.
+  loss_ema_raw: jax.Array            # f32[] the EMA before debiasing.
+  loss_steps: jax.Array              # i32[] finite losses seen.
+  loss_nonfinite: jax.Array          # i32[] non-finite losses seen.
+  histograms: _metrics.PerLayer      # i32[L, B] log10-magnitude histograms.
+  naming: _metrics.Naming             # static: how the metrics are named.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    k, p = self.naming.kind, self.naming.prefix
+    nonfinite = _metrics.expand(f"{p}{k}/nonfinite", self.nonfinite)
+    frac = self.frac_above_1
+    out = {
+        f"{p}{k}/norm": self.norm,
+        **_metrics.expand(f"{p}{k}/norm", self.layer_norms),
+        **_metrics.expand(f"{p}{k}/frac_above_1", frac),
+        f"{p}{k}/nonfinite": jnp.sum(_metrics._unwrap(self.nonfinite.values)),
+        **nonfinite,
+        f"{p}param/norm": self.param_norm,
+        **_metrics.expand(f"{p}param/norm", self.param_layer_norms),
+        f"{p}param/nonfinite": self.param_nonfinite,
+        f"{p}loss/value": self.loss,
+        f"{p}loss/ema": self.loss_ema,
+        f"{p}loss/nonfinite": self.loss_nonfinite,
+        **_metrics.expand(f"{p}{k}/hist", self.histograms),
+    }
+    if k == "update":
+      ratio = _metrics.PerLayer(
+          _metrics._unwrap(self.layer_norms.values) / jnp.maximum(
+              _metrics._unwrap(self.param_layer_norms.values), _TINY),
+          self.layer_norms.names)
+      out[f"{p}update/ratio"] = self.norm / jnp.maximum(self.param_norm,
+                                                        _TINY)
+      out.update(_metrics.expand(f"{p}update/ratio", ratio))
+    return out
+
+
+def _loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
+  """The loss passed as `loss=` (or `value=`, as optax's line searches do)."""
+  loss = extra_args.get("loss", extra_args.get("value"))
+  if loss is None:
+    return None
+  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
+
+
+def monitor(
+    *,
+    per_layer: bool = True,
+    histogram: bool = False,
+    every: int = 1,
+    kind: str = "grad",
+    prefix: str = "",
+    loss_ema_decay: float = 0.9,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Records the signals of exploding gradients; passes updates unchanged.
+
+  Measures what flows through it, in one fused pass: the global and per-layer
+  L2 norms, the fraction of elements above 1 in magnitude per layer, and the
+  NaN/Inf counts per layer (counted only on a step that has some). With
+  `params`, also the parameter norms and non-finite parameter count; with a
+  `loss=` (or `value=`) extra argument, the loss, its EMA and how many losses
+  were not finite. Placed last in a chain with `kind="update"`, it measures
+  the final updates and adds `update/ratio/<layer>`, the update norm over the
+  parameter norm of each layer.
+
+  Metrics (`<k>` is `kind`): `<k>/norm`, `<k>/norm/<layer>`,
+  `<k>/frac_above_1/<layer>`, `<k>/nonfinite`, `<k>/nonfinite/<layer>`,
+  `param/norm`, `param/norm/<layer>`, `param/nonfinite`, `loss/value`,
+  `loss/ema`, `loss/nonfinite` (loss entries read 0 until a loss is given),
+  and with `histogram=True` `<k>/hist/<layer>`: counts over the buckets of
+  `optax_guard.HIST_BUCKETS` (zero, one per decade of magnitude from 1e-10 to
+  1e4, the outer two open-ended, NaN, Inf).
+
+  Args:
+    per_layer: record per-layer entries (else only the global ones).
+    histogram: record per-layer log-magnitude histograms (extra passes).
+    every: measure on every `every`-th step only; the decision is taken on the
+      device (`lax.cond`) and the state keeps the last measured values.
+    kind: `"grad"` before the optimizer, `"update"` when last in the chain.
+    prefix: prepended to every metric name, e.g. `"post_clip/"`.
+    loss_ema_decay: decay of the loss EMA, in `[0, 1)`.
+    axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `MonitorState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = optax.chain(og.monitor(), optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+    >>> m = og.metrics(state)
+    >>> print(float(m["grad/norm"]), float(m["grad/frac_above_1/w"]))
+    5.0 1.0
+
+  References:
+    Pascanu et al., 2013, "On the difficulty of training recurrent neural
+    networks" (https://arxiv.org/abs/1211.5063); Philipp et al., 2018, "The
+    exploding gradient problem demystified" (https://arxiv.org/abs/1712.05577).
+  """
+  _args.check_int("every", every, minimum=1)
+  _args.check_choice("kind", kind, ("grad", "update"))
+  _args.check_number("loss_ema_decay", loss_ema_decay, maximum=1.0,
+                     strict_max=True)
+  if not isinstance(prefix, str):
+    raise ValueError(f"`prefix` must be a string, but got {prefix!r}.")
+  _stats.check_axis_name(axis_name)
+  naming = _metrics.Naming(kind=kind, prefix=prefix)
+
+  def init_fn(params):
+    names = _metrics.layer_names(params) if per_layer else ()
+    hist_names = names if histogram else ()
+    f32 = lambda: jnp.zeros((), jnp.float32)
+    i32 = lambda: jnp.zeros((), jnp.int32)
+    return MonitorState(
+        step=i32(), norm=f32(),
+        layer_norms=_metrics.per_layer_zeros(names, jnp.float32),
+        frac_above_1=_metrics.per_layer_zeros(names, jnp.float32),
+        nonfinite=_metrics.per_layer_zeros(names, jnp.int32),
+        param_norm=f32(),
+        param_layer_norms=_metrics.per_layer_zeros(names, jnp.float32),
+        param_nonfinite=i32(), loss=f32(), loss_ema=f32(),
+        loss_ema_raw=f32(), loss_steps=i32(), loss_nonfinite=i32(),
+        histograms=_metrics.per_layer_zeros(
+            hist_names, jnp.int32, (len(_stats.HIST_BUCKETS),)),
+        naming=naming)
+
+  def measure(updates, state, params, loss):
+    def layers(values, like):
+      return _metrics.PerLayer(values if per_layer else values[:0],
+                               like.names)
+
+    stats = _stats.tree_stats(updates, axis_name=axis_name, count_above=1.0)
+    counts = _stats.nonfinite_counts(updates, axis_name=axis_name,
+                                     when=~stats.finite)
+    frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
+    changes = dict(
+        step=state.step,
+        norm=stats.global_norm,
+        layer_norms=layers(stats.norms, state.layer_norms),
+        frac_above_1=layers(frac, state.frac_above_1),
+        nonfinite=layers(counts, state.nonfinite))
+    if params is not None:
+      pstats = _stats.tree_stats(params, axis_name=axis_name)
+      pcounts = _stats.nonfinite_counts(params, axis_name=axis_name,
+                                        when=~pstats.finite)
+      changes.update(
+          param_norm=pstats.global_norm,
+          param_layer_norms=layers(pstats.norms, state.param_layer_norms),
+          param_nonfinite=jnp.sum(pcounts))
+    if loss is not None:
+      finite = jnp.isfinite(loss)
+      raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +
+                      (1.0 - loss_ema_decay) * loss, state.loss_ema_raw)
+      steps = _stats.count_if(finite, state.loss_steps)
+      debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay), steps)
+      changes.update(
+          loss=loss, loss_ema_raw=raw, loss_steps=steps,
+          loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
+          loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
+    if histogram:
+      changes.update(histograms=_metrics.PerLayer(
+          _stats.log_histograms(updates, axis_name=axis_name),
+          state.histograms.names))
+    return state._replace(**changes)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    loss = _loss_from(extra_args)
+    if every == 1:
+      new_state = measure(updates, state, params, loss)
+    else:
+      new_state = lax.cond(state.step % every == 0,
+                           lambda: measure(updates, state, params, loss),
+                           lambda: state)
+    return updates, new_state._replace(
+        step=optax.safe_increment(state.step))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
