@@ -183,7 +183,8 @@ def monitor(
       raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +
                       (1.0 - loss_ema_decay) * loss, state.loss_ema_raw)
       steps = _stats.count_if(finite, state.loss_steps)
-      debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay), steps)
+      debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay),
+                              steps.astype(jnp.float32))
       changes.update(
           loss=loss, loss_ema_raw=raw, loss_steps=steps,
           loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),

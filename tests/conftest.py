@@ -8,5 +8,20 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "standard_promotion: run under JAX's standard dtype "
+      "promotion, for tests that trace optax's own optimizers (optax's adam "
+      "mixes Python floats with int32 counts, which strict promotion rejects)")
+
+
+@pytest.fixture(autouse=True)
+def _dtype_promotion(request):
+  """Our code must be explicit about dtypes: trace every test strictly."""
+  mode = ("standard" if request.node.get_closest_marker("standard_promotion")
+          else "strict")
+  with jax.numpy_dtype_promotion(mode):
+    yield

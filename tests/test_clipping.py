@@ -1,0 +1,180 @@
+"""Clipping family against numpy references and optax's own clip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import optax_guard as og
+
+
+def _np_norm(tree):
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+  return float(np.sqrt(sum(np.sum(np.square(x)) for x in leaves)))
+
+
+def _clip(max_norm, grads):
+  tx = og.clip_by_global_norm(max_norm)
+  return tx.update(grads, tx.init(grads))
+
+
+def _random_tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  shapes = {"Dense_0": {"kernel": (5, 7), "bias": (7,)},
+            "Dense_1": {"kernel": (7, 3), "bias": (3,)}, "scalar": ()}
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s) * scale, jnp.float32), shapes,
+      is_leaf=lambda x: isinstance(x, tuple))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       scale=st.floats(1e-3, 1e3), max_norm=st.floats(0.01, 100.0))
+def test_global_norm_matches_optax(seed, scale, max_norm):
+  grads = _random_tree(seed, scale)
+  ours, theirs = og.clip_by_global_norm(max_norm), optax.clip_by_global_norm(
+      max_norm)
+  got, state = ours.update(grads, ours.init(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-30)
+  norm = _np_norm(grads)
+  np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-6)
+  assert int(state.num_clipped) == int(norm > max_norm)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_large_norm(dtype):
+  # 4096 elements of 200: the squares sum to 1.6e8, far beyond fp16's 65504.
+  g = {"w": jnp.full((4096,), 200.0, dtype)}
+  got, state = _clip(1.0, g)
+  want_norm = 200.0 * 64.0
+  np.testing.assert_allclose(state.grad_norm, want_norm, rtol=1e-6)
+  assert got["w"].dtype == dtype
+  np.testing.assert_allclose(np.asarray(got["w"], np.float32),
+                             1.0 / 64.0, rtol=1e-2)
+  # optax's norm overflows in fp16 and zeroes the update; ours does not.
+  if dtype == jnp.float16:
+    theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    assert not np.any(np.asarray(theirs["w"], np.float32) == 1.0 / 64)
+
+
+def test_bf16_beyond_float32_square():
+  g = {"w": jnp.asarray([3e30, 4e30], jnp.bfloat16)}
+  _, state = _clip(1.0, g)
+  want = np.sqrt(np.sum(np.asarray(g["w"], np.float64) ** 2))
+  np.testing.assert_allclose(state.grad_norm, want, rtol=1e-6)
+
+
+def test_elements_above_1e19():
+  g = {"a": jnp.asarray([3e19, -4e19], jnp.float32),
+       "b": jnp.asarray([1.0, 2.0], jnp.float32)}
+  got, state = _clip(2.0, g)
+  assert np.isfinite(state.grad_norm)
+  np.testing.assert_allclose(state.grad_norm, 5e19, rtol=1e-6)
+  np.testing.assert_allclose(got["a"], [1.2, -1.6], rtol=1e-6)
+  np.testing.assert_allclose(got["b"], [4e-20, 8e-20], rtol=1e-6)
+  # optax overflows to Inf and returns zeros (and NaN) instead.
+  theirs, _ = optax.clip_by_global_norm(2.0).update(g, optax.EmptyState())
+  assert not np.allclose(theirs["a"], [1.2, -1.6])
+
+
+def test_tiny_gradients_keep_their_norm():
+  # Squares of 1e-25 underflow float32; the rescaled pass recovers the norm.
+  g = {"w": jnp.full((100,), 1e-25, jnp.float32)}
+  _, state = _clip(1.0, g)
+  np.testing.assert_allclose(state.grad_norm, 1e-24, rtol=1e-5)
+
+
+def test_zero_gradient_with_zero_max_norm():
+  g = {"w": jnp.zeros(3, jnp.float32)}
+  got, state = _clip(0.0, g)
+  np.testing.assert_array_equal(got["w"], 0.0)
+  assert int(state.num_clipped) == 0
+  theirs, _ = optax.clip_by_global_norm(0.0).update(g, optax.EmptyState())
+  assert np.all(np.isnan(theirs["w"]))  # optax's answer, for the record
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_element_passes_unscaled_and_is_recorded(bad):
+  g = {"a": jnp.asarray([1.0, bad], jnp.float32),
+       "b": jnp.asarray([30.0, 40.0], jnp.float32)}
+  tx = og.clip_by_global_norm(1.0)
+  got, state = tx.update(g, tx.init(g))
+  # The finite leaf is not zeroed: nothing is scaled, so a downstream
+  # skip_nonfinite sees the bad step as it is.
+  np.testing.assert_array_equal(got["b"], g["b"])
+  assert not np.isfinite(got["a"][1])
+  assert bool(state.nonfinite)
+  assert not np.isfinite(og.metrics(state)["grad/norm"])
+  assert int(state.num_clipped) == 0 and float(state.scale) == 1.0
+
+
+def test_layer_norm_against_numpy():
+  grads = _random_tree(3, scale=2.0)
+  max_norm = 3.0
+  tx = og.clip_by_layer_norm(max_norm)
+  got, state = tx.update(grads, tx.init(grads))
+  clipped = 0
+  m = og.metrics(state)
+  for (path, g), out in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(got)):
+    x = np.asarray(g, np.float64)
+    n = np.sqrt(np.sum(x * x))
+    want = x * min(1.0, max_norm / n)
+    clipped += n > max_norm
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    name = "/".join(str(getattr(k, "key", "")) for k in path)
+    np.testing.assert_allclose(m[f"grad/norm/{name}"], n, rtol=1e-6)
+  assert int(state.layers_clipped) == clipped > 0
+  assert int(state.num_clipped) == 1
+
+
+def test_value_clip_against_numpy():
+  grads = _random_tree(4, scale=2.0)
+  tx = og.clip_by_value(1.5)
+  got, state = tx.update(grads, tx.init(grads))
+  total = above = 0
+  for g, out in zip(jax.tree.leaves(grads), jax.tree.leaves(got)):
+    x = np.asarray(g)
+    np.testing.assert_array_equal(out, np.clip(x, -1.5, 1.5))
+    total += x.size
+    above += np.sum(np.abs(x) > 1.5)
+  np.testing.assert_allclose(state.frac_clipped, above / total, rtol=1e-6)
+  want, _ = optax.clip(1.5).update(grads, optax.EmptyState())
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("factory,arg", [
+    (og.clip_by_global_norm, "max_norm"), (og.clip_by_layer_norm, "max_norm"),
+    (og.clip_by_value, "max_abs")])
+@pytest.mark.parametrize("value", [-1.0, "1.0", None, float("nan"), True])
+def test_bad_threshold_is_a_sentence(factory, arg, value):
+  with pytest.raises(ValueError, match=(
+      rf"`{arg}` must be a finite real number >= 0, but got .*\.$")):
+    factory(value)
+
+
+def test_bad_axis_name():
+  with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
+                     r"axis name or a tuple of them, but got 3\."):
+    og.clip_by_global_norm(1.0, axis_name=3)
+
+
+@pytest.mark.standard_promotion
+def test_inside_jit_and_chain_with_adam():
+  grads = _random_tree(5, scale=10.0)
+  params = jax.tree.map(jnp.zeros_like, grads)
+  ours = optax.chain(og.clip_by_global_norm(1.0), optax.adam(1e-2))
+  theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+  s1, s2 = ours.init(params), theirs.init(params)
+  step1, step2 = jax.jit(ours.update), jax.jit(theirs.update)
+  for i in range(5):
+    g = jax.tree.map(lambda x: x * (i + 1), grads)
+    u1, s1 = step1(g, s1, params)
+    u2, s2 = step2(g, s2, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert int(og.metrics(s1)["optim/num_clipped"]) == 5

@@ -1,0 +1,202 @@
+"""The contract of DESIGN §2, checked over every public factory.
+
+Add every new public transformation to `CASES`; `test_every_factory_is_covered`
+fails until it is there.
+"""
+
+import inspect
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+# name -> (factory kwargs, numeric hyperparameters for inject_hyperparams)
+CASES = {
+    "clip_by_global_norm": ({"max_norm": 1.0}, {"max_norm": 1.0}),
+    "clip_by_layer_norm": ({"max_norm": 1.0}, {"max_norm": 1.0}),
+    "clip_by_value": ({"max_abs": 0.5}, {"max_abs": 0.5}),
+    "monitor": ({"histogram": True, "every": 2}, {}),
+}
+
+ALLOWED_DTYPES = {np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)}
+
+
+def _public_factories():
+  out = []
+  for name in og.__all__:
+    obj = getattr(og, name)
+    if (inspect.isfunction(obj) and name[0].islower() and
+        "GradientTransformation" in str(inspect.signature(obj).return_annotation)):
+      out.append(name)
+  return out
+
+
+def test_every_factory_is_covered():
+  assert set(_public_factories()) <= set(CASES), (
+      "public factories missing from the contract suite: "
+      f"{set(_public_factories()) - set(CASES)}")
+
+
+def _params():
+  return {"Dense_0": {"kernel": jnp.ones((3, 4), jnp.float32) * 0.5,
+                      "bias": jnp.zeros((4,), jnp.float32)},
+          "head": jnp.ones((4,), jnp.float32)}
+
+
+def _grads(i):
+  key = jax.random.key(i)
+  params = _params()
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      3.0 * jax.random.normal(k, x.shape, jnp.float32)
+      for k, x in zip(keys, leaves)])
+
+
+def _make(name):
+  kwargs, _ = CASES[name]
+  return getattr(og, name)(**kwargs)
+
+
+def _assert_same_signature(a, b):
+  chex.assert_trees_all_equal_structs(a, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+
+
+def _camel(name):
+  return "".join(part.capitalize() for part in name.split("_")) + "State"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_factory_returns_extra_args_transformation(name):
+  tx = _make(name)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  state = tx.init(_params())
+  assert type(state).__name__ == _camel(name)
+  assert hasattr(type(state), "_fields")  # a NamedTuple
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_leaves_are_typed_arrays_and_stable(name):
+  tx = _make(name)
+  params = _params()
+  state = tx.init(params)
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf, jax.Array)
+    assert np.dtype(leaf.dtype) in ALLOWED_DTYPES, leaf.dtype
+  _, new_state = tx.update(_grads(0), state, params)
+  _assert_same_signature(state, new_state)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_init_on_shape_dtype_structs(name):
+  tx = _make(name)
+  params = _params()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          params)
+  _assert_same_signature(jax.eval_shape(tx.init, abstract), tx.init(params))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_survives_lax_scan(name):
+  tx = _make(name)
+  params = _params()
+
+  def body(carry, i):
+    p, s = carry
+    u, s = tx.update(_grads(i), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (p, state), _ = jax.lax.scan(body, (params, tx.init(params)),
+                               jnp.arange(4))
+  _assert_same_signature(state, tx.init(params))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_no_retrace_over_five_steps(name):
+  tx = _make(name)
+  params = _params()
+
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  for i in range(5):
+    params, state = step(params, state, _grads(i))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_works_with_and_without_extra_args(name):
+  tx = _make(name)
+  params = _params()
+  state = tx.init(params)
+  u1, s1 = tx.update(_grads(1), state, params)
+  u2, s2 = tx.update(_grads(1), state, params, loss=jnp.float32(1.0),
+                     unrelated=3)
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
+  _assert_same_signature(s1, s2)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in CASES if CASES[n][1]))
+def test_inject_hyperparams(name):
+  kwargs, hyper = CASES[name]
+  fixed = {k: v for k, v in kwargs.items() if k not in hyper}
+  factory = getattr(og, name)
+  injected = optax.inject_hyperparams(
+      factory, static_args=tuple(fixed))(**kwargs)
+  plain = factory(**kwargs)
+  params = _params()
+  s_inj, s_plain = injected.init(params), plain.init(params)
+  step = jax.jit(injected.update)
+  for i in range(3):
+    u_inj, s_inj = step(_grads(i), s_inj, params)
+    u_plain, s_plain = plain.update(_grads(i), s_plain, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 u_inj, u_plain)
+  # A changed hyperparameter takes effect without retracing.
+  key = next(iter(hyper))
+  s_inj.hyperparams[key] = jnp.asarray(hyper[key] * 0.5, jnp.float32)
+  u_half, _ = step(_grads(9), s_inj, params)
+  u_full, _ = plain.update(_grads(9), s_plain, params)
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(jax.tree.leaves(u_half), jax.tree.leaves(u_full)))
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_inside_multi_steps_and_masked(name):
+  params = _params()
+  multi = optax.MultiSteps(_make(name), every_k_schedule=2)
+  state = multi.init(params)
+  for i in range(4):
+    _, state = multi.update(_grads(i), state, params)
+  assert og.metrics(state)  # the inner state is found and read
+  mask = {"Dense_0": {"kernel": True, "bias": False}, "head": True}
+  masked = optax.masked(_make(name), mask)
+  state = masked.init(params)
+  u, state = masked.update(_grads(0), state, params)
+  np.testing.assert_array_equal(u["Dense_0"]["bias"],
+                                _grads(0)["Dense_0"]["bias"])
+  assert og.metrics(state)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_metric_names_follow_the_convention(name):
+  tx = _make(name)
+  params = _params()
+  _, state = tx.update(_grads(0), tx.init(params), params)
+  for key in og.metrics(state):
+    assert re.fullmatch(r"[a-z_0-9]+(/[A-Za-z_0-9.]+)+", key), key
