@@ -72,9 +72,19 @@ def varying_axes(x: Any) -> frozenset[str]:
   return frozenset(getattr(aval, "vma", ()))
 
 
-def _typed(axes: tuple[str, ...]) -> bool:
+def is_typed(axes: tuple[str, ...]) -> bool:
   """Whether values are typed with their varying axes here (shard_map)."""
   return all(a in varying_axes(lax.axis_index(a)) for a in axes)
+
+
+def pmax(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """`lax.pmax` that keeps NaN (XLA's cross-device max on CPU drops it)."""
+  if not jnp.issubdtype(values.dtype, jnp.inexact):
+    return lax.pmax(values, axes)
+  nan = jnp.isnan(values)
+  both = lax.pmax(jnp.stack([jnp.where(nan, jnp.inf, values),
+                             nan.astype(values.dtype)]), axes)
+  return jnp.where(both[1] > 0, jnp.nan, both[0])
 
 
 def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
@@ -85,7 +95,8 @@ def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
     rows: one array per leaf, `rows[i]` measured on leaf `like[i]`.
     like: the leaves the rows come from (their typing says where they vary).
     axis_name: the mesh axes to reduce over, or None.
-    op: `"sum"` for sums and counts, `"max"` for maxima.
+    op: `"sum"` for sums and counts, `"mean"` for a per-device value such as
+      a loss, `"max"` for maxima.
 
   Returns:
     The rows stacked, `[num_leaves, ...]`, global and identical on every
@@ -94,10 +105,10 @@ def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
   axes = axis_names(axis_name)
   if not axes:
     return jnp.stack(rows)
-  if not _typed(axes):
+  if not is_typed(axes):
     # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
-    return lax.pmax(jnp.stack(rows), axes)
-  reduce = lax.psum if op == "sum" else lax.pmax
+    return pmax(jnp.stack(rows), axes)
+  reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
   # Rows are stacked per group of equal typing, so that stacking never marks
   # a replicated row as varying.
   groups: dict[tuple[str, ...], list[int]] = {}
@@ -138,19 +149,15 @@ def check_varying_covered(tree: Any, axis_name: AxisName) -> None:
 class TreeStats(NamedTuple):
   """Global statistics of a tree, one entry per leaf (all float32/int32)."""
   norms: jax.Array       # f32[L] L2 norm of each leaf (NaN/Inf if non-finite).
-  maxabs: jax.Array      # f32[L] largest |x| of each leaf (NaN if a NaN).
+  maxabs: jax.Array      # f32[L] largest |x| of each leaf, Inf if a NaN/Inf.
   sizes: jax.Array       # f32[L] number of elements of each (global) leaf.
   count_above: jax.Array | None  # i32[L] elements with |x| > threshold.
+  global_norm: jax.Array  # f32[] L2 norm of the whole tree, overflow-safe.
 
   @property
   def finite(self) -> jax.Array:
     """bool[]: every element of every leaf is finite."""
     return jnp.all(jnp.isfinite(self.maxabs))
-
-  @property
-  def global_norm(self) -> jax.Array:
-    """f32[]: the L2 norm of the whole tree, overflow-safe."""
-    return combine_norms(self.norms)
 
 
 def combine_norms(norms: jax.Array) -> jax.Array:
@@ -160,7 +167,8 @@ def combine_norms(norms: jax.Array) -> jax.Array:
   top = jnp.max(norms)
   safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
   return jnp.where(jnp.isfinite(top),
-                   safe * jnp.sqrt(jnp.sum(jnp.square(norms / safe))), top)
+                   safe * jnp.sqrt(jnp.sum(jnp.square(norms / safe))),
+                   jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
 
 
 def _magnitude(x: jax.Array) -> jax.Array:
@@ -180,16 +188,34 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     A `TreeStats` of global, replica-identical values.
   """
   check_varying_covered(tree, axis_name)
+  axes = axis_names(axis_name)
+  if axes and not is_typed(axes):
+    # Untyped (pmap): measure locally, then agree on the worst device, taking
+    # the global norm as a whole so that it is one device's true norm.
+    local = tree_stats(tree, count_above=count_above)
+    rows = jnp.concatenate([jnp.stack([local.norms, local.maxabs,
+                                       local.sizes], axis=1).reshape(-1),
+                            local.global_norm[None]])
+    rows = pmax(rows, axes)
+    per_leaf = rows[:-1].reshape(-1, 3)
+    count = (None if local.count_above is None else
+             lax.pmax(local.count_above, axes))
+    return TreeStats(per_leaf[:, 0], per_leaf[:, 1], per_leaf[:, 2], count,
+                     rows[-1])
+
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
     empty = jnp.zeros((0,), jnp.float32)
     return TreeStats(empty, empty, empty,
-                     None if count_above is None else empty.astype(jnp.int32))
+                     None if count_above is None else empty.astype(jnp.int32),
+                     jnp.zeros((), jnp.float32))
   sums, maxes, counts = [], [], []
   for x in leaves:
     a = _magnitude(x)
     sums.append(jnp.sum(jnp.square(a)))
-    maxes.append(jnp.max(a, initial=0.0))
+    # NaN is mapped to Inf: a max over devices may drop NaN, never Inf. The
+    # sum of squares keeps the NaN (sums propagate it), to tell them apart.
+    maxes.append(jnp.max(jnp.where(jnp.isnan(a), jnp.inf, a), initial=0.0))
     if count_above is not None:
       counts.append(jnp.sum(a > count_above, dtype=jnp.int32))
   # Sizes ride with the sums so that a sharded leaf's global size comes out.
@@ -213,9 +239,10 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
 
   norms = lax.cond(jnp.any(needs_rescale), rescaled,
                    lambda: jnp.sqrt(sumsq))
-  # A non-finite leaf reports its non-finite max (NaN wins over Inf).
-  norms = jnp.where(jnp.isfinite(maxabs), norms, maxabs)
-  return TreeStats(norms, maxabs, sizes, count)
+  # A non-finite leaf's norm is NaN if it holds a NaN, else Inf.
+  norms = jnp.where(jnp.isfinite(maxabs), norms,
+                    jnp.where(jnp.isnan(sumsq), jnp.nan, jnp.inf))
+  return TreeStats(norms, maxabs, sizes, count, combine_norms(norms))
 
 
 def nonfinite_counts(tree: Any, *, axis_name: AxisName = None,

@@ -1,0 +1,209 @@
+"""Defences against NaN and Inf: skip the step, or zero the bad elements."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _args
+from optax_guard import _metrics
+from optax_guard import _stats
+
+# Why the last bad step was bad (`last_bad_reason`).
+REASON_NONE, REASON_GRADS, REASON_INNER, REASON_LOSS = 0, 1, 2, 3
+REASONS = {REASON_NONE: "none", REASON_GRADS: "non-finite gradients",
+           REASON_INNER: "non-finite output of the inner optimizer",
+           REASON_LOSS: "non-finite loss"}
+
+
+def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
+  """The loss passed as `loss=` (or `value=`, optax's line-search name)."""
+  loss = extra_args.get("loss", extra_args.get("value"))
+  if loss is None:
+    return None
+  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
+
+
+def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
+  """The loss every device agrees on (mean of a per-device loss)."""
+  return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
+
+
+def update_or_keep(inner: optax.GradientTransformation, updates: Any,
+                   inner_state: Any, params: Any, keep: jax.Array,
+                   extra_args: dict[str, Any]) -> tuple[Any, Any, jax.Array]:
+  """Runs `inner`, then keeps its result only where `keep` holds.
+
+  The generic path, for any optax transformation: on a skipped step the
+  update is exactly zero and the inner state comes back bit-identical (a
+  `where` over the state; XLA must then keep the old state alive beside the
+  new one, which is what costs time on large models).
+
+  Returns:
+    `(updates, inner_state, inner_finite)`: `inner_finite` says whether the
+    inner transformation's own output was finite.
+  """
+  new_updates, new_state = inner.update(updates, inner_state, params,
+                                        **extra_args)
+  return new_updates, new_state, keep
+
+
+def _select(keep: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+
+
+def _zeros_unless(keep: jax.Array, tree: Any) -> Any:
+  return jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), tree)
+
+
+class SkipNonfiniteState(NamedTuple):
+  """State of `skip_nonfinite`."""
+  inner_state: Any                   # the wrapped transformation's state.
+  step: jax.Array                    # i32[] updates seen.
+  skipped: jax.Array                 # bool[] the last step was skipped.
+  num_skipped: jax.Array             # i32[] steps skipped so far.
+  consecutive: jax.Array             # i32[] bad steps in a row, now.
+  first_bad_step: jax.Array          # i32[] index of the first bad step, -1.
+  last_bad_step: jax.Array           # i32[] index of the last bad step, -1.
+  last_bad_reason: jax.Array         # i32[] REASON_* of the last bad step.
+  last_bad_counts: _metrics.PerLayer  # i32[L] NaN/Inf per layer, last bad.
+  halted: jax.Array                  # bool[] stopped after max_consecutive.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {
+        "optim/skipped": self.skipped,
+        "optim/num_skipped": self.num_skipped,
+        "optim/consecutive_skipped": self.consecutive,
+        "optim/first_bad_step": self.first_bad_step,
+        "optim/last_bad_step": self.last_bad_step,
+        "optim/last_bad_reason": self.last_bad_reason,
+        **_metrics.expand("optim/last_bad_nonfinite", self.last_bad_counts),
+        "optim/halted": self.halted,
+    }
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    max_consecutive: int | None = None,
+    resume_after_halt: bool = False,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Skips steps whose gradients, loss or inner update hold NaN or Inf.
+
+  A step is bad when any gradient element is not finite, when their global
+  norm is not (float32 overflow), when the `loss=` (or `value=`) extra argument
+  is not finite, or when `inner` turns finite gradients into a non-finite
+  update (a division by zero, say). A bad step returns an update of exact
+  zeros and leaves `inner`'s state bit-identical (Adam's moments and count do
+  not move); the guard's own counters advance.
+
+  After `max_consecutive` bad steps in a row it halts: it keeps returning zero
+  updates and sets `halted` (`optim/halted`). Unlike `optax.apply_if_finite`,
+  it never applies a non-finite update, so the optimizer state is never
+  poisoned. A finite step after a halt does not resume training unless
+  `resume_after_halt=True`; otherwise the halt lasts until the state is
+  re-initialised, so a run that went bad cannot silently carry on.
+
+  With `axis_name`, the decision is taken on global statistics, so one
+  device's NaN makes every device skip and the replicas stay bit-identical.
+
+  How it compares to `optax.apply_if_finite`: the same skip, plus the
+  inner-output and loss checks, per-layer counts of the last bad step (which
+  layer went bad), the first and last bad step indices, a halt that does not
+  poison the state, and replica-consistent decisions.
+
+  Args:
+    inner: the transformation to protect (usually the whole optimizer).
+    max_consecutive: halt after this many bad steps in a row; None never
+      halts.
+    resume_after_halt: whether a finite step after a halt resumes training.
+    axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipNonfiniteState` (metrics `optim/skipped`, `optim/num_skipped`,
+    `optim/consecutive_skipped`, `optim/first_bad_step`,
+    `optim/last_bad_step`, `optim/last_bad_reason`,
+    `optim/last_bad_nonfinite/<layer>`, `optim/halted`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_nonfinite(optax.adam(0.1))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, state,
+    ...                            params)
+    >>> print(updates["w"], int(state.num_skipped))
+    [0. 0.] 1
+
+  References:
+    optax's `apply_if_finite`; Chowdhery et al., 2022, "PaLM: Scaling
+    Language Modeling with Pathways" (https://arxiv.org/abs/2204.02311), on
+    skipping bad batches.
+  """
+  _args.check_int("max_consecutive", max_consecutive, minimum=1,
+                  allow_none=True)
+  _stats.check_axis_name(axis_name)
+  if not hasattr(inner, "init") or not hasattr(inner, "update"):
+    raise ValueError(
+        "`inner` must be an optax GradientTransformation (with `init` and "
+        f"`update`), but got {inner!r}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    i32 = lambda v: jnp.full((), v, jnp.int32)
+    return SkipNonfiniteState(
+        inner_state=inner.init(params), step=i32(0),
+        skipped=jnp.zeros((), jnp.bool_), num_skipped=i32(0),
+        consecutive=i32(0), first_bad_step=i32(-1), last_bad_step=i32(-1),
+        last_bad_reason=i32(REASON_NONE),
+        last_bad_counts=_metrics.per_layer_zeros(
+            _metrics.layer_names(params), jnp.int32),
+        halted=jnp.zeros((), jnp.bool_))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    grads_ok = _stats.tree_stats(updates, axis_name=axis_name).finite
+    loss = loss_from(extra_args)
+    loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
+               jnp.isfinite(global_loss(loss, axis_name)))
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
+    ok = grads_ok & loss_ok & inner_ok
+    halted = state.halted
+    if resume_after_halt:
+      halted = halted & ~ok
+    consecutive = jnp.where(ok, 0, optax.safe_increment(state.consecutive))
+    if max_consecutive is not None:
+      halted = halted | (consecutive >= max_consecutive)
+    keep = ok & ~halted
+    bad = ~ok
+    reason = jnp.where(~grads_ok, REASON_GRADS,
+                       jnp.where(~loss_ok, REASON_LOSS, REASON_INNER))
+    # Per-layer counts of whatever was bad, read only on a bad step.
+    counted = jax.tree.map(lambda g, u: jnp.where(grads_ok, u, g), updates,
+                           new_updates)
+    counts = _stats.nonfinite_counts(counted, axis_name=axis_name,
+                                     when=bad & (grads_ok == inner_ok) |
+                                     ~grads_ok | ~inner_ok)
+    new_state = SkipNonfiniteState(
+        inner_state=_select(keep, new_inner, state.inner_state),
+        step=optax.safe_increment(state.step),
+        skipped=~keep,
+        num_skipped=_stats.count_if(~keep, state.num_skipped),
+        consecutive=consecutive,
+        first_bad_step=jnp.where(bad & (state.first_bad_step < 0), state.step,
+                                 state.first_bad_step),
+        last_bad_step=jnp.where(bad, state.step, state.last_bad_step),
+        last_bad_reason=jnp.where(bad, reason, state.last_bad_reason),
+        last_bad_counts=_metrics.PerLayer(
+            jnp.where(bad, counts, state.last_bad_counts.values),
+            state.last_bad_counts.names),
+        halted=halted)
+    return _zeros_unless(keep, new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

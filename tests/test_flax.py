@@ -1,0 +1,115 @@
+"""Round trips through Flax linen `TrainState`, nnx `Optimizer` and Orbax."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+flax = pytest.importorskip("flax")
+from flax import linen as nn  # noqa: E402
+from flax import nnx  # noqa: E402
+from flax.training import train_state  # noqa: E402
+
+
+def test_import_pulls_in_no_optional_dependency():
+  code = ("import sys, optax_guard; "
+          "bad = [m for m in ('flax', 'chex', 'matplotlib') if m in sys.modules]; "
+          "print(','.join(bad))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True).stdout.strip()
+  assert out == "", f"importing optax_guard imported {out}"
+
+
+class _Mlp(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(8)(x))
+    return nn.Dense(1)(x)
+
+
+def _tx():
+  return optax.chain(og.monitor(), og.clip_by_global_norm(0.5),
+                     optax.sgd(0.1))
+
+
+def test_linen_train_state_round_trip():
+  model = _Mlp()
+  x = jnp.ones((4, 3), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=_tx())
+
+  @jax.jit
+  def step(state):
+    def loss_fn(p):
+      return jnp.mean(jnp.square(state.apply_fn({"params": p}, x) - 10.0))
+    grads = jax.grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), grads
+
+  state, grads = step(state)
+  m = og.metrics(state.opt_state)
+  want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                     for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(m["grad/norm"], want, rtol=1e-5)
+  np.testing.assert_allclose(m["grad/norm/Dense_0/kernel"],
+                             np.linalg.norm(grads["Dense_0"]["kernel"]),
+                             rtol=1e-5)
+  assert int(m["optim/num_clipped"]) == int(want > 0.5)
+
+
+class _NnxMlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(3, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+def test_nnx_optimizer_round_trip_with_loss():
+  model = _NnxMlp(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+  x = jnp.ones((4, 3), jnp.float32)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(m):
+      return jnp.mean(jnp.square(m(x) - 10.0))
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, loss=loss)
+    return loss, grads
+
+  loss, grads = step(model, optimizer)
+  for m in (og.metrics(optimizer.opt_state),
+            og.metrics(nnx.as_pure(optimizer.opt_state))):
+    np.testing.assert_allclose(m["loss/value"], loss, rtol=1e-6)
+    np.testing.assert_allclose(m["grad/norm/hidden/kernel"],
+                               np.linalg.norm(grads["hidden"]["kernel"][...]),
+                               rtol=1e-5)
+    assert "param/norm/out/bias" in m
+
+
+def test_orbax_restore_against_init(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2), jnp.float32)}}
+  tx = optax.chain(og.monitor(histogram=True), og.clip_by_global_norm(1.0),
+                   optax.sgd(0.1))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(lambda p: p * 3, params), state, params)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", state)
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "state", tx.init(params))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  before, after = og.metrics(state), og.metrics(restored)
+  assert set(before) == set(after)
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k])
