@@ -5,6 +5,10 @@ the jitted step, carrying their statistics in the optimizer state; read them
 with `optax_guard.metrics(opt_state)`.
 """
 
+from optax_guard._check import check
+from optax_guard._check import GradientExplosionError
+from optax_guard._check import GuardError
+from optax_guard._check import NonFiniteGradientError
 from optax_guard._clipping import clip_by_global_norm
 from optax_guard._clipping import clip_by_layer_norm
 from optax_guard._clipping import clip_by_value
@@ -15,11 +19,27 @@ from optax_guard._metrics import metrics
 from optax_guard._metrics import PerLayer
 from optax_guard._monitor import monitor
 from optax_guard._monitor import MonitorState
+from optax_guard._nonfinite import skip_nonfinite
+from optax_guard._nonfinite import SkipNonfiniteState
+from optax_guard._nonfinite import zero_nonfinite
+from optax_guard._nonfinite import ZeroNonfiniteState
+from optax_guard._spikes import skip_spikes
+from optax_guard._spikes import SkipSpikesState
 from optax_guard._stats import HIST_BUCKETS
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "GradientExplosionError",
+    "GuardError",
+    "NonFiniteGradientError",
+    "SkipNonfiniteState",
+    "SkipSpikesState",
+    "ZeroNonfiniteState",
+    "check",
+    "skip_nonfinite",
+    "skip_spikes",
+    "zero_nonfinite",
     "ClipByGlobalNormState",
     "ClipByLayerNormState",
     "ClipByValueState",

@@ -45,9 +45,8 @@ class ClipByGlobalNormState(NamedTuple):
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {
         "grad/norm": self.grad_norm,
-        "grad/norm_clipped": jnp.where(jnp.isfinite(self.grad_norm),
-                                       self.grad_norm * self.scale,
-                                       self.grad_norm),
+        # Equal to the norm itself when it is not finite (nothing scaled).
+        "grad/norm_clipped": self.grad_norm * self.scale,
         "grad/clip_scale": self.scale,
         "optim/num_clipped": self.num_clipped,
     }

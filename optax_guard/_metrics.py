@@ -89,7 +89,7 @@ def per_layer_zeros(names: tuple[str, ...], dtype: Any,
   return PerLayer(jnp.zeros((len(names),) + trailing, dtype), names)
 
 
-def _unwrap(x: Any) -> Any:
+def unwrap(x: Any) -> Any:
   """The array inside a Flax nnx `Variable` (or `x` itself)."""
   if hasattr(x, "get_value"):
     return x.get_value()
@@ -98,12 +98,17 @@ def _unwrap(x: Any) -> Any:
   return x
 
 
+def array_module(x: Any) -> Any:
+  """`numpy` for a state fetched to the host, `jax.numpy` otherwise."""
+  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
+
+
 def expand(name: str, value: Any) -> dict[str, Any]:
   """One metric, or one per layer when `value` is a `PerLayer`."""
   if isinstance(value, PerLayer):
-    rows = _unwrap(value.values)
+    rows = unwrap(value.values)
     return {f"{name}/{layer}": rows[i] for i, layer in enumerate(value.names)}
-  return {name: _unwrap(value)}
+  return {name: unwrap(value)}
 
 
 def _is_guard_state(x: Any) -> bool:
@@ -167,15 +172,16 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   References:
     DESIGN §4 (metric names).
   """
+  opt_state = strip_variables(opt_state)
   leaves = jax.tree_util.tree_leaves(opt_state)
-  on_device = any(isinstance(_unwrap(x), jax.Array) for x in leaves)
+  on_device = any(isinstance(x, jax.Array) for x in leaves)
   if on_device and not any(isinstance(x, jax.core.Tracer) for x in leaves):
-    return _collect_on_device(_strip_variables(opt_state))
+    return _collect_on_device(opt_state)
   return _collect(opt_state)
 
 
-def _strip_variables(opt_state: Any) -> Any:
+def strip_variables(opt_state: Any) -> Any:
   """Replaces nnx `Variable` leaves by their arrays so the state can be jitted."""
   return jax.tree_util.tree_map(
-      _unwrap, opt_state, is_leaf=lambda x: hasattr(x, "get_value"))
+      unwrap, opt_state, is_leaf=lambda x: hasattr(x, "get_value"))
 

@@ -11,6 +11,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _metrics
+from optax_guard import _skip
 from optax_guard import _stats
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -42,7 +43,7 @@ class MonitorState(NamedTuple):
         f"{p}{k}/norm": self.norm,
         **_metrics.expand(f"{p}{k}/norm", self.layer_norms),
         **_metrics.expand(f"{p}{k}/frac_above_1", frac),
-        f"{p}{k}/nonfinite": jnp.sum(_metrics._unwrap(self.nonfinite.values)),
+        f"{p}{k}/nonfinite": _metrics.unwrap(self.nonfinite.values).sum(),
         **nonfinite,
         f"{p}param/norm": self.param_norm,
         **_metrics.expand(f"{p}param/norm", self.param_layer_norms),
@@ -53,22 +54,15 @@ class MonitorState(NamedTuple):
         **_metrics.expand(f"{p}{k}/hist", self.histograms),
     }
     if k == "update":
+      norms = _metrics.unwrap(self.layer_norms.values)
+      xp = _metrics.array_module(norms)
       ratio = _metrics.PerLayer(
-          _metrics._unwrap(self.layer_norms.values) / jnp.maximum(
-              _metrics._unwrap(self.param_layer_norms.values), _TINY),
-          self.layer_norms.names)
-      out[f"{p}update/ratio"] = self.norm / jnp.maximum(self.param_norm,
-                                                        _TINY)
+          norms / xp.maximum(_metrics.unwrap(self.param_layer_norms.values),
+                             _TINY), self.layer_norms.names)
+      out[f"{p}update/ratio"] = (_metrics.unwrap(self.norm) / xp.maximum(
+          _metrics.unwrap(self.param_norm), _TINY))
       out.update(_metrics.expand(f"{p}update/ratio", ratio))
     return out
-
-
-def _loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
-  """The loss passed as `loss=` (or `value=`, as optax's line searches do)."""
-  loss = extra_args.get("loss", extra_args.get("value"))
-  if loss is None:
-    return None
-  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
 
 
 def monitor(
@@ -196,7 +190,9 @@ def monitor(
     return state._replace(**changes)
 
   def update_fn(updates, state, params=None, **extra_args):
-    loss = _loss_from(extra_args)
+    loss = _skip.loss_from(extra_args)
+    if loss is not None:
+      loss = _skip.global_loss(loss, axis_name)
     if every == 1:
       new_state = measure(updates, state, params, loss)
     else:

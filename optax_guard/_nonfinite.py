@@ -10,6 +10,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _metrics
+from optax_guard import _skip
 from optax_guard import _stats
 
 # Why the last bad step was bad (`last_bad_reason`).
@@ -17,46 +18,6 @@ REASON_NONE, REASON_GRADS, REASON_INNER, REASON_LOSS = 0, 1, 2, 3
 REASONS = {REASON_NONE: "none", REASON_GRADS: "non-finite gradients",
            REASON_INNER: "non-finite output of the inner optimizer",
            REASON_LOSS: "non-finite loss"}
-
-
-def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
-  """The loss passed as `loss=` (or `value=`, optax's line-search name)."""
-  loss = extra_args.get("loss", extra_args.get("value"))
-  if loss is None:
-    return None
-  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
-
-
-def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
-  """The loss every device agrees on (mean of a per-device loss)."""
-  return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
-
-
-def update_or_keep(inner: optax.GradientTransformation, updates: Any,
-                   inner_state: Any, params: Any, keep: jax.Array,
-                   extra_args: dict[str, Any]) -> tuple[Any, Any, jax.Array]:
-  """Runs `inner`, then keeps its result only where `keep` holds.
-
-  The generic path, for any optax transformation: on a skipped step the
-  update is exactly zero and the inner state comes back bit-identical (a
-  `where` over the state; XLA must then keep the old state alive beside the
-  new one, which is what costs time on large models).
-
-  Returns:
-    `(updates, inner_state, inner_finite)`: `inner_finite` says whether the
-    inner transformation's own output was finite.
-  """
-  new_updates, new_state = inner.update(updates, inner_state, params,
-                                        **extra_args)
-  return new_updates, new_state, keep
-
-
-def _select(keep: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
-
-
-def _zeros_unless(keep: jax.Array, tree: Any) -> Any:
-  return jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), tree)
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -148,11 +109,7 @@ def skip_nonfinite(
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True)
   _stats.check_axis_name(axis_name)
-  if not hasattr(inner, "init") or not hasattr(inner, "update"):
-    raise ValueError(
-        "`inner` must be an optax GradientTransformation (with `init` and "
-        f"`update`), but got {inner!r}.")
-  inner = optax.with_extra_args_support(inner)
+  inner = _skip.check_inner(inner)
 
   def init_fn(params):
     i32 = lambda v: jnp.full((), v, jnp.int32)
@@ -167,9 +124,9 @@ def skip_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     grads_ok = _stats.tree_stats(updates, axis_name=axis_name).finite
-    loss = loss_from(extra_args)
+    loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
-               jnp.isfinite(global_loss(loss, axis_name)))
+               jnp.isfinite(_skip.global_loss(loss, axis_name)))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
@@ -184,14 +141,12 @@ def skip_nonfinite(
     bad = ~ok
     reason = jnp.where(~grads_ok, REASON_GRADS,
                        jnp.where(~loss_ok, REASON_LOSS, REASON_INNER))
-    # Per-layer counts of whatever was bad, read only on a bad step.
-    counted = jax.tree.map(lambda g, u: jnp.where(grads_ok, u, g), updates,
-                           new_updates)
-    counts = _stats.nonfinite_counts(counted, axis_name=axis_name,
-                                     when=bad & (grads_ok == inner_ok) |
-                                     ~grads_ok | ~inner_ok)
+    # Per-layer counts of whatever was bad, read only on such a step.
+    counts = _stats.nonfinite_counts(
+        updates, axis_name=axis_name, when=~grads_ok) + _stats.nonfinite_counts(
+            new_updates, axis_name=axis_name, when=grads_ok & ~inner_ok)
     new_state = SkipNonfiniteState(
-        inner_state=_select(keep, new_inner, state.inner_state),
+        inner_state=_skip.select_tree(keep, new_inner, state.inner_state),
         step=optax.safe_increment(state.step),
         skipped=~keep,
         num_skipped=_stats.count_if(~keep, state.num_skipped),
@@ -204,6 +159,67 @@ def skip_nonfinite(
             jnp.where(bad, counts, state.last_bad_counts.values),
             state.last_bad_counts.names),
         halted=halted)
-    return _zeros_unless(keep, new_updates), new_state
+    return _skip.zeros_unless(keep, new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ZeroNonfiniteState(NamedTuple):
+  """State of `zero_nonfinite`."""
+  replaced: _metrics.PerLayer  # i32[L] elements replaced per layer, last step.
+  num_steps: jax.Array         # i32[] steps on which anything was replaced.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {
+        "grad/nonfinite_zeroed": _metrics.unwrap(self.replaced.values).sum(),
+        **_metrics.expand("grad/nonfinite_zeroed", self.replaced),
+        "optim/num_zeroed_steps": self.num_steps,
+    }
+
+
+def zero_nonfinite(
+    *, axis_name: _stats.AxisName = None
+) -> optax.GradientTransformationExtraArgs:
+  """Replaces NaN, +Inf and -Inf elements by zero, counting them per layer.
+
+  `optax.zero_nans` leaves ±Inf in place; this replaces all three. Use it when
+  a few bad elements should not cost the whole step; prefer `skip_nonfinite`
+  when a NaN means the step's gradients cannot be trusted at all.
+
+  Args:
+    axis_name: mesh axis name(s) over which the counts are summed.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `ZeroNonfiniteState` (metrics `grad/nonfinite_zeroed`,
+    `grad/nonfinite_zeroed/<layer>`, `optim/num_zeroed_steps`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.zero_nonfinite()
+    >>> grads = {"w": jnp.array([1.0, jnp.nan, jnp.inf, -jnp.inf])}
+    >>> out, state = tx.update(grads, tx.init(grads))
+    >>> print(out["w"], int(og.metrics(state)["grad/nonfinite_zeroed"]))
+    [1. 0. 0. 0.] 3
+
+  References:
+    optax's `zero_nans`.
+  """
+  _stats.check_axis_name(axis_name)
+
+  def init_fn(params):
+    return ZeroNonfiniteState(
+        replaced=_metrics.per_layer_zeros(_metrics.layer_names(params),
+                                          jnp.int32),
+        num_steps=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    counts = _stats.nonfinite_counts(updates, axis_name=axis_name)
+    cleaned = jax.tree.map(
+        lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates)
+    return cleaned, ZeroNonfiniteState(
+        replaced=_metrics.PerLayer(counts, state.replaced.names),
+        num_steps=_stats.count_if(jnp.sum(counts) > 0, state.num_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,152 @@
+"""`check`: turn what the guard recorded into an exception a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from optax_guard import _metrics
+from optax_guard._monitor import MonitorState
+from optax_guard._nonfinite import REASONS
+from optax_guard._nonfinite import SkipNonfiniteState
+from optax_guard._spikes import SkipSpikesState
+
+_MAX_LAYERS = 3  # layers named in a message
+
+
+class GuardError(RuntimeError):
+  """A training step went wrong. Attributes: `step`, `layers` (name: count)."""
+
+  def __init__(self, message: str, step: int, layers: dict[str, int]):
+    super().__init__(message)
+    self.step = step
+    self.layers = layers
+
+
+class NonFiniteGradientError(GuardError):
+  """The gradients, the loss, the update or the parameters held NaN or Inf."""
+
+
+class GradientExplosionError(GuardError):
+  """The gradient norm or the loss spiked far above its recent history."""
+
+
+def _bad_layers(counts: _metrics.PerLayer) -> dict[str, int]:
+  values = np.asarray(counts.values)
+  return {name: int(c) for name, c in zip(counts.names, values) if c > 0}
+
+
+def _describe(layers: dict[str, int]) -> str:
+  if not layers:
+    return ""
+  named = ", ".join(f"{n} ({c} NaN/Inf)" for n, c in
+                    list(layers.items())[:_MAX_LAYERS])
+  more = len(layers) - _MAX_LAYERS
+  return f"; first bad layers: {named}" + (f" and {more} more" if more > 0
+                                             else "")
+
+
+def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
+  if not (bool(s.skipped) or bool(s.halted)):
+    return None
+  step = int(s.last_bad_step)
+  layers = _bad_layers(s.last_bad_counts)
+  what = (f"skipped the step ({int(s.consecutive)} bad in a row, "
+          f"{int(s.num_skipped)} skipped in total)")
+  if bool(s.halted):
+    what += ("; it has halted and applies no further update until the "
+             "optimizer state is re-initialised")
+  reason = REASONS[int(s.last_bad_reason)]
+  return NonFiniteGradientError(
+      f"Step {step}: {reason}{_describe(layers)}. The guard {what}.",
+      step, layers)
+
+
+def _spike_error(s: SkipSpikesState) -> GuardError | None:
+  if not bool(s.skipped):
+    return None
+  step = int(s.last_spike_step)
+  norm, limit = float(s.last_norm), float(s.norm_threshold)
+  if np.isfinite(norm) and norm > limit:
+    why = (f"the gradient norm {norm:.4g} exceeded the spike threshold "
+           f"{limit:.4g} (mean + sigma * std of the recent history)")
+  else:
+    why = (f"the loss exceeded the spike threshold "
+           f"{float(s.loss_threshold):.4g}, or the norm ({norm:.4g}) or the "
+           "loss was not finite")
+  return GradientExplosionError(
+      f"Step {step}: {why}. The guard skipped the step "
+      f"({int(s.consecutive)} spikes in a row, {int(s.num_spikes)} in total).",
+      step, {})
+
+
+def _monitor_error(s: MonitorState) -> GuardError | None:
+  step = int(s.step) - 1
+  layers = _bad_layers(s.nonfinite)
+  if layers:
+    kind = "gradients" if s.naming.kind == "grad" else "updates"
+    return NonFiniteGradientError(
+        f"Step {step}: the {kind} hold {sum(layers.values())} NaN/Inf "
+        f"elements{_describe(layers)}. Nothing in this chain skips such a "
+        "step unless a `skip_nonfinite` or `guard` stands around the "
+        "optimizer.", step, layers)
+  if int(s.param_nonfinite) > 0:
+    return NonFiniteGradientError(
+        f"Step {step}: the parameters hold {int(s.param_nonfinite)} NaN/Inf "
+        "elements; training cannot recover from this without a restore.",
+        step, {})
+  return None
+
+
+_CHECKS = {SkipNonfiniteState: _nonfinite_error,
+           SkipSpikesState: _spike_error,
+           MonitorState: _monitor_error}
+
+
+def check(opt_state: Any) -> None:
+  """Raises if the last step went wrong; returns quietly otherwise.
+
+  Host side, after a step: fetches the state (one transfer) and looks at every
+  guard state in it. Raises `NonFiniteGradientError` when the last step's
+  gradients, loss or update held NaN/Inf (or the guard has halted), naming the
+  step, the first layers that went bad with their counts, and what the guard
+  did; raises `GradientExplosionError` when the last step was skipped as a
+  spike. Non-finite problems are reported before spikes.
+
+  Args:
+    opt_state: an optimizer state, on device or already fetched to the host.
+
+  Returns:
+    None.
+
+  Raises:
+    NonFiniteGradientError: NaN or Inf was seen at the last step, or the
+      guard has halted.
+    GradientExplosionError: the last step was skipped as a spike.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_nonfinite(optax.sgd(0.1))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, state, params)
+    >>> try:
+    ...   og.check(state)
+    ... except og.NonFiniteGradientError as e:
+    ...   print(e)
+    Step 0: non-finite gradients; first bad layers: w (1 NaN/Inf). The guard skipped the step (1 bad in a row, 1 skipped in total).
+
+  References:
+    equinox's error messages (https://docs.kidger.site/equinox/) for errors
+    a user can act on.
+  """
+  host = jax.device_get(_metrics.strip_variables(opt_state))
+  states = jax.tree_util.tree_leaves(
+      host, is_leaf=lambda x: type(x) in _CHECKS)
+  errors = [e for e in (_CHECKS[type(s)](s) for s in states
+                        if type(s) in _CHECKS) if e is not None]
+  if errors:
+    errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
+    raise errors[0]

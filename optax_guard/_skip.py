@@ -1,0 +1,46 @@
+"""Running an inner transformation and keeping its state on a skipped step.
+
+The one place that decides how a skip is carried out, shared by
+`skip_nonfinite`, `skip_spikes` and `guard`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _stats
+
+
+def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
+  """The loss passed as `loss=` (or `value=`, optax's line-search name)."""
+  loss = extra_args.get("loss", extra_args.get("value"))
+  if loss is None:
+    return None
+  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
+
+
+def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
+  """The loss every device agrees on (the mean of a per-device loss)."""
+  return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
+
+
+def check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
+  if not hasattr(inner, "init") or not hasattr(inner, "update"):
+    raise ValueError(
+        "`inner` must be an optax GradientTransformation (with `init` and "
+        f"`update`), but got {inner!r}.")
+  return optax.with_extra_args_support(inner)
+
+
+def select_tree(keep: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `keep` holds, else `old`, leaf by leaf (bit-exact)."""
+  return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
+
+
+def zeros_unless(keep: jax.Array, tree: Any) -> Any:
+  """The tree where `keep` holds, exact zeros (never NaN) otherwise."""
+  return jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), tree)

@@ -1,0 +1,198 @@
+"""`skip_spikes`: skip steps whose gradient norm or loss is an outlier."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _args
+from optax_guard import _skip
+from optax_guard import _stats
+
+
+class Window(NamedTuple):
+  """A fixed on-device window of the last accepted values of a signal."""
+  values: jax.Array  # f32[W] ring buffer of accepted values.
+  count: jax.Array   # i32[] values accepted so far (the ring's write head).
+
+
+def window_init(size: int) -> Window:
+  return Window(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
+  """Appends `value` where `accept` holds; the oldest value drops out."""
+  size = window.values.shape[0]
+  slot = window.count % size
+  values = window.values.at[slot].set(
+      jnp.where(accept, value, window.values[slot]))
+  return Window(values, jnp.where(accept, optax.safe_increment(window.count),
+                                  window.count))
+
+
+def window_threshold(window: Window, sigma: Any,
+                     min_count: int) -> jax.Array:
+  """f32[]: mean + sigma * std of the window, +Inf until it has `min_count`."""
+  size = window.values.shape[0]
+  n = jnp.minimum(window.count, size)
+  valid = jnp.arange(size) < n
+  nf = jnp.maximum(n, 1).astype(jnp.float32)
+  mean = jnp.sum(jnp.where(valid, window.values, 0.0)) / nf
+  var = jnp.sum(jnp.where(valid, jnp.square(window.values - mean), 0.0)) / nf
+  threshold = mean + jnp.asarray(sigma, jnp.float32) * jnp.sqrt(var)
+  return jnp.where(n >= min_count, threshold, jnp.inf)
+
+
+class SkipSpikesState(NamedTuple):
+  """State of `skip_spikes`."""
+  inner_state: Any            # the wrapped transformation's state.
+  step: jax.Array             # i32[] updates seen.
+  skipped: jax.Array          # bool[] the last step was skipped as a spike.
+  num_spikes: jax.Array       # i32[] steps skipped as spikes so far.
+  consecutive: jax.Array      # i32[] spikes in a row, now.
+  last_spike_step: jax.Array  # i32[] index of the last spike, -1 if none.
+  norms: Window               # accepted global gradient norms.
+  losses: Window              # accepted losses (when `loss=` is given).
+  norm_threshold: jax.Array   # f32[] threshold of the last step (Inf: warm-up).
+  loss_threshold: jax.Array   # f32[] the same for the loss.
+  last_norm: jax.Array        # f32[] the last step's global gradient norm.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {
+        "optim/skipped": self.skipped,
+        "optim/num_spikes": self.num_spikes,
+        "optim/consecutive_spikes": self.consecutive,
+        "optim/last_spike_step": self.last_spike_step,
+        "grad/spike_threshold": self.norm_threshold,
+        "loss/spike_threshold": self.loss_threshold,
+    }
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    sigma: float = 6.0,
+    window: int = 128,
+    warmup_steps: int | None = None,
+    max_consecutive: int | None = None,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Skips steps whose gradient norm (or loss) spikes against its history.
+
+  A step is a spike when its global gradient norm exceeds
+  `mean + sigma * std` of the last `window` accepted norms, or, when the
+  caller passes `loss=` (or `value=`), when its loss exceeds the same
+  statistic of the accepted losses. Only upward outliers count. A spike
+  returns an exact zero update and leaves `inner`'s state bit-identical; its
+  value does not enter the history, so one spike cannot raise the threshold
+  for the next. A non-finite norm or loss is always a spike (pair with
+  `skip_nonfinite`, or use `guard`, to count those separately).
+
+  The statistic is the one of OLMo-core's `SkipStepOptimizer` (mean and
+  standard deviation over a rolling window, sigma 6, inactive until the window
+  is half full), kept on device in a fixed ring buffer. A window reacts to a
+  lasting change of scale within `window` steps and is not dragged by old
+  values as an EMA of the mean and variance is; Levanter and axlearn use
+  EMAs, MaxText a fixed threshold on the norm.
+
+  With `max_consecutive`, after that many spikes in a row the history is
+  cleared and warms up again, so that a lasting change of scale is learned
+  instead of skipped for ever (the steps during the new warm-up are taken).
+
+  Args:
+    inner: the transformation to protect (usually the whole optimizer).
+    sigma: how many standard deviations above the mean make a spike, `> 0`.
+    window: how many accepted values the history holds, `>= 2`.
+    warmup_steps: accepted values needed before any step can be a spike;
+      default `window // 2`.
+    max_consecutive: clear the history after this many spikes in a row; None
+      never clears it.
+    axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    `SkipSpikesState` (metrics `optim/skipped`, `optim/num_spikes`,
+    `optim/consecutive_spikes`, `optim/last_spike_step`,
+    `grad/spike_threshold`, `loss/spike_threshold`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=4)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> for scale in [1.0, 1.1, 0.9, 1.0, 100.0]:
+    ...   updates, state = tx.update({"w": jnp.full(2, scale)}, state, params)
+    >>> print(updates["w"], int(state.num_spikes))
+    [0. 0.] 1
+
+  References:
+    OLMo-core, `olmo_core.optim.SkipStepOptimizer`
+    (https://github.com/allenai/OLMo-core); Chowdhery et al., 2022, "PaLM"
+    (https://arxiv.org/abs/2204.02311), on skipping around loss spikes;
+    Levanter's and axlearn's skip-on-spike rules.
+  """
+  _args.check_number("sigma", sigma, strict=True)
+  _args.check_int("window", window, minimum=2)
+  _args.check_int("warmup_steps", warmup_steps, minimum=1, allow_none=True)
+  if warmup_steps is not None and warmup_steps > window:
+    raise ValueError(
+        f"`warmup_steps` must be at most `window` ({window}), but got "
+        f"{warmup_steps}.")
+  _args.check_int("max_consecutive", max_consecutive, minimum=1,
+                  allow_none=True)
+  _stats.check_axis_name(axis_name)
+  inner = _skip.check_inner(inner)
+  min_count = window // 2 if warmup_steps is None else warmup_steps
+
+  def init_fn(params):
+    i32 = lambda v: jnp.full((), v, jnp.int32)
+    inf = jnp.full((), jnp.inf, jnp.float32)
+    return SkipSpikesState(
+        inner_state=inner.init(params), step=i32(0),
+        skipped=jnp.zeros((), jnp.bool_), num_spikes=i32(0),
+        consecutive=i32(0), last_spike_step=i32(-1),
+        norms=window_init(window), losses=window_init(window),
+        norm_threshold=inf, loss_threshold=inf,
+        last_norm=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
+    return decide(norm, updates, state, params, extra_args)
+
+  def decide(norm, updates, state, params, extra_args):
+    norm_threshold = window_threshold(state.norms, sigma, min_count)
+    spike = ~jnp.isfinite(norm) | (norm > norm_threshold)
+    loss = _skip.loss_from(extra_args)
+    loss_threshold = state.loss_threshold
+    if loss is not None:
+      loss = _skip.global_loss(loss, axis_name)
+      loss_threshold = window_threshold(state.losses, sigma, min_count)
+      spike = spike | ~jnp.isfinite(loss) | (loss > loss_threshold)
+    keep = ~spike
+    consecutive = jnp.where(spike, optax.safe_increment(state.consecutive), 0)
+    norms = window_push(state.norms, norm, keep)
+    losses = state.losses
+    if loss is not None:
+      losses = window_push(losses, loss, keep)
+    if max_consecutive is not None:
+      restart = consecutive >= max_consecutive
+      norms = _skip.select_tree(restart, window_init(window), norms)
+      losses = _skip.select_tree(restart, window_init(window), losses)
+      consecutive = jnp.where(restart, 0, consecutive)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    return _skip.zeros_unless(keep, new_updates), SkipSpikesState(
+        inner_state=_skip.select_tree(keep, new_inner, state.inner_state),
+        step=optax.safe_increment(state.step),
+        skipped=spike,
+        num_spikes=_stats.count_if(spike, state.num_spikes),
+        consecutive=consecutive,
+        last_spike_step=jnp.where(spike, state.step, state.last_spike_step),
+        norms=norms, losses=losses,
+        norm_threshold=norm_threshold, loss_threshold=loss_threshold,
+        last_norm=norm)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
