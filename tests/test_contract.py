@@ -22,6 +22,10 @@ CASES = {
     "clip_by_layer_norm": ({"max_norm": 1.0}, {"max_norm": 1.0}),
     "clip_by_value": ({"max_abs": 0.5}, {"max_abs": 0.5}),
     "monitor": ({"histogram": True, "every": 2}, {}),
+    "zero_nonfinite": ({}, {}),
+    "skip_nonfinite": ({"inner": optax.sgd(0.1), "max_consecutive": 3}, {}),
+    "skip_spikes": ({"inner": optax.sgd(0.1), "sigma": 2.0, "window": 4,
+                     "warmup_steps": 2}, {}),  # sigma: see test_spikes
 }
 
 ALLOWED_DTYPES = {np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)}
