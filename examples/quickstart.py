@@ -1,10 +1,10 @@
-"""Quickstart: a deep MLP whose gradients explode, trained with and without a guard.
+"""Quickstart: a deep MLP whose gradients explode, with and without a guard.
 
 A 16-layer ReLU MLP, initialised slightly too large (He init times 1.1 per
 layer), is fit to a small synthetic regression task with SGD + momentum. Its
-gradients start in the hundreds and grow from step to step; without protection
-the run turns to Inf/NaN within a few steps. The same model, data and optimizer
-behind `og.clip_by_global_norm` train normally.
+gradients start far above 1 and grow by orders of magnitude per step; without
+protection the run turns to Inf/NaN within a few steps. The same model, data
+and optimizer behind `og.clip_by_global_norm` train normally.
 
 Both runs carry `og.monitor()`, which only measures (it passes the gradients
 through unchanged), so that the unguarded run's explosion can be watched too.
@@ -13,8 +13,8 @@ fetches them with a single `jax.device_get`.
 
 Run from the repository root:
 
-  python examples/quickstart.py                  # prints tables and verdicts
-  python examples/quickstart.py --plot norms.png  # also plots the grad norms
+  python examples/quickstart.py                   # tables and verdicts
+  python examples/quickstart.py --plot norms.png  # and a grad-norm plot
 
 The exit status is 0 only if the unguarded run diverged and the guarded run
 stayed finite and lowered its loss, so the script doubles as a check.
@@ -94,7 +94,7 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def largest_layer(metrics: dict[str, Any]) -> tuple[str, float]:
-  """The layer with the largest gradient norm; a NaN/Inf norm counts as largest."""
+  """The layer with the largest gradient norm (a NaN/Inf norm is largest)."""
   layers = {name[len(_LAYER_NORM_PREFIX):]: float(value)
             for name, value in metrics.items()
             if name.startswith(_LAYER_NORM_PREFIX)}
@@ -107,16 +107,18 @@ def fmt(value: Any, width: int = 10) -> str:
   return f"{'-' if value is None else f'{float(value):.3g}':>{width}}"
 
 
-HEADER = (f"{'step':>5} {'loss':>10} {'grad/norm':>10} {'clipped':>10} "
-          f"{'#clipped':>8} {'nonfinite':>9}  largest layer grad norm")
+# Columns: loss/value, grad/norm, grad/norm_clipped, optim/num_clipped,
+# grad/nonfinite and the largest of the grad/norm/<layer> entries.
+HEADER = (f"{'step':>5} {'loss':>10} {'grad/norm':>10} {'norm_clipped':>12} "
+          f"{'num_clipped':>11} {'nonfinite':>9}  max grad/norm/<layer>")
 
 
 def print_row(step: int, m: dict[str, Any]) -> None:
   layer, layer_norm = largest_layer(m)
   num_clipped = m.get("optim/num_clipped")
   print(f"{step:>5} {fmt(m['loss/value'])} {fmt(m['grad/norm'])} "
-        f"{fmt(m.get('grad/norm_clipped'))} "
-        f"{'-' if num_clipped is None else int(num_clipped):>8} "
+        f"{fmt(m.get('grad/norm_clipped'), 12)} "
+        f"{'-' if num_clipped is None else int(num_clipped):>11} "
         f"{int(m['grad/nonfinite']):>9}  {layer} = {layer_norm:.3g}")
 
 
@@ -136,14 +138,13 @@ def train(name: str, tx: optax.GradientTransformation, graphdef, params,
     norms.append(norm)
     clipped_norms.append(float(m.get("grad/norm_clipped", math.nan)))
     finite = math.isfinite(loss) and math.isfinite(norm)
-    if not finite and diverged_at is None:
-      diverged_at = i
     # The first few steps (where explosions start), every `log_every`-th, the
     # last, and the first non-finite one.
     if i < 5 or i % log_every == 0 or i == steps - 1 or not finite:
       print_row(i, m)
     if not finite:
       # NaN/Inf gradients have now reached the parameters: no way back.
+      diverged_at = i
       print(f"  stopped: loss or gradients non-finite at step {i}")
       break
   params_finite = all(bool(jnp.all(jnp.isfinite(p)))
@@ -173,13 +174,13 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     line, = ax.semilogy(run["norms"], label=f"{run['name']}: grad/norm")
     if run["diverged_at"] is not None:
       ax.axvline(run["diverged_at"], color=line.get_color(), linestyle=":",
-                 label=f"{run['name']}: non-finite at step {run['diverged_at']}")
+                 label=f"{run['name']}: non-finite at {run['diverged_at']}")
     if any(math.isfinite(v) for v in run["clipped_norms"]):
       ax.semilogy(run["clipped_norms"], color=line.get_color(),
                   linestyle="--", label=f"{run['name']}: grad/norm_clipped")
   ax.set_xlabel("step")
   ax.set_ylabel("global gradient norm")
-  ax.set_title("Deep MLP: gradient norm with and without og.clip_by_global_norm")
+  ax.set_title("Deep MLP: gradient norm, with and without clipping")
   ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -65,6 +65,53 @@ class MonitorState(NamedTuple):
     return out
 
 
+def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
+           params: Any, loss: jax.Array | None, *, per_layer: bool,
+           histogram: bool, loss_ema_decay: float,
+           axis_name: _stats.AxisName) -> MonitorState:
+  """The monitor's new state from the statistics of the step's updates.
+
+  `stats` must come from `tree_stats(updates, count_above=1.0)`; `guard`
+  passes the ones it has already measured, so nothing is read twice.
+  """
+
+  def layers(values, like):
+    return _metrics.PerLayer(values if per_layer else values[:0], like.names)
+
+  counts = _stats.nonfinite_counts(updates, axis_name=axis_name,
+                                   when=~stats.finite)
+  frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
+  changes = dict(
+      norm=stats.global_norm,
+      layer_norms=layers(stats.norms, state.layer_norms),
+      frac_above_1=layers(frac, state.frac_above_1),
+      nonfinite=layers(counts, state.nonfinite))
+  if params is not None:
+    pstats = _stats.tree_stats(params, axis_name=axis_name)
+    pcounts = _stats.nonfinite_counts(params, axis_name=axis_name,
+                                      when=~pstats.finite)
+    changes.update(
+        param_norm=pstats.global_norm,
+        param_layer_norms=layers(pstats.norms, state.param_layer_norms),
+        param_nonfinite=jnp.sum(pcounts))
+  if loss is not None:
+    finite = jnp.isfinite(loss)
+    raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +
+                    (1.0 - loss_ema_decay) * loss, state.loss_ema_raw)
+    steps = _stats.count_if(finite, state.loss_steps)
+    debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay),
+                            steps.astype(jnp.float32))
+    changes.update(
+        loss=loss, loss_ema_raw=raw, loss_steps=steps,
+        loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
+        loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
+  if histogram:
+    changes.update(histograms=_metrics.PerLayer(
+        _stats.log_histograms(updates, axis_name=axis_name),
+        state.histograms.names))
+  return state._replace(**changes)
+
+
 def monitor(
     *,
     per_layer: bool = True,
@@ -150,44 +197,10 @@ def monitor(
         naming=naming)
 
   def measure(updates, state, params, loss):
-    def layers(values, like):
-      return _metrics.PerLayer(values if per_layer else values[:0],
-                               like.names)
-
     stats = _stats.tree_stats(updates, axis_name=axis_name, count_above=1.0)
-    counts = _stats.nonfinite_counts(updates, axis_name=axis_name,
-                                     when=~stats.finite)
-    frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
-    changes = dict(
-        step=state.step,
-        norm=stats.global_norm,
-        layer_norms=layers(stats.norms, state.layer_norms),
-        frac_above_1=layers(frac, state.frac_above_1),
-        nonfinite=layers(counts, state.nonfinite))
-    if params is not None:
-      pstats = _stats.tree_stats(params, axis_name=axis_name)
-      pcounts = _stats.nonfinite_counts(params, axis_name=axis_name,
-                                        when=~pstats.finite)
-      changes.update(
-          param_norm=pstats.global_norm,
-          param_layer_norms=layers(pstats.norms, state.param_layer_norms),
-          param_nonfinite=jnp.sum(pcounts))
-    if loss is not None:
-      finite = jnp.isfinite(loss)
-      raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +
-                      (1.0 - loss_ema_decay) * loss, state.loss_ema_raw)
-      steps = _stats.count_if(finite, state.loss_steps)
-      debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay),
-                              steps.astype(jnp.float32))
-      changes.update(
-          loss=loss, loss_ema_raw=raw, loss_steps=steps,
-          loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
-          loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
-    if histogram:
-      changes.update(histograms=_metrics.PerLayer(
-          _stats.log_histograms(updates, axis_name=axis_name),
-          state.histograms.names))
-    return state._replace(**changes)
+    return record(state, stats, updates, params, loss, per_layer=per_layer,
+                  histogram=histogram, loss_ema_decay=loss_ema_decay,
+                  axis_name=axis_name)
 
   def update_fn(updates, state, params=None, **extra_args):
     loss = _skip.loss_from(extra_args)

@@ -46,6 +46,48 @@ class SkipNonfiniteState(NamedTuple):
     }
 
 
+def decide(state: SkipNonfiniteState, *, grads_ok: jax.Array,
+           loss_ok: jax.Array, inner_ok: jax.Array, updates: Any,
+           new_updates: Any, axis_name: _stats.AxisName,
+           max_consecutive: int | None,
+           resume_after_halt: bool) -> tuple[jax.Array, SkipNonfiniteState]:
+  """The skip decision and the new counters (`inner_state` left as it was).
+
+  Shared by `skip_nonfinite` and `guard`, which measure the flags once.
+
+  Returns:
+    `(keep, state)`: `keep` is true when the step may be applied.
+  """
+  ok = grads_ok & loss_ok & inner_ok
+  halted = state.halted
+  if resume_after_halt:
+    halted = halted & ~ok
+  consecutive = jnp.where(ok, 0, optax.safe_increment(state.consecutive))
+  if max_consecutive is not None:
+    halted = halted | (consecutive >= max_consecutive)
+  keep = ok & ~halted
+  bad = ~ok
+  reason = jnp.where(~grads_ok, REASON_GRADS,
+                     jnp.where(~loss_ok, REASON_LOSS, REASON_INNER))
+  # Per-layer counts of whatever was bad, read only on such a step.
+  counts = _stats.nonfinite_counts(
+      updates, axis_name=axis_name, when=~grads_ok) + _stats.nonfinite_counts(
+          new_updates, axis_name=axis_name, when=grads_ok & ~inner_ok)
+  return keep, state._replace(
+      step=optax.safe_increment(state.step),
+      skipped=~keep,
+      num_skipped=_stats.count_if(~keep, state.num_skipped),
+      consecutive=consecutive,
+      first_bad_step=jnp.where(bad & (state.first_bad_step < 0), state.step,
+                               state.first_bad_step),
+      last_bad_step=jnp.where(bad, state.step, state.last_bad_step),
+      last_bad_reason=jnp.where(bad, reason, state.last_bad_reason),
+      last_bad_counts=_metrics.PerLayer(
+          jnp.where(bad, counts, state.last_bad_counts.values),
+          state.last_bad_counts.names),
+      halted=halted)
+
+
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
@@ -130,35 +172,12 @@ def skip_nonfinite(
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
-    ok = grads_ok & loss_ok & inner_ok
-    halted = state.halted
-    if resume_after_halt:
-      halted = halted & ~ok
-    consecutive = jnp.where(ok, 0, optax.safe_increment(state.consecutive))
-    if max_consecutive is not None:
-      halted = halted | (consecutive >= max_consecutive)
-    keep = ok & ~halted
-    bad = ~ok
-    reason = jnp.where(~grads_ok, REASON_GRADS,
-                       jnp.where(~loss_ok, REASON_LOSS, REASON_INNER))
-    # Per-layer counts of whatever was bad, read only on such a step.
-    counts = _stats.nonfinite_counts(
-        updates, axis_name=axis_name, when=~grads_ok) + _stats.nonfinite_counts(
-            new_updates, axis_name=axis_name, when=grads_ok & ~inner_ok)
-    new_state = SkipNonfiniteState(
-        inner_state=_skip.select_tree(keep, new_inner, state.inner_state),
-        step=optax.safe_increment(state.step),
-        skipped=~keep,
-        num_skipped=_stats.count_if(~keep, state.num_skipped),
-        consecutive=consecutive,
-        first_bad_step=jnp.where(bad & (state.first_bad_step < 0), state.step,
-                                 state.first_bad_step),
-        last_bad_step=jnp.where(bad, state.step, state.last_bad_step),
-        last_bad_reason=jnp.where(bad, reason, state.last_bad_reason),
-        last_bad_counts=_metrics.PerLayer(
-            jnp.where(bad, counts, state.last_bad_counts.values),
-            state.last_bad_counts.names),
-        halted=halted)
+    keep, new_state = decide(
+        state, grads_ok=grads_ok, loss_ok=loss_ok, inner_ok=inner_ok,
+        updates=updates, new_updates=new_updates, axis_name=axis_name,
+        max_consecutive=max_consecutive, resume_after_halt=resume_after_halt)
+    new_state = new_state._replace(
+        inner_state=_skip.select_tree(keep, new_inner, state.inner_state))
     return _skip.zeros_unless(keep, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -71,6 +71,45 @@ class SkipSpikesState(NamedTuple):
     }
 
 
+def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
+           *, sigma: Any, min_count: int,
+           max_consecutive: int | None) -> tuple[jax.Array, SkipSpikesState]:
+  """The spike decision and the new history (`inner_state` left as it was).
+
+  Shared by `skip_spikes` and `guard`, which measure the norm once.
+
+  Returns:
+    `(spike, state)`: `spike` is true when the step must be skipped.
+  """
+  size = state.norms.values.shape[0]
+  norm_threshold = window_threshold(state.norms, sigma, min_count)
+  spike = ~jnp.isfinite(norm) | (norm > norm_threshold)
+  loss_threshold = state.loss_threshold
+  if loss is not None:
+    loss_threshold = window_threshold(state.losses, sigma, min_count)
+    spike = spike | ~jnp.isfinite(loss) | (loss > loss_threshold)
+  keep = ~spike
+  consecutive = jnp.where(spike, optax.safe_increment(state.consecutive), 0)
+  norms = window_push(state.norms, norm, keep)
+  losses = state.losses
+  if loss is not None:
+    losses = window_push(losses, loss, keep)
+  if max_consecutive is not None:
+    restart = consecutive >= max_consecutive
+    norms = _skip.select_tree(restart, window_init(size), norms)
+    losses = _skip.select_tree(restart, window_init(size), losses)
+    consecutive = jnp.where(restart, 0, consecutive)
+  return spike, state._replace(
+      step=optax.safe_increment(state.step),
+      skipped=spike,
+      num_spikes=_stats.count_if(spike, state.num_spikes),
+      consecutive=consecutive,
+      last_spike_step=jnp.where(spike, state.step, state.last_spike_step),
+      norms=norms, losses=losses,
+      norm_threshold=norm_threshold, loss_threshold=loss_threshold,
+      last_norm=norm)
+
+
 def skip_spikes(
     inner: optax.GradientTransformation,
     *,
@@ -160,39 +199,17 @@ def skip_spikes(
 
   def update_fn(updates, state, params=None, **extra_args):
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
-    return decide(norm, updates, state, params, extra_args)
-
-  def decide(norm, updates, state, params, extra_args):
-    norm_threshold = window_threshold(state.norms, sigma, min_count)
-    spike = ~jnp.isfinite(norm) | (norm > norm_threshold)
     loss = _skip.loss_from(extra_args)
-    loss_threshold = state.loss_threshold
     if loss is not None:
       loss = _skip.global_loss(loss, axis_name)
-      loss_threshold = window_threshold(state.losses, sigma, min_count)
-      spike = spike | ~jnp.isfinite(loss) | (loss > loss_threshold)
+    spike, new_state = decide(state, norm, loss, sigma=sigma,
+                              min_count=min_count,
+                              max_consecutive=max_consecutive)
     keep = ~spike
-    consecutive = jnp.where(spike, optax.safe_increment(state.consecutive), 0)
-    norms = window_push(state.norms, norm, keep)
-    losses = state.losses
-    if loss is not None:
-      losses = window_push(losses, loss, keep)
-    if max_consecutive is not None:
-      restart = consecutive >= max_consecutive
-      norms = _skip.select_tree(restart, window_init(window), norms)
-      losses = _skip.select_tree(restart, window_init(window), losses)
-      consecutive = jnp.where(restart, 0, consecutive)
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
-    return _skip.zeros_unless(keep, new_updates), SkipSpikesState(
-        inner_state=_skip.select_tree(keep, new_inner, state.inner_state),
-        step=optax.safe_increment(state.step),
-        skipped=spike,
-        num_spikes=_stats.count_if(spike, state.num_spikes),
-        consecutive=consecutive,
-        last_spike_step=jnp.where(spike, state.step, state.last_spike_step),
-        norms=norms, losses=losses,
-        norm_threshold=norm_threshold, loss_threshold=loss_threshold,
-        last_norm=norm)
+    new_state = new_state._replace(
+        inner_state=_skip.select_tree(keep, new_inner, state.inner_state))
+    return _skip.zeros_unless(keep, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
