@@ -15,6 +15,8 @@ from optax_guard._clipping import clip_by_value
 from optax_guard._clipping import ClipByGlobalNormState
 from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._clipping import ClipByValueState
+from optax_guard._guard import guard
+from optax_guard._guard import GuardState
 from optax_guard._metrics import metrics
 from optax_guard._metrics import PerLayer
 from optax_guard._monitor import monitor
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "GradientExplosionError",
+    "GuardState",
+    "guard",
     "GuardError",
     "NonFiniteGradientError",
     "SkipNonfiniteState",

@@ -52,6 +52,15 @@ class ClipByGlobalNormState(NamedTuple):
     }
 
 
+def record_global_clip(state: ClipByGlobalNormState, norm: jax.Array,
+                       scale: jax.Array) -> ClipByGlobalNormState:
+  """The new state of a global-norm clip that saw `norm` and applied `scale`."""
+  return ClipByGlobalNormState(
+      grad_norm=norm, scale=scale,
+      num_clipped=_stats.count_if(scale < 1.0, state.num_clipped),
+      nonfinite=~jnp.isfinite(norm))
+
+
 def clip_by_global_norm(
     max_norm: float, *, axis_name: _stats.AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -108,16 +117,9 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    stats = _stats.tree_stats(updates, axis_name=axis_name)
-    norm = stats.global_norm
+    norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     scale = clip_scale(norm, max_norm)
-    clipped = scale < 1.0
-    new_state = ClipByGlobalNormState(
-        grad_norm=norm,
-        scale=scale,
-        num_clipped=_stats.count_if(clipped, state.num_clipped),
-        nonfinite=~jnp.isfinite(norm))
-    return scale_tree(updates, scale), new_state
+    return scale_tree(updates, scale), record_global_clip(state, norm, scale)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -115,10 +115,11 @@ def _is_guard_state(x: Any) -> bool:
   return hasattr(type(x), "_og_metrics")
 
 
-def _collect(opt_state: Any) -> dict[str, Any]:
-  found = jax.tree_util.tree_leaves(opt_state, is_leaf=_is_guard_state)
-  out: dict[str, Any] = {}
-  for state in found:
+def _collect(opt_state: Any, out: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+  """Gathers metrics in tree order; a wrapper's own come before its inner's."""
+  out = {} if out is None else out
+  for state in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_guard_state):
     if not _is_guard_state(state):
       continue
     for name, value in state._og_metrics().items():
@@ -127,6 +128,8 @@ def _collect(opt_state: Any) -> dict[str, Any]:
         k += 1
         unique = f"{name}.{k}"
       out[unique] = value
+    if hasattr(state, "inner_state"):
+      _collect(state.inner_state, out)
   return out
 
 

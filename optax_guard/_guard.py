@@ -1,0 +1,208 @@
+"""`guard`: the recommended one-liner around any optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _args
+from optax_guard import _clipping
+from optax_guard import _monitor
+from optax_guard import _nonfinite
+from optax_guard import _skip
+from optax_guard import _spikes
+from optax_guard import _stats
+
+
+class GuardState(NamedTuple):
+  """State of `guard`; a part switched off is None."""
+  inner_state: Any                                   # the optimizer's state.
+  monitor: _monitor.MonitorState | None              # what the step measured.
+  clip: _clipping.ClipByGlobalNormState | None       # the global-norm clip.
+  nonfinite: _nonfinite.SkipNonfiniteState | None    # NaN/Inf skipping.
+  spikes: _spikes.SkipSpikesState | None             # spike skipping.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    out: dict[str, jax.Array] = {}
+    skipped = []
+    for part in (self.monitor, self.clip, self.nonfinite, self.spikes):
+      if part is None:
+        continue
+      for name, value in part._og_metrics().items():
+        if name == "optim/skipped":
+          skipped.append(value)
+        else:
+          # The monitor's pre-clip `grad/norm` is the clip's own: keep one.
+          out.setdefault(name, value)
+    if skipped:
+      out["optim/skipped"] = _any(skipped)
+    return out
+
+
+def _any(flags: list[Any]) -> Any:
+  result = flags[0]
+  for flag in flags[1:]:
+    result = result | flag
+  return result
+
+
+def guard(
+    inner: optax.GradientTransformation,
+    *,
+    max_norm: float | None = 1.0,
+    skip_nonfinite: bool = True,
+    max_consecutive: int | None = None,
+    resume_after_halt: bool = False,
+    spike_sigma: float | None = 6.0,
+    spike_window: int = 128,
+    spike_warmup_steps: int | None = None,
+    monitor: bool = True,
+    per_layer: bool = True,
+    histogram: bool = False,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Full protection around an optimizer: monitor, clip, skip NaN and spikes.
+
+  Equal, step for step, to the chain of the individual pieces::
+
+    optax.chain(
+        og.monitor(per_layer=..., histogram=...),
+        og.skip_nonfinite(
+            og.skip_spikes(
+                optax.chain(og.clip_by_global_norm(max_norm), inner),
+                sigma=spike_sigma, window=spike_window,
+                warmup_steps=spike_warmup_steps),
+            max_consecutive=max_consecutive,
+            resume_after_halt=resume_after_halt))
+
+  but the gradients are measured once (one fused read gives the norms, the
+  non-finite check, the spike statistic and the clip scale), and the metrics
+  come under one set of names: the monitor's, the clip's
+  (`grad/norm_clipped`, `optim/num_clipped`), the non-finite skip's
+  (`optim/num_skipped`, `optim/halted`, ...), the spike skip's
+  (`optim/num_spikes`, ...), and `optim/skipped` for either skip.
+
+  Order of the decisions: a step whose gradients or loss are not finite is
+  skipped as non-finite (the spike history does not see it); a finite step
+  is then tested for a spike on its pre-clip norm (and loss); a step that
+  passes is clipped and handed to `inner`, whose output is checked for NaN
+  and Inf too. A skipped step returns exact zeros and leaves `inner`'s state
+  bit-identical.
+
+  Args:
+    inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
+    max_norm: the global-norm clip threshold; None turns clipping off.
+    skip_nonfinite: skip steps with NaN/Inf gradients, loss or update.
+    max_consecutive: halt after this many non-finite steps in a row.
+    resume_after_halt: whether a finite step after a halt resumes training.
+    spike_sigma: spike threshold in standard deviations; None turns spike
+      skipping off.
+    spike_window: how many accepted norms (and losses) the history holds.
+    spike_warmup_steps: accepted steps before spikes are tested; default
+      `spike_window // 2`.
+    monitor: record the monitor's signals (`grad/norm/<layer>`, ...).
+    per_layer: record per-layer entries in the monitor.
+    histogram: record per-layer log-magnitude histograms.
+    axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `GuardState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.guard(optax.adam(1e-2), max_norm=1.0)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.full(3, 10.0)}, state, params)
+    >>> _, state = tx.update({"w": jnp.full(3, jnp.nan)}, state, params)
+    >>> m = og.metrics(state)
+    >>> print(int(m["optim/num_clipped"]), int(m["optim/num_skipped"]))
+    1 1
+
+  References:
+    See `monitor`, `clip_by_global_norm`, `skip_nonfinite`, `skip_spikes`.
+  """
+  if max_norm is not None:
+    _args.check_number("max_norm", max_norm)
+  if spike_sigma is not None:
+    _args.check_number("spike_sigma", spike_sigma, strict=True)
+  _stats.check_axis_name(axis_name)
+  inner = _skip.check_inner(inner)
+  # The pieces, built with the same checks as when used alone.
+  parts = dict(
+      monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
+                               axis_name=axis_name) if monitor else None,
+      clip=(_clipping.clip_by_global_norm(max_norm, axis_name=axis_name)
+            if max_norm is not None else None),
+      nonfinite=_nonfinite.skip_nonfinite(
+          optax.identity(), max_consecutive=max_consecutive,
+          resume_after_halt=resume_after_halt,
+          axis_name=axis_name) if skip_nonfinite else None,
+      spikes=_spikes.skip_spikes(
+          optax.identity(), sigma=spike_sigma, window=spike_window,
+          warmup_steps=spike_warmup_steps,
+          axis_name=axis_name) if spike_sigma is not None else None)
+  min_count = (spike_window // 2 if spike_warmup_steps is None
+               else spike_warmup_steps)
+
+  def init_fn(params):
+    return GuardState(inner_state=inner.init(params), **{
+        name: None if part is None else part.init(params)
+        for name, part in parts.items()})
+
+  def update_fn(updates, state, params=None, **extra_args):
+    stats = _stats.tree_stats(updates, axis_name=axis_name,
+                              count_above=1.0 if monitor else None)
+    norm = stats.global_norm
+    loss = _skip.loss_from(extra_args)
+    if loss is not None:
+      loss = _skip.global_loss(loss, axis_name)
+    new = state._replace()
+    if monitor:
+      new = new._replace(monitor=_monitor.record(
+          state.monitor, stats, updates, params, loss, per_layer=per_layer,
+          histogram=histogram, loss_ema_decay=0.9,
+          axis_name=axis_name)._replace(
+              step=optax.safe_increment(state.monitor.step)))
+    spike = jnp.zeros((), jnp.bool_)
+    if spike_sigma is not None:
+      spike, spikes_state = _spikes.decide(
+          state.spikes, norm, loss, sigma=spike_sigma, min_count=min_count,
+          max_consecutive=None)
+    scale = (jnp.ones((), jnp.float32) if max_norm is None else
+             _clipping.clip_scale(norm, max_norm))
+    new_updates, new_inner = inner.update(
+        _clipping.scale_tree(updates, scale), state.inner_state, params,
+        **extra_args)
+    keep = ~spike
+    if skip_nonfinite:
+      inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
+      loss_ok = (jnp.ones((), jnp.bool_) if loss is None
+                 else jnp.isfinite(loss))
+      keep_finite, nonfinite_state = _nonfinite.decide(
+          state.nonfinite, grads_ok=stats.finite, loss_ok=loss_ok,
+          # As in the chain: a spike's zero update counts as finite.
+          inner_ok=spike | inner_ok, updates=updates,
+          new_updates=new_updates, axis_name=axis_name,
+          max_consecutive=max_consecutive,
+          resume_after_halt=resume_after_halt)
+      keep = keep & keep_finite
+      new = new._replace(nonfinite=nonfinite_state)
+      if spike_sigma is not None:
+        # As in the chain: the spike history does not see a non-finite step.
+        spikes_state = _skip.select_tree(keep_finite, spikes_state,
+                                         state.spikes)
+    if spike_sigma is not None:
+      new = new._replace(spikes=spikes_state)
+    if max_norm is not None:
+      new = new._replace(clip=_skip.select_tree(
+          keep, _clipping.record_global_clip(state.clip, norm, scale),
+          state.clip))
+    new = new._replace(inner_state=_skip.select_tree(keep, new_inner,
+                                                     state.inner_state))
+    return _skip.zeros_unless(keep, new_updates), new
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,177 @@
+"""`guard` against the chain of its pieces, and its functional guarantees."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+STEPS = 40
+
+
+def _params():
+  return {"Dense_0": {"kernel": jnp.full((4, 8), 0.1, jnp.float32),
+                      "bias": jnp.zeros((8,), jnp.float32)},
+          "head": {"kernel": jnp.full((8, 2), 0.1, jnp.float32)}}
+
+
+def _grad_stream():
+  """Gradients with planted NaN, Inf, spike and overflow steps."""
+  rng = np.random.default_rng(0)
+  params = _params()
+  stream = []
+  for i in range(STEPS):
+    scale = float(np.exp(rng.normal(0.0, 0.2)))
+    if i in (20, 21, 33):
+      scale *= 50.0  # spikes, after the warm-up of 8 accepted steps
+    g = jax.tree.map(lambda p: jnp.asarray(
+        rng.normal(size=p.shape) * scale, jnp.float32), params)
+    if i == 12:
+      g["head"]["kernel"] = g["head"]["kernel"].at[0, 0].set(jnp.nan)
+    if i == 25:
+      g["Dense_0"]["bias"] = g["Dense_0"]["bias"].at[3].set(-jnp.inf)
+    stream.append((g, jnp.float32(1.0 + 0.01 * i)))
+  return stream
+
+
+def _pieces(inner, **kw):
+  return optax.chain(
+      og.monitor(),
+      og.skip_nonfinite(
+          og.skip_spikes(optax.chain(og.clip_by_global_norm(kw["max_norm"]),
+                                     inner),
+                         sigma=kw["spike_sigma"], window=kw["spike_window"],
+                         warmup_steps=kw["spike_warmup_steps"]),
+          max_consecutive=kw["max_consecutive"]))
+
+
+KW = dict(max_norm=2.0, spike_sigma=3.0, spike_window=16,
+          spike_warmup_steps=8, max_consecutive=5)
+
+
+def _run(tx, with_loss):
+  params = _params()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, g, loss):
+    extra = {"loss": loss} if with_loss else {}
+    u, s = tx.update(g, s, p, **extra)
+    return optax.apply_updates(p, u), s
+
+  trace = []
+  for g, loss in _grad_stream():
+    params, state = step(params, state, g, loss)
+    trace.append((params, state))
+  return trace
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_guard_equals_the_chain_of_its_pieces(with_loss):
+  ours = _run(og.guard(optax.adam(1e-2), **KW), with_loss)
+  pieces = _run(_pieces(optax.adam(1e-2), **KW), with_loss)
+  skipped_nan = skipped_spike = 0
+  for i, ((p1, s1), (p2, s2)) in enumerate(zip(ours, pieces)):
+    chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
+    inner_pieces = s2[1].inner_state.inner_state  # chain(clip, adam)
+    chex.assert_trees_all_close(s1.inner_state, inner_pieces[1], rtol=1e-6,
+                                atol=1e-7)
+    m1, m2 = og.metrics(s1), og.metrics(s2)
+    # Same decisions and statistics, under the guard's single set of names.
+    for name, piece_name in [
+        ("grad/norm", "grad/norm"), ("optim/num_skipped", "optim/num_skipped"),
+        ("optim/num_spikes", "optim/num_spikes"),
+        ("optim/num_clipped", "optim/num_clipped"),
+        ("optim/halted", "optim/halted"),
+        ("grad/spike_threshold", "grad/spike_threshold"),
+        ("grad/norm/head/kernel", "grad/norm/head/kernel")]:
+      np.testing.assert_allclose(m1[name], m2[piece_name], rtol=1e-6,
+                                 err_msg=f"{name} at step {i}")
+    skipped_nan = int(m1["optim/num_skipped"])
+    skipped_spike = int(m1["optim/num_spikes"])
+  assert skipped_nan == 2  # steps 12 and 25
+  assert skipped_spike == 3  # steps 20, 21 and 33
+
+
+@pytest.mark.standard_promotion
+def test_skipped_step_keeps_inner_state_bit_identical():
+  tx = og.guard(optax.adam(1e-2), spike_sigma=None)
+  params = _params()
+  state = tx.init(params)
+  g = jax.tree.map(jnp.ones_like, params)
+  _, state = tx.update(g, state, params)
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
+  updates, new_state = jax.jit(tx.update)(bad, state, params)
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0.0)
+  assert int(og.metrics(new_state)["optim/num_skipped"]) == 1
+  assert bool(og.metrics(new_state)["optim/skipped"])
+
+
+def test_no_host_callback_no_retrace_no_parameter_sized_state():
+  tx = og.guard(optax.sgd(0.1, momentum=0.9), histogram=True)
+  params = {"big": jnp.zeros((256, 512), jnp.float32),
+            "small": jnp.zeros((7,), jnp.float32)}
+  state = tx.init(params)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  g = jax.tree.map(jnp.ones_like, params)
+  for i in range(10):
+    params, state = step(params, state, jax.tree.map(lambda x: x * i, g))
+  def plain_step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(plain_step).lower(params, state, g).compile().as_text()
+  targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+  assert not [t for t in targets if "callback" in t.lower()], targets
+  # Only the wrapped SGD's momentum may be parameter-sized.
+  guard_only = state._replace(inner_state=())
+  biggest = max(x.size for x in jax.tree.leaves(guard_only))
+  assert biggest < 256 * 512 // 16, biggest
+
+
+def test_metric_names_of_the_guard():
+  tx = og.guard(optax.sgd(0.1))
+  params = _params()
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params),
+                       params)
+  names = set(og.metrics(state))
+  for name in ["grad/norm", "grad/norm_clipped", "grad/norm/head/kernel",
+               "optim/skipped", "optim/num_skipped", "optim/num_spikes",
+               "optim/num_clipped", "optim/halted", "param/norm"]:
+    assert name in names, name
+  assert not any(n.endswith(".1") for n in names)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_norm": -1.0}, r"`max_norm` must be a finite real number >= 0, "
+     r"but got -1\.0\."),
+    ({"spike_sigma": 0.0}, r"`spike_sigma` must be a finite real number > 0, "
+     r"but got 0\.0\."),
+    ({"max_consecutive": 0}, r"`max_consecutive` must be an integer >= 1 or "
+     r"None, but got 0\."),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    og.guard(optax.sgd(0.1), **kwargs)
+
+
+def test_inner_must_be_a_transformation():
+  with pytest.raises(ValueError, match=r"`inner` must be an optax "
+                     r"GradientTransformation \(with `init` and `update`\), "
+                     r"but got 'adam'\."):
+    og.guard("adam")
