@@ -1,9 +1,10 @@
 """Checks of factory arguments, shared by every transformation.
 
 Each check raises a `ValueError` whose message is a full sentence naming the
-argument, the value given and what is allowed. Values that are tracers (as
-under `optax.inject_hyperparams`, whose hyperparameters reach the factory as
-arrays inside a trace) cannot be inspected and are let through.
+argument, the value given and what is allowed. Numeric hyperparameters that
+are tracers (as under `optax.inject_hyperparams`, whose hyperparameters reach
+the factory as arrays inside a trace) cannot be inspected and are let
+through; integer arguments that shape the state must stay Python ints.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def check_int(name: str, value: Any, *, minimum: int,
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
       value < minimum):
     allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-    raise ValueError(f"`{name}` must be {allowed}, but got {value!r}.")
+    hint = ""
+    if isinstance(value, (jax.Array, np.ndarray)):
+      hint = (" It sets the structure of the state, so it must be a Python "
+              "int (under `optax.inject_hyperparams`, list it in "
+              "`static_args`).")
+    raise ValueError(f"`{name}` must be {allowed}, but got {value!r}.{hint}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from optax_guard import _metrics
+from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import REASONS
 from optax_guard._nonfinite import SkipNonfiniteState
@@ -48,6 +49,10 @@ def _describe(layers: dict[str, int]) -> str:
                                              else "")
 
 
+def _plural(n: int, word: str) -> str:
+  return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
   if not (bool(s.skipped) or bool(s.halted)):
     return None
@@ -78,7 +83,8 @@ def _spike_error(s: SkipSpikesState) -> GuardError | None:
            "loss was not finite")
   return GradientExplosionError(
       f"Step {step}: {why}. The guard skipped the step "
-      f"({int(s.consecutive)} spikes in a row, {int(s.num_spikes)} in total).",
+      f"({_plural(int(s.consecutive), 'spike')} in a row, "
+      f"{int(s.num_spikes)} in total).",
       step, {})
 
 
@@ -103,6 +109,25 @@ def _monitor_error(s: MonitorState) -> GuardError | None:
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
            MonitorState: _monitor_error}
+
+
+def _states(tree: Any) -> list[Any]:
+  """Every checked state in `tree`, looking inside wrappers and `guard`."""
+  found = []
+  is_state = lambda x: type(x) in _CHECKS or isinstance(x, GuardState)
+  for s in jax.tree_util.tree_leaves(tree, is_leaf=is_state):
+    if is_state(s) and np.ndim(jax.tree_util.tree_leaves(s)[0]) > 0 and (
+        isinstance(s, GuardState) or np.ndim(s.step) > 0):
+      # A pmap-replicated state: the replicas are identical, read the first.
+      s = jax.tree.map(lambda x: x[0], s)
+    if isinstance(s, GuardState):
+      found += [p for p in (s.nonfinite, s.spikes, s.monitor) if p is not None]
+      found += _states(s.inner_state)
+    elif type(s) in _CHECKS:
+      found.append(s)
+      if hasattr(s, "inner_state"):
+        found += _states(s.inner_state)
+  return found
 
 
 def check(opt_state: Any) -> None:
@@ -143,10 +168,12 @@ def check(opt_state: Any) -> None:
     a user can act on.
   """
   host = jax.device_get(_metrics.strip_variables(opt_state))
-  states = jax.tree_util.tree_leaves(
-      host, is_leaf=lambda x: type(x) in _CHECKS)
-  errors = [e for e in (_CHECKS[type(s)](s) for s in states
-                        if type(s) in _CHECKS) if e is not None]
+  states = _states(host)
+  if any(isinstance(s, SkipNonfiniteState) for s in states):
+    # A skipper reports non-finite steps itself, saying what it did.
+    states = [s for s in states if not (
+        isinstance(s, MonitorState) and _bad_layers(s.nonfinite))]
+  errors = [e for e in (_CHECKS[type(s)](s) for s in states) if e is not None]
   if errors:
     errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
     raise errors[0]

@@ -15,49 +15,68 @@ from optax_guard import _stats
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
-def clip_scale(norm: jax.Array, max_norm: Any) -> jax.Array:
-  """f32[...]: `min(1, max_norm / norm)`, 1 where `norm` is not finite.
+# Above this norm (relative to max_norm) the clip factor is applied in two
+# halves: the factor itself would be subnormal, which XLA flushes to zero,
+# while the clipped values are perfectly normal.
+_SPLIT_ABOVE = 2.0**100
 
-  A non-finite norm is not a reason to zero the update (optax's clip turns one
-  Inf into a whole update of zeros and NaNs): it is left to the non-finite
-  defences downstream, which see it unchanged.
+
+def clip_factors(norm: jax.Array, max_norm: Any
+                 ) -> tuple[jax.Array, jax.Array]:
+  """f32 `(a, b)` with `a * b = min(1, max_norm / norm)`, applied as `x*a*b`.
+
+  Normally `a` is the factor and `b` is 1; for a norm beyond `2**100 *
+  max_norm` both are its square root (see `_SPLIT_ABOVE`). The factor is 1
+  where `norm` is not finite: a non-finite norm is not a reason to zero the
+  update (optax's clip turns one Inf into a whole update of zeros and NaNs);
+  it is left to the non-finite defences downstream, which see it unchanged.
   """
   max_norm = jnp.asarray(max_norm, jnp.float32)
   clip = jnp.isfinite(norm) & (norm > max_norm)
-  return jnp.where(clip, max_norm / jnp.maximum(norm, _TINY), 1.0)
+  split = clip & (norm > max_norm * _SPLIT_ABOVE)
+  safe = jnp.where(clip & ~split, norm, 1.0)
+  root = jnp.sqrt(max_norm) / jnp.sqrt(jnp.where(split, norm, 1.0))
+  a = jnp.where(split, root, jnp.where(clip, max_norm / safe, 1.0))
+  return a, jnp.where(split, root, 1.0)
 
 
-def scale_tree(tree: Any, scale: jax.Array) -> Any:
-  """Multiplies each leaf by a float32 scale, in float32, keeping its dtype."""
-  return jax.tree.map(
-      lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype)
-      if jnp.issubdtype(g.dtype, jnp.floating) else g * scale.astype(g.dtype),
-      tree)
+def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
+  """Multiplies each leaf by `a` then `b`, in float32, keeping its dtype."""
+  a, b = factors
+
+  def scale(g):
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+      return g * (a * b).astype(g.dtype)
+    return ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
+
+  return jax.tree.map(scale, tree)
 
 
 class ClipByGlobalNormState(NamedTuple):
   """State of `clip_by_global_norm`."""
   grad_norm: jax.Array    # f32[] global norm before clipping, last step.
   scale: jax.Array        # f32[] factor applied at the last step (1 = none).
+  clipped_norm: jax.Array  # f32[] global norm after clipping, last step.
   num_clipped: jax.Array  # i32[] steps clipped so far.
   nonfinite: jax.Array    # bool[] the last step's gradients were not finite.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {
         "grad/norm": self.grad_norm,
-        # Equal to the norm itself when it is not finite (nothing scaled).
-        "grad/norm_clipped": self.grad_norm * self.scale,
+        "grad/norm_clipped": self.clipped_norm,
         "grad/clip_scale": self.scale,
         "optim/num_clipped": self.num_clipped,
     }
 
 
 def record_global_clip(state: ClipByGlobalNormState, norm: jax.Array,
-                       scale: jax.Array) -> ClipByGlobalNormState:
-  """The new state of a global-norm clip that saw `norm` and applied `scale`."""
+                       factors: tuple[jax.Array, jax.Array]
+                       ) -> ClipByGlobalNormState:
+  """The new state of a clip that saw `norm` and applied `factors`."""
+  a, b = factors
   return ClipByGlobalNormState(
-      grad_norm=norm, scale=scale,
-      num_clipped=_stats.count_if(scale < 1.0, state.num_clipped),
+      grad_norm=norm, scale=a * b, clipped_norm=(norm * a) * b,
+      num_clipped=_stats.count_if(a < 1.0, state.num_clipped),
       nonfinite=~jnp.isfinite(norm))
 
 
@@ -112,14 +131,16 @@ def clip_by_global_norm(
     return ClipByGlobalNormState(
         grad_norm=jnp.zeros((), jnp.float32),
         scale=jnp.ones((), jnp.float32),
+        clipped_norm=jnp.zeros((), jnp.float32),
         num_clipped=jnp.zeros((), jnp.int32),
         nonfinite=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
-    scale = clip_scale(norm, max_norm)
-    return scale_tree(updates, scale), record_global_clip(state, norm, scale)
+    factors = clip_factors(norm, max_norm)
+    return (scale_tree(updates, factors),
+            record_global_clip(state, norm, factors))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -181,11 +202,11 @@ def clip_by_layer_norm(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     norms = _stats.tree_stats(updates, axis_name=axis_name).norms
-    scales = clip_scale(norms, max_norm)
+    a, b = clip_factors(norms, max_norm)
     leaves, treedef = jax.tree.flatten(updates)
     clipped = jax.tree.unflatten(
-        treedef, [scale_tree(g, scales[i]) for i, g in enumerate(leaves)])
-    layers_clipped = jnp.sum(scales < 1.0, dtype=jnp.int32)
+        treedef, [scale_tree(g, (a[i], b[i])) for i, g in enumerate(leaves)])
+    layers_clipped = jnp.sum(a < 1.0, dtype=jnp.int32)
     return clipped, ClipByLayerNormState(
         layer_norms=_metrics.PerLayer(norms, state.layer_norms.names),
         layers_clipped=layers_clipped,

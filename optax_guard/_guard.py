@@ -172,10 +172,11 @@ def guard(
       spike, spikes_state = _spikes.decide(
           state.spikes, norm, loss, sigma=spike_sigma, min_count=min_count,
           max_consecutive=None)
-    scale = (jnp.ones((), jnp.float32) if max_norm is None else
-             _clipping.clip_scale(norm, max_norm))
+    one = jnp.ones((), jnp.float32)
+    factors = ((one, one) if max_norm is None else
+               _clipping.clip_factors(norm, max_norm))
     new_updates, new_inner = inner.update(
-        _clipping.scale_tree(updates, scale), state.inner_state, params,
+        _clipping.scale_tree(updates, factors), state.inner_state, params,
         **extra_args)
     keep = ~spike
     if skip_nonfinite:
@@ -183,7 +184,7 @@ def guard(
       loss_ok = (jnp.ones((), jnp.bool_) if loss is None
                  else jnp.isfinite(loss))
       keep_finite, nonfinite_state = _nonfinite.decide(
-          state.nonfinite, grads_ok=stats.finite, loss_ok=loss_ok,
+          state.nonfinite, stats=stats, loss_ok=loss_ok,
           # As in the chain: a spike's zero update counts as finite.
           inner_ok=spike | inner_ok, updates=updates,
           new_updates=new_updates, axis_name=axis_name,
@@ -199,7 +200,7 @@ def guard(
       new = new._replace(spikes=spikes_state)
     if max_norm is not None:
       new = new._replace(clip=_skip.select_tree(
-          keep, _clipping.record_global_clip(state.clip, norm, scale),
+          keep, _clipping.record_global_clip(state.clip, norm, factors),
           state.clip))
     new = new._replace(inner_state=_skip.select_tree(keep, new_inner,
                                                      state.inner_state))

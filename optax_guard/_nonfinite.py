@@ -14,10 +14,13 @@ from optax_guard import _skip
 from optax_guard import _stats
 
 # Why the last bad step was bad (`last_bad_reason`).
-REASON_NONE, REASON_GRADS, REASON_INNER, REASON_LOSS = 0, 1, 2, 3
+(REASON_NONE, REASON_GRADS, REASON_INNER, REASON_LOSS,
+ REASON_OVERFLOW) = range(5)
 REASONS = {REASON_NONE: "none", REASON_GRADS: "non-finite gradients",
            REASON_INNER: "non-finite output of the inner optimizer",
-           REASON_LOSS: "non-finite loss"}
+           REASON_LOSS: "non-finite loss",
+           REASON_OVERFLOW: "finite gradients whose global norm overflows "
+                            "float32"}
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -46,7 +49,7 @@ class SkipNonfiniteState(NamedTuple):
     }
 
 
-def decide(state: SkipNonfiniteState, *, grads_ok: jax.Array,
+def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
            loss_ok: jax.Array, inner_ok: jax.Array, updates: Any,
            new_updates: Any, axis_name: _stats.AxisName,
            max_consecutive: int | None,
@@ -58,6 +61,7 @@ def decide(state: SkipNonfiniteState, *, grads_ok: jax.Array,
   Returns:
     `(keep, state)`: `keep` is true when the step may be applied.
   """
+  grads_ok = stats.finite & ~stats.norm_overflows
   ok = grads_ok & loss_ok & inner_ok
   halted = state.halted
   if resume_after_halt:
@@ -67,11 +71,13 @@ def decide(state: SkipNonfiniteState, *, grads_ok: jax.Array,
     halted = halted | (consecutive >= max_consecutive)
   keep = ok & ~halted
   bad = ~ok
-  reason = jnp.where(~grads_ok, REASON_GRADS,
-                     jnp.where(~loss_ok, REASON_LOSS, REASON_INNER))
+  reason = jnp.where(~stats.finite, REASON_GRADS,
+                     jnp.where(stats.norm_overflows, REASON_OVERFLOW,
+                               jnp.where(~loss_ok, REASON_LOSS,
+                                         REASON_INNER)))
   # Per-layer counts of whatever was bad, read only on such a step.
   counts = _stats.nonfinite_counts(
-      updates, axis_name=axis_name, when=~grads_ok) + _stats.nonfinite_counts(
+      updates, axis_name=axis_name, when=~stats.finite) + _stats.nonfinite_counts(
           new_updates, axis_name=axis_name, when=grads_ok & ~inner_ok)
   return keep, state._replace(
       step=optax.safe_increment(state.step),
@@ -130,7 +136,9 @@ def skip_nonfinite(
     An `optax.GradientTransformationExtraArgs` whose state is a
     `SkipNonfiniteState` (metrics `optim/skipped`, `optim/num_skipped`,
     `optim/consecutive_skipped`, `optim/first_bad_step`,
-    `optim/last_bad_step`, `optim/last_bad_reason`,
+    `optim/last_bad_step`, `optim/last_bad_reason` (0 none, 1 non-finite
+    gradients, 2 non-finite inner update, 3 non-finite loss, 4 global norm
+    overflowing float32),
     `optim/last_bad_nonfinite/<layer>`, `optim/halted`).
 
   Example:
@@ -165,7 +173,7 @@ def skip_nonfinite(
         halted=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
-    grads_ok = _stats.tree_stats(updates, axis_name=axis_name).finite
+    stats = _stats.tree_stats(updates, axis_name=axis_name)
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
@@ -173,7 +181,7 @@ def skip_nonfinite(
                                           **extra_args)
     inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
     keep, new_state = decide(
-        state, grads_ok=grads_ok, loss_ok=loss_ok, inner_ok=inner_ok,
+        state, stats=stats, loss_ok=loss_ok, inner_ok=inner_ok,
         updates=updates, new_updates=new_updates, axis_name=axis_name,
         max_consecutive=max_consecutive, resume_after_halt=resume_after_halt)
     new_state = new_state._replace(

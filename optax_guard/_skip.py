@@ -24,7 +24,12 @@ def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
 
 
 def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
-  """The loss every device agrees on (the mean of a per-device loss)."""
+  """The loss every device agrees on.
+
+  Inside `shard_map` a per-device (varying) loss is averaged over the devices;
+  under `pmap`, where nothing is typed, the devices agree on the largest loss
+  (the worst device decides, as for every statistic there).
+  """
   return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
 
 

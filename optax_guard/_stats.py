@@ -18,7 +18,7 @@ Under `pmap`, or `shard_map(check_vma=False)`, no value is typed: every leaf is
 then taken to be replicated over `axis_name` (as after `lax.pmean` of the
 gradients), its statistics are measured locally and made identical on every
 device by a `pmax`, so any device's NaN or spike decides for all. The lookup
-of the typing lives in `varying_axes`, the reduction in `all_reduce`.
+of the typing lives in `varying_axes`, the reduction in `per_leaf`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 from optax_guard import _metrics
@@ -89,40 +90,74 @@ def pmax(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
                axis_name: AxisName, op: str) -> jax.Array:
-  """Reduces per-leaf statistics over the devices, the one place that does.
+  """Reduces a few per-leaf scalars over the devices (see `per_leaf`)."""
+  return per_leaf(list(rows), lambda block, _: block, axis_name, op,
+                  like=like)
+
+
+# Leaves of at most this many elements are measured stacked with the other
+# leaves of their shape: one reduction for all the biases of a width instead
+# of one each, which keeps the compiled program (and its compile time) small.
+# Stacking copies them, which costs little at this size.
+_STACK_BELOW = 1 << 15
+
+
+def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
+             axis_name: AxisName, op: str,
+             like: Sequence[Any] | None = None) -> jax.Array:
+  """Measures every leaf and reduces over the devices: the one place for both.
 
   Args:
-    rows: one array per leaf, `rows[i]` measured on leaf `like[i]`.
-    like: the leaves the rows come from (their typing says where they vary).
+    leaves: the arrays to measure.
+    reduce_block: maps a block `[k, ...]` of `k` leaves of one shape, and
+      the indices of those leaves, to their statistics `[k, ...]` (reducing
+      every axis but the first).
     axis_name: the mesh axes to reduce over, or None.
     op: `"sum"` for sums and counts, `"mean"` for a per-device value such as
       a loss, `"max"` for maxima.
+    like: what says where each leaf varies, if not the leaves themselves.
 
   Returns:
-    The rows stacked, `[num_leaves, ...]`, global and identical on every
-    device (and typed invariant inside `shard_map`).
+    `[len(leaves), ...]` statistics in leaf order, global and identical on
+    every device (and typed invariant inside `shard_map`).
   """
+  like = leaves if like is None else like
   axes = axis_names(axis_name)
-  if not axes:
-    return jnp.stack(rows)
-  if not is_typed(axes):
-    # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
-    return pmax(jnp.stack(rows), axes)
+  typed = bool(axes) and is_typed(axes)
+
+  def over(leaf):  # the axes this leaf is summed over
+    return tuple(a for a in axes if a in varying_axes(leaf)) if typed else ()
+
+  blocks: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    key = ((x.shape, x.dtype, over(like[i])) if x.size <= _STACK_BELOW
+           else ("alone", i, over(like[i])))
+    blocks.setdefault(key, []).append(i)
+  # Blocks are concatenated per typing, so that one collective serves each.
+  by_typing: dict[tuple[str, ...], tuple[list[Any], list[int]]] = {}
+  for key, index in blocks.items():
+    block = (leaves[index[0]][None] if len(index) == 1 else
+             jnp.stack([leaves[i] for i in index]))
+    parts, order = by_typing.setdefault(key[-1], ([], []))
+    parts.append(reduce_block(block, np.asarray(index)))
+    order.extend(index)
   reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
-  # Rows are stacked per group of equal typing, so that stacking never marks
-  # a replicated row as varying.
-  groups: dict[tuple[str, ...], list[int]] = {}
-  for i, leaf in enumerate(like):
-    vary = varying_axes(leaf)
-    groups.setdefault(tuple(a for a in axes if a in vary), []).append(i)
-  out: list[Any] = [None] * len(rows)
-  for group_axes, index in groups.items():
-    part = jnp.stack([rows[i] for i in index])
-    if group_axes:
-      part = reduce(part, group_axes)
-    for j, i in enumerate(index):
-      out[i] = part[j]
-  return jnp.stack(out)
+  parts, order = [], []
+  for group_axes, (group_parts, group_order) in by_typing.items():
+    values = jnp.concatenate(group_parts)
+    parts.append(reduce(values, group_axes) if group_axes else values)
+    order.extend(group_order)
+  values = jnp.concatenate(parts)
+  if order != sorted(order):
+    values = values[np.argsort(np.asarray(order))]
+  if axes and not typed:
+    # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
+    values = pmax(values, axes)
+  return values
+
+
+def _rest(block: jax.Array) -> tuple[int, ...]:
+  return tuple(range(1, block.ndim))
 
 
 def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
@@ -159,16 +194,33 @@ class TreeStats(NamedTuple):
     """bool[]: every element of every leaf is finite."""
     return jnp.all(jnp.isfinite(self.maxabs))
 
+  @property
+  def norm_overflows(self) -> jax.Array:
+    """bool[]: the elements are finite but the global norm exceeds float32."""
+    return self.finite & ~jnp.isfinite(self.global_norm)
+
+
+def _prescale(top: jax.Array) -> jax.Array:
+  """An exact power of two that brings `top` below 2**64.
+
+  Dividing by a number above 2**126 is wrong under XLA: it becomes a
+  multiplication by a subnormal reciprocal, flushed to zero. Norms and
+  maxima are therefore scaled into range first.
+  """
+  return jnp.where(top > 2.0**64, 2.0**-64, 1.0)
+
 
 def combine_norms(norms: jax.Array) -> jax.Array:
   """The L2 norm of a vector of norms, without overflow or underflow."""
   if norms.shape[0] == 0:
     return jnp.zeros((), jnp.float32)
   top = jnp.max(norms)
-  safe = jnp.where((top > 0) & jnp.isfinite(top), top, 1.0)
-  return jnp.where(jnp.isfinite(top),
-                   safe * jnp.sqrt(jnp.sum(jnp.square(norms / safe))),
-                   jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
+  factor = _prescale(top)
+  safe = jnp.where((top > 0) & jnp.isfinite(top), top * factor, 1.0)
+  return jnp.where(
+      jnp.isfinite(top),
+      safe * jnp.sqrt(jnp.sum(jnp.square(norms * factor / safe))) / factor,
+      jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
 
 
 def _magnitude(x: jax.Array) -> jax.Array:
@@ -181,7 +233,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
 
   Args:
     tree: a tree of arrays of any float dtype.
-    axis_name: mesh axes to reduce over (see `all_reduce`).
+    axis_name: mesh axes to reduce over (see `per_leaf`).
     count_above: if not None, also count elements with `|x| > count_above`.
 
   Returns:
@@ -197,10 +249,10 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
                                        local.sizes], axis=1).reshape(-1),
                             local.global_norm[None]])
     rows = pmax(rows, axes)
-    per_leaf = rows[:-1].reshape(-1, 3)
+    leafwise = rows[:-1].reshape(-1, 3)
     count = (None if local.count_above is None else
              lax.pmax(local.count_above, axes))
-    return TreeStats(per_leaf[:, 0], per_leaf[:, 1], per_leaf[:, 2], count,
+    return TreeStats(leafwise[:, 0], leafwise[:, 1], leafwise[:, 2], count,
                      rows[-1])
 
   leaves = jax.tree_util.tree_leaves(tree)
@@ -209,33 +261,46 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(empty, empty, empty,
                      None if count_above is None else empty.astype(jnp.int32),
                      jnp.zeros((), jnp.float32))
-  sums, maxes, counts = [], [], []
-  for x in leaves:
-    a = _magnitude(x)
-    sums.append(jnp.sum(jnp.square(a)))
+  # Sizes ride with the sums so that a sharded leaf's global size comes out.
+  def sums_and_sizes(block, _):
+    a = _magnitude(block)
+    size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
+    return jnp.stack([jnp.sum(jnp.square(a), axis=_rest(block)), size], 1)
+
+  def maxima(block, _):
     # NaN is mapped to Inf: a max over devices may drop NaN, never Inf. The
     # sum of squares keeps the NaN (sums propagate it), to tell them apart.
-    maxes.append(jnp.max(jnp.where(jnp.isnan(a), jnp.inf, a), initial=0.0))
-    if count_above is not None:
-      counts.append(jnp.sum(a > count_above, dtype=jnp.int32))
-  # Sizes ride with the sums so that a sharded leaf's global size comes out.
-  sumsq = all_reduce([jnp.stack([s, jnp.float32(x.size)])
-                      for s, x in zip(sums, leaves)], leaves, axis_name, "sum")
+    a = _magnitude(block)
+    return jnp.max(jnp.where(jnp.isnan(a), jnp.inf, a), axis=_rest(block),
+                   initial=0.0)
+
+  sumsq = per_leaf(leaves, sums_and_sizes, axis_name, "sum")
   sumsq, sizes = sumsq[:, 0], sumsq[:, 1]
-  maxabs = all_reduce(maxes, leaves, axis_name, "max")
+  maxabs = per_leaf(leaves, maxima, axis_name, "max")
   count = None
   if count_above is not None:
-    count = all_reduce(counts, leaves, axis_name, "sum")
+    count = per_leaf(
+        leaves, lambda b, _: jnp.sum(_magnitude(b) > count_above,
+                                     axis=_rest(b), dtype=jnp.int32),
+        axis_name, "sum")
 
   finite_max = jnp.isfinite(maxabs) & (maxabs > 0)
   inexact = ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
   needs_rescale = finite_max & inexact
 
   def rescaled() -> jax.Array:
-    scale = jnp.where(finite_max, maxabs, 1.0)
-    ssq = all_reduce([jnp.sum(jnp.square(_magnitude(x) / scale[i]))
-                      for i, x in enumerate(leaves)], leaves, axis_name, "sum")
-    return jnp.where(needs_rescale, scale * jnp.sqrt(ssq), jnp.sqrt(sumsq))
+    factor = _prescale(maxabs)
+    scale = jnp.where(finite_max, maxabs * factor, 1.0)
+
+    def scaled_sums(block, index):
+      shape = (-1,) + (1,) * (block.ndim - 1)
+      scaled = (_magnitude(block) * factor[index].reshape(shape) /
+                scale[index].reshape(shape))
+      return jnp.sum(jnp.square(scaled), axis=_rest(block))
+
+    ssq = per_leaf(leaves, scaled_sums, axis_name, "sum")
+    return jnp.where(needs_rescale, scale * jnp.sqrt(ssq) / factor,
+                     jnp.sqrt(sumsq))
 
   norms = lax.cond(jnp.any(needs_rescale), rescaled,
                    lambda: jnp.sqrt(sumsq))
@@ -257,8 +322,9 @@ def nonfinite_counts(tree: Any, *, axis_name: AxisName = None,
     return jnp.zeros((0,), jnp.int32)
 
   def count() -> jax.Array:
-    return all_reduce([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
-                       for x in leaves], leaves, axis_name, "sum")
+    return per_leaf(
+        leaves, lambda b, _: jnp.sum(~jnp.isfinite(b), axis=_rest(b),
+                                     dtype=jnp.int32), axis_name, "sum")
 
   if when is True:
     return count()
@@ -276,21 +342,21 @@ HIST_BUCKETS = ("zero",) + tuple(f"1e{k}" for k in HIST_DECADES) + (
 def log_histograms(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
   """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins."""
   leaves = jax.tree_util.tree_leaves(tree)
-  edges = [10.0**k for k in HIST_DECADES[1:]]
-  rows = []
-  for x in leaves:
-    a = _magnitude(x)
-    nan = jnp.sum(jnp.isnan(a), dtype=jnp.int32)
-    inf = jnp.sum(jnp.isinf(a), dtype=jnp.int32)
-    zero = jnp.sum(a == 0, dtype=jnp.int32)
-    # at_least[j]: finite non-zero elements with |x| >= edges[j].
-    finite = jnp.isfinite(a)
-    nonzero = jnp.sum(finite & (a > 0), dtype=jnp.int32)
-    at_least = [jnp.sum(finite & (a >= e), dtype=jnp.int32) for e in edges]
-    cumulative = jnp.stack([nonzero] + at_least + [jnp.zeros((), jnp.int32)])
-    decades = cumulative[:-1] - cumulative[1:]
-    rows.append(jnp.concatenate(
-        [zero[None], decades, nan[None], inf[None]]))
-  if not rows:
+  if not leaves:
     return jnp.zeros((0, len(HIST_BUCKETS)), jnp.int32)
-  return all_reduce(rows, leaves, axis_name, "sum")
+  edges = [10.0**k for k in HIST_DECADES[1:]]
+
+  def histogram(block, _):
+    a, axes = _magnitude(block), _rest(block)
+    count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
+    finite = jnp.isfinite(a)
+    # at_least[j]: finite non-zero elements with |x| >= edges[j].
+    at_least = jnp.stack([count(finite & (a > 0))] +
+                         [count(finite & (a >= e)) for e in edges] +
+                         [jnp.zeros((block.shape[0],), jnp.int32)], 1)
+    decades = at_least[:, :-1] - at_least[:, 1:]
+    return jnp.concatenate([count(a == 0)[:, None], decades,
+                            count(jnp.isnan(a))[:, None],
+                            count(jnp.isinf(a))[:, None]], 1)
+
+  return per_leaf(leaves, histogram, axis_name, "sum")

@@ -26,6 +26,9 @@ CASES = {
     "skip_nonfinite": ({"inner": optax.sgd(0.1), "max_consecutive": 3}, {}),
     "skip_spikes": ({"inner": optax.sgd(0.1), "sigma": 2.0, "window": 4,
                      "warmup_steps": 2}, {}),  # sigma: see test_spikes
+    "guard": ({"inner": optax.sgd(0.1), "spike_window": 4,
+               "spike_warmup_steps": 2, "histogram": True},
+              {"max_norm": 1.0}),
 }
 
 ALLOWED_DTYPES = {np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)}

@@ -1,0 +1,31 @@
+"""Every docstring example of the package runs and prints what it says."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import optax_guard
+
+MODULES = sorted(
+    m.name for m in pkgutil.iter_modules(optax_guard.__path__,
+                                         optax_guard.__name__ + "."))
+
+
+@pytest.mark.standard_promotion  # examples wrap optax's own optimizers
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0, f"{result.failed} failing examples in {name}"
+
+
+def test_every_public_name_has_a_full_docstring():
+  for name in optax_guard.__all__:
+    obj = getattr(optax_guard, name)
+    if not callable(obj) or isinstance(obj, type):
+      continue
+    doc = obj.__doc__ or ""
+    for section in ("Args:", "Returns:", "Example:", "References:"):
+      assert section in doc, f"{name} lacks a {section} section"

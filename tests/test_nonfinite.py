@@ -1,0 +1,738 @@
+"""`skip_nonfinite`, `zero_nonfinite` and `check` (issue 3), single device.
+
+Every expected value comes from NumPy or closed-form reasoning written here:
+which steps are skipped, the per-layer NaN/Inf counts, the counters, and the
+inner optimizer's state (compared bit for bit with the state before a skipped
+step, and with `optax` run on the accepted steps only). Multi-device cases are
+in `test_multidevice_skip.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+# Layer names in `jax.tree.leaves` order (dict keys sorted), written by hand.
+LAYERS = ("dense/bias", "dense/kernel", "head")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _tree(bias, kernel, head):
+  return {"dense": {"bias": bias, "kernel": kernel}, "head": head}
+
+
+def _leaf(tree, name):
+  node = tree
+  for part in name.split("/"):
+    node = node[part]
+  return node
+
+
+def _params():
+  return _tree(np.zeros((4,), np.float32),
+               np.full((3, 4), 0.5, np.float32),
+               np.ones((2,), np.float32))
+
+
+def _grads(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return _tree((scale * rng.normal(size=(4,))).astype(np.float32),
+               (scale * rng.normal(size=(3, 4))).astype(np.float32),
+               (scale * rng.normal(size=(2,))).astype(np.float32))
+
+
+def _np_counts(grads):
+  """Non-finite elements per layer, from NumPy."""
+  return {name: int(np.sum(~np.isfinite(np.asarray(_leaf(grads, name)))))
+          for name in LAYERS}
+
+
+def _assert_bit_identical(a, b, what=""):
+  """Same tree structure, and every leaf equal byte for byte."""
+  la, ta = jax.tree.flatten(jax.device_get(a))
+  lb, tb = jax.tree.flatten(jax.device_get(b))
+  assert ta == tb, f"{what}: tree structures differ: {ta} vs {tb}"
+  for i, (x, y) in enumerate(zip(la, lb)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (what, i)
+    assert x.tobytes() == y.tobytes(), (
+        f"{what}: leaf {i} differs bit-wise: {x!r} vs {y!r}")
+
+
+def _assert_exact_zero(updates, like):
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(like)):
+    u = np.asarray(u)
+    assert u.shape == np.shape(g)
+    assert np.all(u == 0) and np.all(np.isfinite(u)), u
+
+
+def _runner(tx):
+  """One jitted update for `tx` (retraces only when the extra args change)."""
+
+  @jax.jit
+  def step(grads, state, params, extra):
+    return tx.update(grads, state, params, **extra)
+
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(name):
+  """A transformation and its jitted update, shared between tests (tracing
+  and compiling are most of the cost of these small tests)."""
+  make = {
+      "adam": lambda: og.skip_nonfinite(optax.adam(0.1)),
+      "sgd": lambda: og.skip_nonfinite(optax.sgd(0.1)),
+  }[name]
+  tx = make()
+  return tx, _runner(tx)
+
+
+def _reciprocal():
+  """A custom inner transformation that divides by the gradient: an element
+  equal to 0 gives an Inf update from perfectly finite gradients."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (
+          jax.tree.map(lambda g: 1.0 / g, updates), state))
+
+
+# ------------------------------------------------- one bad step, every kind
+
+
+def _bad_case(kind):
+  """(grads, extra args) for one bad step; counts come from NumPy later."""
+  g = _grads(11)
+  nan, inf = np.float32(np.nan), np.float32(np.inf)
+  extra = {}
+  if kind == "nan_one_leaf":
+    g["dense"]["kernel"][1, 2] = nan
+  elif kind == "inf_one_leaf":
+    g["head"][0] = inf
+  elif kind == "neg_inf_one_leaf":
+    g["dense"]["bias"][3] = -inf
+  elif kind == "nan_every_leaf":
+    g["dense"]["kernel"][0, 0] = nan
+    g["dense"]["kernel"][2, 3] = nan
+    g["dense"]["bias"][1] = nan
+    g["head"][:] = nan
+  elif kind == "mixed_every_leaf":
+    g["dense"]["kernel"][0, 1] = inf
+    g["dense"]["bias"][0] = -inf
+    g["head"][1] = nan
+  elif kind == "all_nan":
+    g = jax.tree.map(lambda x: np.full_like(x, np.nan), g)
+  elif kind == "nan_loss":
+    extra = {"loss": jnp.float32(np.nan)}
+  elif kind == "inf_loss":
+    extra = {"loss": jnp.float32(np.inf)}
+  elif kind == "neg_inf_loss":
+    extra = {"loss": jnp.float32(-np.inf)}
+  elif kind == "nan_value":  # optax's line-search name for the loss
+    extra = {"value": jnp.float32(np.nan)}
+  elif kind == "nan_in_per_example_loss":
+    extra = {"loss": jnp.asarray([1.0, np.nan, 2.0], jnp.float32)}
+  else:
+    raise AssertionError(kind)
+  return g, extra
+
+
+BAD_KINDS = ["nan_one_leaf", "inf_one_leaf", "neg_inf_one_leaf",
+             "nan_every_leaf", "mixed_every_leaf", "all_nan", "nan_loss",
+             "inf_loss", "neg_inf_loss", "nan_value",
+             "nan_in_per_example_loss"]
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_step_is_skipped_exactly(kind):
+  """good, BAD, good: the bad step gives exact zeros, adam's mu/nu/count do
+  not move by a single bit, the guard's counters advance, and the next good
+  step continues exactly as adam would have without the bad step."""
+  params = _params()
+  tx, step = _cached("adam")
+  g0, g2 = _grads(1), _grads(2)
+  bad, bad_extra = _bad_case(kind)
+  finite_loss = ({} if not bad_extra else
+                 {k: jnp.ones(np.shape(v), jnp.float32)
+                  for k, v in bad_extra.items()})
+
+  s0 = tx.init(params)
+  u0, s1 = step(g0, s0, params, finite_loss)
+  u1, s2 = step(bad, s1, params, bad_extra)
+  u2, s3 = step(g2, s2, params, finite_loss)
+
+  # The bad step: exact zeros, inner state untouched bit for bit.
+  _assert_exact_zero(u1, params)
+  _assert_bit_identical(s2.inner_state, s1.inner_state, "adam state")
+  assert bool(s2.skipped) and not bool(s1.skipped) and not bool(s3.skipped)
+  assert int(s2.num_skipped) == 1 and int(s3.num_skipped) == 1
+  assert int(s2.consecutive) == 1 and int(s3.consecutive) == 0
+  assert int(s3.step) == 3
+  assert int(s3.first_bad_step) == 1 and int(s3.last_bad_step) == 1
+  assert not bool(s3.halted)
+
+  # Per-layer non-finite counts of the last bad step, from NumPy; still there
+  # after the following good step.
+  want = _np_counts(bad)
+  for state in (s2, s3):
+    m = og.metrics(state)
+    for name in LAYERS:
+      assert int(m[f"optim/last_bad_nonfinite/{name}"]) == want[name], name
+
+  # The good steps are exactly adam's, as if the bad step never happened.
+  ref = optax.adam(0.1)
+  r_state = ref.init(params)
+  r0, r_state = ref.update(g0, r_state, params)
+  r2, r_state = ref.update(g2, r_state, params)
+  for got, want_u in ((u0, r0), (u2, r2)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 got, want_u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               s3.inner_state, r_state)
+  assert int(s3.inner_state[0].count) == 2
+
+
+@pytest.mark.standard_promotion
+def test_first_and_last_bad_step_and_reason_track_the_history():
+  params = _params()
+  tx, step = _cached("adam")
+  state = tx.init(params)
+  one = {"loss": jnp.float32(1.0)}
+  nan_grads, _ = _bad_case("nan_one_leaf")
+  inf_grads, _ = _bad_case("inf_one_leaf")
+  plan = [(_grads(0), one), (nan_grads, one), (_grads(1), one),
+          (_grads(2), {"loss": jnp.float32(np.nan)}), (_grads(3), one),
+          (inf_grads, one), (_grads(4), one)]
+  reasons = []
+  for g, extra in plan:
+    _, state = step(g, state, params, extra)
+    reasons.append(int(state.last_bad_reason))
+  assert int(state.first_bad_step) == 1
+  assert int(state.last_bad_step) == 5
+  assert int(state.num_skipped) == 3
+  assert int(state.step) == 7
+  # Reason codes: none before the first bad step; gradients at 1 and 5, the
+  # loss at 3 (a different code); unchanged by good steps.
+  none, grads, loss = reasons[0], reasons[1], reasons[3]
+  assert len({none, grads, loss}) == 3
+  assert reasons == [none, grads, grads, loss, loss, grads, grads]
+  # adam moved on the four good steps only.
+  assert int(state.inner_state[0].count) == 4
+
+
+@pytest.mark.standard_promotion
+def test_loss_priority_nan_grads_and_nan_loss_counts_layers():
+  params = _params()
+  tx, step = _cached("adam")
+  state = tx.init(params)
+  bad, _ = _bad_case("nan_every_leaf")
+  u, state = step(bad, state, params, {"loss": jnp.float32(np.nan)})
+  _assert_exact_zero(u, params)
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  assert "non-finite gradients" in str(info.value)
+
+
+# ------------------------------------------- the inner optimizer goes bad
+
+
+@pytest.mark.standard_promotion
+def test_inner_turning_finite_grads_non_finite_is_skipped():
+  """Finite gradients with zeros, an inner chain that divides by them and then
+  runs adam: the update is non-finite, so the step is skipped and adam's
+  moments (which would have become Inf/NaN) stay exactly as they were."""
+  params = _params()
+  inner = optax.chain(_reciprocal(), optax.adam(0.1))
+  tx = og.skip_nonfinite(inner)
+  step = _runner(tx)
+  g0 = _grads(3)
+  g1 = _grads(4)
+  g1["dense"]["kernel"][2, 1] = 0.0
+  g1["head"][:] = 0.0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g1))
+  # What the inner chain would output: 1/0 = Inf where g == 0, after adam
+  # Inf/Inf = NaN there; elsewhere finite. So the bad counts are the zeros.
+  want = {name: int(np.sum(np.asarray(_leaf(g1, name)) == 0))
+          for name in LAYERS}
+  assert want == {"dense/bias": 0, "dense/kernel": 1, "head": 2}
+
+  s0 = tx.init(params)
+  _, s1 = step(g0, s0, params, {})
+  u, s2 = step(g1, s1, params, {})
+  _assert_exact_zero(u, params)
+  _assert_bit_identical(s2.inner_state, s1.inner_state, "inner state")
+  assert bool(s2.skipped) and int(s2.num_skipped) == 1
+  assert int(s2.last_bad_step) == 1
+  m = og.metrics(s2)
+  for name in LAYERS:
+    assert int(m[f"optim/last_bad_nonfinite/{name}"]) == want[name], name
+  # Without the guard the inner state really is poisoned by this step.
+  _, poisoned = inner.update(jax.tree.map(jnp.asarray, g1), s1.inner_state,
+                             params)
+  assert not np.all(np.isfinite(np.asarray(poisoned[1][0].mu["head"])))
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(s2)
+  message = str(info.value)
+  assert "inner" in message
+  assert message.startswith("Step 1:")
+
+
+# ------------------------------------------ overflow of the global norm
+
+
+def _overflow_cases():
+  """Finite float32 gradients whose true global L2 norm exceeds float32 max.
+
+  Five leaves of 64 elements (one tree structure, so one compilation);
+  `elements` of magnitude `v` have the norm `v * sqrt(elements)`, leaves
+  combine as the root of the sum of squares (float64 in the test).
+  """
+  def tree(**filled):
+    out = {f"l{i}": np.zeros((64,), np.float32) for i in range(5)}
+    for name, (value, count) in filled.items():
+      out[name][:count] = value
+    return out
+
+  return {
+      # the issue's example: 3e38 in many elements (norm 3e38 * 8 = 2.4e39).
+      "3e38_x64_one_leaf": tree(l0=(3e38, 64)),
+      # elements well below float32 max, norm 5e37 * 8 = 4e38.
+      "5e37_x64_one_leaf": tree(l2=(5e37, 64)),
+      # every leaf's own norm finite (1.6e38), together sqrt(5) * 1.6e38.
+      "8e37_five_leaves": tree(**{f"l{i}": (8e37, 4) for i in range(5)}),
+  }
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("case", sorted(_overflow_cases()))
+def test_global_norm_overflow_from_finite_values_is_skipped(case):
+  grads = _overflow_cases()[case]
+  true_norm = math.sqrt(sum(float(np.sum(np.square(g.astype(np.float64))))
+                            for g in grads.values()))
+  assert true_norm > F32_MAX  # the norm overflows float32 ...
+  assert all(np.all(np.isfinite(g)) for g in grads.values())  # ... elements don't
+  params = {k: np.zeros_like(v) for k, v in grads.items()}
+  tx, step = _cached("adam")
+  s0 = tx.init(params)
+  u, s1 = step(grads, s0, params, {})
+  _assert_exact_zero(u, params)
+  _assert_bit_identical(s1.inner_state, s0.inner_state, "adam state")
+  assert bool(s1.skipped) and int(s1.num_skipped) == 1
+  assert int(s1.first_bad_step) == 0
+
+
+# --------------------------------------------------- halting and resuming
+
+
+def _halt_run(resume):
+  params = _params()
+  tx = og.skip_nonfinite(optax.adam(0.1), max_consecutive=3,
+                         resume_after_halt=resume)
+  step = _runner(tx)
+  nan_grads, _ = _bad_case("nan_one_leaf")
+  pattern = "BGBBBGGBBBG"  # B: NaN gradients, G: finite gradients
+  state = tx.init(params)
+  rows = []
+  for i, c in enumerate(pattern):
+    g = nan_grads if c == "B" else _grads(100 + i)
+    before = state.inner_state
+    u, state = step(g, state, params, {})
+    applied = not bool(state.skipped)
+    if not applied:
+      _assert_exact_zero(u, params)
+      _assert_bit_identical(state.inner_state, before, f"step {i}")
+    rows.append((applied, int(state.consecutive), bool(state.halted),
+                 int(state.num_skipped), int(state.inner_state[0].count)))
+  return rows, state
+
+
+@pytest.mark.standard_promotion
+def test_halts_after_max_consecutive_and_does_not_resume():
+  rows, state = _halt_run(resume=False)
+  # Worked out by hand from the rule, max_consecutive = 3, pattern
+  #            B  G  B  B  B  G  G  B  B  B  G
+  applied = [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+  consec = [1, 0, 1, 2, 3, 0, 0, 1, 2, 3, 0]
+  halted = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]
+  skipped = [1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+  adam_count = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+  assert [r[0] for r in rows] == [bool(a) for a in applied]
+  assert [r[1] for r in rows] == consec
+  assert [r[2] for r in rows] == [bool(h) for h in halted]
+  assert [r[3] for r in rows] == skipped
+  assert [r[4] for r in rows] == adam_count
+  m = og.metrics(state)
+  assert bool(m["optim/halted"]) and int(m["optim/num_skipped"]) == 10
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  message = str(info.value)
+  assert "halted" in message
+  assert message.startswith("Step 9:")  # the last bad step
+  assert "re-initialised" in message
+
+
+@pytest.mark.standard_promotion
+def test_resume_after_halt_resumes_on_a_finite_step():
+  rows, state = _halt_run(resume=True)
+  #            B  G  B  B  B  G  G  B  B  B  G
+  applied = [0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1]
+  consec = [1, 0, 1, 2, 3, 0, 0, 1, 2, 3, 0]
+  halted = [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+  skipped = [1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 7]
+  adam_count = [0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4]
+  assert [r[0] for r in rows] == [bool(a) for a in applied]
+  assert [r[1] for r in rows] == consec
+  assert [r[2] for r in rows] == [bool(h) for h in halted]
+  assert [r[3] for r in rows] == skipped
+  assert [r[4] for r in rows] == adam_count
+  og.check(state)  # the last step was fine: quiet
+
+
+@pytest.mark.standard_promotion
+def test_unlike_apply_if_finite_the_state_is_never_poisoned():
+  """optax.apply_if_finite applies the NaN update once max_consecutive_errors
+  is exceeded; adam's moments and then the parameters become NaN for good.
+  skip_nonfinite halts instead and keeps everything finite."""
+  params = {"w": np.ones((3,), np.float32)}
+  nan = {"w": np.array([1.0, np.nan, 2.0], np.float32)}
+  good = {"w": np.array([0.5, -0.5, 0.25], np.float32)}
+  plan = [nan, nan, nan, good, good]
+  theirs = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=2)
+  ours = og.skip_nonfinite(optax.adam(0.1), max_consecutive=2)
+  results = {}
+  for name, tx in (("theirs", theirs), ("ours", ours)):
+    step = _runner(tx)
+    p, s = params, tx.init(params)
+    for g in plan:
+      u, s = step(g, s, p, {})
+      p = optax.apply_updates(p, u)
+    results[name] = (p, s)
+
+  p, s = results["theirs"]
+  assert np.isnan(np.asarray(s.inner_state[0].mu["w"])).any()  # poisoned
+  assert np.isnan(np.asarray(p["w"])).any()
+  p, s = results["ours"]
+  assert bool(s.halted)
+  np.testing.assert_array_equal(np.asarray(p["w"]), params["w"])
+  for leaf in jax.tree.leaves(s.inner_state):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  _assert_bit_identical(s.inner_state, optax.adam(0.1).init(params),
+                        "adam state never moved")
+
+
+# ------------------------------------------------------- zero_nonfinite
+
+
+def _zero_tree():
+  rng = np.random.default_rng(5)
+  kernel = rng.normal(size=(3, 5)).astype(np.float32)
+  kernel[0, 1], kernel[2, 2], kernel[2, 4] = np.nan, np.inf, -np.inf
+  bias = rng.normal(size=(5,)).astype(np.float32)
+  half = rng.normal(size=(6,)).astype(jnp.bfloat16)
+  half[3] = np.nan
+  half[5] = -np.inf
+  clean = rng.normal(size=(2, 2)).astype(np.float32)
+  return {"a": {"kernel": kernel, "bias": bias}, "half": half, "z": clean}
+
+
+def test_zero_nonfinite_matches_numpy():
+  grads = _zero_tree()
+  tx = og.zero_nonfinite()
+  step = _runner(tx)
+  state = tx.init(grads)
+  out, state = step(grads, state, None, {})
+  for (path, g), o in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                          jax.tree.leaves(out)):
+    g, o = np.asarray(g), np.asarray(o)
+    want = np.where(np.isfinite(g), g, np.zeros_like(g))
+    assert o.dtype == g.dtype, path
+    assert o.tobytes() == want.tobytes(), path  # finite values bit for bit
+  m = og.metrics(state)
+  want_counts = {"a/bias": 0, "a/kernel": 3, "half": 2, "z": 0}
+  for name, n in want_counts.items():
+    assert int(m[f"grad/nonfinite_zeroed/{name}"]) == n, name
+  assert int(m["grad/nonfinite_zeroed"]) == 5
+  assert int(m["optim/num_zeroed_steps"]) == 1
+
+  # A clean step: counts back to zero, the step counter does not move.
+  clean = jax.tree.map(lambda x: np.where(np.isfinite(x), x, 1).astype(
+      x.dtype), grads)
+  out, state = step(clean, state, None, {})
+  for g, o in zip(jax.tree.leaves(clean), jax.tree.leaves(out)):
+    assert np.asarray(o).tobytes() == np.asarray(g).tobytes()
+  m = og.metrics(state)
+  assert all(int(m[f"grad/nonfinite_zeroed/{n}"]) == 0 for n in want_counts)
+  assert int(m["optim/num_zeroed_steps"]) == 1
+  # and once more a bad one
+  _, state = step(grads, state, None, {})
+  assert int(og.metrics(state)["optim/num_zeroed_steps"]) == 2
+
+
+def test_zero_nonfinite_replaces_inf_that_optax_zero_nans_keeps():
+  g = {"w": np.array([1.0, np.nan, np.inf, -np.inf, -2.0], np.float32)}
+  ours, _ = og.zero_nonfinite().update(g, og.zero_nonfinite().init(g))
+  theirs, _ = optax.zero_nans().update(g, optax.zero_nans().init(g))
+  np.testing.assert_array_equal(np.asarray(ours["w"]),
+                                np.array([1.0, 0.0, 0.0, 0.0, -2.0]))
+  assert np.isinf(np.asarray(theirs["w"])).sum() == 2  # for the record
+
+
+# ----------------------------------------------------------- metric names
+
+
+def test_metric_names_and_values():
+  """The decision metrics of DESIGN §4, read through og.metrics."""
+  params = _params()
+  spikes = og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2)
+  tx = og.skip_nonfinite(spikes)
+  step = _runner(tx)
+  state = tx.init(params)
+  m = og.metrics(state)
+  for name in ("optim/skipped", "optim/num_skipped", "optim/num_spikes",
+               "optim/halted"):
+    assert name in m, (name, sorted(m))
+  for name in LAYERS:
+    assert f"optim/last_bad_nonfinite/{name}" in m
+  bad, _ = _bad_case("nan_one_leaf")
+  _, state = step(bad, state, params, {})
+  m = og.metrics(state)
+  assert bool(m["optim/skipped"]) and int(m["optim/num_skipped"]) == 1
+  assert not bool(m["optim/halted"])
+  # The inner skip_spikes also saw the NaN (a spike for it), but its state is
+  # inside skip_nonfinite's inner state and was restored bit for bit.
+  assert int(m["optim/num_spikes"]) == 0
+  assert int(m["optim/last_bad_nonfinite/dense/kernel"]) == 1
+  for key, value in m.items():
+    assert np.ndim(value) == 0, key
+
+
+# ------------------------------------------------------------------ check
+
+
+def test_check_quiet_on_good_states():
+  params = _params()
+  tx, step = _cached("sgd")
+  state = tx.init(params)
+  og.check(state)
+  og.check(jax.device_get(state))
+  _, state = step(_grads(0), state, params, {})
+  og.check(state)
+  og.check(jax.device_get(state))
+
+
+def test_check_message_names_step_layers_counts_and_action():
+  params = {f"layer{i}": np.ones((3,), np.float32) for i in range(5)}
+  tx = og.skip_nonfinite(optax.sgd(0.1))
+  step = _runner(tx)
+  state = tx.init(params)
+  _, state = step({k: v * 2 for k, v in params.items()}, state, params, {})
+  bad = {f"layer{i}": np.ones((3,), np.float32) for i in range(5)}
+  bad["layer1"][:2] = np.nan       # 2 bad
+  bad["layer2"][0] = np.inf        # 1 bad
+  bad["layer3"][:] = -np.inf       # 3 bad
+  bad["layer4"][1] = np.nan        # 1 bad
+  _, state = step(bad, state, params, {})
+  for s in (state, jax.device_get(state)):
+    with pytest.raises(og.NonFiniteGradientError) as info:
+      og.check(s)
+    err = info.value
+    message = str(err)
+    assert isinstance(err, og.GuardError) and isinstance(err, RuntimeError)
+    assert message.startswith("Step 1:"), message
+    assert "non-finite gradients" in message
+    # The first three bad layers in tree order, with their counts.
+    assert "layer1 (2 NaN/Inf)" in message
+    assert "layer2 (1 NaN/Inf)" in message
+    assert "layer3 (3 NaN/Inf)" in message
+    assert "layer0" not in message and "layer4 (" not in message
+    assert "and 1 more" in message
+    assert "skipped the step" in message
+    assert "1 skipped in total" in message and "1 bad in a row" in message
+    assert err.step == 1
+    assert err.layers == {"layer1": 2, "layer2": 1, "layer3": 3, "layer4": 1}
+  # The next good step clears it.
+  _, state = step({k: v * 3 for k, v in params.items()}, state, params, {})
+  og.check(state)
+
+
+def test_check_names_the_loss():
+  params = _params()
+  tx, step = _cached("sgd")
+  _, state = step(_grads(0), tx.init(params), params,
+                         {"loss": jnp.float32(np.nan)})
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  assert info.value.step == 0
+  assert "non-finite loss" in str(info.value)
+  assert info.value.layers == {}
+
+
+def test_check_on_monitor_alone():
+  params = _params()
+  tx = optax.chain(og.monitor(), optax.sgd(0.1))
+  bad, _ = _bad_case("nan_every_leaf")
+  _, state = _runner(tx)(bad, tx.init(params), params, {})
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(jax.device_get(state))
+  message = str(info.value)
+  want = _np_counts(bad)
+  assert message.startswith("Step 0:")
+  assert f"hold {sum(want.values())} NaN/Inf" in message
+  for name, n in want.items():
+    assert f"{name} ({n} NaN/Inf)" in message
+  assert "skip_nonfinite" in message  # tells the user what would help
+
+
+# -------------------------------------------------------------- arguments
+
+
+def _inner():
+  return optax.sgd(0.1)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_consecutive": 0}, ["`max_consecutive`", "0", "integer >= 1",
+                              "or None"]),
+    ({"max_consecutive": -2}, ["`max_consecutive`", "-2", "integer >= 1"]),
+    ({"max_consecutive": 2.5}, ["`max_consecutive`", "2.5", "integer"]),
+    ({"max_consecutive": True}, ["`max_consecutive`", "True", "integer"]),
+    ({"axis_name": 3}, ["`axis_name`", "3", "mesh axis name"]),
+])
+def test_skip_nonfinite_bad_arguments(kwargs, words):
+  with pytest.raises(ValueError) as info:
+    og.skip_nonfinite(_inner(), **kwargs)
+  message = str(info.value)
+  for w in words:
+    assert w in message, (w, message)
+  assert "must be" in message and "but got" in message
+  assert message.endswith(".")
+
+
+@pytest.mark.parametrize("inner", [3, None, "adam", optax.adam],
+                         ids=["int", "None", "str", "factory_not_called"])
+@pytest.mark.parametrize("factory", [og.skip_nonfinite, og.skip_spikes])
+def test_inner_not_a_transformation(factory, inner):
+  with pytest.raises(ValueError) as info:
+    factory(inner)
+  message = str(info.value)
+  assert message.startswith("`inner` must be an optax GradientTransformation")
+  assert "`init`" in message and "`update`" in message
+  assert f"but got {inner!r}" in message
+  assert message.endswith(".")
+
+
+# ------------------------------------------------------------------ Flax
+
+
+# Flax is imported inside the tests, so that without it only they are skipped.
+
+
+@pytest.mark.standard_promotion
+def test_linen_train_state_skips_a_nan_step():
+  pytest.importorskip("flax")
+  from flax import linen as nn
+  from flax.training import train_state
+
+  class Mlp(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.tanh(nn.Dense(4)(x)))
+
+  model = Mlp()
+  x = jnp.ones((4, 3), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=params,
+      tx=og.skip_nonfinite(optax.adam(1e-2)))
+
+  @jax.jit
+  def step(state, xs):
+    def loss_fn(p):
+      return jnp.mean(jnp.square(state.apply_fn({"params": p}, xs) - 1.0))
+    return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+  s1 = step(state, x)
+  bad_x = x.at[2, 1].set(jnp.nan)
+  s2 = step(s1, bad_x)
+  _assert_bit_identical(s2.params, s1.params, "params")
+  _assert_bit_identical(s2.opt_state.inner_state, s1.opt_state.inner_state,
+                        "adam state")
+  assert int(s2.step) == 2  # TrainState counts calls
+  m = og.metrics(s2.opt_state)
+  assert bool(m["optim/skipped"]) and int(m["optim/num_skipped"]) == 1
+  # The NaN input row reaches every weight through the sums over the batch
+  # (x^T delta, h^T delta, sum delta), so every gradient element is NaN: the
+  # per-layer counts are the layers' sizes.
+  for layer in ("Dense_0", "Dense_1"):
+    for leaf in ("kernel", "bias"):
+      assert int(m[f"optim/last_bad_nonfinite/{layer}/{leaf}"]) == np.size(
+          params[layer][leaf]), (layer, leaf)
+  s3 = step(s2, x)
+  assert not bool(s3.opt_state.skipped)
+  assert int(s3.opt_state.inner_state[0].count) == 2
+  assert not np.array_equal(np.asarray(s3.params["Dense_0"]["kernel"]),
+                            np.asarray(s2.params["Dense_0"]["kernel"]))
+
+
+@pytest.mark.standard_promotion
+def test_nnx_optimizer_nan_loss_skips():
+  pytest.importorskip("flax")
+  from flax import nnx
+
+  class Mlp(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 4, rngs=rngs)
+      self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(jnp.tanh(self.hidden(x)))
+
+  model = Mlp(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, og.skip_nonfinite(optax.adam(1e-2)),
+                            wrt=nnx.Param)
+  x = jnp.ones((4, 3), jnp.float32)
+
+  @nnx.jit
+  def step(model, optimizer, poison):
+    def loss_fn(m):
+      return jnp.mean(jnp.square(m(x) - 1.0))
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    # Finite gradients; the reported loss is NaN when `poison` is set.
+    loss = jnp.where(poison, jnp.float32(np.nan), loss)
+    optimizer.update(model, grads, loss=loss)
+
+  def snapshot():
+    return (jax.device_get(nnx.state(model, nnx.Param)),
+            jax.device_get(nnx.as_pure(optimizer.opt_state)))
+
+  step(model, optimizer, jnp.bool_(False))
+  params1, opt1 = snapshot()
+  step(model, optimizer, jnp.bool_(True))
+  params2, opt2 = snapshot()
+  _assert_bit_identical(params2, params1, "params")
+  _assert_bit_identical(opt2.inner_state, opt1.inner_state, "adam state")
+  m = og.metrics(optimizer.opt_state)
+  assert bool(m["optim/skipped"]) and int(m["optim/num_skipped"]) == 1
+  with pytest.raises(og.NonFiniteGradientError, match="non-finite loss"):
+    og.check(optimizer.opt_state)
+  step(model, optimizer, jnp.bool_(False))
+  params3, _ = snapshot()
+  assert not np.array_equal(
+      np.asarray(jax.tree.leaves(params3)[0]),
+      np.asarray(jax.tree.leaves(params2)[0]))
+  og.check(optimizer.opt_state)

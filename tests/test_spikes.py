@@ -1,0 +1,533 @@
+"""`skip_spikes` (issue 3) against an independent NumPy re-implementation.
+
+The rule, as the issue states it: a step is a spike when its global gradient
+norm (and, when `loss=` is passed, its loss) exceeds `mean + sigma * std`
+(population std, ddof=0) of the last `window` ACCEPTED values; only once
+`warmup_steps` values were accepted (default `window // 2`); spikes do not
+enter the history; a non-finite norm or loss is always a spike; with
+`max_consecutive`, after that many spikes in a row the history is cleared and
+the warm-up restarts. `_reference` below implements exactly that in float64;
+the tests feed gradients whose norms follow a synthetic stream and compare
+every decision, every threshold and the inner optimizer's state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+T = 400
+SHAPES = {"a": (3, 4), "b": (5,)}
+B1, B2 = 0.9, 0.999  # optax.adam's defaults, used by the reference moments
+
+
+# ------------------------------------------------------- the reference rule
+
+
+def _reference(norms, losses=None, *, sigma, window, warmup=None,
+               max_consecutive=None, ddof=0, spikes_enter_history=False):
+  """Decisions and thresholds of the rule, step by step, in float64.
+
+  Returns (skip[T] bool, norm_threshold[T], loss_threshold[T]); a threshold
+  is +inf while fewer than `warmup` values have been accepted.
+  `ddof` and `spikes_enter_history` give deliberately WRONG variants, used
+  to show that the streams tell the right rule from near misses.
+  """
+  warmup = window // 2 if warmup is None else warmup
+  hist_n, hist_l = [], []
+  consecutive = 0
+  skip = np.zeros(len(norms), bool)
+  thr_n = np.full(len(norms), np.inf)
+  thr_l = np.full(len(norms), np.inf)
+
+  def threshold(hist):
+    if len(hist) < warmup:
+      return math.inf
+    last = np.asarray(hist[-window:], np.float64)
+    return float(last.mean() + sigma * last.std(ddof=ddof))
+
+  for t, n in enumerate(norms):
+    thr_n[t] = threshold(hist_n)
+    spike = not np.isfinite(n) or n > thr_n[t]
+    if losses is not None:
+      thr_l[t] = threshold(hist_l)
+      spike = spike or not np.isfinite(losses[t]) or losses[t] > thr_l[t]
+    skip[t] = spike
+    if spike:
+      consecutive += 1
+    else:
+      consecutive = 0
+    if not spike or (spikes_enter_history and np.isfinite(n) and (
+        losses is None or np.isfinite(losses[t]))):
+      hist_n.append(n)
+      if losses is not None:
+        hist_l.append(losses[t])
+    if max_consecutive is not None and consecutive >= max_consecutive:
+      hist_n, hist_l, consecutive = [], [], 0
+  return skip, thr_n, thr_l
+
+
+def _margins(values, thresholds):
+  """Relative distance of each finite value to its finite threshold."""
+  ok = np.isfinite(values) & np.isfinite(thresholds)
+  return np.abs(values[ok] - thresholds[ok]) / np.abs(thresholds[ok])
+
+
+# ------------------------------------------------------------- the streams
+
+
+def _lognormal(rng, n, spread):
+  return np.exp(rng.normal(0.0, spread, n))
+
+
+def _norm_stream(seed):
+  """400 norms around 1 with planted spikes (20x, some in a row, one during
+  the warm-up), moderate 3x outliers, an Inf and a NaN."""
+  rng = np.random.default_rng(seed)
+  x = _lognormal(rng, T, 0.25)
+  for t in (10, 100, 150, 151, 152, 230, 300, 301, 350):
+    x[t] *= 20.0
+  for t in (120, 260, 330):
+    x[t] *= 3.0
+  x[200] = np.inf
+  x[270] = np.nan
+  return x
+
+
+def _loss_stream(seed):
+  rng = np.random.default_rng(seed)
+  x = 3.0 * _lognormal(rng, T, 0.1)
+  for t in (90, 140, 141, 230, 310, 311, 312, 313):  # 230 spikes both
+    x[t] *= 4.0
+  x[250] = np.nan
+  x[290] = np.inf
+  return x
+
+
+def _direction(seed=0):
+  rng = np.random.default_rng(seed)
+  d = {k: rng.normal(size=s) for k, s in SHAPES.items()}
+  total = math.sqrt(sum(float(np.sum(v * v)) for v in d.values()))
+  return {k: v / total for k, v in d.items()}
+
+
+def _grad_stream(norms, seed=0):
+  """Float32 gradient trees [T, ...] along a fixed direction scaled to the
+  given norms (Inf/NaN planted into one element), and the float64 norms of
+  the float32 trees actually fed, from NumPy."""
+  d = _direction(seed)
+  grads = {}
+  for k, v in d.items():
+    finite = np.where(np.isfinite(norms), norms, 1.0)
+    grads[k] = (finite[:, None] * v.reshape(1, -1)).reshape(
+        (len(norms),) + v.shape).astype(np.float32)
+  bad = ~np.isfinite(norms)
+  grads["a"][bad, 0, 0] = norms[bad].astype(np.float32)
+  fed = np.sqrt(sum(np.sum(np.square(g.astype(np.float64)).reshape(
+      len(norms), -1), axis=1) for g in grads.values()))
+  return grads, fed
+
+
+# ------------------------------------------------------------- the runner
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_runner(sigma, window, warmup, max_consecutive, with_loss):
+  """One jitted lax.scan of skip_spikes(adam) over a whole stream."""
+  if sigma == "defaults":
+    tx = og.skip_spikes(optax.adam(0.1))  # documented: 6.0, 128, 128 // 2
+  else:
+    kwargs = dict(sigma=sigma, window=window, max_consecutive=max_consecutive)
+    if warmup is not None:
+      kwargs["warmup_steps"] = warmup
+    tx = og.skip_spikes(optax.adam(0.1), **kwargs)
+  params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+
+  @jax.jit
+  def run(grads, losses):
+    def body(state, xs):
+      g, loss = xs
+      extra = {"loss": loss} if with_loss else {}
+      updates, new = tx.update(g, state, params, **extra)
+      return new, (updates, new.skipped, new.norm_threshold,
+                   new.loss_threshold, new.inner_state[0], new.consecutive)
+
+    init = tx.init(params)
+    final, ys = lax.scan(body, init, (grads, losses))
+    return init, final, ys
+
+  return run
+
+
+def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
+                  defaults=False):
+  grads, fed = _grad_stream(norms)
+  fed_loss = None if losses is None else losses.astype(np.float32).astype(
+      np.float64)
+  skip, thr_n, thr_l = _reference(fed, fed_loss, sigma=sigma, window=window,
+                                  warmup=warmup,
+                                  max_consecutive=max_consecutive)
+  # Precondition: no decision hangs on float32 rounding.
+  assert _margins(fed, thr_n).min() > 2e-5
+  if losses is not None:
+    assert _margins(fed_loss, thr_l).min() > 2e-5
+
+  run = _scan_runner("defaults" if defaults else sigma, window, warmup,
+                     max_consecutive, losses is not None)
+  loss_in = (np.zeros(len(norms), np.float32) if losses is None else
+             losses.astype(np.float32))
+  init, final, ys = jax.device_get(run(grads, loss_in))
+  updates, skipped, got_thr_n, got_thr_l, adam, consecutive = ys
+
+  # 1. Every decision.
+  skipped = np.asarray(skipped)
+  wrong = np.flatnonzero(skipped != skip)
+  assert wrong.size == 0, (
+      f"decisions differ at steps {wrong[:10]}: library {skipped[wrong[:10]]}"
+      f", reference {skip[wrong[:10]]}, norms {fed[wrong[:10]]}, "
+      f"thresholds {thr_n[wrong[:10]]}")
+  # 2. Every threshold (+inf during the warm-up).
+  for got, want in ((got_thr_n, thr_n),) + (
+      ((got_thr_l, thr_l),) if losses is not None else ()):
+    got = np.asarray(got, np.float64)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    np.testing.assert_allclose(got[np.isfinite(want)],
+                               want[np.isfinite(want)], rtol=1e-4)
+  # 3. Skipped steps: exact zeros and adam's state untouched, bit for bit.
+  prev = jax.tree.map(lambda x, y: np.concatenate([np.asarray(x)[None],
+                                                np.asarray(y)[:-1]]),
+                      init.inner_state[0], adam)
+  for t in np.flatnonzero(skip):
+    for u in jax.tree.leaves(updates):
+      assert np.all(np.asarray(u)[t] == 0), t
+    for a, b in zip(jax.tree.leaves(adam), jax.tree.leaves(prev)):
+      assert np.asarray(a)[t].tobytes() == np.asarray(b)[t].tobytes(), t
+  # 4. Accepted steps: adam's moments follow the accepted gradients only.
+  mu = {k: np.zeros(s) for k, s in SHAPES.items()}
+  nu = {k: np.zeros(s) for k, s in SHAPES.items()}
+  count = np.cumsum(~skip)
+  np.testing.assert_array_equal(np.asarray(adam.count), count)
+  for t in range(len(norms)):
+    if skip[t]:
+      continue
+    for k in SHAPES:
+      g = grads[k][t].astype(np.float64)
+      mu[k] = B1 * mu[k] + (1 - B1) * g
+      nu[k] = B2 * nu[k] + (1 - B2) * g * g
+      assert np.all(np.asarray(updates[k])[t] != 0), (t, k)
+  for k in SHAPES:
+    np.testing.assert_allclose(np.asarray(adam.mu[k])[-1], mu[k], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(adam.nu[k])[-1], nu[k], rtol=1e-5)
+  # 5. The counters.
+  assert int(final.num_spikes) == int(skip.sum())
+  assert int(final.step) == len(norms)
+  assert int(final.last_spike_step) == int(np.flatnonzero(skip)[-1])
+  m = og.metrics(final)
+  assert int(m["optim/num_spikes"]) == int(skip.sum())
+  return skip, fed, fed_loss
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.parametrize("sigma, window, warmup, defaults", [
+    # og.skip_spikes(inner) with no arguments: the reference with the
+    # documented defaults sigma 6, window 128, warm-up 128 // 2 = 64.
+    (6.0, 128, None, True),
+    (3.0, 32, 32, False),
+    (2.0, 16, 8, False),  # many natural outliers: the rule's details matter
+])
+def test_norm_stream_matches_reference(sigma, window, warmup, defaults):
+  norms = _norm_stream(seed=1)
+  skip, fed, _ = _check_stream(norms, None, sigma=sigma, window=window,
+                               warmup=warmup, max_consecutive=None,
+                               defaults=defaults)
+  # The planted 20x spikes after the warm-up and the non-finite steps are
+  # caught, the one during the warm-up is accepted.
+  for t in (100, 150, 151, 152, 200, 230, 270, 300, 301, 350):
+    assert skip[t], t
+  effective_warmup = window // 2 if warmup is None else warmup
+  assert skip[10] == (effective_warmup <= 10)
+  if sigma == 2.0:
+    # This stream tells the rule from near misses: sample std (ddof=1), or
+    # letting spikes into the history, decide differently somewhere.
+    for wrong in (dict(ddof=1), dict(spikes_enter_history=True)):
+      other, _, _ = _reference(fed, sigma=sigma, window=window, warmup=warmup,
+                               **wrong)
+      assert np.any(other != skip), wrong
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("sigma, window, warmup", [(2.5, 16, 8)])
+def test_loss_stream_matches_reference(sigma, window, warmup):
+  norms = _norm_stream(seed=3)
+  losses = _loss_stream(seed=4)
+  skip, _, fed_loss = _check_stream(norms, losses, sigma=sigma, window=window,
+                                    warmup=warmup, max_consecutive=None)
+  # Planted loss spikes (on steps where the norm is ordinary) are caught.
+  for t in (140, 141, 250, 290, 310, 311, 312, 313):
+    assert skip[t], t
+  # and the loss alone decides some steps: without it they would be taken.
+  alone, _, _ = _reference(_grad_stream(norms)[1], sigma=sigma, window=window,
+                           warmup=warmup)
+  assert np.any(skip & ~alone)
+
+
+def _regime_stream(seed):
+  """~1 for 150 steps, then a lasting 10x regime, with a 20x spike (on the
+  new scale) at 220 and a few ordinary ones."""
+  rng = np.random.default_rng(seed)
+  x = _lognormal(rng, 300, 0.1)
+  x[150:] *= 10.0
+  x[220] *= 20.0
+  x[60] *= 20.0
+  return x
+
+
+@pytest.mark.standard_promotion
+def test_max_consecutive_restarts_the_warmup_after_a_regime_change():
+  norms = _regime_stream(seed=5)
+  skip, _, _ = _check_stream(norms, None, sigma=4.0, window=32, warmup=8,
+                             max_consecutive=4)
+  # Worked out by hand: steps 150..153 are spikes; the 4th in a row clears the
+  # history; 154..161 are the new warm-up (taken); then the rule is active
+  # again on the new scale, and still catches the 20x spike at 220.
+  assert list(skip[148:163]) == [False, False, True, True, True, True] + [
+      False] * 9
+  assert skip[60] and skip[220]
+
+
+@pytest.mark.standard_promotion
+def test_without_max_consecutive_a_regime_change_is_skipped_for_ever():
+  norms = _regime_stream(seed=5)
+  skip, _, _ = _check_stream(norms, None, sigma=4.0, window=32, warmup=8,
+                             max_consecutive=None)
+  assert np.all(skip[150:])
+
+
+@pytest.mark.standard_promotion
+def test_max_consecutive_with_loss_clears_both_histories():
+  norms = _norm_stream(seed=6)[:200]
+  norms[~np.isfinite(norms)] = 1.0
+  losses = _loss_stream(seed=8)[:200]
+  losses[120:] *= 5.0  # a lasting change of the loss only
+  losses[~np.isfinite(losses)] = 3.0
+  skip, _, _ = _check_stream(norms, losses, sigma=4.0, window=16, warmup=4,
+                             max_consecutive=3)
+  assert skip[120] and skip[121] and skip[122] and not skip[123]
+
+
+@pytest.mark.standard_promotion
+def test_inject_sigma():
+  """sigma injected as a hyperparameter: changing it in the state changes the
+  decision, with no retrace."""
+  make = optax.inject_hyperparams(
+      og.skip_spikes, static_args=("inner", "window", "warmup_steps"))
+  tx = make(inner=optax.sgd(0.1), sigma=6.0, window=8, warmup_steps=4)
+  params = {"w": jnp.zeros((1,), jnp.float32)}
+  traces = []
+
+  @jax.jit
+  def step(norm, state):
+    traces.append(1)
+    return tx.update({"w": jnp.reshape(norm, (1,))}, state, params)
+
+  state = tx.init(params)
+  history = [1.0, 1.1, 0.9, 1.0]
+  for n in history:
+    _, state = step(jnp.float32(n), state)
+  h = np.asarray(history, np.float32).astype(np.float64)
+  mean, std = h.mean(), h.std()
+  probe = np.float32(1.3)  # z = 4.24: a spike at sigma 3, not at sigma 6
+  z = (float(probe) - mean) / std
+  assert 3.0 < z < 6.0
+
+  results = {}
+  for sigma in (6.0, 3.0, 4.0, 5.0):
+    s = state._replace(hyperparams={**state.hyperparams,
+                                    "sigma": jnp.asarray(sigma, jnp.float32)})
+    updates, new = step(jnp.float32(probe), s)
+    inner = new.inner_state
+    assert isinstance(inner, og.SkipSpikesState)
+    np.testing.assert_allclose(float(inner.norm_threshold),
+                               mean + sigma * std, rtol=1e-4)
+    results[sigma] = bool(inner.skipped)
+    assert bool(og.metrics(new)["optim/skipped"]) == results[sigma]
+    if results[sigma]:
+      assert float(updates["w"][0]) == 0.0
+    else:
+      np.testing.assert_allclose(float(updates["w"][0]), -0.1 * probe,
+                                 rtol=1e-6)
+  assert results == {6.0: False, 3.0: True, 4.0: True, 5.0: False}
+  assert len(traces) == 1
+
+
+@functools.lru_cache(maxsize=None)
+def _huge_runner():
+  tx = og.skip_spikes(optax.sgd(0.1), window=8, warmup_steps=4)
+  params = {"a": jnp.zeros((2,), jnp.float32),
+            "b": jnp.zeros((2,), jnp.float32)}
+
+  @jax.jit
+  def step(g, state):
+    return tx.update(g, state, params)
+
+  return tx, params, step
+
+
+@pytest.mark.parametrize("a, b", [
+    ((1e30, 1e30), (1e30, 1e30)),
+    ((9e37, 9e37), (1.0, 1.0)),      # one huge leaf, norm 1.27e38
+    ((9e37, 9e37), (9e37, 9e37)),    # two, global norm 1.8e38 (finite)
+    ((1.5e38, 0.0), (1.0, 1.0)),     # one element, norm 1.5e38
+    ((3e38, 3e38), (3e38, 3e38)),    # global norm 6e38: Inf in float32
+], ids=["1e30", "9e37_one_leaf", "9e37_two_leaves", "1.5e38_one_element",
+        "3e38"])
+def test_huge_finite_gradient_is_a_spike(a, b):
+  """After a warm-up on norms ~1, a gradient of finite elements whose global
+  norm is enormous (float64: 2e30 ... 6e38, the last one above float32 max)
+  is a spike, and its norm does not enter the history."""
+  grads = {"a": np.asarray(a, np.float32), "b": np.asarray(b, np.float32)}
+  true_norm = math.sqrt(sum(float(np.sum(np.square(g.astype(np.float64))))
+                            for g in grads.values()))
+  assert true_norm > 1e30
+  tx, params, step = _huge_runner()
+  state = tx.init(params)
+  for n in (1.0, 1.2, 0.8, 1.1, 0.9):
+    _, state = step({"a": jnp.full((2,), n / 2, jnp.float32),
+                     "b": jnp.full((2,), n / 2, jnp.float32)}, state)
+  before = state
+  updates, state = step(grads, state)
+  assert bool(state.skipped), (true_norm, float(state.last_norm))
+  for u in jax.tree.leaves(updates):
+    assert np.all(np.asarray(u) == 0)
+  if true_norm < float(np.finfo(np.float32).max):
+    np.testing.assert_allclose(float(state.last_norm), true_norm, rtol=1e-5)
+  # The spike did not enter the history: the next threshold is unchanged.
+  ones = {"a": jnp.full((2,), 0.5, jnp.float32),
+          "b": jnp.full((2,), 0.5, jnp.float32)}
+  _, after = step(ones, state)
+  _, after_without = step(ones, before)
+  assert float(after.norm_threshold) == float(after_without.norm_threshold)
+
+
+# ---------------------------------------------------------------- check
+
+
+@functools.lru_cache(maxsize=None)
+def _spike_tx():
+  tx = og.skip_spikes(optax.sgd(0.1), sigma=3.0, window=8, warmup_steps=4)
+
+  @jax.jit
+  def step(g, state, params, extra):
+    return tx.update(g, state, params, **extra)
+
+  return tx, step
+
+
+def _spike_state(with_loss):
+  tx, step = _spike_tx()
+  params = {"Dense_0": {"kernel": jnp.zeros((2,), jnp.float32)}}
+  state = tx.init(params)
+  history = [1.0, 1.2, 0.8, 1.1]
+  for i, n in enumerate(history):
+    g = {"Dense_0": {"kernel": jnp.asarray([n, 0.0], jnp.float32)}}
+    extra = {"loss": jnp.float32(2.0 + 0.1 * i)} if with_loss else {}
+    _, state = step(g, state, params, extra)
+  og.check(state)  # nothing wrong so far
+  return step, params, state, np.asarray(history)
+
+
+def _numbers(message):
+  return [float(x) for x in re.findall(r"[-+]?\d+\.?\d*(?:e[-+]?\d+)?",
+                                       message)]
+
+
+def test_check_raises_gradient_explosion_error_naming_norm_and_threshold():
+  step, params, state, h = _spike_state(with_loss=False)
+  g = {"Dense_0": {"kernel": jnp.asarray([30.0, 40.0], jnp.float32)}}
+  _, state = step(g, state, params, {})
+  threshold = h.mean() + 3.0 * h.std()
+  for s in (state, jax.device_get(state)):
+    with pytest.raises(og.GradientExplosionError) as info:
+      og.check(s)
+    message = str(info.value)
+    assert message.startswith("Step 4:"), message
+    assert "gradient norm" in message and "spike threshold" in message
+    assert "skipped the step" in message
+    numbers = _numbers(message)
+    assert any(abs(x - 50.0) < 1e-3 * 50 for x in numbers), message
+    assert any(abs(x - threshold) < 1e-3 * threshold for x in numbers), (
+        message, threshold)
+    assert info.value.step == 4
+    assert isinstance(info.value, og.GuardError)
+  # A normal step after it: quiet again.
+  g = {"Dense_0": {"kernel": jnp.asarray([1.0, 0.0], jnp.float32)}}
+  _, state = step(g, state, params, {})
+  og.check(state)
+
+
+def test_check_names_a_loss_spike():
+  step, params, state, _ = _spike_state(with_loss=True)
+  g = {"Dense_0": {"kernel": jnp.asarray([1.0, 0.0], jnp.float32)}}
+  _, state = step(g, state, params, {"loss": jnp.float32(50.0)})
+  with pytest.raises(og.GradientExplosionError) as info:
+    og.check(state)
+  assert "loss" in str(info.value)
+  assert str(info.value).startswith("Step 4:")
+
+
+def test_check_reports_non_finite_before_spikes():
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  inner = optax.chain(og.skip_spikes(optax.sgd(0.1), window=4,
+                                     warmup_steps=2), optax.sgd(0.1))
+  tx = optax.chain(og.monitor(), inner)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(
+      {"w": jnp.asarray([np.nan, 1.0], jnp.float32)}, state, params)
+  with pytest.raises(og.NonFiniteGradientError):
+    og.check(state)
+
+
+# ------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"sigma": -1.0}, ["`sigma`", "-1", "> 0"]),
+    ({"sigma": 0.0}, ["`sigma`", "0", "> 0"]),
+    ({"sigma": float("nan")}, ["`sigma`", "nan", "finite"]),
+    ({"sigma": float("inf")}, ["`sigma`", "inf", "finite"]),
+    ({"sigma": "6"}, ["`sigma`", "'6'", "real number"]),
+    ({"window": 1}, ["`window`", "1", "integer >= 2"]),
+    ({"window": 0}, ["`window`", "0", "integer >= 2"]),
+    ({"window": 8.0}, ["`window`", "8.0", "integer"]),
+    ({"warmup_steps": 0}, ["`warmup_steps`", "0", "integer >= 1"]),
+    ({"window": 8, "warmup_steps": 9}, ["`warmup_steps`", "9", "`window`",
+                                        "8", "at most"]),
+    ({"max_consecutive": 0}, ["`max_consecutive`", "0", "integer >= 1"]),
+    ({"axis_name": 1}, ["`axis_name`", "1"]),
+])
+def test_skip_spikes_bad_arguments(kwargs, words):
+  with pytest.raises(ValueError) as info:
+    og.skip_spikes(optax.sgd(0.1), **kwargs)
+  message = str(info.value)
+  for w in words:
+    assert w in message, (w, message)
+  assert "must be" in message and "but got" in message
+  assert message.endswith(".")
+
+
+def test_warmup_equal_to_window_is_allowed():
+  og.skip_spikes(optax.sgd(0.1), window=8, warmup_steps=8)
+  og.skip_spikes(optax.sgd(0.1), window=2)
