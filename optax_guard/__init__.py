@@ -25,6 +25,13 @@ from optax_guard._nonfinite import skip_nonfinite
 from optax_guard._nonfinite import SkipNonfiniteState
 from optax_guard._nonfinite import zero_nonfinite
 from optax_guard._nonfinite import ZeroNonfiniteState
+from optax_guard._optimizers import adam
+from optax_guard._optimizers import AdamState
+from optax_guard._optimizers import adamw
+from optax_guard._optimizers import AdamwState
+from optax_guard._optimizers import GuardAwareTransformation
+from optax_guard._optimizers import sgd
+from optax_guard._optimizers import SgdState
 from optax_guard._spikes import skip_spikes
 from optax_guard._spikes import SkipSpikesState
 from optax_guard._stats import HIST_BUCKETS
@@ -32,6 +39,13 @@ from optax_guard._stats import HIST_BUCKETS
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdamState",
+    "AdamwState",
+    "GuardAwareTransformation",
+    "SgdState",
+    "adam",
+    "adamw",
+    "sgd",
     "GradientExplosionError",
     "GuardState",
     "guard",

@@ -12,6 +12,7 @@ from optax_guard import _args
 from optax_guard import _clipping
 from optax_guard import _monitor
 from optax_guard import _nonfinite
+from optax_guard import _optimizers
 from optax_guard import _skip
 from optax_guard import _spikes
 from optax_guard import _stats
@@ -92,6 +93,17 @@ def guard(
   and Inf too. A skipped step returns exact zeros and leaves `inner`'s state
   bit-identical.
 
+  Two paths, with the same results, metrics and guarantees: for a
+  guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`, or any
+  `GuardAwareTransformation`) the keep/clip decision is handed to the
+  optimizer, which folds it into its own elementwise pass: the guard then
+  costs one read of the gradients. For any other optax transformation the
+  guard runs it on the clipped gradients and selects between its new and old
+  state, which is exact but makes XLA keep both copies of the state (see the
+  benchmark figures in the README). On the fast path the optimizer's output
+  is not read back for NaN: guard-aware optimizers turn finite gradients into
+  finite updates (mind `eps > 0`).
+
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
     max_norm: the global-norm clip threshold; None turns clipping off.
@@ -131,6 +143,7 @@ def guard(
     _args.check_number("spike_sigma", spike_sigma, strict=True)
   _stats.check_axis_name(axis_name)
   inner = _skip.check_inner(inner)
+  fast = isinstance(inner, _optimizers.GuardAwareTransformation)
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
@@ -175,22 +188,40 @@ def guard(
     one = jnp.ones((), jnp.float32)
     factors = ((one, one) if max_norm is None else
                _clipping.clip_factors(norm, max_norm))
-    new_updates, new_inner = inner.update(
-        _clipping.scale_tree(updates, factors), state.inner_state, params,
-        **extra_args)
-    keep = ~spike
-    if skip_nonfinite:
-      inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
-      loss_ok = (jnp.ones((), jnp.bool_) if loss is None
-                 else jnp.isfinite(loss))
-      keep_finite, nonfinite_state = _nonfinite.decide(
+    loss_ok = jnp.ones((), jnp.bool_) if loss is None else jnp.isfinite(loss)
+
+    def decide_finite(inner_ok, new_updates):
+      return _nonfinite.decide(
           state.nonfinite, stats=stats, loss_ok=loss_ok,
           # As in the chain: a spike's zero update counts as finite.
           inner_ok=spike | inner_ok, updates=updates,
           new_updates=new_updates, axis_name=axis_name,
           max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt)
-      keep = keep & keep_finite
+
+    if fast:
+      # The optimizer takes the decision inside its own pass (see
+      # `GuardAwareTransformation`); its output is not read again.
+      keep = ~spike
+      if skip_nonfinite:
+        keep_finite, nonfinite_state = decide_finite(
+            jnp.ones((), jnp.bool_), updates)
+        keep = keep & keep_finite
+      new_updates, new_inner = inner.update(
+          updates, state.inner_state, params, guard_keep=keep,
+          guard_scale=factors, **extra_args)
+    else:
+      new_updates, new_inner = inner.update(
+          _clipping.scale_tree(updates, factors), state.inner_state, params,
+          **extra_args)
+      keep = ~spike
+      if skip_nonfinite:
+        inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
+        keep_finite, nonfinite_state = decide_finite(inner_ok, new_updates)
+        keep = keep & keep_finite
+      new_inner = _skip.select_tree(keep, new_inner, state.inner_state)
+      new_updates = _skip.zeros_unless(keep, new_updates)
+    if skip_nonfinite:
       new = new._replace(nonfinite=nonfinite_state)
       if spike_sigma is not None:
         # As in the chain: the spike history does not see a non-finite step.
@@ -202,8 +233,6 @@ def guard(
       new = new._replace(clip=_skip.select_tree(
           keep, _clipping.record_global_clip(state.clip, norm, factors),
           state.clip))
-    new = new._replace(inner_state=_skip.select_tree(keep, new_inner,
-                                                     state.inner_state))
-    return _skip.zeros_unless(keep, new_updates), new
+    return new_updates, new._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

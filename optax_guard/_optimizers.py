@@ -1,0 +1,336 @@
+"""Guard-aware optimizers: optax's numbers, with the guard's decision inside.
+
+A *guard-aware* transformation takes the guard's decision as two extra
+arguments and folds it into its own single elementwise pass, so that a
+skipped step costs nothing and the state stays exact without the guard
+selecting between two copies of it (which stops XLA from updating the state
+buffers in place and costs 3-4x a bare optimizer step on large models):
+
+* `guard_keep`: `bool[]`; False means an exact skip: the update is exactly
+  zero, every state leaf comes back bit-identical and step counts (bias
+  correction, schedules) do not advance. The gradient is sanitised by a
+  `where` on it first, so `0 * NaN` never happens.
+* `guard_scale`: a pair `(a, b)` of `f32[]` whose product is the clip factor,
+  applied to the gradient as `g * a * b` (two factors so that a factor too
+  small for float32 still clips right).
+
+Both default to None (no guard): the optimizers are then drop-in
+replacements for their optax namesakes. A transformation announces that it
+follows the protocol by being a `GuardAwareTransformation`; `guard` hands it
+the decision, and falls back to the generic path for any other optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _args
+
+
+class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation that takes `guard_keep` and `guard_scale`.
+
+  Wrap your own `init`/`update` pair in it to make an optimizer guard-aware;
+  its `update` must follow the protocol described in this module: with
+  `guard_keep=False` it returns exact zeros and its state unchanged, and it
+  multiplies the gradients by both factors of `guard_scale`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_guard as og
+    >>> def init(params):
+    ...   return ()
+    >>> def update(grads, state, params=None, *, guard_keep=None,
+    ...            guard_scale=None, **extra):
+    ...   keep = True if guard_keep is None else guard_keep
+    ...   a, b = (1.0, 1.0) if guard_scale is None else guard_scale
+    ...   step = lambda g: jnp.where(keep, -0.1 * (g * a * b), 0.0)
+    ...   return jax.tree.map(step, grads), state
+    >>> sgd = og.GuardAwareTransformation(init, update)
+    >>> tx = og.guard(sgd, spike_sigma=None)
+    >>> params = {"w": jnp.ones(2)}
+    >>> u, _ = tx.update({"w": jnp.array([0.3, 0.4])}, tx.init(params), params)
+    >>> print(u["w"])
+    [-0.03 -0.04]
+
+  References:
+    DESIGN §5 of optax_guard (why the decision must ride inside the pass).
+  """
+  __slots__ = ()
+
+
+def _decision(guard_keep: Any, guard_scale: Any
+              ) -> tuple[Callable[[jax.Array], jax.Array], Any]:
+  """The gradient sanitiser and the keep flag (None without a guard)."""
+  if guard_keep is None and guard_scale is None:
+    return lambda g: g, None
+  keep = jnp.ones((), jnp.bool_) if guard_keep is None else guard_keep
+  one = jnp.ones((), jnp.float32)
+  a, b = (one, one) if guard_scale is None else guard_scale
+
+  def prepare(g):
+    scaled = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
+    return jnp.where(keep, scaled, jnp.zeros_like(g))
+
+  return prepare, keep
+
+
+def _keep(keep: Any, new: Any, old: Any) -> Any:
+  return new if keep is None else jnp.where(keep, new, old)
+
+
+def _value(schedule: Any, count: jax.Array) -> Any:
+  return schedule(count) if callable(schedule) else schedule
+
+
+def _decay_mask(mask: Any, params: Any) -> list[bool]:
+  """One static bool per leaf: whether weight decay applies to it."""
+  leaves = jax.tree.leaves(params)
+  if mask is None:
+    return [True] * len(leaves)
+  tree = mask(params) if callable(mask) else mask
+  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
+                      tree, params)
+  return [bool(m) for m in jax.tree.leaves(full)]
+
+
+def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
+  return 1.0 - jnp.power(jnp.asarray(decay, jnp.float32),
+                         count.astype(jnp.float32))
+
+
+class AdamwState(NamedTuple):
+  """State of `adamw` and `adam` (optax's field names, for `optax.tree.get`)."""
+  count: jax.Array  # i32[] steps taken (not advanced by a skipped step).
+  mu: Any           # first moments, like params (in `mu_dtype` if given).
+  nu: Any           # second moments, like params.
+
+
+AdamState = AdamwState
+
+
+def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
+               mask, nesterov) -> GuardAwareTransformation:
+  for name, value in (("b1", b1), ("b2", b2)):
+    _args.check_number(name, value, maximum=1.0)
+  _args.check_number("eps", eps)
+  _args.check_number("eps_root", eps_root)
+  if not callable(learning_rate):
+    _args.check_number("learning_rate", learning_rate)
+  if weight_decay is not None and not callable(weight_decay):
+    _args.check_number("weight_decay", weight_decay)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+  def init_fn(params):
+    return AdamwState(
+        count=jnp.zeros((), jnp.int32),
+        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype),
+                        params),
+        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params))
+
+  def update_fn(updates, state, params=None, *, guard_keep=None,
+                guard_scale=None, **extra_args):
+    del extra_args
+    prepare, keep = _decision(guard_keep, guard_scale)
+    decays = weight_decay is not None and not (
+        isinstance(weight_decay, (int, float)) and weight_decay == 0.0)
+    if decays:
+      _args.require_params(params, "adamw")
+    count_inc = optax.safe_increment(state.count)
+    correction1 = _bias_correction(b1, count_inc)
+    correction2 = _bias_correction(b2, count_inc)
+    correction_next = _bias_correction(b1, optax.safe_increment(count_inc))
+    lr = _value(learning_rate, state.count)
+    wd = _value(weight_decay, state.count) if decays else None
+    leaves, treedef = jax.tree.flatten(updates)
+    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    ps = (treedef.flatten_up_to(params) if params is not None
+          else [None] * len(leaves))
+    masked = _decay_mask(mask, params) if decays else [False] * len(leaves)
+    out_u, out_mu, out_nu = [], [], []
+    for g, m, v, p, decay in zip(leaves, mus, nus, ps, masked):
+      g = prepare(g)
+      m_new = (1 - b1) * g + b1 * m
+      v_new = (1 - b2) * (g**2) + b2 * v
+      if nesterov:
+        m_hat = (b1 * (m_new / correction_next.astype(m_new.dtype)) +
+                 (1 - b1) * (g / correction1.astype(g.dtype)))
+      else:
+        m_hat = m_new / correction1.astype(m_new.dtype)
+      v_hat = v_new / correction2.astype(v_new.dtype)
+      u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      if decay:
+        u = u + wd * p
+      u = jnp.asarray(-lr, dtype=u.dtype) * u
+      m_new = m_new.astype(mu_dtype) if mu_dtype is not None else m_new
+      out_u.append(_keep(keep, u, jnp.zeros_like(u)))
+      out_mu.append(_keep(keep, m_new.astype(m.dtype), m))
+      out_nu.append(_keep(keep, v_new.astype(v.dtype), v))
+    new_state = AdamwState(
+        count=_keep(keep, count_inc, state.count),
+        mu=treedef.unflatten(out_mu), nu=treedef.unflatten(out_nu))
+    return treedef.unflatten(out_u), new_state
+
+  return GuardAwareTransformation(init_fn, update_fn)
+
+
+def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+          b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+          mu_dtype: Any = None, weight_decay: optax.ScalarOrSchedule = 1e-4,
+          mask: Any = None, *, nesterov: bool = False
+          ) -> GuardAwareTransformation:
+  """AdamW with optax's arguments and numbers, guard-aware.
+
+  The same arguments and, on every applied step, the same numbers as
+  `optax.adamw` (to float32 rounding), computed in one elementwise pass per
+  parameter that also takes the guard's keep/scale decision (see
+  `GuardAwareTransformation`). Alone it is a drop-in replacement; inside
+  `og.guard` a skipped step costs nothing and leaves the state bit-identical.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    mu_dtype: dtype of the first moment (None: the parameters' dtype).
+    weight_decay: decoupled decay strength, a float or a schedule, multiplied
+      by the learning rate as in optax.
+    mask: a tree of bools (or a callable returning one) saying which
+      parameters are decayed; None decays all.
+    nesterov: use Nesterov momentum (NAdamW).
+
+  Returns:
+    A `GuardAwareTransformation` whose state is an `AdamwState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.adamw(0.1, weight_decay=0.0)
+    >>> params = {"w": jnp.ones(2)}
+    >>> u, state = tx.update({"w": jnp.array([0.5, -2.0])}, tx.init(params),
+    ...                      params)
+    >>> print([f"{x:.3f}" for x in u["w"]], int(state.count))
+    ['-0.100', '0.100'] 1
+
+  References:
+    Loshchilov and Hutter, 2019, "Decoupled Weight Decay Regularization"
+    (https://arxiv.org/abs/1711.05101); optax's `adamw`.
+  """
+  return _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype,
+                    weight_decay, mask, nesterov)
+
+
+def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+         b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+         mu_dtype: Any = None, *, nesterov: bool = False
+         ) -> GuardAwareTransformation:
+  """Adam with optax's arguments and numbers, guard-aware.
+
+  `adamw` without weight decay; see `adamw` and `GuardAwareTransformation`.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    mu_dtype: dtype of the first moment (None: the parameters' dtype).
+    nesterov: use Nesterov momentum (NAdam).
+
+  Returns:
+    A `GuardAwareTransformation` whose state is an `AdamwState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.adam(0.1)
+    >>> params = {"w": jnp.ones(2)}
+    >>> u, _ = tx.update({"w": jnp.array([0.5, -2.0])}, tx.init(params))
+    >>> print([f"{x:.3f}" for x in u["w"]])
+    ['-0.100', '0.100']
+
+  References:
+    Kingma and Ba, 2015, "Adam: A Method for Stochastic Optimization"
+    (https://arxiv.org/abs/1412.6980); optax's `adam`.
+  """
+  return _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, None,
+                    None, nesterov)
+
+
+class SgdState(NamedTuple):
+  """State of `sgd` (optax's `trace` field name, for `optax.tree.get`)."""
+  count: jax.Array  # i32[] steps taken (for schedules).
+  trace: Any        # momentum, like params; None without momentum.
+
+
+def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
+        nesterov: bool = False, accumulator_dtype: Any = None
+        ) -> GuardAwareTransformation:
+  """SGD (with optional momentum) with optax's arguments, guard-aware.
+
+  The same numbers as `optax.sgd` on every applied step; see
+  `GuardAwareTransformation` for the guard's protocol.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    momentum: decay of the momentum trace; None for plain SGD.
+    nesterov: use Nesterov momentum.
+    accumulator_dtype: dtype of the trace (None: the parameters' dtype).
+
+  Returns:
+    A `GuardAwareTransformation` whose state is an `SgdState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.sgd(0.1, momentum=0.9)
+    >>> params = {"w": jnp.ones(2)}
+    >>> u, _ = tx.update({"w": jnp.array([1.0, -2.0])}, tx.init(params))
+    >>> print(u["w"])
+    [-0.1  0.2]
+
+  References:
+    Sutskever et al., 2013, "On the importance of initialization and
+    momentum in deep learning"; optax's `sgd`.
+  """
+  if not callable(learning_rate):
+    _args.check_number("learning_rate", learning_rate)
+  if momentum is not None:
+    _args.check_number("momentum", momentum, maximum=1.0)
+
+  acc_dtype = None if accumulator_dtype is None else jnp.dtype(
+      accumulator_dtype)
+
+  def init_fn(params):
+    trace = None
+    if momentum is not None:
+      trace = jax.tree.map(
+          lambda p: jnp.zeros(p.shape, acc_dtype or p.dtype), params)
+    return SgdState(count=jnp.zeros((), jnp.int32), trace=trace)
+
+  def update_fn(updates, state, params=None, *, guard_keep=None,
+                guard_scale=None, **extra_args):
+    del params, extra_args
+    prepare, keep = _decision(guard_keep, guard_scale)
+    lr = _value(learning_rate, state.count)
+    leaves, treedef = jax.tree.flatten(updates)
+    traces = (treedef.flatten_up_to(state.trace) if momentum is not None
+              else [None] * len(leaves))
+    out_u, out_t = [], []
+    for g, t in zip(leaves, traces):
+      g = prepare(g)
+      if momentum is not None:
+        t_new = g + momentum * t
+        step = g + momentum * t_new if nesterov else t_new
+        out_t.append(_keep(keep, t_new.astype(t.dtype), t))
+      else:
+        step = g
+      u = jnp.asarray(-lr, dtype=step.dtype) * step
+      out_u.append(_keep(keep, u, jnp.zeros_like(u)))
+    count = optax.safe_increment(state.count)
+    return treedef.unflatten(out_u), SgdState(
+        count=_keep(keep, count, state.count),
+        trace=treedef.unflatten(out_t) if momentum is not None else None)
+
+  return GuardAwareTransformation(init_fn, update_fn)
