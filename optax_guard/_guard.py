@@ -190,12 +190,13 @@ def guard(
                _clipping.clip_factors(norm, max_norm))
     loss_ok = jnp.ones((), jnp.bool_) if loss is None else jnp.isfinite(loss)
 
-    def decide_finite(inner_ok, new_updates):
+    def decide_finite(inner_stats):
+      inner_ok = (jnp.ones((), jnp.bool_) if inner_stats is None
+                  else inner_stats.finite)
       return _nonfinite.decide(
           state.nonfinite, stats=stats, loss_ok=loss_ok,
           # As in the chain: a spike's zero update counts as finite.
-          inner_ok=spike | inner_ok, updates=updates,
-          new_updates=new_updates, axis_name=axis_name,
+          inner_ok=spike | inner_ok, inner_stats=inner_stats,
           max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt)
 
@@ -204,8 +205,7 @@ def guard(
       # `GuardAwareTransformation`); its output is not read again.
       keep = ~spike
       if skip_nonfinite:
-        keep_finite, nonfinite_state = decide_finite(
-            jnp.ones((), jnp.bool_), updates)
+        keep_finite, nonfinite_state = decide_finite(None)
         keep = keep & keep_finite
       new_updates, new_inner = inner.update(
           updates, state.inner_state, params, guard_keep=keep,
@@ -216,8 +216,8 @@ def guard(
           **extra_args)
       keep = ~spike
       if skip_nonfinite:
-        inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
-        keep_finite, nonfinite_state = decide_finite(inner_ok, new_updates)
+        keep_finite, nonfinite_state = decide_finite(
+            _stats.tree_stats(new_updates, axis_name=axis_name))
         keep = keep & keep_finite
       new_inner = _skip.select_tree(keep, new_inner, state.inner_state)
       new_updates = _skip.zeros_unless(keep, new_updates)

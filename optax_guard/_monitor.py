@@ -78,22 +78,18 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
   def layers(values, like):
     return _metrics.PerLayer(values if per_layer else values[:0], like.names)
 
-  counts = _stats.nonfinite_counts(updates, axis_name=axis_name,
-                                   when=~stats.finite)
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
       norm=stats.global_norm,
       layer_norms=layers(stats.norms, state.layer_norms),
       frac_above_1=layers(frac, state.frac_above_1),
-      nonfinite=layers(counts, state.nonfinite))
+      nonfinite=layers(stats.nonfinite, state.nonfinite))
   if params is not None:
     pstats = _stats.tree_stats(params, axis_name=axis_name)
-    pcounts = _stats.nonfinite_counts(params, axis_name=axis_name,
-                                      when=~pstats.finite)
     changes.update(
         param_norm=pstats.global_norm,
         param_layer_norms=layers(pstats.norms, state.param_layer_norms),
-        param_nonfinite=jnp.sum(pcounts))
+        param_nonfinite=jnp.sum(pstats.nonfinite))
   if loss is not None:
     finite = jnp.isfinite(loss)
     raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +

@@ -50,8 +50,8 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
-           loss_ok: jax.Array, inner_ok: jax.Array, updates: Any,
-           new_updates: Any, axis_name: _stats.AxisName,
+           loss_ok: jax.Array, inner_ok: jax.Array,
+           inner_stats: _stats.TreeStats | None,
            max_consecutive: int | None,
            resume_after_halt: bool) -> tuple[jax.Array, SkipNonfiniteState]:
   """The skip decision and the new counters (`inner_state` left as it was).
@@ -75,10 +75,10 @@ def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
                      jnp.where(stats.norm_overflows, REASON_OVERFLOW,
                                jnp.where(~loss_ok, REASON_LOSS,
                                          REASON_INNER)))
-  # Per-layer counts of whatever was bad, read only on such a step.
-  counts = _stats.nonfinite_counts(
-      updates, axis_name=axis_name, when=~stats.finite) + _stats.nonfinite_counts(
-          new_updates, axis_name=axis_name, when=grads_ok & ~inner_ok)
+  # Per-layer counts of whatever was bad: the gradients', else the update's.
+  counts = stats.nonfinite
+  if inner_stats is not None:
+    counts = jnp.where(stats.finite, inner_stats.nonfinite, counts)
   return keep, state._replace(
       step=optax.safe_increment(state.step),
       skipped=~keep,
@@ -179,11 +179,11 @@ def skip_nonfinite(
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
-    inner_ok = _stats.tree_stats(new_updates, axis_name=axis_name).finite
+    inner_stats = _stats.tree_stats(new_updates, axis_name=axis_name)
     keep, new_state = decide(
-        state, stats=stats, loss_ok=loss_ok, inner_ok=inner_ok,
-        updates=updates, new_updates=new_updates, axis_name=axis_name,
-        max_consecutive=max_consecutive, resume_after_halt=resume_after_halt)
+        state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
+        inner_stats=inner_stats, max_consecutive=max_consecutive,
+        resume_after_halt=resume_after_halt)
     new_state = new_state._replace(
         inner_state=_skip.select_tree(keep, new_inner, state.inner_state))
     return _skip.zeros_unless(keep, new_updates), new_state
@@ -242,7 +242,7 @@ def zero_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    counts = _stats.nonfinite_counts(updates, axis_name=axis_name)
+    counts = _stats.tree_stats(updates, axis_name=axis_name).nonfinite
     cleaned = jax.tree.map(
         lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates)
     return cleaned, ZeroNonfiniteState(

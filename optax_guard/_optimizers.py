@@ -109,11 +109,15 @@ class AdamwState(NamedTuple):
   nu: Any           # second moments, like params.
 
 
-AdamState = AdamwState
+class AdamState(NamedTuple):
+  """State of `adam` (optax's field names, for `optax.tree.get`)."""
+  count: jax.Array  # i32[] steps taken (not advanced by a skipped step).
+  mu: Any           # first moments, like params (in `mu_dtype` if given).
+  nu: Any           # second moments, like params.
 
 
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
-               mask, nesterov) -> GuardAwareTransformation:
+               mask, nesterov, state_type) -> GuardAwareTransformation:
   for name, value in (("b1", b1), ("b2", b2)):
     _args.check_number(name, value, maximum=1.0)
   _args.check_number("eps", eps)
@@ -125,7 +129,7 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
-    return AdamwState(
+    return state_type(
         count=jnp.zeros((), jnp.int32),
         mu=jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype),
                         params),
@@ -153,8 +157,13 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     out_u, out_mu, out_nu = [], [], []
     for g, m, v, p, decay in zip(leaves, mus, nus, ps, masked):
       g = prepare(g)
-      m_new = (1 - b1) * g + b1 * m
-      v_new = (1 - b2) * (g**2) + b2 * v
+      # The kept moments feed the update, so the old ones are read by one
+      # computation only and XLA can overwrite them in place.
+      m_dtype, v_dtype = m.dtype, v.dtype
+      m = m.astype(jnp.promote_types(g.dtype, m.dtype))  # as optax promotes
+      v = v.astype(jnp.promote_types(g.dtype, v.dtype))
+      m_new = _keep(keep, (1 - b1) * g + b1 * m, m)
+      v_new = _keep(keep, (1 - b2) * (g**2) + b2 * v, v)
       if nesterov:
         m_hat = (b1 * (m_new / correction_next.astype(m_new.dtype)) +
                  (1 - b1) * (g / correction1.astype(g.dtype)))
@@ -165,11 +174,11 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
       if decay:
         u = u + wd * p
       u = jnp.asarray(-lr, dtype=u.dtype) * u
-      m_new = m_new.astype(mu_dtype) if mu_dtype is not None else m_new
       out_u.append(_keep(keep, u, jnp.zeros_like(u)))
-      out_mu.append(_keep(keep, m_new.astype(m.dtype), m))
-      out_nu.append(_keep(keep, v_new.astype(v.dtype), v))
-    new_state = AdamwState(
+      # The state keeps its dtypes (optax's own can drift with the gradients').
+      out_mu.append(m_new.astype(m_dtype))
+      out_nu.append(v_new.astype(v_dtype))
+    new_state = state_type(
         count=_keep(keep, count_inc, state.count),
         mu=treedef.unflatten(out_mu), nu=treedef.unflatten(out_nu))
     return treedef.unflatten(out_u), new_state
@@ -220,7 +229,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     (https://arxiv.org/abs/1711.05101); optax's `adamw`.
   """
   return _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype,
-                    weight_decay, mask, nesterov)
+                    weight_decay, mask, nesterov, AdamwState)
 
 
 def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
@@ -241,7 +250,7 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     nesterov: use Nesterov momentum (NAdam).
 
   Returns:
-    A `GuardAwareTransformation` whose state is an `AdamwState`.
+    A `GuardAwareTransformation` whose state is an `AdamState`.
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -256,7 +265,7 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     (https://arxiv.org/abs/1412.6980); optax's `adam`.
   """
   return _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, None,
-                    None, nesterov)
+                    None, nesterov, AdamState)
 
 
 class SgdState(NamedTuple):
@@ -321,9 +330,9 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     for g, t in zip(leaves, traces):
       g = prepare(g)
       if momentum is not None:
-        t_new = g + momentum * t
+        t_new = _keep(keep, g + momentum * t, t)
         step = g + momentum * t_new if nesterov else t_new
-        out_t.append(_keep(keep, t_new.astype(t.dtype), t))
+        out_t.append(t_new.astype(t.dtype))
       else:
         step = g
       u = jnp.asarray(-lr, dtype=step.dtype) * step

@@ -2,12 +2,13 @@
 
 Every transformation of the package measures gradients through `tree_stats`:
 one read of each leaf computes, in float32 whatever the leaf's dtype, its sum
-of squares, its largest magnitude and (when asked) how many elements exceed a
-threshold; XLA fuses these sibling reductions into a single pass. Norms are
-overflow- and underflow-safe: on the rare step where a finite leaf's sum of
-squares overflows float32 (elements above ~1.8e19, or large bf16 values) or
-loses its small elements to underflow, a second, rescaled pass runs under
-`lax.cond`, so the common step pays for one read only.
+of squares (three of them, two rescaled by powers of two, so that norms are
+right where the squares overflow or underflow float32), its count of NaN/Inf
+elements and (when asked) how many elements exceed a threshold; XLA fuses
+these sibling reductions into a single pass. There is no branch on the
+gradients or parameters: a `lax.cond` over them makes XLA copy the buffers it
+would otherwise update in place. Small leaves of one shape are measured
+stacked, which keeps the compiled program small.
 
 Cross-device statistics (`axis_name`): inside `shard_map` JAX types each value
 with the mesh axes along which it varies (`vma`). A leaf's sums are `psum`med
@@ -35,11 +36,6 @@ from optax_guard import _metrics
 
 AxisName = str | tuple[str, ...] | None
 
-# A leaf whose sum of squares is below `size * _UNDERFLOW_FLOOR` may have lost
-# its smaller elements to float32 underflow (flush-to-zero below ~1.2e-38):
-# its norm is recomputed rescaled. The relative error of the fast path is then
-# at most ~1.2e-38 / 2**-100 ~ 1.5e-8.
-_UNDERFLOW_FLOOR = 2.0**-100
 
 
 def axis_names(axis_name: AxisName) -> tuple[str, ...]:
@@ -184,7 +180,7 @@ def check_varying_covered(tree: Any, axis_name: AxisName) -> None:
 class TreeStats(NamedTuple):
   """Global statistics of a tree, one entry per leaf (all float32/int32)."""
   norms: jax.Array       # f32[L] L2 norm of each leaf (NaN/Inf if non-finite).
-  maxabs: jax.Array      # f32[L] largest |x| of each leaf, Inf if a NaN/Inf.
+  nonfinite: jax.Array   # i32[L] NaN/Inf elements of each leaf.
   sizes: jax.Array       # f32[L] number of elements of each (global) leaf.
   count_above: jax.Array | None  # i32[L] elements with |x| > threshold.
   global_norm: jax.Array  # f32[] L2 norm of the whole tree, overflow-safe.
@@ -192,7 +188,7 @@ class TreeStats(NamedTuple):
   @property
   def finite(self) -> jax.Array:
     """bool[]: every element of every leaf is finite."""
-    return jnp.all(jnp.isfinite(self.maxabs))
+    return jnp.all(self.nonfinite == 0)
 
   @property
   def norm_overflows(self) -> jax.Array:
@@ -204,8 +200,8 @@ def _prescale(top: jax.Array) -> jax.Array:
   """An exact power of two that brings `top` below 2**64.
 
   Dividing by a number above 2**126 is wrong under XLA: it becomes a
-  multiplication by a subnormal reciprocal, flushed to zero. Norms and
-  maxima are therefore scaled into range first.
+  multiplication by a subnormal reciprocal, flushed to zero. Norms are
+  therefore scaled into range first.
   """
   return jnp.where(top > 2.0**64, 2.0**-64, 1.0)
 
@@ -227,6 +223,18 @@ def _magnitude(x: jax.Array) -> jax.Array:
   return jnp.abs(x).astype(jnp.float32)
 
 
+# Three sums of squares ride in the one pass: the plain one, and two rescaled
+# by exact powers of two for the rare leaf whose squares overflow float32
+# (elements above ~1.8e19, or large bf16 values) or underflow it (elements
+# below ~1e-19, flushed to zero). All three cost one read; no branch, so XLA
+# keeps the buffers it updates in place (a `lax.cond` over the gradients or
+# parameters makes it copy them).
+_DOWN, _UP = 2.0**-80, 2.0**80
+# Below `size * _UNDERFLOW_FLOOR` the plain sum may have lost its small terms;
+# the relative error of the plain sum above it is at most ~1.5e-8.
+_UNDERFLOW_FLOOR = 2.0**-100
+
+
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
                count_above: Any = None) -> TreeStats:
   """Measures every leaf of `tree` in one fused pass (see module docstring).
@@ -245,90 +253,57 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
     local = tree_stats(tree, count_above=count_above)
-    rows = jnp.concatenate([jnp.stack([local.norms, local.maxabs,
-                                       local.sizes], axis=1).reshape(-1),
-                            local.global_norm[None]])
+    rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
+                                      ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
-    leafwise = rows[:-1].reshape(-1, 3)
+    leafwise = rows[:-1].reshape(-1, 2)
     count = (None if local.count_above is None else
              lax.pmax(local.count_above, axes))
-    return TreeStats(leafwise[:, 0], leafwise[:, 1], leafwise[:, 2], count,
-                     rows[-1])
+    return TreeStats(leafwise[:, 0], lax.pmax(local.nonfinite, axes),
+                     leafwise[:, 1], count, rows[-1])
 
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
     empty = jnp.zeros((0,), jnp.float32)
-    return TreeStats(empty, empty, empty,
-                     None if count_above is None else empty.astype(jnp.int32),
+    ints = empty.astype(jnp.int32)
+    return TreeStats(empty, ints, empty,
+                     None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
-  # Sizes ride with the sums so that a sharded leaf's global size comes out.
-  def sums_and_sizes(block, _):
-    a = _magnitude(block)
+
+  def one_pass(block, _):
+    # One variadic reduction: XLA reads the block once for all the sums
+    # (separate `jnp.sum`s may each re-read it and materialise their inputs).
+    x = block.astype(jnp.float32)
+    if jnp.iscomplexobj(block):
+      x = _magnitude(block)
+    terms = [x * x, jnp.square(x * _DOWN), jnp.square(x * _UP),
+             jnp.where(jnp.isfinite(x), 0.0, 1.0)]
+    if count_above is not None:
+      terms.append(jnp.where(jnp.abs(x) > count_above, 1.0, 0.0))
+    reduced = lax.reduce(tuple(terms), (jnp.float32(0),) * len(terms),
+                         lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                         _rest(block))
     size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
-    return jnp.stack([jnp.sum(jnp.square(a), axis=_rest(block)), size], 1)
+    return jnp.stack(list(reduced) + [size], 1)
 
-  def maxima(block, _):
-    # NaN is mapped to Inf: a max over devices may drop NaN, never Inf. The
-    # sum of squares keeps the NaN (sums propagate it), to tell them apart.
-    a = _magnitude(block)
-    return jnp.max(jnp.where(jnp.isnan(a), jnp.inf, a), axis=_rest(block),
-                   initial=0.0)
-
-  sumsq = per_leaf(leaves, sums_and_sizes, axis_name, "sum")
-  sumsq, sizes = sumsq[:, 0], sumsq[:, 1]
-  maxabs = per_leaf(leaves, maxima, axis_name, "max")
-  count = None
-  if count_above is not None:
-    count = per_leaf(
-        leaves, lambda b, _: jnp.sum(_magnitude(b) > count_above,
-                                     axis=_rest(b), dtype=jnp.int32),
-        axis_name, "sum")
-
-  finite_max = jnp.isfinite(maxabs) & (maxabs > 0)
-  inexact = ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
-  needs_rescale = finite_max & inexact
-
-  def rescaled() -> jax.Array:
-    factor = _prescale(maxabs)
-    scale = jnp.where(finite_max, maxabs * factor, 1.0)
-
-    def scaled_sums(block, index):
-      shape = (-1,) + (1,) * (block.ndim - 1)
-      scaled = (_magnitude(block) * factor[index].reshape(shape) /
-                scale[index].reshape(shape))
-      return jnp.sum(jnp.square(scaled), axis=_rest(block))
-
-    ssq = per_leaf(leaves, scaled_sums, axis_name, "sum")
-    return jnp.where(needs_rescale, scale * jnp.sqrt(ssq) / factor,
-                     jnp.sqrt(sumsq))
-
-  norms = lax.cond(jnp.any(needs_rescale), rescaled,
-                   lambda: jnp.sqrt(sumsq))
-  # A non-finite leaf's norm is NaN if it holds a NaN, else Inf.
-  norms = jnp.where(jnp.isfinite(maxabs), norms,
-                    jnp.where(jnp.isnan(sumsq), jnp.nan, jnp.inf))
-  return TreeStats(norms, maxabs, sizes, count, combine_norms(norms))
-
-
-def nonfinite_counts(tree: Any, *, axis_name: AxisName = None,
-                     when: jax.Array | bool = True) -> jax.Array:
-  """i32[L]: non-finite elements per leaf, computed only when `when` holds.
-
-  Counting reads every gradient again, so callers pass `when=` a flag that is
-  true only on a bad step; on good steps the count is a zero vector for free.
-  """
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    return jnp.zeros((0,), jnp.int32)
-
-  def count() -> jax.Array:
-    return per_leaf(
-        leaves, lambda b, _: jnp.sum(~jnp.isfinite(b), axis=_rest(b),
-                                     dtype=jnp.int32), axis_name, "sum")
-
-  if when is True:
-    return count()
-  return lax.cond(when, count, lambda: jnp.zeros((len(leaves),), jnp.int32))
+  # Sizes ride with the sums so that a sharded leaf's global size comes out.
+  # Counts are summed in float32: exact up to 2**24 per leaf.
+  summed = per_leaf(leaves, one_pass, axis_name, "sum")
+  sumsq, big, small, bad = (summed[:, i] for i in range(4))
+  sizes = summed[:, -1]
+  nonfinite = bad.astype(jnp.int32)
+  norms = jnp.where(
+      ~jnp.isfinite(sumsq), jnp.sqrt(big) / _DOWN,
+      jnp.where(sumsq < sizes * _UNDERFLOW_FLOOR, jnp.sqrt(small) / _UP,
+                jnp.sqrt(sumsq)))
+  # A non-finite leaf's norm is NaN if it holds a NaN (the sums keep it),
+  # else Inf.
+  norms = jnp.where(nonfinite > 0,
+                    jnp.where(jnp.isnan(sumsq), jnp.nan, jnp.inf), norms)
+  return TreeStats(norms, nonfinite, sizes,
+                   None if count_above is None
+                   else summed[:, 4].astype(jnp.int32),
+                   combine_norms(norms))
 
 
 # Histogram buckets: zero, then |x| in [10^k, 10^(k+1)) for k in
