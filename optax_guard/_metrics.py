@@ -115,25 +115,34 @@ def _is_guard_state(x: Any) -> bool:
   return hasattr(type(x), "_og_metrics")
 
 
-def _collect(opt_state: Any, out: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-  """Gathers metrics in tree order; a wrapper's own come before its inner's."""
-  out = {} if out is None else out
+def _guard_states(opt_state: Any) -> list[Any]:
+  """Every guard state in tree order, a wrapper before its inner states.
+
+  Each is returned without its `inner_state` (the wrapped optimizer's
+  moments are not statistics and may be as large as the model).
+  """
+  found = []
   for state in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_guard_state):
     if not _is_guard_state(state):
       continue
+    if hasattr(state, "inner_state"):
+      found.append(state._replace(inner_state=()))
+      found += _guard_states(state.inner_state)
+    else:
+      found.append(state)
+  return found
+
+
+def _collect(states: list[Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for state in states:
     for name, value in state._og_metrics().items():
       unique, k = name, 0
       while unique in out:
         k += 1
         unique = f"{name}.{k}"
       out[unique] = value
-    if hasattr(state, "inner_state"):
-      _collect(state.inner_state, out)
   return out
-
-
-_collect_on_device = jax.jit(_collect)
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -151,16 +160,17 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   `grad/norm` and `grad/norm.1`. Give a monitor a `prefix` to choose its names
   yourself.
 
-  On device arrays the read-out runs as one compiled call (inside a jitted step
-  it is traced inline, so a step can return it); fetch everything to the host
-  with a single `jax.device_get(og.metrics(state))`. On a state already on the
-  host it returns NumPy values.
+  Inside a jitted step it returns device arrays (so a step can return them).
+  Outside, it fetches the statistics (never the wrapped optimizer's moments)
+  to the host in one transfer and returns NumPy scalars, ready for a logger;
+  a state already on the host works the same way.
 
   Args:
     opt_state: any optimizer state tree.
 
   Returns:
-    A dict from metric name to scalar array.
+    A dict from metric name to array: scalars, and for `<k>/hist/<layer>` a
+    vector of counts over `optax_guard.HIST_BUCKETS`.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -175,12 +185,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   References:
     DESIGN §4 (metric names).
   """
-  opt_state = strip_variables(opt_state)
-  leaves = jax.tree_util.tree_leaves(opt_state)
-  on_device = any(isinstance(x, jax.Array) for x in leaves)
-  if on_device and not any(isinstance(x, jax.core.Tracer) for x in leaves):
-    return _collect_on_device(opt_state)
-  return _collect(opt_state)
+  states = _guard_states(strip_variables(opt_state))
+  leaves = jax.tree_util.tree_leaves(states)
+  if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+    states = jax.device_get(states)  # the statistics only, in one transfer
+  return _collect(states)
 
 
 def strip_variables(opt_state: Any) -> Any:
