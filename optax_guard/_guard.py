@@ -233,6 +233,8 @@ def guard(
       new = new._replace(clip=_skip.select_tree(
           keep, _clipping.record_global_clip(state.clip, norm, factors),
           state.clip))
+    if monitor and params is not None:
+      new_updates = _monitor.after_params_read(new_updates, new.monitor)
     return new_updates, new._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

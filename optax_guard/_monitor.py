@@ -65,6 +65,19 @@ class MonitorState(NamedTuple):
     return out
 
 
+def after_params_read(updates: Any, state: MonitorState) -> Any:
+  """The updates, made to depend on the parameter statistics.
+
+  Nothing else orders the read of the parameters before their in-place
+  update, and XLA then copies every donated parameter buffer. The select
+  never fires (a norm is never negative, and NaN < 0 is false), so the
+  updates pass unchanged, but XLA cannot know that and keeps the order.
+  """
+  never = state.param_norm < 0
+  return jax.tree.map(lambda u: jnp.where(never, jnp.zeros_like(u), u),
+                      updates)
+
+
 def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
            params: Any, loss: jax.Array | None, *, per_layer: bool,
            histogram: bool, loss_ema_decay: float,
@@ -208,6 +221,8 @@ def monitor(
       new_state = lax.cond(state.step % every == 0,
                            lambda: measure(updates, state, params, loss),
                            lambda: state)
+    if params is not None:
+      updates = after_params_read(updates, new_state)
     return updates, new_state._replace(
         step=optax.safe_increment(state.step))
 

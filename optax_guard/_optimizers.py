@@ -97,6 +97,26 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
   return [bool(m) for m in jax.tree.leaves(full)]
 
 
+def _wider(a: Any, b: Any) -> Any:
+  """The dtype optax's arithmetic promotes two float dtypes to."""
+  a, b = jnp.dtype(a), jnp.dtype(b)
+  if a == b:
+    return a
+  return jnp.dtype(jnp.float32) if max(a.itemsize, b.itemsize) <= 4 else (
+      a if a.itemsize > b.itemsize else b)
+
+
+def _ema(decay: Any, g: jax.Array, t: jax.Array) -> jax.Array:
+  """`(1 - decay) * g + decay * t` with optax's dtypes, under any promotion."""
+  return _sum((1 - decay) * g, decay * t)
+
+
+def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a + b` in the dtype optax's arithmetic would give."""
+  wide = _wider(a.dtype, b.dtype)
+  return a.astype(wide) + b.astype(wide)
+
+
 def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
   return 1.0 - jnp.power(jnp.asarray(decay, jnp.float32),
                          count.astype(jnp.float32))
@@ -131,9 +151,9 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   def init_fn(params):
     return state_type(
         count=jnp.zeros((), jnp.int32),
-        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype),
-                        params),
-        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params))
+        # zeros_like keeps each parameter's sharding and varying-axes type.
+        mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
+        nu=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
@@ -160,19 +180,21 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
       # The kept moments feed the update, so the old ones are read by one
       # computation only and XLA can overwrite them in place.
       m_dtype, v_dtype = m.dtype, v.dtype
-      m = m.astype(jnp.promote_types(g.dtype, m.dtype))  # as optax promotes
-      v = v.astype(jnp.promote_types(g.dtype, v.dtype))
-      m_new = _keep(keep, (1 - b1) * g + b1 * m, m)
-      v_new = _keep(keep, (1 - b2) * (g**2) + b2 * v, v)
+      m_new = _ema(b1, g, m)
+      v_new = _ema(b2, g**2, v)
+      m_new = _keep(keep, m_new, m.astype(m_new.dtype))
+      v_new = _keep(keep, v_new, v.astype(v_new.dtype))
       if nesterov:
-        m_hat = (b1 * (m_new / correction_next.astype(m_new.dtype)) +
-                 (1 - b1) * (g / correction1.astype(g.dtype)))
+        m_hat = _sum(b1 * (m_new / correction_next.astype(m_new.dtype)),
+                     (1 - b1) * (g / correction1.astype(g.dtype)))
       else:
         m_hat = m_new / correction1.astype(m_new.dtype)
       v_hat = v_new / correction2.astype(v_new.dtype)
-      u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      denominator = jnp.sqrt(v_hat + eps_root) + eps
+      wide = _wider(m_hat.dtype, denominator.dtype)
+      u = m_hat.astype(wide) / denominator.astype(wide)
       if decay:
-        u = u + wd * p
+        u = _sum(u, wd * p)
       u = jnp.asarray(-lr, dtype=u.dtype) * u
       out_u.append(_keep(keep, u, jnp.zeros_like(u)))
       # The state keeps its dtypes (optax's own can drift with the gradients').
@@ -314,8 +336,8 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   def init_fn(params):
     trace = None
     if momentum is not None:
-      trace = jax.tree.map(
-          lambda p: jnp.zeros(p.shape, acc_dtype or p.dtype), params)
+      trace = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype),
+                           params)
     return SgdState(count=jnp.zeros((), jnp.int32), trace=trace)
 
   def update_fn(updates, state, params=None, *, guard_keep=None,
@@ -330,8 +352,9 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     for g, t in zip(leaves, traces):
       g = prepare(g)
       if momentum is not None:
-        t_new = _keep(keep, g + momentum * t, t)
-        step = g + momentum * t_new if nesterov else t_new
+        t_new = _sum(g, momentum * t)
+        t_new = _keep(keep, t_new, t.astype(t_new.dtype))
+        step = _sum(g, momentum * t_new) if nesterov else t_new
         out_t.append(t_new.astype(t.dtype))
       else:
         step = g

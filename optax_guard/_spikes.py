@@ -16,7 +16,7 @@ from optax_guard import _stats
 class Window(NamedTuple):
   """A fixed on-device window of the last accepted values of a signal."""
   values: jax.Array  # f32[W] ring buffer of accepted values.
-  count: jax.Array   # i32[] values accepted so far (the ring's write head).
+  num_accepted: jax.Array  # i32[] values accepted so far (the write head).
 
 
 def window_init(size: int) -> Window:
@@ -26,18 +26,18 @@ def window_init(size: int) -> Window:
 def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   """Appends `value` where `accept` holds; the oldest value drops out."""
   size = window.values.shape[0]
-  slot = window.count % size
+  slot = window.num_accepted % size
   values = window.values.at[slot].set(
       jnp.where(accept, value, window.values[slot]))
-  return Window(values, jnp.where(accept, optax.safe_increment(window.count),
-                                  window.count))
+  return Window(values, jnp.where(accept, optax.safe_increment(window.num_accepted),
+                                  window.num_accepted))
 
 
 def window_threshold(window: Window, sigma: Any,
                      min_count: int) -> jax.Array:
   """f32[]: mean + sigma * std of the window, +Inf until it has `min_count`."""
   size = window.values.shape[0]
-  n = jnp.minimum(window.count, size)
+  n = jnp.minimum(window.num_accepted, size)
   valid = jnp.arange(size) < n
   nf = jnp.maximum(n, 1).astype(jnp.float32)
   mean = jnp.sum(jnp.where(valid, window.values, 0.0)) / nf

@@ -1,0 +1,834 @@
+"""Guard-aware optimizers `og.adamw`, `og.adam`, `og.sgd` (issue 8).
+
+What is checked:
+1. the same arguments and the same numbers as their optax namesakes over 200
+   steps (schedules, masks, Nesterov, `eps_root`, mixed dtypes), and
+   `optax.tree.get` finds `mu`, `nu`, `count`, `trace` in their states;
+2. the keep/scale protocol: `guard_keep=False` is an exact skip (zero update,
+   state bit-identical, counts and schedules do not advance), and
+   `guard_scale=(a, b)` equals optax's step on `a * b * grads`;
+3. `optax.inject_hyperparams` on the learning rate;
+4. `og.guard`'s fast path (guard-aware inner) and generic path (optax inner)
+   give the same parameters and metrics on a stream with NaN, Inf, overflow,
+   spike and bad-loss steps;
+5. replica-consistent skipping under `shard_map` with `axis_name`;
+6. no extra parameter-sized copy or temporary in the compiled fast-path step;
+7. bad arguments fail with sentences.
+
+Our optimizers are traced under the strict dtype promotion of `conftest.py`;
+optax's (the reference) inside `jax.numpy_dtype_promotion("standard")`, since
+optax's adam and several of its schedules mix Python floats with int32
+counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+STEPS = 200
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+
+# Schedules that optax itself can trace under strict promotion (its cosine,
+# warmup-cosine and piecewise schedules cannot; one is tested below under
+# standard promotion).
+LR = optax.linear_schedule(1e-2, 1e-3, 150)
+WD = optax.exponential_decay(1e-2, 20, 0.8)
+MASK_TREE = {"Dense_0": {"kernel": True, "bias": False}, "head": True}
+
+
+def _mask_fn(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+# --------------------------------------------------------------- helpers
+
+
+def _standard():
+  return jax.numpy_dtype_promotion("standard")
+
+
+def _params(dtype=F32, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = {"Dense_0": {"kernel": (6, 8), "bias": (8,)},
+            "head": {"kernel": (8, 3)}}
+  return jax.tree.map(
+      lambda s: jnp.asarray(0.5 * rng.normal(size=s), dtype), shapes,
+      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _grad_stack(params, steps, seed=1):
+  """`steps` gradients stacked on a leading axis, of varying size."""
+  rng = np.random.default_rng(seed)
+  scale = np.exp(rng.normal(0.0, 0.5, size=steps)).astype(np.float32)
+
+  def leaf(p):
+    g = rng.normal(size=(steps,) + p.shape).astype(np.float32)
+    g *= scale.reshape((steps,) + (1,) * p.ndim)
+    return jnp.asarray(g, p.dtype)
+
+  return jax.tree.map(leaf, params)
+
+
+def _apply(params, updates):
+  """`optax.apply_updates` with its promotion written out (strict-safe)."""
+  def one(p, u):
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.promote_types(p.dtype, u.dtype)
+    return (p.astype(dtype) + u.astype(dtype)).astype(p.dtype)
+  return jax.tree.map(one, params, updates)
+
+
+def _trajectory(tx, params, grads):
+  """Params, state and update after every step of a `lax.scan`."""
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    p = _apply(p, u)
+    return (p, s), (p, s, u)
+
+  @jax.jit
+  def run(p, gs):
+    return lax.scan(body, (p, tx.init(p)), gs)[1]
+
+  return jax.device_get(run(params, grads))
+
+
+def _tol(dtype):
+  # float32: rounding; bfloat16: at most one unit in the last place.
+  return 2.0**-7 if np.dtype(dtype) == np.dtype(BF16) else 1e-6
+
+
+def _assert_close(ours, ref, what, *, leaf_scale=False):
+  """Equal to rounding. `leaf_scale`: for two differently compiled programs,
+  where XLA fuses `a * b + c` into one rounding in one and not the other, an
+  element that is a small difference of larger terms may differ by rounding
+  of the terms: allow that, relative to the leaf's largest element."""
+  lo, lr_ = jax.tree.leaves(ours), jax.tree.leaves(ref)
+  assert len(lo) == len(lr_), what
+  for i, (a, b) in enumerate(zip(lo, lr_)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, i, a.dtype,
+                                                       b.dtype)
+    rtol = _tol(a.dtype)
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    atol = rtol * float(np.max(np.abs(b), initial=0.0)) if leaf_scale else 0
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=max(atol, 1e-30),
+                               err_msg=f"{what}, leaf {i}")
+
+
+def _same_bits(a, b, what):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b), what
+  for i, (x, y) in enumerate(zip(la, lb)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (what, i)
+    assert x.tobytes() == y.tobytes(), f"{what}: leaf {i} changed"
+
+
+def _exact_zeros(tree, what):
+  for i, u in enumerate(jax.tree.leaves(tree)):
+    u = np.asarray(u).astype(np.float32)
+    assert np.all(u == 0.0) and not np.any(np.signbit(u)), (
+        f"{what}: leaf {i} is not all +0.0")
+
+
+# ================================ 1. same arguments, same numbers as optax
+
+# name -> (build(module) with module = og or optax, parameter dtype)
+EQUIV = {
+    "adamw": (lambda m: m.adamw(1e-2), F32),
+    "adamw_hyperparams": (lambda m: m.adamw(
+        3e-3, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-10, weight_decay=0.05),
+                          F32),
+    "adamw_no_decay": (lambda m: m.adamw(1e-2, weight_decay=0.0), F32),
+    "adamw_lr_and_wd_schedules_mask_tree": (lambda m: m.adamw(
+        LR, weight_decay=WD, mask=MASK_TREE), F32),
+    "adamw_mask_callable_nesterov_eps_root": (lambda m: m.adamw(
+        1e-2, eps_root=1e-8, weight_decay=0.1, mask=_mask_fn, nesterov=True),
+                                              F32),
+    "adam": (lambda m: m.adam(1e-2), F32),
+    "adam_nesterov_schedule": (lambda m: m.adam(
+        LR, b1=0.95, eps_root=1e-8, nesterov=True), F32),
+    "sgd_schedule": (lambda m: m.sgd(LR), F32),
+    "sgd_momentum": (lambda m: m.sgd(0.05, momentum=0.9), F32),
+    "sgd_nesterov_schedule": (lambda m: m.sgd(
+        LR, momentum=0.9, nesterov=True), F32),
+    # Mixed precision.
+    "adamw_bf16_params_f32_mu": (lambda m: m.adamw(
+        1e-2, mu_dtype=jnp.float32), BF16),
+    "adam_bf16_params_f32_mu_nesterov": (lambda m: m.adam(
+        1e-2, mu_dtype=jnp.float32, nesterov=True), BF16),
+    "adamw_f32_params_bf16_mu": (lambda m: m.adamw(
+        1e-2, mu_dtype=jnp.bfloat16), F32),
+    "sgd_bf16_params_f32_trace": (lambda m: m.sgd(
+        0.05, momentum=0.9, accumulator_dtype=jnp.float32), BF16),
+    "sgd_f32_params_bf16_trace_nesterov": (lambda m: m.sgd(
+        0.05, momentum=0.9, nesterov=True, accumulator_dtype=jnp.bfloat16),
+                                            F32),
+}
+
+
+def _check_against_optax(build, dtype, ours_strict=True):
+  params = _params(dtype)
+  grads = _grad_stack(params, STEPS)
+  ours = build(og)
+  assert isinstance(ours, og.GuardAwareTransformation)
+  if ours_strict:
+    p1, s1, u1 = _trajectory(ours, params, grads)
+  else:
+    with _standard():
+      p1, s1, u1 = _trajectory(ours, params, grads)
+  with _standard():
+    p2, s2, u2 = _trajectory(build(optax), params, grads)
+
+  _assert_close(u1, u2, "updates")
+  _assert_close(p1, p2, "params")
+  steps = np.arange(1, STEPS + 1, dtype=np.int32)
+  np.testing.assert_array_equal(optax.tree.get(s1, "count"), steps)
+  if isinstance(s1, (og.AdamwState, og.AdamState)):
+    for key in ("mu", "nu"):
+      _assert_close(optax.tree.get(s1, key), optax.tree.get(s2, key), key)
+    np.testing.assert_array_equal(s2[0].count, steps)  # ScaleByAdamState
+  else:
+    assert isinstance(s1, og.SgdState)
+    _assert_close(optax.tree.get(s1, "trace"), optax.tree.get(s2, "trace"),
+                  "trace")
+
+
+@pytest.mark.parametrize("name", sorted(EQUIV))
+def test_same_numbers_as_optax_over_200_steps(name):
+  build, dtype = EQUIV[name]
+  _check_against_optax(build, dtype)
+
+
+@pytest.mark.standard_promotion  # optax's cosine schedules are not strict
+def test_same_numbers_with_warmup_cosine_schedules():
+  lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 20, STEPS, 1e-4)
+  wd = optax.cosine_decay_schedule(1e-2, STEPS)
+  _check_against_optax(lambda m: m.adamw(lr, weight_decay=wd, mask=_mask_fn),
+                       F32, ours_strict=False)
+
+
+def test_signatures_match_optax():
+  for name in ("adamw", "adam", "sgd"):
+    ours = inspect.signature(getattr(og, name)).parameters
+    theirs = inspect.signature(getattr(optax, name)).parameters
+    assert list(ours) == list(theirs), name
+    for key in ours:
+      assert ours[key].kind == theirs[key].kind, (name, key)
+      assert ours[key].default == theirs[key].default, (name, key)
+
+
+def test_optax_tree_get_reads_our_states():
+  params = _params()
+  g = jax.tree.map(jnp.ones_like, params)
+
+  def one_step(tx):
+    return jax.jit(tx.update)(g, tx.init(params), params)[1]
+
+  state = one_step(og.adamw(1e-2))
+  assert int(optax.tree.get(state, "count")) == 1
+  chex.assert_trees_all_equal(optax.tree.get(state, "mu"), state.mu)
+  chex.assert_trees_all_equal(optax.tree.get(state, "nu"), state.nu)
+  state = one_step(og.sgd(0.1, momentum=0.9))
+  assert int(optax.tree.get(state, "count")) == 1
+  chex.assert_trees_all_equal(optax.tree.get(state, "trace"), state.trace)
+  # Inside a chain.
+  state = one_step(optax.chain(og.clip_by_global_norm(1.0), og.adam(1e-2)))
+  assert int(optax.tree.get(state, "count")) == 1
+  chex.assert_trees_all_equal(optax.tree.get(state, "mu"), state[1].mu)
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_optax_tree_get_finds_the_count_inside_the_guard(inner):
+  """DESIGN §7: our field names must not clash with the optimizer's `count`
+  in `optax.tree.get`."""
+  params = _params()
+  tx = og.guard(og.adamw(1e-2) if inner == "adamw"
+                else og.sgd(0.1, momentum=0.9))
+  state = tx.init(params)
+  fields = [jax.tree_util.keystr(path) for path, _ in
+            optax.tree.get_all_with_path(state, "count")]
+  assert len(fields) == 1 and "inner_state" in fields[0], (
+      f"optax.tree.get(state, 'count') is ambiguous: fields {fields}")
+  assert int(optax.tree.get(state, "count")) == 0
+
+
+# =========================================== 2. the keep/scale protocol
+
+PROTOCOL = {
+    "adamw_schedules_mask": lambda m: m.adamw(
+        LR, weight_decay=WD, mask=MASK_TREE),
+    "adam_nesterov_eps_root": lambda m: m.adam(
+        1e-2, eps_root=1e-8, nesterov=True),
+    "adamw_bf16_mu": lambda m: m.adamw(1e-2, mu_dtype=jnp.bfloat16),
+    "sgd_schedule": lambda m: m.sgd(LR),
+    "sgd_nesterov_schedule": lambda m: m.sgd(LR, momentum=0.9,
+                                             nesterov=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _protocol_update(name):
+  """Ours (plain and guarded) and optax's reference update, all jitted
+  (XLA contracts `a * b + c` into one rounding: compare jit with jit)."""
+  tx = PROTOCOL[name](og)
+  ref = PROTOCOL[name](optax)
+  with _standard():
+    ref_update = jax.jit(ref.update)
+
+  @jax.jit
+  def guarded(g, s, p, keep, a, b):
+    return tx.update(g, s, p, guard_keep=keep, guard_scale=(a, b))
+
+  @jax.jit
+  def keep_only(g, s, p, keep):
+    return tx.update(g, s, p, guard_keep=keep)
+
+  @jax.jit
+  def scale_only(g, s, p, a, b):
+    return tx.update(g, s, p, guard_scale=(a, b))
+
+  return {"tx": tx, "plain": jax.jit(tx.update), "guarded": guarded,
+          "keep_only": keep_only, "scale_only": scale_only, "ref": ref,
+          "ref_update": ref_update}
+
+
+def _bad(g):
+  """NaN in one leaf, -Inf and +Inf in another."""
+  g = jax.tree.map(lambda x: x, g)
+  g["head"]["kernel"] = g["head"]["kernel"].at[1, 2].set(jnp.nan)
+  g["Dense_0"]["bias"] = g["Dense_0"]["bias"].at[0].set(-jnp.inf)
+  g["Dense_0"]["bias"] = g["Dense_0"]["bias"].at[5].set(jnp.inf)
+  return g
+
+
+def _take_step(stack, i):
+  return jax.tree.map(lambda x: x[i], stack)
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL))
+def test_keep_false_is_an_exact_skip(name):
+  fns = _protocol_update(name)
+  tx, plain, guarded = fns["tx"], fns["plain"], fns["guarded"]
+  ref, ref_update = fns["ref"], fns["ref_update"]
+  params = _params()
+  grads = _grad_stack(params, 5, seed=7)
+  state = tx.init(params)
+  with _standard():
+    ref_state = ref.init(params)
+  for i in range(3):
+    g = _take_step(grads, i)
+    u, state = plain(g, state, params)
+    with _standard():
+      _, ref_state = ref_update(g, ref_state, params)
+    params = _apply(params, u)
+
+  bad = _bad(_take_step(grads, 3))
+  for a, b in [(0.3, 2.0), (1.0, 1.0), (np.nan, np.inf)]:
+    u, skipped = guarded(bad, state, params, jnp.bool_(False), F32(a), F32(b))
+    _exact_zeros(u, f"update of a skipped step, scale {(a, b)}")
+    _same_bits(skipped, state, f"state after a skipped step, scale {(a, b)}")
+  assert int(optax.tree.get(skipped, "count")) == 3
+
+  # The next step sees count 3 (bias correction, schedule) as if the skipped
+  # call had not happened, and is optax's fourth step.
+  g = _take_step(grads, 4)
+  u_after, s_after = plain(g, skipped, params)
+  u_direct, s_direct = plain(g, state, params)
+  _same_bits((u_after, s_after), (u_direct, s_direct), "step after a skip")
+  with _standard():
+    u_ref, ref_after = ref_update(g, ref_state, params)
+  _assert_close(u_after, u_ref, "step after a skip vs optax",
+                leaf_scale=True)
+  assert int(optax.tree.get(s_after, "count")) == 4
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL))
+def test_keep_true_with_scale_equals_optax_on_scaled_grads(name):
+  fns = _protocol_update(name)
+  tx, plain, guarded = fns["tx"], fns["plain"], fns["guarded"]
+  ref, ref_update = fns["ref"], fns["ref_update"]
+  params = _params()
+  grads = _grad_stack(params, 4, seed=8)
+  state = tx.init(params)
+  with _standard():
+    ref_state = ref.init(params)
+  for i in range(4):
+    g = _take_step(grads, i)
+    for factor, (a, b) in [(0.5, (0.5, 1.0)), (0.5, (2.0, 0.25)),
+                           (1.0, (1.0, 1.0))]:
+      u, s = guarded(g, state, params, jnp.bool_(True), F32(a), F32(b))
+      with _standard():
+        u_ref, s_ref = ref_update(
+            jax.tree.map(lambda x, f=factor: x * f, g), ref_state, params)
+      _assert_close(u, u_ref, f"step {i}, scale {(a, b)}", leaf_scale=True)
+      for key in ("mu", "nu", "trace"):
+        if optax.tree.get(s, key) is not None:
+          _assert_close(optax.tree.get(s, key), optax.tree.get(s_ref, key),
+                        f"{key} at step {i}, scale {(a, b)}", leaf_scale=True)
+      assert int(optax.tree.get(s, "count")) == i + 1
+    # Only one of the keywords given: the other takes its default.
+    u_keep, _ = fns["keep_only"](g, state, params, jnp.bool_(True))
+    u_none, _ = plain(g, state, params)
+    _assert_close(u_keep, u_none, "guard_keep=True alone")
+    u_half, _ = fns["scale_only"](g, state, params, F32(0.5), F32(1.0))
+    u_both, _ = guarded(g, state, params, jnp.bool_(True), F32(0.5),
+                        F32(1.0))
+    _assert_close(u_half, u_both, "guard_scale alone", leaf_scale=True)
+    state, ref_state = s, s_ref
+    params = _apply(params, u)
+
+
+# ==================================== 3. inject_hyperparams on the rate
+
+
+def test_inject_hyperparams_learning_rate():
+  params = _params()
+  grads = _grad_stack(params, 6, seed=3)
+  others = ("b1", "b2", "eps", "eps_root", "weight_decay")
+  injected = optax.inject_hyperparams(og.adamw, static_args=others)(
+      learning_rate=0.01)
+  plain = og.adamw(0.01)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def inj_step(g, s, p):
+    return injected.update(g, s, p)
+
+  plain_step = jax.jit(plain.update)
+  s_inj, s_plain = injected.init(params), plain.init(params)
+  assert set(s_inj.hyperparams) == {"learning_rate"}
+  for i in range(4):
+    g = _take_step(grads, i)
+    u_inj, s_inj = inj_step(g, s_inj, params)
+    u_plain, s_plain = plain_step(g, s_plain, params)
+    _assert_close(u_inj, u_plain, f"step {i}")
+    _assert_close(s_inj.inner_state, s_plain, f"state at step {i}")
+  # A new rate takes effect without retracing and equals og.adamw(0.004).
+  s_inj.hyperparams["learning_rate"] = jnp.asarray(0.004, F32)
+  g = _take_step(grads, 4)
+  u_inj, _ = inj_step(g, s_inj, params)
+  u_ref, _ = jax.jit(og.adamw(0.004).update)(g, s_plain, params)
+  _assert_close(u_inj, u_ref, "after changing the rate")
+  assert not np.allclose(u_inj["head"]["kernel"],
+                         u_plain["head"]["kernel"])
+
+
+def test_inject_hyperparams_every_default_like_optax():
+  """With every numeric argument injected (b1, b2... become float32
+  arrays) optax's own numbers move by ~1e-5 (`1 - b2` rounds differently in
+  float32 than in float64); ours move the same way, bit for bit."""
+  params = _params()
+  grads = _grad_stack(params, 5, seed=4)
+  ours = optax.inject_hyperparams(og.adamw)(learning_rate=0.01)
+  theirs = optax.inject_hyperparams(optax.adamw)(learning_rate=0.01)
+  s1, s2 = ours.init(params), theirs.init(params)
+  assert set(s1.hyperparams) == set(s2.hyperparams)
+  step1 = jax.jit(ours.update)
+  with _standard():
+    step2 = jax.jit(theirs.update)
+  for i in range(5):
+    g = _take_step(grads, i)
+    u1, s1 = step1(g, s1, params)
+    with _standard():
+      u2, s2 = step2(g, s2, params)
+    _assert_close(u1, u2, f"step {i}")
+    for key in ("mu", "nu"):
+      _assert_close(optax.tree.get(s1, key), optax.tree.get(s2, key), key)
+
+
+# =========================== 4. guard: fast path == generic path
+
+
+GUARD_KW = dict(max_norm=2.0, spike_sigma=4.0, spike_window=16,
+                spike_warmup_steps=8, max_consecutive=5)
+GUARD_STEPS = 48
+NAN_STEPS, INF_STEPS, OVERFLOW_STEPS = (12,), (25,), (40,)
+SPIKE_STEPS, BAD_LOSS_STEPS = (20, 21, 33), (30,)
+
+
+def _guard_stream():
+  rng = np.random.default_rng(5)
+  params = _params()
+  gs, losses = [], []
+  for i in range(GUARD_STEPS):
+    scale = float(np.exp(rng.normal(0.0, 0.1)))
+    if i in SPIKE_STEPS:
+      scale *= 50.0
+    g = jax.tree.map(lambda p: np.asarray(rng.normal(size=p.shape) * scale,
+                                          np.float32), params)
+    if i in NAN_STEPS:
+      g["head"]["kernel"][0, 0] = np.nan
+    if i in INF_STEPS:
+      g["Dense_0"]["bias"][3] = -np.inf
+    if i in OVERFLOW_STEPS:  # finite, but the global norm overflows float32
+      g["Dense_0"]["kernel"][:] = 1e38
+    gs.append(g)
+    # A steady loss (z-scores of 1), NaN on the bad-loss steps.
+    losses.append(np.nan if i in BAD_LOSS_STEPS else 1.0 + 0.01 * (-1)**i)
+  stack = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *gs)
+  return params, stack, jnp.asarray(np.array(losses, np.float32))
+
+
+def _guard_run(tx, with_loss):
+  params, grads, losses = _guard_stream()
+
+  def body(carry, inputs):
+    p, s = carry
+    g, loss = inputs
+    extra = {"loss": loss} if with_loss else {}
+    u, s = tx.update(g, s, p, **extra)
+    p = _apply(p, u)
+    return (p, s), (p, s.inner_state, og.metrics(s))
+
+  @jax.jit
+  def run(p, gs, ls):
+    return lax.scan(body, (p, tx.init(p)), (gs, ls))[1]
+
+  return jax.device_get(run(params, grads, losses))
+
+
+def _assert_metrics_equal(m1, m2, step):
+  assert set(m1) == set(m2), (step, set(m1) ^ set(m2))
+  for key in m1:
+    a, b = np.asarray(m1[key]), np.asarray(m2[key])
+    assert a.dtype == b.dtype and a.shape == b.shape, (step, key)
+    if np.issubdtype(a.dtype, np.floating):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-30,
+                                 err_msg=f"{key} at step {step}")
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=f"{key} at step {step}")
+
+
+@pytest.mark.parametrize("inner,with_loss", [("adamw", True),
+                                             ("sgd_momentum", False)])
+def test_fast_and_generic_paths_agree(inner, with_loss):
+  build = {"adamw": lambda m: m.adamw(1e-2),
+           "sgd_momentum": lambda m: m.sgd(0.05, momentum=0.9)}[inner]
+  fast = og.guard(build(og), **GUARD_KW)
+  generic = og.guard(build(optax), **GUARD_KW)
+  p1, inner1, m1 = _guard_run(fast, with_loss)
+  with _standard():
+    p2, _, m2 = _guard_run(generic, with_loss)
+
+  for t in range(GUARD_STEPS):
+    step = lambda tree, t=t: _take_step(tree, t)  # noqa: E731
+    _assert_close(step(p1), step(p2), f"params at step {t}",
+                  leaf_scale=True)
+    _assert_metrics_equal(step(m1), step(m2), t)
+
+  skipped = np.asarray(m1["optim/skipped"])
+  bad = set(NAN_STEPS + INF_STEPS + OVERFLOW_STEPS)
+  if with_loss:
+    bad |= set(BAD_LOSS_STEPS)
+  expected = np.isin(np.arange(GUARD_STEPS), sorted(bad | set(SPIKE_STEPS)))
+  np.testing.assert_array_equal(skipped, expected)
+  assert int(m1["optim/num_skipped"][-1]) == len(bad)
+  assert int(m1["optim/num_spikes"][-1]) == len(SPIKE_STEPS)
+  assert int(m1["optim/num_clipped"][-1]) > 0
+  # The fast path's skips leave the optimizer's state bit-identical.
+  for t in np.flatnonzero(skipped):
+    _same_bits(_take_step(inner1, t), _take_step(inner1, t - 1),
+               f"{inner} state at skipped step {t}")
+    _same_bits(_take_step(p1, t), _take_step(p1, t - 1),
+               f"params at skipped step {t}")
+  counts = np.asarray(optax.tree.get(inner1, "count"))
+  np.testing.assert_array_equal(counts, np.cumsum(~skipped))
+
+
+# =================================== 5. shard_map, one device's NaN
+
+N = 8
+
+
+def _mesh():
+  assert jax.device_count() >= N, "conftest.py must give 8 devices"
+  return Mesh(np.array(jax.devices()[:N]), ("d",))
+
+
+_PSPECS = {"kernel": P("d", None), "bias": P()}
+_GSPECS = {"kernel": P(None, "d", None), "bias": P(None, "d", None)}
+
+
+def _state_specs(state):
+  """The optimizer's moments of the sharded kernel are sharded like it."""
+  def spec(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "inner_state" in name and "kernel" in name and np.ndim(leaf) == 2:
+      return P("d", None)
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def _sharded_stream():
+  rng = np.random.default_rng(6)
+  k = 6
+  params = {"kernel": rng.normal(size=(16, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32)}
+  gk = rng.normal(size=(k, 16, 4)).astype(np.float32)
+  gk *= (1.0 + np.arange(16) // 2).astype(np.float32)[None, :, None]
+  gb = rng.normal(size=(k, N, 4)).astype(np.float32)
+  gk[1, 6, 1] = np.nan          # rows 6 and 7: device 3's shard only
+  gk[4, 13, 2] = np.inf         # rows 12 and 13: device 6's shard only
+  bad_loss = np.array([-1, -1, -1, 5, -1, -1], np.int32)  # device 5 only
+  return params, gk, gb, bad_loss
+
+
+def _sharded_body(tx):
+  def body(carry, inputs):
+    p, s = carry
+    gk, gb, bad = inputs
+    # The kernel's gradient is this device's shard (varying); the bias's is
+    # summed over devices (invariant), as jax.grad gives it.
+    g = {"kernel": gk, "bias": lax.psum(gb[0], "d")}
+    loss = jnp.where(lax.axis_index("d") == bad, F32(np.nan), F32(1.0))
+    u, s = tx.update(g, s, p, loss=loss)
+    p = optax.apply_updates(p, u)
+    return (p, s), jax.tree.map(lambda v: v[None], (p, s, u))
+  return body
+
+
+def _is_shard(path):
+  return "kernel" in path and "last_bad" not in path
+
+
+def _replicas_identical(tree, skip=lambda path: False):
+  checked = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = jax.tree_util.keystr(path)
+    if skip(name):
+      continue
+    leaf = np.asarray(leaf)
+    raw = np.ascontiguousarray(leaf).view(np.uint8).reshape(leaf.shape[0], -1)
+    for d in range(1, leaf.shape[0]):
+      assert np.array_equal(raw[0], raw[d]), f"{name}: device {d} differs"
+    checked += 1
+  assert checked
+
+
+def _check_sharded_run(p, s, u, params, gk, gb, bad_loss):
+  k = gk.shape[0]
+  skipped = np.asarray(s.nonfinite.skipped)[:, 0]
+  np.testing.assert_array_equal(skipped, [False, True, False, True, True,
+                                          False])
+  for t in range(k):
+    _replicas_identical(_take_step((p, s, u), t), skip=_is_shard)
+  for t in (1, 3, 4):
+    # Every device: its own kernel shard, the replicated bias and adamw's
+    # state (count, moments) exactly as they were; zero updates.
+    _same_bits(_take_step(p, t), _take_step(p, t - 1), f"params at {t}")
+    _same_bits(_take_step(s.inner_state, t), _take_step(s.inner_state, t - 1),
+               f"adamw state at {t}")
+    _exact_zeros(_take_step(u, t), f"update at {t}")
+  np.testing.assert_array_equal(np.asarray(s.inner_state.count)[:, 0],
+                                [1, 1, 2, 2, 2, 3])
+  # The good steps are those of the same guard on one device, on the global
+  # gradients (sums in another order: float32 rounding).
+  tx = og.guard(og.adamw(0.1), spike_sigma=None)
+  ref_p, ref_s = params, tx.init(params)
+  ref_step = jax.jit(lambda g, s, p, loss: tx.update(g, s, p, loss=loss))
+  for t in range(k):
+    g = {"kernel": gk[t], "bias": gb[t].sum(0)}
+    loss = F32(np.nan) if bad_loss[t] >= 0 else F32(1.0)
+    upd, ref_s = ref_step(g, ref_s, ref_p, loss)
+    ref_p = optax.apply_updates(ref_p, upd)
+    np.testing.assert_allclose(np.asarray(p["kernel"])[t].reshape(16, 4),
+                               ref_p["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(p["bias"])[t, 0], ref_p["bias"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def _put(mesh, tree, specs):
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                      tree, specs)
+
+
+def test_shard_map_one_device_nan_freezes_every_replica():
+  """`init` outside `shard_map`, the state passed in sharded like the
+  parameters (kernel moments sharded, the rest replicated)."""
+  mesh = _mesh()
+  tx = og.guard(og.adamw(0.1), spike_sigma=None, axis_name="d")
+  params, gk, gb, bad_loss = _sharded_stream()
+  state = tx.init(params)
+  sspecs = _state_specs(state)
+
+  def run(p, s0, gks, gbs, bad):
+    return lax.scan(_sharded_body(tx), (p, s0), (gks, gbs, bad))[1]
+
+  fn = jax.jit(jax.shard_map(
+      run, mesh=mesh, in_specs=(_PSPECS, sspecs, _GSPECS["kernel"],
+                                _GSPECS["bias"], P()),
+      out_specs=P(None, "d")))
+  p, s, u = jax.device_get(fn(
+      _put(mesh, params, _PSPECS), _put(mesh, state, sspecs),
+      _put(mesh, gk, _GSPECS["kernel"]), _put(mesh, gb, _GSPECS["bias"]),
+      _put(mesh, bad_loss, P())))
+  _check_sharded_run(p, s, u, params, gk, gb, bad_loss)
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_shard_map_init_inside(inner):
+  """`init` inside `shard_map` on a sharded parameter, as optax's own
+  optimizers allow (`optax.tree.zeros_like` keeps the parameter's varying
+  type): the moments must stay typed like the parameter so that the state
+  survives `lax.scan`. Elementwise, so each shard's steps equal those of
+  the whole array on one device."""
+  mesh = _mesh()
+  build = {"adamw": lambda: og.adamw(0.1, weight_decay=0.01),
+           "sgd": lambda: og.sgd(0.1, momentum=0.9, nesterov=True)}[inner]
+  tx = build()
+  params, gk, _, _ = _sharded_stream()
+  gk = np.nan_to_num(gk, posinf=1.0)
+  params = {"kernel": params["kernel"]}
+
+  def run(p, gks):
+    def body(carry, g):
+      p, s = carry
+      u, s = tx.update({"kernel": g}, s, p)
+      return (optax.apply_updates(p, u), s), None
+    return lax.scan(body, (p, tx.init(p)), gks)[0][0]
+
+  fn = jax.jit(jax.shard_map(
+      run, mesh=mesh, in_specs=({"kernel": P("d", None)}, _GSPECS["kernel"]),
+      out_specs={"kernel": P("d", None)}))
+  p = jax.device_get(fn(_put(mesh, params, {"kernel": P("d", None)}),
+                        _put(mesh, gk, _GSPECS["kernel"])))
+
+  @jax.jit
+  def whole(p, gks):
+    def body(carry, g):
+      p, s = carry
+      u, s = tx.update({"kernel": g}, s, p)
+      return (optax.apply_updates(p, u), s), None
+    return lax.scan(body, (p, tx.init(p)), gks)[0][0]
+
+  _assert_close(p, whole(params, gk), "sharded vs whole", leaf_scale=True)
+
+
+# ======================= 6. no parameter-sized copy in the fast path
+
+BIG_SHAPES = ("f32[512,1024]", "f32[1024,512]")
+
+
+def _big_params():
+  return {"a": jnp.zeros((512, 1024), F32), "b": jnp.zeros((1024, 512), F32),
+          "c": jnp.zeros((7,), F32)}
+
+
+def _compile(name):
+  params = _big_params()
+  if name == "og.adamw(keep, scale)":
+    # The protocol alone: the decision as traced scalars.
+    tx = og.adamw(1e-2)
+
+    def step(p, s, g, keep, a, b):
+      u, s = tx.update(g, s, p, guard_keep=keep, guard_scale=(a, b))
+      return optax.apply_updates(p, u), s
+
+    scalars = (jnp.bool_(True), F32(1.0), F32(1.0))
+  else:
+    tx = {"optax.adamw": lambda: optax.adamw(1e-2),
+          "og.adamw": lambda: og.adamw(1e-2),
+          "guard(og.adamw)": lambda: og.guard(og.adamw(1e-2)),
+          "guard(og.adamw, monitor=False)": lambda: og.guard(
+              og.adamw(1e-2), monitor=False)}[name]()
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    scalars = ()
+  with _standard():
+    state = tx.init(params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, params, *scalars).compile()
+  return compiled
+
+
+@functools.lru_cache(maxsize=None)
+def _hlo_facts(name):
+  compiled = _compile(name)
+  text = compiled.as_text()
+  big_copies = [line.strip() for line in text.splitlines()
+                if re.search(r"\bcopy\(", line) and
+                any(s in line.split("copy(")[0] for s in BIG_SHAPES)]
+  return big_copies, compiled.memory_analysis().temp_size_in_bytes
+
+
+FAST = ["og.adamw", "og.adamw(keep, scale)", "guard(og.adamw)",
+        "guard(og.adamw, monitor=False)"]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_path_makes_no_parameter_sized_copy(name):
+  base, _ = _hlo_facts("optax.adamw")
+  copies, _ = _hlo_facts(name)
+  assert len(copies) <= len(base), (
+      f"{name} copies parameter-sized buffers that bare optax.adamw does "
+      "not:\n" + "\n".join(copies))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_path_needs_no_parameter_sized_temporary(name):
+  _, base = _hlo_facts("optax.adamw")
+  _, temp = _hlo_facts(name)
+  slack = 1 << 20  # 1 MiB: less than one 2 MiB parameter leaf
+  assert temp <= base + slack, (
+      f"{name}: {temp} bytes of temporaries, bare optax.adamw {base}")
+
+
+# ============================================================ 7. errors
+
+
+@pytest.mark.parametrize("factory,kwargs,message", [
+    (og.adamw, {"learning_rate": -1.0},
+     "`learning_rate` must be a finite real number >= 0, but got -1.0."),
+    (og.adam, {"learning_rate": float("nan")},
+     "`learning_rate` must be a finite real number >= 0, but got nan."),
+    (og.sgd, {"learning_rate": -0.5},
+     "`learning_rate` must be a finite real number >= 0, but got -0.5."),
+    (og.adamw, {"learning_rate": 0.1, "b1": 1.5},
+     "`b1` must be a finite real number >= 0 and <= 1, but got 1.5."),
+    (og.adam, {"learning_rate": 0.1, "b2": -0.1},
+     "`b2` must be a finite real number >= 0 and <= 1, but got -0.1."),
+    (og.adamw, {"learning_rate": 0.1, "eps": -1e-8},
+     "`eps` must be a finite real number >= 0, but got -1e-08."),
+    (og.adamw, {"learning_rate": 0.1, "weight_decay": -0.1},
+     "`weight_decay` must be a finite real number >= 0, but got -0.1."),
+    (og.sgd, {"learning_rate": 0.1, "momentum": 1.5},
+     "`momentum` must be a finite real number >= 0 and <= 1, but got 1.5."),
+])
+def test_bad_arguments(factory, kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    factory(**kwargs)
+
+
+def test_adamw_needs_params():
+  params = _params()
+  g = jax.tree.map(jnp.ones_like, params)
+  for tx in (og.adamw(0.1), og.adamw(0.1, weight_decay=WD),
+             og.adamw(0.1, mask=MASK_TREE)):
+    with pytest.raises(ValueError, match=re.escape(
+        "`adamw` needs the current parameters: call "
+        "`update(updates, state, params)`; it was called with params=None.")):
+      tx.update(g, tx.init(params))
+  # Without weight decay, as in optax, no params are needed.
+  for tx in (og.adam(0.1), og.sgd(0.1, momentum=0.9)):
+    u, _ = tx.update(g, tx.init(params))
+    assert jax.tree.structure(u) == jax.tree.structure(params)
