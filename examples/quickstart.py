@@ -4,10 +4,12 @@ A 16-layer ReLU MLP, initialised slightly too large (He init times 1.1 per
 layer), is fit to a small synthetic regression task with SGD + momentum. Its
 gradients start far above 1 and grow by orders of magnitude per step; without
 protection the run turns to Inf/NaN within a few steps. The same model, data
-and optimizer behind `og.clip_by_global_norm` train normally.
+and optimizer inside `og.guard` (monitor, global-norm clip, NaN/Inf and spike
+skipping, with the guard-aware `og.sgd` taking the decision in its own pass)
+train normally.
 
-Both runs carry `og.monitor()`, which only measures (it passes the gradients
-through unchanged), so that the unguarded run's explosion can be watched too.
+The unguarded run carries `og.monitor()`, which only measures (it passes the
+gradients through unchanged), so that its explosion can be watched too.
 Every step is one jitted call that returns `og.metrics(opt_state)`; the host
 fetches them with a single `jax.device_get`.
 
@@ -205,17 +207,17 @@ def main(argv: list[str] | None = None) -> int:
   # layer names (`layers/3/kernel`, `head/bias`) become the metric names.
   graphdef, params = nnx.split(model)
 
-  def optimizer():
-    return optax.sgd(args.lr, momentum=0.9)
-
-  # Same initial parameters, data and optimizer for both runs.
+  # Same initial parameters, data and optimizer (SGD with momentum, the
+  # same numbers in optax and optax_guard) for both runs.
   unguarded = train(
-      "unguarded", optax.chain(og.monitor(), optimizer()),
+      "unguarded",
+      optax.chain(og.monitor(), optax.sgd(args.lr, momentum=0.9)),
       graphdef, params, x, y, steps=args.steps, log_every=args.log_every)
+  # The recommended one-liner: monitor, clip, skip NaN/Inf and spiking steps,
+  # with the guard-aware SGD taking the decision inside its own update.
   guarded = train(
       "guarded",
-      optax.chain(og.monitor(), og.clip_by_global_norm(args.max_norm),
-                  optimizer()),
+      og.guard(og.sgd(args.lr, momentum=0.9), max_norm=args.max_norm),
       graphdef, params, x, y, steps=args.steps, log_every=args.log_every)
 
   print(f"\nunguarded: {verdict(unguarded)}")
