@@ -12,7 +12,6 @@ from optax_guard import _args
 from optax_guard import _clipping
 from optax_guard import _monitor
 from optax_guard import _nonfinite
-from optax_guard import _optimizers
 from optax_guard import _skip
 from optax_guard import _spikes
 from optax_guard import _stats
@@ -143,7 +142,7 @@ def guard(
     _args.check_number("spike_sigma", spike_sigma, strict=True)
   _stats.check_axis_name(axis_name)
   inner = _skip.check_inner(inner)
-  fast = isinstance(inner, _optimizers.GuardAwareTransformation)
+  fast = _skip.is_guard_aware(inner)
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,

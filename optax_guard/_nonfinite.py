@@ -120,6 +120,10 @@ def skip_nonfinite(
   With `axis_name`, the decision is taken on global statistics, so one
   device's NaN makes every device skip and the replicas stay bit-identical.
 
+  Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
+  rides inside the optimizer's own pass (see `GuardAwareTransformation`),
+  which costs nothing; its output is then not read back for NaN.
+
   How it compares to `optax.apply_if_finite`: the same skip, plus the
   inner-output and loss checks, per-layer counts of the last bad step (which
   layer went bad), the first and last bad step indices, a halt that does not
@@ -177,6 +181,15 @@ def skip_nonfinite(
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
+    if _skip.is_guard_aware(inner):
+      # The fast path: the optimizer takes the decision in its own pass.
+      keep, new_state = decide(
+          state, stats=stats, loss_ok=loss_ok, inner_ok=jnp.ones((), jnp.bool_),
+          inner_stats=None, max_consecutive=max_consecutive,
+          resume_after_halt=resume_after_halt)
+      new_updates, new_inner = inner.update(
+          updates, state.inner_state, params, guard_keep=keep, **extra_args)
+      return new_updates, new_state._replace(inner_state=new_inner)
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     inner_stats = _stats.tree_stats(new_updates, axis_name=axis_name)

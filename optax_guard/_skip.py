@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard import _optimizers
 from optax_guard import _stats
 
 
@@ -39,6 +40,11 @@ def check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
         "`inner` must be an optax GradientTransformation (with `init` and "
         f"`update`), but got {inner!r}.")
   return optax.with_extra_args_support(inner)
+
+
+def is_guard_aware(inner: Any) -> bool:
+  """Whether `inner` takes the `guard_keep`/`guard_scale` protocol."""
+  return isinstance(inner, _optimizers.GuardAwareTransformation)
 
 
 def select_tree(keep: jax.Array, new: Any, old: Any) -> Any:

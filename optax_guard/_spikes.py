@@ -130,6 +130,9 @@ def skip_spikes(
   for the next. A non-finite norm or loss is always a spike (pair with
   `skip_nonfinite`, or use `guard`, to count those separately).
 
+  Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
+  rides inside the optimizer's own pass (see `GuardAwareTransformation`).
+
   The statistic is the one of OLMo-core's `SkipStepOptimizer` (mean and
   standard deviation over a rolling window, sigma 6, inactive until the window
   is half full), kept on device in a fixed ring buffer. A window reacts to a
@@ -206,6 +209,11 @@ def skip_spikes(
                               min_count=min_count,
                               max_consecutive=max_consecutive)
     keep = ~spike
+    if _skip.is_guard_aware(inner):
+      # The fast path: the optimizer takes the decision in its own pass.
+      new_updates, new_inner = inner.update(
+          updates, state.inner_state, params, guard_keep=keep, **extra_args)
+      return new_updates, new_state._replace(inner_state=new_inner)
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
     new_state = new_state._replace(

@@ -832,3 +832,42 @@ def test_adamw_needs_params():
   for tx in (og.adam(0.1), og.sgd(0.1, momentum=0.9)):
     u, _ = tx.update(g, tx.init(params))
     assert jax.tree.structure(u) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("wrapper", ["skip_nonfinite", "skip_spikes"])
+def test_skippers_take_the_fast_path_with_the_same_results(wrapper):
+  """Around og.adamw the skippers hand over the decision; the numbers and
+  the skip are those of the generic path around optax.adamw."""
+  params = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.zeros((4,), jnp.float32)}
+  kw = ({"max_consecutive": 3} if wrapper == "skip_nonfinite"
+        else {"window": 8, "warmup_steps": 4, "sigma": 3.0})
+  fast = getattr(og, wrapper)(og.adamw(1e-2), **kw)
+  with jax.numpy_dtype_promotion("standard"):
+    generic = getattr(og, wrapper)(optax.adamw(1e-2), **kw)
+  rng = np.random.default_rng(1)
+  stream = []
+  for i in range(14):
+    g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+         for k, v in params.items()}
+    if i == 6:
+      g["w"] = g["w"].at[0, 0].set(jnp.nan)
+    if i == 9:
+      g = jax.tree.map(lambda x: x * 100.0, g)
+    stream.append(g)
+  p1, s1 = params, fast.init(params)
+  p2, s2 = params, generic.init(params)
+  step1 = jax.jit(fast.update)
+  with jax.numpy_dtype_promotion("standard"):
+    step2 = jax.jit(generic.update)
+    for g in stream:
+      u1, s1 = step1(g, s1, p1)
+      u2, s2 = step2(g, s2, p2)
+      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+      chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
+      m1, m2 = og.metrics(s1), og.metrics(s2)
+      assert m1.keys() == m2.keys()
+      for k in m1:
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-6, err_msg=k)
+  counter = "optim/num_skipped" if wrapper == "skip_nonfinite" else (
+      "optim/num_spikes")
+  assert int(og.metrics(s1)[counter]) >= 1
