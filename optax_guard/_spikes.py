@@ -191,13 +191,13 @@ def skip_spikes(
 
   def init_fn(params):
     i32 = lambda v: jnp.full((), v, jnp.int32)
-    inf = jnp.full((), jnp.inf, jnp.float32)
+    inf = lambda: jnp.full((), jnp.inf, jnp.float32)  # one buffer per leaf
     return SkipSpikesState(
         inner_state=inner.init(params), step=i32(0),
         skipped=jnp.zeros((), jnp.bool_), num_spikes=i32(0),
         consecutive=i32(0), last_spike_step=i32(-1),
         norms=window_init(window), losses=window_init(window),
-        norm_threshold=inf, loss_threshold=inf,
+        norm_threshold=inf(), loss_threshold=inf(),
         last_norm=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -148,6 +148,26 @@ def test_no_retrace_over_five_steps(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_state_survives_buffer_donation(name):
+  tx = _make(name)
+  params = _params()
+  state = tx.init(params)
+  # Every leaf its own buffer: donating a state that shares one fails.
+  ids = [id(x) for x in jax.tree.leaves(state)]
+  assert len(ids) == len(set(ids))
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  params = jax.tree.map(jnp.copy, params)
+  for i in range(2):
+    params, state = step(params, state, _grads(i))
+  _assert_same_signature(state, tx.init(_params()))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_works_with_and_without_extra_args(name):
   tx = _make(name)
   params = _params()
