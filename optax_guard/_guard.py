@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -38,15 +40,8 @@ class GuardState(NamedTuple):
           # The monitor's pre-clip `grad/norm` is the clip's own: keep one.
           out.setdefault(name, value)
     if skipped:
-      out["optim/skipped"] = _any(skipped)
+      out["optim/skipped"] = functools.reduce(operator.or_, skipped)
     return out
-
-
-def _any(flags: list[Any]) -> Any:
-  result = flags[0]
-  for flag in flags[1:]:
-    result = result | flag
-  return result
 
 
 def guard(
