@@ -201,6 +201,8 @@ def clip_by_layer_norm(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _metrics.check_layers(updates, state.layer_norms.names,
+                          "clip_by_layer_norm")
     norms = _stats.tree_stats(updates, axis_name=axis_name).norms
     a, b = clip_factors(norms, max_norm)
     leaves, treedef = jax.tree.flatten(updates)

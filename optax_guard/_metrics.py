@@ -53,6 +53,20 @@ def layer_names(tree: Any) -> tuple[str, ...]:
   return tuple(path_name(path) for path, _ in paths)
 
 
+def check_layers(tree: Any, names: tuple[str, ...], factory: str) -> None:
+  """Raises when `tree` has not the layers the state was initialised with."""
+  got = layer_names(tree)
+  if len(got) == len(names):
+    return
+  missing = sorted(set(names) - set(got))[:5]
+  extra = sorted(set(got) - set(names))[:5]
+  raise ValueError(
+      f"`{factory}` was initialised with {len(names)} parameter leaves but "
+      f"got updates with {len(got)}; the trees must match. Only in the "
+      f"parameters: {missing or 'none'}; only in the updates: "
+      f"{extra or 'none'}.")
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["values"], meta_fields=["names"])
 @dataclasses.dataclass(frozen=True)

@@ -88,6 +88,9 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
   passes the ones it has already measured, so nothing is read twice.
   """
 
+  if per_layer:
+    _metrics.check_layers(updates, state.layer_norms.names, "monitor")
+
   def layers(values, like):
     return _metrics.PerLayer(values if per_layer else values[:0], like.names)
 

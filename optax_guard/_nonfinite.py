@@ -177,6 +177,8 @@ def skip_nonfinite(
         halted=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
+    _metrics.check_layers(updates, state.last_bad_counts.names,
+                          "skip_nonfinite")
     stats = _stats.tree_stats(updates, axis_name=axis_name)
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
@@ -255,6 +257,7 @@ def zero_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _metrics.check_layers(updates, state.replaced.names, "zero_nonfinite")
     counts = _stats.tree_stats(updates, axis_name=axis_name).nonfinite
     cleaned = jax.tree.map(
         lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates)

@@ -214,3 +214,18 @@ def test_metrics_inside_jit_on_host_and_one_transfer():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     og.monitor(**kwargs)
+
+
+@pytest.mark.parametrize("factory", [
+    og.monitor, lambda: og.clip_by_layer_norm(1.0), og.zero_nonfinite,
+    lambda: og.skip_nonfinite(optax.sgd(0.1))])
+def test_updates_that_do_not_match_the_parameters(factory):
+  params = _tree(0)
+  tx = factory()
+  state = tx.init(params)
+  fewer = {"Dense_0": params["Dense_0"]}
+  with pytest.raises(ValueError, match=(
+      r"was initialised with 3 parameter leaves but got updates with 2; the "
+      r"trees must match\. Only in the parameters: \['Dense_1/kernel'\]; "
+      r"only in the updates: none\.")):
+    tx.update(fewer, state, fewer)
