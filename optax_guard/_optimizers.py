@@ -129,11 +129,9 @@ class AdamwState(NamedTuple):
   nu: Any           # second moments, like params.
 
 
-class AdamState(NamedTuple):
-  """State of `adam` (optax's field names, for `optax.tree.get`)."""
-  count: jax.Array  # i32[] steps taken (not advanced by a skipped step).
-  mu: Any           # first moments, like params (in `mu_dtype` if given).
-  nu: Any           # second moments, like params.
+class AdamState(AdamwState):
+  """State of `adam`: the fields of `AdamwState`, under its own name."""
+  __slots__ = ()
 
 
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
