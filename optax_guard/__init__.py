@@ -5,6 +5,12 @@ the jitted step, carrying their statistics in the optimizer state; read them
 with `optax_guard.metrics(opt_state)`.
 """
 
+from optax_guard._adaptive import adaptive_grad_clip
+from optax_guard._adaptive import AdaptiveGradClipState
+from optax_guard._adaptive import autoclip
+from optax_guard._adaptive import AutoclipState
+from optax_guard._adaptive import zclip
+from optax_guard._adaptive import ZclipState
 from optax_guard._check import check
 from optax_guard._check import GradientExplosionError
 from optax_guard._check import GuardError
@@ -39,6 +45,12 @@ from optax_guard._stats import HIST_BUCKETS
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaptiveGradClipState",
+    "AutoclipState",
+    "ZclipState",
+    "adaptive_grad_clip",
+    "autoclip",
+    "zclip",
     "AdamState",
     "AdamwState",
     "GuardAwareTransformation",

@@ -69,6 +69,16 @@ class ClipByGlobalNormState(NamedTuple):
     }
 
 
+def global_clip_init() -> ClipByGlobalNormState:
+  """A `ClipByGlobalNormState` before any step."""
+  return ClipByGlobalNormState(
+      grad_norm=jnp.zeros((), jnp.float32),
+      scale=jnp.ones((), jnp.float32),
+      clipped_norm=jnp.zeros((), jnp.float32),
+      num_clipped=jnp.zeros((), jnp.int32),
+      nonfinite=jnp.zeros((), jnp.bool_))
+
+
 def record_global_clip(state: ClipByGlobalNormState, norm: jax.Array,
                        factors: tuple[jax.Array, jax.Array]
                        ) -> ClipByGlobalNormState:
@@ -128,12 +138,7 @@ def clip_by_global_norm(
 
   def init_fn(params):
     del params
-    return ClipByGlobalNormState(
-        grad_norm=jnp.zeros((), jnp.float32),
-        scale=jnp.ones((), jnp.float32),
-        clipped_norm=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32),
-        nonfinite=jnp.zeros((), jnp.bool_))
+    return global_clip_init()
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -235,6 +235,24 @@ _DOWN, _UP = 2.0**-80, 2.0**80
 _UNDERFLOW_FLOOR = 2.0**-100
 
 
+def square_terms(x: jax.Array) -> list[jax.Array]:
+  """The three squares whose sums `pick_norm` turns into a norm (float32 x)."""
+  # The scales pass through a barrier: seeing constants, XLA's simplifier
+  # rewrites `(x * c)**2` as `x**2 * c**2` where `x` is a broadcast scalar
+  # (a constant-like gradient), and `c**2` (2**160, 2**-160) is not a float32.
+  down, up = lax.optimization_barrier((jnp.float32(_DOWN), jnp.float32(_UP)))
+  return [x * x, jnp.square(x * down), jnp.square(x * up)]
+
+
+def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
+              sizes: Any) -> jax.Array:
+  """The right norm from the sums of `square_terms` over `sizes` elements."""
+  return jnp.where(
+      ~jnp.isfinite(sumsq), jnp.sqrt(big) / _DOWN,
+      jnp.where(sumsq < sizes * _UNDERFLOW_FLOOR, jnp.sqrt(small) / _UP,
+                jnp.sqrt(sumsq)))
+
+
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
                count_above: Any = None) -> TreeStats:
   """Measures every leaf of `tree` in one fused pass (see module docstring).
@@ -276,8 +294,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     x = block.astype(jnp.float32)
     if jnp.iscomplexobj(block):
       x = _magnitude(block)
-    terms = [x * x, jnp.square(x * _DOWN), jnp.square(x * _UP),
-             jnp.where(jnp.isfinite(x), 0.0, 1.0)]
+    terms = square_terms(x) + [jnp.where(jnp.isfinite(x), 0.0, 1.0)]
     if count_above is not None:
       terms.append(jnp.where(jnp.abs(x) > count_above, 1.0, 0.0))
     reduced = lax.reduce(tuple(terms), (jnp.float32(0),) * len(terms),
@@ -292,10 +309,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   sumsq, big, small, bad = (summed[:, i] for i in range(4))
   sizes = summed[:, -1]
   nonfinite = bad.astype(jnp.int32)
-  norms = jnp.where(
-      ~jnp.isfinite(sumsq), jnp.sqrt(big) / _DOWN,
-      jnp.where(sumsq < sizes * _UNDERFLOW_FLOOR, jnp.sqrt(small) / _UP,
-                jnp.sqrt(sumsq)))
+  norms = pick_norm(sumsq, big, small, sizes)
   # A non-finite leaf's norm is NaN if it holds a NaN (the sums keep it),
   # else Inf.
   norms = jnp.where(nonfinite > 0,

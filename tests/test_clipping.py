@@ -88,6 +88,21 @@ def test_tiny_gradients_keep_their_norm():
   np.testing.assert_allclose(state.grad_norm, 1e-24, rtol=1e-5)
 
 
+@pytest.mark.parametrize("value", [0.0, 1e-25, 1.0, 1e20])
+def test_constant_like_gradients_under_jit(value):
+  """A gradient that is a broadcast scalar (the gradient of `c * sum(w)`):
+  XLA folds its reductions into `c**2 * size`, which must not combine the
+  overflow-safe rescaling constants into a non-float32 (found by the
+  adaptive-clipping tests: an all-zero step measured NaN)."""
+  def norm(c):
+    grads = {"w": jnp.ones((3, 4)) * c, "b": jnp.ones(12) * c}
+    return og.clip_by_global_norm(1.0).update(
+        grads, og.clip_by_global_norm(1.0).init(grads))[1].grad_norm
+
+  np.testing.assert_allclose(jax.jit(norm)(jnp.float32(value)),
+                             value * np.sqrt(24.0), rtol=1e-6)
+
+
 def test_zero_gradient_with_zero_max_norm():
   g = {"w": jnp.zeros(3, jnp.float32)}
   got, state = _clip(0.0, g)
