@@ -21,6 +21,13 @@ from optax_guard._clipping import clip_by_value
 from optax_guard._clipping import ClipByGlobalNormState
 from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._clipping import ClipByValueState
+from optax_guard._decay import add_decayed_weights
+from optax_guard._decay import add_l1_penalty
+from optax_guard._decay import add_l2_penalty
+from optax_guard._decay import AddDecayedWeightsState
+from optax_guard._decay import AddL1PenaltyState
+from optax_guard._decay import AddL2PenaltyState
+from optax_guard._decay import decay_mask
 from optax_guard._guard import guard
 from optax_guard._guard import GuardState
 from optax_guard._metrics import metrics
@@ -38,6 +45,10 @@ from optax_guard._optimizers import AdamwState
 from optax_guard._optimizers import GuardAwareTransformation
 from optax_guard._optimizers import sgd
 from optax_guard._optimizers import SgdState
+from optax_guard._penalties import add_gradient_norm_penalty
+from optax_guard._penalties import AddGradientNormPenaltyState
+from optax_guard._penalties import gradient_norm_penalty
+from optax_guard._penalties import input_gradient_penalty
 from optax_guard._spikes import skip_spikes
 from optax_guard._spikes import SkipSpikesState
 from optax_guard._stats import HIST_BUCKETS
@@ -49,6 +60,17 @@ __all__ = (
     "AutoclipState",
     "ZclipState",
     "adaptive_grad_clip",
+    "AddDecayedWeightsState",
+    "AddL1PenaltyState",
+    "AddL2PenaltyState",
+    "add_decayed_weights",
+    "add_l1_penalty",
+    "add_l2_penalty",
+    "decay_mask",
+    "AddGradientNormPenaltyState",
+    "add_gradient_norm_penalty",
+    "gradient_norm_penalty",
+    "input_gradient_penalty",
     "autoclip",
     "zclip",
     "AdamState",

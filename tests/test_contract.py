@@ -24,6 +24,10 @@ CASES = {
     "adaptive_grad_clip": ({"clipping": 0.1}, {"clipping": 0.1}),
     "autoclip": ({"percentile": 10.0, "window": 8}, {"percentile": 10.0}),
     "zclip": ({"warmup_steps": 2, "max_norm": 4.0}, {"max_norm": 4.0}),
+    "add_decayed_weights": ({"rate": 0.1}, {"rate": 0.1}),
+    "add_l2_penalty": ({"rate": 0.1}, {"rate": 0.1}),
+    "add_l1_penalty": ({"rate": 0.1}, {"rate": 0.1}),
+    "add_gradient_norm_penalty": ({"strength": 0.5}, {"strength": 0.5}),
     "monitor": ({"histogram": True, "every": 2}, {}),
     "zero_nonfinite": ({}, {}),
     "skip_nonfinite": ({"inner": optax.sgd(0.1), "max_consecutive": 3}, {}),
@@ -35,6 +39,12 @@ CASES = {
     "adamw": ({"learning_rate": 0.01}, {"learning_rate": 0.01}),
     "adam": ({"learning_rate": 0.01}, {"learning_rate": 0.01}),
     "sgd": ({"learning_rate": 0.1, "momentum": 0.9}, {"learning_rate": 0.1}),
+}
+
+# Extra arguments a factory's update cannot do without (checked separately).
+REQUIRED_EXTRA = {
+    "add_gradient_norm_penalty": {
+        "grad_fn": lambda p: jax.tree.map(lambda x: x ** 3 - x, p)},
 }
 
 ALLOWED_DTYPES = {np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)}
@@ -74,7 +84,19 @@ def _grads(i):
 
 def _make(name):
   kwargs, _ = CASES[name]
-  return getattr(og, name)(**kwargs)
+  return _with_required_extra(name, getattr(og, name)(**kwargs))
+
+
+def _with_required_extra(name, tx):
+  """`tx`, its update given the extra arguments it requires."""
+  extra = REQUIRED_EXTRA.get(name)
+  if extra is None:
+    return tx
+
+  def update(updates, state, params=None, **extra_args):
+    return tx.update(updates, state, params, **{**extra, **extra_args})
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _assert_same_signature(a, b):
@@ -182,15 +204,24 @@ def test_works_with_and_without_extra_args(name):
   _assert_same_signature(s1, s2)
 
 
+@pytest.mark.parametrize("name", sorted(REQUIRED_EXTRA))
+def test_missing_required_extra_args_is_a_sentence(name):
+  tx = getattr(og, name)(**CASES[name][0])
+  params = _params()
+  missing = ", ".join(sorted(REQUIRED_EXTRA[name]))
+  with pytest.raises(ValueError, match=rf"`{name}` needs .* {missing}="):
+    tx.update(_grads(0), tx.init(params), params)
+
+
 @pytest.mark.parametrize(
     "name", sorted(n for n in CASES if CASES[n][1]))
 def test_inject_hyperparams(name):
   kwargs, hyper = CASES[name]
   fixed = {k: v for k, v in kwargs.items() if k not in hyper}
   factory = getattr(og, name)
-  injected = optax.inject_hyperparams(
-      factory, static_args=tuple(fixed))(**kwargs)
-  plain = factory(**kwargs)
+  injected = _with_required_extra(name, optax.inject_hyperparams(
+      factory, static_args=tuple(fixed))(**kwargs))
+  plain = _with_required_extra(name, factory(**kwargs))
   params = _params()
   s_inj, s_plain = injected.init(params), plain.init(params)
   step = jax.jit(injected.update)

@@ -1,0 +1,292 @@
+"""Weight decay and L1/L2 penalties on the weights, with a Flax-aware mask.
+
+The three share one implementation: each adds `rate(step) * d(W)` to the
+updates, where `d(W) = W` for decoupled decay and coupled L2 (the gradient of
+`rate/2 * ||W||^2`) and `d(W) = sign(W)` for L1 (the gradient of
+`rate * ||W||_1`, 0 at 0), over the leaves the mask selects. They differ in
+where they go in a chain (decay after the optimizer, penalties before it) and
+in the metrics they record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_guard import _args
+from optax_guard import _metrics
+from optax_guard import _stats
+
+# Parameter names Flax gives to what must not be decayed: biases, and the
+# scales and offsets of normalisation layers (LayerNorm, RMSNorm, BatchNorm,
+# GroupNorm); and to what must: Dense/Conv kernels and embedding tables.
+_NEVER = frozenset({"bias", "scale", "offset"})
+_ALWAYS = frozenset({"kernel", "embedding"})
+
+
+def _default(name: str, shape: tuple[int, ...]) -> bool:
+  leaf = name.rsplit("/", 1)[-1]
+  if leaf in _ALWAYS:
+    return True
+  if leaf in _NEVER:
+    return False
+  return len(shape) >= 2  # an unnamed matrix is a weight, a vector is not
+
+
+def decay_mask(params: Any) -> Any:
+  """The default decay mask: True for Flax kernels and embeddings.
+
+  A leaf named `kernel` or `embedding` is decayed; one named `bias`, `scale`
+  or `offset` is not; any other leaf is decayed when it has two or more axes
+  (a weight matrix), not when it is a scalar or a vector.
+
+  Args:
+    params: a parameter tree (Flax linen or nnx).
+
+  Returns:
+    A tree of Python bools with the structure of `params`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+    ...           "LayerNorm_0": {"scale": jnp.ones(3)}}
+    >>> og.decay_mask(params)
+    {'Dense_0': {'bias': False, 'kernel': True}, 'LayerNorm_0': {'scale': False}}
+
+  References:
+    Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization"
+    (https://arxiv.org/abs/1711.05101), and common practice since BERT
+    (Devlin et al., 2019) of not decaying biases and normalisation scales.
+  """
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return jax.tree_util.tree_unflatten(treedef, [
+      _default(_metrics.path_name(p), tuple(jnp.shape(_metrics.unwrap(x))))
+      for p, x in paths])
+
+
+Mask = Any  # a tree of bools, a callable params -> tree of bools, or None
+_DEFAULT = object()
+
+
+def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
+  """One Python bool per parameter leaf."""
+  leaves = jax.tree_util.tree_leaves(params)
+  if mask is None:
+    return [True] * len(leaves)
+  if mask is _DEFAULT:
+    mask = decay_mask
+  tree = mask(params) if callable(mask) else mask
+  try:
+    flags = jax.tree_util.tree_structure(params).flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"The `mask` of `{factory}` must have the structure of the "
+        f"parameters (or be a callable returning such a tree), but it does "
+        f"not: {e}") from None
+  for path_flag in flags:
+    if not isinstance(path_flag, bool):
+      raise ValueError(
+          f"The `mask` of `{factory}` must hold one Python bool per "
+          f"parameter leaf, but got {path_flag!r}.")
+  return flags
+
+
+def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
+          axis_name: _stats.AxisName) -> optax.GradientTransformationExtraArgs:
+  """The transformation adding `rate * (sign(W) if l1 else W)`."""
+  if not callable(rate):
+    _args.check_number("rate", rate)
+  if not (mask is _DEFAULT or mask is None or callable(mask)):
+    jax.tree_util.tree_structure(mask)
+  _stats.check_axis_name(axis_name)
+
+  def init_fn(params):
+    _mask_leaves(mask, params, factory)  # a bad mask fails here
+    return state_type(count=jnp.zeros((), jnp.int32),
+                      rate=jnp.zeros((), jnp.float32),
+                      penalty=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _args.require_params(params, factory)
+    u_leaves, treedef = jax.tree.flatten(updates)
+    p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
+    if len(p_leaves) != len(u_leaves):
+      _metrics.check_layers(updates, _metrics.layer_names(params),
+                            factory)
+    flags = _mask_leaves(mask, params, factory)
+    r = jnp.asarray(rate(state.count) if callable(rate) else rate,
+                    jnp.float32)
+    out, chosen = [], []
+    for u, p, flag in zip(u_leaves, p_leaves, flags):
+      if not flag:
+        out.append(u)
+        continue
+      chosen.append(p)
+      d = jnp.sign(p) if l1 else p
+      out.append((u + r.astype(u.dtype) * d.astype(u.dtype)).astype(u.dtype))
+    if l1:
+      total = jnp.sum(_stats.per_leaf(
+          chosen, lambda block, _: jnp.sum(
+              jnp.abs(block.astype(jnp.float32)),
+              axis=tuple(range(1, block.ndim))), axis_name, "sum")
+                      ) if chosen else jnp.zeros((), jnp.float32)
+      penalty = r * total
+    else:
+      norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
+      penalty = 0.5 * r * jnp.square(norm)
+    return jax.tree.unflatten(treedef, out), state_type(
+        count=optax.safe_increment(state.count), rate=r, penalty=penalty)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AddDecayedWeightsState(NamedTuple):
+  """State of `add_decayed_weights`."""
+  count: jax.Array    # i32[] steps taken (the schedule's argument).
+  rate: jax.Array     # f32[] the decay rate of the last step.
+  penalty: jax.Array  # f32[] rate/2 * ||W||^2 over the decayed leaves.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {"param/weight_decay": self.rate, "param/l2_penalty": self.penalty}
+
+
+class AddL2PenaltyState(AddDecayedWeightsState):
+  """State of `add_l2_penalty`."""
+
+
+class AddL1PenaltyState(NamedTuple):
+  """State of `add_l1_penalty`."""
+  count: jax.Array    # i32[] steps taken (the schedule's argument).
+  rate: jax.Array     # f32[] the penalty rate of the last step.
+  penalty: jax.Array  # f32[] rate * ||W||_1 over the penalised leaves.
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {"param/l1_rate": self.rate, "param/l1_penalty": self.penalty}
+
+
+
+def add_decayed_weights(
+    rate: float | optax.Schedule, *, mask: Mask = _DEFAULT,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Decoupled weight decay: adds `rate * W` to the final updates (AdamW).
+
+  Put it after the optimizer's scaling and before the learning rate, as
+  `optax.adamw` does internally, so that the decay is not rescaled by the
+  adaptive denominators (Loshchilov & Hutter). With the same rate and mask it
+  gives `optax.add_decayed_weights`'s numbers; unlike it, it takes a schedule,
+  masks biases and normalisation scales by default, and records the rate and
+  the penalty `rate/2 * ||W||^2` it stands for.
+
+  Args:
+    rate: the decay rate, a float `>= 0` or an optax schedule of the step.
+    mask: which leaves to touch: a tree of bools like the parameters, or a
+      callable taking the parameters and returning one (as in optax). The
+      default, `og.decay_mask`, selects Flax kernels and embeddings and
+      leaves biases and normalisation scales alone; None selects every
+      leaf.
+    axis_name: mesh axis name(s) over which the recorded penalty is summed
+      under `shard_map` or `pmap` (the updates need no reduction).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose update needs `params`,
+    with state `AddDecayedWeightsState` (metrics `param/weight_decay`,
+    `param/l2_penalty`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"Dense_0": {"kernel": jnp.full((2,), 2.0),
+    ...                       "bias": jnp.full((2,), 2.0)}}
+    >>> tx = optax.chain(optax.scale_by_adam(), og.add_decayed_weights(0.1),
+    ...                  optax.scale(-1.0))
+    >>> zero = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, state = tx.update(zero, tx.init(params), params)
+    >>> print(updates["Dense_0"]["kernel"], updates["Dense_0"]["bias"])
+    [-0.2 -0.2] [-0. -0.]
+
+  References:
+    Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization"
+    (https://arxiv.org/abs/1711.05101).
+  """
+  return _make("add_decayed_weights", False,
+               AddDecayedWeightsState, rate, mask, axis_name)
+
+
+def add_l2_penalty(
+    rate: float | optax.Schedule, *, mask: Mask = _DEFAULT,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Coupled L2 regularisation: adds the gradient of `rate/2 * ||W||^2`.
+
+  Adds `rate * W` to the gradients; put it before the optimizer, so that
+  the penalty's gradient goes through the optimizer like the loss's (classic
+  L2 regularisation; with Adam, prefer `add_decayed_weights` after it).
+
+  Args:
+    rate: the penalty's rate, a float `>= 0` or an optax schedule.
+    mask: which leaves to penalise, as for `add_decayed_weights` (by
+      default `og.decay_mask`: Flax kernels and embeddings; None: all).
+    axis_name: mesh axis name(s) over which the recorded penalty is summed.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose update needs `params`,
+    with state `AddL2PenaltyState` (metrics `param/weight_decay`,
+    `param/l2_penalty`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"kernel": jnp.array([[1.0, -2.0]])}
+    >>> tx = optax.chain(og.add_l2_penalty(0.5), optax.sgd(1.0))
+    >>> grads = {"kernel": jnp.zeros((1, 2))}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(updates["kernel"], float(og.metrics(state)["param/l2_penalty"]))
+    [[-0.5  1. ]] 1.25
+
+  References:
+    Krogh & Hertz, 1991, "A Simple Weight Decay Can Improve Generalization"
+    (NeurIPS).
+  """
+  return _make("add_l2_penalty", False,
+               AddL2PenaltyState, rate, mask, axis_name)
+
+
+def add_l1_penalty(
+    rate: float | optax.Schedule, *, mask: Mask = _DEFAULT,
+    axis_name: _stats.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  """L1 regularisation: adds the gradient of `rate * ||W||_1`.
+
+  Adds `rate * sign(W)` to the gradients (0 where a weight is exactly 0, the
+  subgradient that keeps a zero weight at zero); put it before the
+  optimizer.
+
+  Args:
+    rate: the penalty's rate, a float `>= 0` or an optax schedule.
+    mask: which leaves to penalise, as for `add_decayed_weights` (by
+      default `og.decay_mask`: Flax kernels and embeddings; None: all).
+    axis_name: mesh axis name(s) over which the recorded penalty is summed.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose update needs `params`,
+    with state `AddL1PenaltyState` (metrics `param/l1_rate`,
+    `param/l1_penalty`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"kernel": jnp.array([[1.5, 0.0, -2.0]])}
+    >>> tx = og.add_l1_penalty(0.1)
+    >>> grads = {"kernel": jnp.zeros((1, 3))}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(updates["kernel"], f"{float(state.penalty):.2f}")
+    [[ 0.1  0.  -0.1]] 0.35
+
+  References:
+    Tibshirani, 1996, "Regression Shrinkage and Selection via the Lasso",
+    J. R. Stat. Soc. B 58(1).
+  """
+  return _make("add_l1_penalty", True,
+               AddL1PenaltyState, rate, mask, axis_name)

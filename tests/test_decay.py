@@ -1,0 +1,227 @@
+"""Weight decay and L1/L2 penalties (issue 5) against closed forms and optax."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(3, 4)),
+                                            jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+          "LayerNorm_0": {"scale": jnp.asarray(rng.normal(size=(4,)),
+                                               jnp.float32)},
+          "Embed_0": {"embedding": jnp.asarray(rng.normal(size=(5, 4)),
+                                               jnp.float32)},
+          "w": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32),
+          "v": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+
+
+DEFAULT = {"Dense_0": {"kernel": True, "bias": False},
+           "LayerNorm_0": {"scale": False}, "Embed_0": {"embedding": True},
+           "w": True, "v": False}
+
+
+def _grads(seed):
+  rng = np.random.default_rng(100 + seed)
+  return jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), _params())
+
+
+def test_default_mask_rule_on_names_and_shapes():
+  assert og.decay_mask(_params()) == DEFAULT
+
+
+def _real_flax_params():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, image):
+      x = nn.Embed(11, 8)(tokens)
+      x = nn.LayerNorm()(x)
+      x = nn.MultiHeadDotProductAttention(num_heads=2)(x)
+      x = nn.RMSNorm()(nn.Dense(8)(x))
+      y = nn.Conv(4, (3, 3))(image)
+      y = nn.BatchNorm(use_running_average=True)(y)
+      y = nn.GroupNorm(num_groups=2)(y)
+      return x.sum() + y.sum()
+
+  variables = Block().init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32),
+                           jnp.zeros((2, 6, 6, 3)))
+  return variables["params"]
+
+
+def test_default_mask_on_a_real_flax_model():
+  params = _real_flax_params()
+  mask = og.decay_mask(params)
+  decayed = sorted(
+      "/".join(str(k.key) for k in path)
+      for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0] if flag)
+  assert decayed == [
+      "Conv_0/kernel", "Dense_0/kernel", "Embed_0/embedding",
+      "MultiHeadDotProductAttention_0/key/kernel",
+      "MultiHeadDotProductAttention_0/out/kernel",
+      "MultiHeadDotProductAttention_0/query/kernel",
+      "MultiHeadDotProductAttention_0/value/kernel"]
+  # The transformation follows the mask: only those leaves move.
+  tx = og.add_decayed_weights(0.1)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = "/".join(str(k.key) for k in path)
+    p = np.asarray(params_at(params, path))
+    np.testing.assert_allclose(u, 0.1 * p if name in decayed else 0 * p,
+                               rtol=1e-6, err_msg=name)
+
+
+def params_at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+@pytest.mark.parametrize("mask", [None, DEFAULT, og.decay_mask])
+def test_add_decayed_weights_agrees_with_optax(mask):
+  params = _params()
+  ours = og.add_decayed_weights(0.05, **({} if mask is DEFAULT else
+                                        {"mask": mask}))
+  theirs = optax.add_decayed_weights(0.05, mask=mask)
+  s_ours, s_theirs = ours.init(params), theirs.init(params)
+  for i in range(3):
+    u1, s_ours = ours.update(_grads(i), s_ours, params)
+    u2, s_theirs = theirs.update(_grads(i), s_theirs, params)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+def _selected(params, mask):
+  flags = jax.tree.leaves(mask if mask is not None else
+                          jax.tree.map(lambda _: True, params))
+  return [np.asarray(p, np.float64) for p, f in
+          zip(jax.tree.leaves(params), flags) if f]
+
+
+@pytest.mark.parametrize("factory", [og.add_decayed_weights, og.add_l2_penalty])
+def test_l2_gradient_and_penalty_in_closed_form(factory):
+  params, grads = _params(), _grads(0)
+  tx = factory(0.3)
+  out, state = tx.update(grads, tx.init(params), params)
+  for u, g, p, flag in zip(jax.tree.leaves(out), jax.tree.leaves(grads),
+                           jax.tree.leaves(params), jax.tree.leaves(DEFAULT)):
+    np.testing.assert_allclose(u, g + (0.3 * p if flag else 0.0), rtol=1e-6)
+  want = 0.5 * 0.3 * sum(np.sum(p * p) for p in _selected(params, DEFAULT))
+  m = og.metrics(state)
+  np.testing.assert_allclose(m["param/l2_penalty"], want, rtol=1e-6)
+  np.testing.assert_allclose(m["param/weight_decay"], 0.3)
+
+
+def test_l2_penalty_is_the_gradient_of_the_penalty():
+  params = _params()
+  penalty = lambda p: 0.5 * 0.3 * sum(
+      jnp.sum(jnp.square(x)) for x, f in zip(jax.tree.leaves(p),
+                                             jax.tree.leaves(DEFAULT)) if f)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = og.add_l2_penalty(0.3)
+  out, _ = tx.update(zeros, tx.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               out, jax.grad(penalty)(params))
+
+
+def test_l1_penalty_sign_with_zero_at_zero():
+  params = {"kernel": jnp.asarray([[1.5, 0.0, -2.0], [0.0, -0.1, 3.0]])}
+  grads = {"kernel": jnp.asarray([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])}
+  tx = og.add_l1_penalty(0.25)
+  out, state = tx.update(grads, tx.init(params), params)
+  p = np.asarray(params["kernel"])
+  np.testing.assert_allclose(out["kernel"],
+                             np.asarray(grads["kernel"]) + 0.25 * np.sign(p),
+                             rtol=1e-6)
+  np.testing.assert_allclose(og.metrics(state)["param/l1_penalty"],
+                             0.25 * np.abs(p).sum(), rtol=1e-6)
+
+
+def test_schedules_follow_the_step():
+  schedule = optax.linear_schedule(1.0, 0.0, 4)
+  params = _params()
+  for factory in (og.add_decayed_weights, og.add_l2_penalty,
+                  og.add_l1_penalty):
+    tx = factory(schedule, mask=None)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for t in range(6):
+      g = _grads(t)
+      out, state = step(g, state, params)
+      rate = max(1.0 - t / 4, 0.0)
+      d = (jax.tree.map(jnp.sign, params) if factory is og.add_l1_penalty
+           else params)
+      jax.tree.map(lambda u, gg, dd: np.testing.assert_allclose(
+          u, gg + rate * dd, rtol=1e-6, atol=1e-7), out, g, d)
+      np.testing.assert_allclose(state.rate, rate, atol=1e-7)
+    assert int(state.count) == 6
+
+
+def test_mask_as_tree_callable_and_none():
+  params, grads = _params(), _grads(1)
+  only_w = jax.tree.map(lambda _: False, params)
+  only_w["w"] = True
+  for mask in (only_w, lambda p: only_w):
+    tx = og.add_l2_penalty(1.0, mask=mask)
+    out, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(out["w"], grads["w"] + params["w"], rtol=1e-6)
+    np.testing.assert_array_equal(out["v"], grads["v"])
+  tx = og.add_l2_penalty(1.0, mask=None)
+  out, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(out["v"], grads["v"] + params["v"], rtol=1e-6)
+
+
+def test_errors():
+  params = _params()
+  for factory in (og.add_decayed_weights, og.add_l2_penalty,
+                  og.add_l1_penalty):
+    tx = factory(0.1)
+    name = factory.__name__
+    with pytest.raises(ValueError, match=rf"`{name}` needs the current "
+                       r"parameters: call `update\(updates, state, params\)`"
+                       r"; it was called with params=None\."):
+      tx.update(_grads(0), tx.init(params))
+    with pytest.raises(ValueError, match=r"`rate` must be a finite real "
+                       r"number >= 0, but got -0\.1\."):
+      factory(-0.1)
+    with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must hold "
+                       r"one Python bool per parameter leaf, but got 1\."):
+      factory(0.1, mask=jax.tree.map(lambda _: 1, params)).init(params)
+    with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
+                       r"the structure of the parameters"):
+      factory(0.1, mask={"w": True}).init(params)
+
+
+def test_penalty_value_under_shard_map_counts_a_sharded_kernel_once_per_shard():
+  """A kernel sharded over 8 devices beside a replicated bias: the recorded
+  penalty is the global one, identical on every device."""
+  mesh = jax.make_mesh((8,), ("d",))
+  rng = np.random.default_rng(3)
+  kernel = rng.normal(size=(16, 4)).astype(np.float32)
+  bias = rng.normal(size=(4,)).astype(np.float32)
+  for factory, want in (
+      (og.add_l2_penalty, 0.5 * 0.2 * (np.sum(kernel.astype(np.float64) ** 2)
+                                       + np.sum(bias.astype(np.float64) ** 2))),
+      (og.add_l1_penalty, 0.2 * (np.abs(kernel).sum() + np.abs(bias).sum()))):
+    tx = factory(0.2, mask=None, axis_name="d")
+
+    def run(k, b):
+      p = {"kernel": k, "bias": b}
+      _, s = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+      return s.penalty[None]
+
+    fn = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("d"), P()),
+                               out_specs=P("d")))
+    got = fn(jax.device_put(kernel, NamedSharding(mesh, P("d"))),
+             jax.device_put(bias, NamedSharding(mesh, P())))
+    np.testing.assert_allclose(np.asarray(got), np.full(8, want), rtol=1e-5)

@@ -1,0 +1,206 @@
+"""Gradient penalties (issue 5) against hand-derived gradients.
+
+On a quadratic loss `L = 1/2 t'At - b't` the gradient is `g = At - b` and the
+Hessian `A`, so `grad ||g||^2 = 2 A g` and `grad ||g|| = A g / ||g||` are
+known in closed form; the finite-difference scheme is exact there (up to
+rounding) and converges at O(r) on a non-quadratic loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+STRENGTH = 0.3
+
+
+def _quadratic(seed=0, n=5):
+  rng = np.random.default_rng(seed)
+  m = rng.normal(size=(n, n))
+  a = (m @ m.T / n + np.eye(n)).astype(np.float32)
+  b = rng.normal(size=n).astype(np.float32)
+  theta = rng.normal(size=n).astype(np.float32)
+
+  def loss_fn(params):
+    t = params["t"]
+    return 0.5 * t @ (a @ t) - b @ t
+
+  g = a.astype(np.float64) @ theta - b
+  return loss_fn, {"t": jnp.asarray(theta)}, a.astype(np.float64), g
+
+
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("method,rtol", [("exact", 1e-5),
+                                         ("finite_difference", 2e-4)])
+def test_quadratic_against_the_hessian(squared, method, rtol):
+  loss_fn, params, a, g = _quadratic()
+  fn = og.gradient_norm_penalty(loss_fn, STRENGTH, squared=squared,
+                                method=method, radius=0.1)
+  loss, grads = jax.jit(fn)(params)
+  hg = a @ g
+  want = g + (2 * STRENGTH * hg if squared else
+              STRENGTH * hg / np.linalg.norm(g))
+  np.testing.assert_allclose(grads["t"], want, rtol=rtol)
+  np.testing.assert_allclose(loss, loss_fn(params), rtol=1e-6)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_finite_difference_converges_to_the_exact_penalty(squared):
+  """On a quartic loss the scheme's error shrinks linearly with `radius`."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=16), jnp.float32)
+
+  def loss_fn(w):
+    return jnp.mean((jnp.tanh(x @ w["a"]) @ w["b"] - y) ** 2) + 0.1 * jnp.sum(
+        w["a"] ** 4)
+
+  w = {"a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+       "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+  _, exact = og.gradient_norm_penalty(loss_fn, 1.0, squared=squared)(w)
+  errors = []
+  for radius in (0.1, 0.03, 0.01):
+    _, fd = og.gradient_norm_penalty(
+        loss_fn, 1.0, squared=squared, method="finite_difference",
+        radius=radius)(w)
+    errors.append(np.sqrt(sum(np.sum((np.asarray(u) - np.asarray(v)) ** 2)
+                              for u, v in zip(jax.tree.leaves(fd),
+                                              jax.tree.leaves(exact)))))
+  assert errors[0] > errors[1] > errors[2]
+  # O(r): a 10x smaller radius, a ~10x smaller error (not O(r^2), not O(1)).
+  assert 4.0 < errors[0] / errors[2] < 25.0, errors
+
+
+def test_exact_penalty_is_the_gradient_of_the_penalised_loss():
+  """Independent check by autodiff of the written-out objective."""
+  loss_fn, params, _, _ = _quadratic(2)
+
+  def objective(p):
+    g = jax.grad(loss_fn)(p)["t"]
+    return loss_fn(p) + STRENGTH * jnp.linalg.norm(g)
+
+  _, grads = og.gradient_norm_penalty(loss_fn, STRENGTH)(params)
+  np.testing.assert_allclose(grads["t"], jax.grad(objective)(params)["t"],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_has_aux_and_extra_arguments(method):
+  loss_fn, params, a, g = _quadratic(3)
+
+  def with_aux(p, scale):
+    return scale * loss_fn(p), {"doubled": 2.0 * loss_fn(p)}
+
+  fn = og.gradient_norm_penalty(with_aux, STRENGTH, method=method,
+                                has_aux=True, squared=True)
+  (loss, aux), grads = fn(params, jnp.float32(1.0))
+  np.testing.assert_allclose(loss, loss_fn(params), rtol=1e-6)
+  np.testing.assert_allclose(aux["doubled"], 2 * loss_fn(params), rtol=1e-6)
+  np.testing.assert_allclose(grads["t"], g + 2 * STRENGTH * a @ g, rtol=2e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("squared", [True, False])
+def test_zero_gradient_gives_zero_penalty_gradient(method, squared):
+  fn = og.gradient_norm_penalty(lambda w: jnp.sum(w ** 2), 1.0,
+                                method=method, squared=squared)
+  _, grads = fn(jnp.zeros(3))
+  np.testing.assert_array_equal(grads, np.zeros(3))
+
+
+def test_transformation_equals_the_function_and_composes_with_guard():
+  loss_fn, params, a, g = _quadratic(4)
+  grad_fn = jax.grad(loss_fn)
+  _, want = og.gradient_norm_penalty(loss_fn, STRENGTH,
+                                     method="finite_difference",
+                                     radius=0.05)(params)
+  tx = og.add_gradient_norm_penalty(STRENGTH, radius=0.05)
+  out, state = tx.update(grad_fn(params), tx.init(params), params,
+                         grad_fn=grad_fn)
+  np.testing.assert_allclose(out["t"], want["t"], rtol=1e-6)
+  np.testing.assert_allclose(og.metrics(state)["grad/norm_penalty"],
+                             STRENGTH * np.linalg.norm(g), rtol=1e-5)
+  # In a chain with a guard: the penalised gradient is what gets clipped.
+  chain = optax.chain(og.add_gradient_norm_penalty(STRENGTH, radius=0.05),
+                      og.guard(og.sgd(1.0), max_norm=0.5))
+
+  @jax.jit
+  def step(p, s):
+    return chain.update(grad_fn(p), s, p, grad_fn=grad_fn, loss=loss_fn(p))
+
+  updates, state = step(params, chain.init(params))
+  norm = np.linalg.norm(want["t"])
+  np.testing.assert_allclose(og.metrics(state)["grad/norm"], norm, rtol=1e-5)
+  np.testing.assert_allclose(-updates["t"],
+                             np.asarray(want["t"]) * min(1.0, 0.5 / norm),
+                             rtol=1e-5)
+
+
+def test_errors():
+  tx = og.add_gradient_norm_penalty(0.1)
+  params = {"t": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"`add_gradient_norm_penalty` needs "
+                     r"the gradient function of the loss on the current "
+                     r"batch: call `update\(grads, state, params, "
+                     r"grad_fn=...\)` with `grad_fn\(params\) -> grads`; it "
+                     r"got grad_fn=None\."):
+    tx.update(params, tx.init(params), params)
+  with pytest.raises(ValueError, match=r"`add_gradient_norm_penalty` needs "
+                     r"the current parameters"):
+    tx.update(params, tx.init(params), grad_fn=lambda p: p)
+  with pytest.raises(ValueError, match=r"`method` must be one of 'exact', "
+                     r"'finite_difference', but got 'fd'\."):
+    og.gradient_norm_penalty(jnp.sum, 0.1, method="fd")
+  with pytest.raises(ValueError, match=r"`radius` must be a finite real "
+                     r"number > 0, but got 0\.0\."):
+    og.gradient_norm_penalty(jnp.sum, 0.1, radius=0.0)
+  with pytest.raises(ValueError, match=r"`strength` must be a finite real "
+                     r"number >= 0, but got -1\."):
+    og.add_gradient_norm_penalty(-1)
+  with pytest.raises(ValueError, match=r"`target` must be a finite real "
+                     r"number >= 0, but got -1\.0\."):
+    og.input_gradient_penalty(jnp.sum, jnp.ones((2, 2)), target=-1.0)
+
+
+# ==================================================== input-gradient penalties
+
+
+def test_r1_and_wgan_gp_on_a_linear_critic():
+  """D(x) = w.x + c: grad_x D = w for every example, so R1 = ||w||^2 and
+  WGAN-GP = (||w|| - 1)^2, with gradients 2w and 2(||w|| - 1) w / ||w||."""
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.normal(size=6), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+  critic = lambda w: (lambda inputs: inputs @ w + 0.5)
+  norm = np.linalg.norm(np.asarray(w, np.float64))
+  r1 = lambda w: og.input_gradient_penalty(critic(w), x)
+  gp = lambda w: og.input_gradient_penalty(critic(w), x, target=1.0)
+  np.testing.assert_allclose(r1(w), norm ** 2, rtol=1e-6)
+  np.testing.assert_allclose(gp(w), (norm - 1) ** 2, rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(r1)(w), 2 * np.asarray(w), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(gp)(w),
+                             2 * (norm - 1) * np.asarray(w) / norm, rtol=1e-5)
+
+
+def test_input_gradient_penalty_per_example_on_a_quadratic_critic():
+  """D(x) = 1/2 x'Qx per example: grad = Qx, different for each example."""
+  rng = np.random.default_rng(6)
+  q = rng.normal(size=(3, 3))
+  q = (q + q.T).astype(np.float32)
+  x = rng.normal(size=(9, 3)).astype(np.float32)
+  critic = lambda inputs: 0.5 * jnp.einsum("bi,ij,bj->b", inputs, q, inputs)
+  norms = np.linalg.norm(x.astype(np.float64) @ q, axis=1)
+  np.testing.assert_allclose(og.input_gradient_penalty(critic, x, target=1.0),
+                             np.mean((norms - 1) ** 2), rtol=1e-5)
+  # Images [B, H, W, C] with a [B, 1] score work the same way.
+  images = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+  score = lambda im: jnp.sum(im ** 2, axis=(1, 2, 3))[:, None]
+  np.testing.assert_allclose(
+      og.input_gradient_penalty(score, images),
+      np.mean(np.sum((2 * images.astype(np.float64)) ** 2, axis=(1, 2, 3))),
+      rtol=1e-5)
