@@ -63,6 +63,7 @@ CONTENDERS: list[tuple[str, Callable[[], Any], str]] = [
 ]
 
 MB = 1 << 20
+ONLY: set[str] = set()  # --only: the contenders to run (with the baseline)
 
 
 # --------------------------------------------------------------- workloads --
@@ -239,6 +240,8 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
         f"{len(leaves)} leaves, {leaves[0].dtype}", flush=True)
   runs: dict[str, dict[str, Any]] = {}
   for cname, factory, _ in CONTENDERS:
+    if ONLY and cname not in ONLY and cname != CONTENDERS[0][0]:
+      continue
     try:
       factory()
     except AttributeError as e:  # An API this checkout lacks.
@@ -284,6 +287,7 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
     r = runs[cname]
     ratios = [med(s) / med(b) for s, b in zip(r["step_s"], baseline["step_s"])]
     c_ratios = [c / b for c, b in zip(r["compile_s"], baseline["compile_s"])]
+    same_as = same_as if same_as in runs else cname  # not run: --only
     diff, finite = _compare(r["params"], runs[same_as]["params"])
     out[cname] = dict(
         step_ratio=med(ratios) if ratios else None,
@@ -359,7 +363,11 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/latest.json")
   parser.add_argument("--quick", action="store_true",
                       help="small sizes and 2x2 rounds: a smoke test")
+  parser.add_argument("--only", default="",
+                      help="comma-separated contender names to run (the "
+                      "baseline always runs)")
   args = parser.parse_args()
+  ONLY.update(n for n in args.only.split(",") if n)
   if args.quick:
     args.rounds, args.steps = min(args.rounds, 2), min(args.steps, 2)
 

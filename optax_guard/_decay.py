@@ -136,7 +136,8 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
                       ) if chosen else jnp.zeros((), jnp.float32)
       penalty = r * total
     else:
-      norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
+      norm = _stats.tree_stats(chosen, axis_name=axis_name,
+                               branch=False).global_norm
       penalty = 0.5 * r * jnp.square(norm)
     return jax.tree.unflatten(treedef, out), state_type(
         count=optax.safe_increment(state.count), rate=r, penalty=penalty)

@@ -254,13 +254,21 @@ def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
 
 
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
-               count_above: Any = None) -> TreeStats:
-  """Measures every leaf of `tree` in one fused pass (see module docstring).
+               count_above: Any = None, branch: bool = True) -> TreeStats:
+  """Measures every leaf of `tree` (see module docstring).
+
+  With `branch` (for gradients), the common step costs one plain sum of
+  squares per leaf, the reduction XLA vectorises best; only when a sum is not
+  finite or is so small that squares may have underflowed does a `lax.cond`
+  run the full pass (rescaled sums and NaN/Inf counts). A branch over a tree
+  that the step also updates in place (the parameters) would make XLA copy
+  it: pass `branch=False` there, for the full pass every step.
 
   Args:
     tree: a tree of arrays of any float dtype.
     axis_name: mesh axes to reduce over (see `per_leaf`).
     count_above: if not None, also count elements with `|x| > count_above`.
+    branch: take the plain-sum fast path on ordinary steps.
 
   Returns:
     A `TreeStats` of global, replica-identical values.
@@ -270,7 +278,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = tree_stats(tree, count_above=count_above)
+    local = tree_stats(tree, count_above=count_above, branch=branch)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -287,6 +295,47 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(empty, ints, empty,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
+  if not branch or any(jnp.iscomplexobj(x) for x in leaves):
+    return _full_stats(leaves, axis_name, count_above)
+
+  def plain_pass(block, _):
+    # A plain sum of squares is the reduction XLA:CPU vectorises (~8x faster
+    # than the variadic one of the full pass). A count beside it is taken in
+    # one two-term reduction instead: as a second plain sum, its producer
+    # would be materialised as a leaf-sized temporary.
+    x = block.astype(jnp.float32)
+    rest = _rest(block)
+    if count_above is None:
+      sums = [jnp.sum(x * x, axis=rest)]
+    else:
+      sums = list(lax.reduce(
+          (x * x, jnp.where(jnp.abs(x) > count_above, 1.0, 0.0)),
+          (jnp.float32(0), jnp.float32(0)),
+          lambda a, b: (a[0] + b[0], a[1] + b[1]), rest))
+    size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
+    return jnp.stack(sums + [size], 1)
+
+  plain = per_leaf(leaves, plain_pass, axis_name, "sum")
+  sumsq, sizes = plain[:, 0], plain[:, -1]
+  ordinary = jnp.all(jnp.isfinite(sumsq) &
+                     (sumsq >= sizes * _UNDERFLOW_FLOOR))
+
+  def fast():
+    norms = jnp.sqrt(sumsq)
+    count = (None if count_above is None
+             else plain[:, 1].astype(jnp.int32))
+    return TreeStats(norms, jnp.zeros(norms.shape, jnp.int32), sizes, count,
+                     combine_norms(norms))
+
+  # The predicate is global (reduced over the devices), so every replica
+  # takes the same branch and the collectives inside it match.
+  return lax.cond(ordinary, fast,
+                  lambda: _full_stats(leaves, axis_name, count_above))
+
+
+def _full_stats(leaves: list[jax.Array], axis_name: AxisName,
+                count_above: Any) -> TreeStats:
+  """One variadic pass: rescaled sums of squares, NaN/Inf and counts."""
 
   def one_pass(block, _):
     # One variadic reduction: XLA reads the block once for all the sums
