@@ -13,7 +13,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import optax
 
@@ -109,10 +108,7 @@ def _unit_sums(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   """`[3, *units]`: the sums of `square_terms` of each unit of `x` (f32)."""
   reduce_axes = tuple(a for a in range(x.ndim) if a not in keep)
   terms = _stats.square_terms(x.astype(jnp.float32))
-  sums = lax.reduce(tuple(terms), (jnp.float32(0),) * 3,
-                    lambda a, b: tuple(u + v for u, v in zip(a, b)),
-                    reduce_axes)
-  return jnp.stack(sums)
+  return jnp.stack(_stats.sum_terms(terms, reduce_axes))
 
 
 def _unit_norms(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
