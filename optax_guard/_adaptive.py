@@ -209,8 +209,6 @@ def adaptive_grad_clip(
   _args.check_number("clipping", clipping, strict=True)
   _args.check_number("eps", eps)
   _stats.check_axis_name(axis_name)
-  if unit_axes is not None and not callable(unit_axes):
-    jax.tree_util.tree_structure(unit_axes)  # a tree; checked against params
 
   def init_fn(params):
     _resolve_unit_axes(params, unit_axes)  # bad overrides fail here
@@ -250,8 +248,7 @@ def adaptive_grad_clip(
                  zip(jnp.split(flat, splits), g_norms)]
     lam = jnp.asarray(clipping, jnp.float32)
     out, before, after, fractions = [], [], [], []
-    for g, p, k, gn, units in zip(g_leaves, p_leaves, unit_axes_of, g_norms,
-                                  units_of):
+    for g, p, k, gn in zip(g_leaves, p_leaves, unit_axes_of, g_norms):
       limit = lam * jnp.maximum(_unit_norms(_metrics.unwrap(p), k),
                                 jnp.asarray(eps, jnp.float32))
       clip = jnp.isfinite(gn) & (gn > limit)

@@ -99,8 +99,6 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
   """The transformation adding `rate * (sign(W) if l1 else W)`."""
   if not callable(rate):
     _args.check_number("rate", rate)
-  if not (mask is _DEFAULT or mask is None or callable(mask)):
-    jax.tree_util.tree_structure(mask)
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
@@ -136,8 +134,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
                       ) if chosen else jnp.zeros((), jnp.float32)
       penalty = r * total
     else:
-      norm = _stats.tree_stats(chosen, axis_name=axis_name,
-                               branch=False).global_norm
+      norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = 0.5 * r * jnp.square(norm)
     return jax.tree.unflatten(treedef, out), state_type(
         count=optax.safe_increment(state.count), rate=r, penalty=penalty)

@@ -101,7 +101,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
       frac_above_1=layers(frac, state.frac_above_1),
       nonfinite=layers(stats.nonfinite, state.nonfinite))
   if params is not None:
-    pstats = _stats.tree_stats(params, axis_name=axis_name, branch=True)
+    pstats = _stats.tree_stats(params, axis_name=axis_name)
     changes.update(
         param_norm=pstats.global_norm,
         param_layer_norms=layers(pstats.norms, state.param_layer_norms),

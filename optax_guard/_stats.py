@@ -1,14 +1,16 @@
 """The one statistics pass over a gradient tree, and the cross-device reduce.
 
-Every transformation of the package measures gradients through `tree_stats`:
-one read of each leaf computes, in float32 whatever the leaf's dtype, its sum
-of squares (three of them, two rescaled by powers of two, so that norms are
-right where the squares overflow or underflow float32), its count of NaN/Inf
-elements and (when asked) how many elements exceed a threshold; XLA fuses
-these sibling reductions into a single pass. There is no branch on the
-gradients or parameters: a `lax.cond` over them makes XLA copy the buffers it
-would otherwise update in place. Small leaves of one shape are measured
-stacked, which keeps the compiled program small.
+Every transformation of the package measures gradients through `tree_stats`.
+On an ordinary step it reads each leaf once for a plain float32 sum of
+squares (and, for the monitor, a count of large elements): the reduction
+XLA vectorises best. Only when a sum is not finite (a NaN or Inf, or squares
+overflowing float32: elements above ~1.8e19, large bf16 values) or so small
+that squares may have underflowed does a `lax.cond` run the full pass: three
+sums of squares, two rescaled by powers of two, so that norms are right
+where the squares overflow or underflow, and the count of NaN/Inf elements.
+The branch was checked not to make XLA copy the donated buffers the step
+updates in place. Small leaves of one shape are measured stacked, which
+keeps the compiled program small.
 
 Cross-device statistics (`axis_name`): inside `shard_map` JAX types each value
 with the mesh axes along which it varies (`vma`). A leaf's sums are `psum`med
@@ -223,12 +225,10 @@ def _magnitude(x: jax.Array) -> jax.Array:
   return jnp.abs(x).astype(jnp.float32)
 
 
-# Three sums of squares ride in the one pass: the plain one, and two rescaled
-# by exact powers of two for the rare leaf whose squares overflow float32
-# (elements above ~1.8e19, or large bf16 values) or underflow it (elements
-# below ~1e-19, flushed to zero). All three cost one read; no branch, so XLA
-# keeps the buffers it updates in place (a `lax.cond` over the gradients or
-# parameters makes it copy them).
+# The full pass sums three squares in one read: the plain one, and two
+# rescaled by exact powers of two for the rare leaf whose squares overflow
+# float32 (elements above ~1.8e19, or large bf16 values) or underflow it
+# (elements below ~1e-19, flushed to zero).
 _DOWN, _UP = 2.0**-80, 2.0**80
 # Below `size * _UNDERFLOW_FLOOR` the plain sum may have lost its small terms;
 # the relative error of the plain sum above it is at most ~1.5e-8.
@@ -272,21 +272,18 @@ def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
 
 
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
-               count_above: Any = None, branch: bool = True) -> TreeStats:
+               count_above: Any = None) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
-  With `branch` (for gradients), the common step costs one plain sum of
-  squares per leaf, the reduction XLA vectorises best; only when a sum is not
-  finite or is so small that squares may have underflowed does a `lax.cond`
-  run the full pass (rescaled sums and NaN/Inf counts). A branch over a tree
-  that the step also updates in place (the parameters) would make XLA copy
-  it: pass `branch=False` there, for the full pass every step.
+  The common step costs one plain sum of squares per leaf, the reduction
+  XLA vectorises best; only when a sum is not finite or is so small that
+  squares may have underflowed does a `lax.cond` run the full pass
+  (rescaled sums and NaN/Inf counts).
 
   Args:
     tree: a tree of arrays of any float dtype.
     axis_name: mesh axes to reduce over (see `per_leaf`).
     count_above: if not None, also count elements with `|x| > count_above`.
-    branch: take the plain-sum fast path on ordinary steps.
 
   Returns:
     A `TreeStats` of global, replica-identical values.
@@ -296,7 +293,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = tree_stats(tree, count_above=count_above, branch=branch)
+    local = tree_stats(tree, count_above=count_above)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -313,7 +310,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(empty, ints, empty,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
-  if not branch or any(jnp.iscomplexobj(x) for x in leaves):
+  if any(jnp.iscomplexobj(x) for x in leaves):
     return _full_stats(leaves, axis_name, count_above)
 
   def plain_pass(block, _):

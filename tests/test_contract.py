@@ -247,8 +247,9 @@ def test_inside_multi_steps_and_masked(name):
   params = _params()
   multi = optax.MultiSteps(_make(name), every_k_schedule=2)
   state = multi.init(params)
+  update = jax.jit(multi.update)  # eager, every op would dispatch alone
   for i in range(4):
-    _, state = multi.update(_grads(i), state, params)
+    _, state = update(_grads(i), state, params)
   _assert_holds_state(state, name)
   mask = {"Dense_0": {"kernel": True, "bias": False}, "head": True}
   masked = optax.masked(_make(name), mask)
