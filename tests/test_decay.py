@@ -225,3 +225,44 @@ def test_penalty_value_under_shard_map_counts_a_sharded_kernel_once_per_shard():
     got = fn(jax.device_put(kernel, NamedSharding(mesh, P("d"))),
              jax.device_put(bias, NamedSharding(mesh, P())))
     np.testing.assert_allclose(np.asarray(got), np.full(8, want), rtol=1e-5)
+
+
+def test_default_mask_and_decay_on_flax_nnx():
+  """nnx states hold `Variable`s: names drop their `value`, and the decay
+  runs inside `nnx.Optimizer` (beside AGC, which also needs params)."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.LayerNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.dense(x))
+
+  model = Model(nnx.Rngs(0))
+  mask = og.decay_mask(nnx.state(model, nnx.Param))
+  flags = {"/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                    for k in path[:-1]): flag
+           for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert flags == {"dense/bias": False, "dense/kernel": True,
+                   "norm/bias": False, "norm/scale": False}
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  tx = optax.chain(og.adaptive_grad_clip(0.1), optax.sgd(0.0),
+                   og.add_decayed_weights(0.5), optax.scale(-1.0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3)))))(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer)
+  after = nnx.state(model, nnx.Param)
+  # lr 0: only the decay moves the weights, and only the kernel.
+  np.testing.assert_allclose(after["dense"]["kernel"][...],
+                             0.5 * before["dense"]["kernel"][...], rtol=1e-6)
+  np.testing.assert_array_equal(after["dense"]["bias"][...],
+                                before["dense"]["bias"][...])
+  np.testing.assert_array_equal(after["norm"]["scale"][...],
+                                before["norm"]["scale"][...])
