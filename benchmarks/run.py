@@ -229,15 +229,25 @@ def _compare(tree: Any, ref: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def run_workload(name: str, make_params: Callable, compile_reps: int,
-                 rounds: int, steps: int) -> dict[str, Any]:
-  """Compiles, measures and times every contender on one workload."""
+                 rounds: int, steps: int, grad_norm: float) -> dict[str, Any]:
+  """Compiles, measures and times every contender on one workload.
+
+  The gradients are normal, scaled to the global norm `grad_norm` (0: unit
+  normal elements, the worst case for the monitor's count of elements
+  above 1, which then reads every leaf).
+  """
   # One jitted call builds a fresh parameter tree (eager ops would compile a
   # kernel per shape); each contender gets its own, since they are donated.
   make_params = jax.jit(make_params)
-  grads = jax.jit(normal_like)(jax.random.key(1), make_params())
+  like = jax.eval_shape(make_params)
+  size = sum(x.size for x in jax.tree.leaves(like))
+  scale = grad_norm / math.sqrt(size) if grad_norm > 0 else 1.0
+  grads = jax.jit(normal_like, static_argnums=2)(jax.random.key(1),
+                                                 make_params(), scale)
   leaves = jax.tree.leaves(grads)
-  print(f"\n== {name}: {sum(x.size for x in leaves) / 1e6:.2f}M params in "
-        f"{len(leaves)} leaves, {leaves[0].dtype}", flush=True)
+  print(f"\n== {name}: {size / 1e6:.2f}M params in {len(leaves)} leaves, "
+        f"{leaves[0].dtype}, gradient elements ~N(0, {scale:.3g}^2)",
+        flush=True)
   runs: dict[str, dict[str, Any]] = {}
   for cname, factory, _ in CONTENDERS:
     if ONLY and cname not in ONLY and cname != CONTENDERS[0][0]:
@@ -363,6 +373,9 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/latest.json")
   parser.add_argument("--quick", action="store_true",
                       help="small sizes and 2x2 rounds: a smoke test")
+  parser.add_argument("--grad-norm", type=float, default=2.0,
+                      help="global norm of the synthetic gradients (a typical "
+                      "pre-clip norm); 0 for unit normal elements")
   parser.add_argument("--only", default="",
                       help="comma-separated contender names to run (the "
                       "baseline always runs)")
@@ -378,10 +391,12 @@ def main() -> None:
       flax=flax.__version__, python=platform.python_version(),
       device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
       cpu_count=os.cpu_count(), rounds=args.rounds, steps=args.steps,
+      grad_norm=args.grad_norm,
       quick=args.quick, workloads={}, tables={})
   for name, make, compile_reps in workloads(args.workload, args.quick):
     t0 = time.perf_counter()
-    res = run_workload(name, make, compile_reps, args.rounds, args.steps)
+    res = run_workload(name, make, compile_reps, args.rounds, args.steps,
+                       args.grad_norm)
     print(f"  ({name}: {time.perf_counter() - t0:.0f} s)")
     report["workloads"][name] = res
     report["tables"][name] = table(name, res, args.rounds, args.steps)

@@ -1,16 +1,18 @@
 """The one statistics pass over a gradient tree, and the cross-device reduce.
 
 Every transformation of the package measures gradients through `tree_stats`.
-On an ordinary step it reads each leaf once for a plain float32 sum of
-squares (and, for the monitor, a count of large elements): the reduction
-XLA vectorises best. Only when a sum is not finite (a NaN or Inf, or squares
-overflowing float32: elements above ~1.8e19, large bf16 values) or so small
-that squares may have underflowed does a `lax.cond` run the full pass: three
-sums of squares, two rescaled by powers of two, so that norms are right
-where the squares overflow or underflow, and the count of NaN/Inf elements.
-The branch was checked not to make XLA copy the donated buffers the step
-updates in place. Small leaves of one shape are measured stacked, which
-keeps the compiled program small.
+On an ordinary step it reads each leaf once, for a plain float32 sum of
+squares: the reduction XLA vectorises best. The rest is decided from those
+sums, per large leaf (and once for all the small ones), by `lax.cond`:
+only where a sum is not finite (a NaN or Inf, or squares overflowing
+float32: elements above ~1.8e19, large bf16 values) or so small that squares
+may have underflowed is the full pass run: three sums of squares, two
+rescaled by powers of two, so that norms are right where the squares
+overflow or underflow, and the count of NaN/Inf elements; and the monitor's
+count of elements above 1 reads only the leaves whose sum of squares says
+they can hold one. The branches were checked not to make XLA copy the
+donated buffers the step updates in place. Small leaves of one shape are
+measured stacked, which keeps the compiled program small.
 
 Cross-device statistics (`axis_name`): inside `shard_map` JAX types each value
 with the mesh axes along which it varies (`vma`). A leaf's sums are `psum`med
@@ -275,10 +277,9 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
                count_above: Any = None) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
-  The common step costs one plain sum of squares per leaf, the reduction
-  XLA vectorises best; only when a sum is not finite or is so small that
-  squares may have underflowed does a `lax.cond` run the full pass
-  (rescaled sums and NaN/Inf counts).
+  The common step costs one plain sum of squares per leaf; the full pass
+  (rescaled sums and NaN/Inf counts) and the count of large elements run
+  only on the leaves that need them (see the module docstring).
 
   Args:
     tree: a tree of arrays of any float dtype.
@@ -314,36 +315,83 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return _full_stats(leaves, axis_name, count_above)
 
   def plain_pass(block, _):
-    # A plain sum of squares is the reduction XLA:CPU vectorises (~8x faster
-    # than the variadic one of the full pass). A count beside it is taken in
-    # one two-term reduction instead: as a second plain sum, its producer
-    # would be materialised as a leaf-sized temporary.
+    # A plain sum of squares: the reduction XLA:CPU vectorises (~8x faster
+    # than the variadic one of the full pass).
     x = block.astype(jnp.float32)
-    rest = _rest(block)
-    if count_above is None:
-      sums = [jnp.sum(x * x, axis=rest)]
-    else:
-      sums = list(sum_terms(
-          (x * x, jnp.where(jnp.abs(x) > count_above, 1.0, 0.0)), rest))
     size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
-    return jnp.stack(sums + [size], 1)
+    return jnp.stack([jnp.sum(x * x, axis=_rest(block)), size], 1)
 
   plain = per_leaf(leaves, plain_pass, axis_name, "sum")
-  sumsq, sizes = plain[:, 0], plain[:, -1]
-  ordinary = jnp.all(jnp.isfinite(sumsq) &
-                     (sumsq >= sizes * _UNDERFLOW_FLOOR))
+  sumsq, sizes = plain[:, 0], plain[:, 1]
+  # Where the plain sum cannot be trusted: not finite (NaN/Inf, or squares
+  # overflowing), or so small that squares may have underflowed.
+  unusual = ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
+  may_exceed = None
+  if count_above is not None:
+    # A leaf whose sum of squares is at most `count_above**2` holds no
+    # element above it, exactly: a computed sum of non-negative terms is
+    # never below its largest term, and a square above `count_above**2`
+    # rounds to at least its float32 value (the 2**-10 margin covers that).
+    # (The threshold may be traced: `optax.inject_hyperparams`.)
+    t = jnp.asarray(count_above, jnp.float32)
+    may_exceed = (t <= 0) | (sumsq > t * t * np.float32(1 - 2.0**-10))
 
-  def fast():
-    norms = jnp.sqrt(sumsq)
-    count = (None if count_above is None
-             else plain[:, 1].astype(jnp.int32))
-    return TreeStats(norms, jnp.zeros(norms.shape, jnp.int32), sizes, count,
-                     combine_norms(norms))
+  norms = jnp.sqrt(sumsq)
+  nonfinite = jnp.zeros(norms.shape, jnp.int32)
+  counts = None if count_above is None else nonfinite
+  for group in _decision_groups(leaves):
+    index = np.asarray(group)
+    part = [leaves[i] for i in group]
+    zeros = jnp.zeros((len(group),), jnp.int32)
 
-  # The predicate is global (reduced over the devices), so every replica
-  # takes the same branch and the collectives inside it match.
-  return lax.cond(ordinary, fast,
-                  lambda: _full_stats(leaves, axis_name, count_above))
+    def usual(index=index, part=part, zeros=zeros):
+      if count_above is None:
+        return norms[index], zeros, None
+      count = lax.cond(
+          jnp.any(may_exceed[index]),
+          lambda: _count_above(part, count_above, axis_name), lambda: zeros)
+      return norms[index], zeros, count
+
+    def full(part=part):
+      stats = _full_stats(part, axis_name, count_above)
+      return stats.norms, stats.nonfinite, stats.count_above
+
+    # The predicates are global (reduced over the devices), so every replica
+    # takes the same branch and the collectives inside it match.
+    group_norms, group_bad, group_counts = lax.cond(
+        jnp.any(unusual[index]), full, usual)
+    norms = norms.at[index].set(group_norms)
+    nonfinite = nonfinite.at[index].set(group_bad)
+    if counts is not None:
+      counts = counts.at[index].set(group_counts)
+  return TreeStats(norms, nonfinite, sizes, counts, combine_norms(norms))
+
+
+def _decision_groups(leaves: list[jax.Array]) -> list[list[int]]:
+  """Which leaves share a decision (the full pass, the count): each leaf
+  measured alone decides alone, so a NaN in one leaf re-reads that leaf
+  only; the stacked small ones decide together, which keeps the program
+  small. (Grouping larger leaves under one `lax.cond` made XLA keep
+  leaf-sized temporaries.)"""
+  alone = [[i] for i, x in enumerate(leaves) if x.size > _STACK_BELOW]
+  rest = [i for i, x in enumerate(leaves) if x.size <= _STACK_BELOW]
+  return alone + ([rest] if rest else [])
+
+
+def _count_above(leaves: list[jax.Array], threshold: Any,
+                 axis_name: AxisName) -> jax.Array:
+  """i32[L]: elements with `|x| > threshold` in each (finite) leaf."""
+
+  def count_block(block, _):
+    # `sign(max(|x| - t, 0))` is 1 above the threshold and 0 elsewhere; as
+    # arithmetic (not a `where`) XLA:CPU fuses it into a vectorised sum
+    # instead of writing the 0/1 values out as a leaf-sized temporary.
+    x = block.astype(jnp.float32)
+    above = jnp.sign(jnp.maximum(jnp.abs(x) - threshold, 0.0))
+    return jnp.sum(above, axis=_rest(block))[:, None]
+
+  return per_leaf(leaves, count_block, axis_name, "sum")[:, 0].astype(
+      jnp.int32)
 
 
 def _full_stats(leaves: list[jax.Array], axis_name: AxisName,

@@ -49,6 +49,43 @@ def test_identity_and_signals_against_numpy():
   assert int(m["grad/nonfinite"]) == 0 and int(m["param/nonfinite"]) == 0
 
 
+def _edge_grads():
+  """Leaves around the threshold of `frac_above_1`, small and large (leaves
+  above 2**15 elements are decided one by one, the smaller ones together)."""
+  up = np.nextafter(np.float32(1), np.float32(2))   # the first float > 1.
+  large_one = np.zeros(1 << 20, np.float32)
+  large_one[12345] = up                    # norm just above 1: one element.
+  large_below = np.full((1024, 1024), 0.999, np.float32)  # norm ~1000, none.
+  return {
+      "large_one": large_one,
+      "large_below": large_below,
+      "large_many": np.random.default_rng(3).normal(
+          size=(1024, 1025)).astype(np.float32),
+      "small_exact_one": np.array([1.0, -1.0, 0.0], np.float32),  # none.
+      "small_up": np.array([0.0, -up], np.float32),
+      "small_zero": np.zeros((5, 3), np.float32),
+      "small_bf16": np.array([1.0, 1.0078125, -2.0, 0.5], jnp.bfloat16),
+  }
+
+
+@pytest.mark.parametrize("keep", [
+    None, ["large_one"], ["large_one", "large_below", "small_exact_one"],
+    ["large_many", "small_up"], ["small_bf16"], ["large_many", "small_zero"]])
+def test_frac_above_1_at_the_threshold(keep):
+  # The count is skipped for a leaf whose sum of squares shows it holds no
+  # element above 1; whatever is skipped or counted, it equals NumPy's (an
+  # all-zero leaf sends its group through the full pass).
+  grads = {k: jnp.asarray(v) for k, v in _edge_grads().items()
+           if keep is None or k in keep}
+  tx = og.monitor()
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  m = og.metrics(state)
+  for name, x in grads.items():
+    expected = np.mean(np.abs(np.asarray(x, np.float32)) > 1)
+    np.testing.assert_allclose(m[f"grad/frac_above_1/{name}"], expected,
+                               rtol=1e-6, err_msg=name)
+
+
 def test_nonfinite_counts_per_layer():
   grads = _tree(0)
   grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"].at[0, :].set(

@@ -643,6 +643,34 @@ def test_shard_map_monitor_per_layer_and_histograms():
   assert int(m["grad/nonfinite"]) == 0
 
 
+@pytest.mark.parametrize("device", [None, 0, 5])
+def test_shard_map_frac_above_1_in_one_shard(device):
+  # Only one device's shard of a large sharded kernel holds an element above
+  # 1 (or none does): every device must take the same decision to count, and
+  # count it once.
+  mesh = _mesh1d()
+  kernel = np.full((8 * 256, 1024), 0.01, np.float32)  # 2M elements.
+  if device is not None:
+    kernel[device * 256 + 3, 7] = -1.5
+    kernel[device * 256 + 9, 8] = 1.25
+  bias = np.array([0.5, -2.0, 1.0], np.float32)
+  tx = og.monitor(axis_name="d")
+
+  def step(k, b):
+    grads = {"kernel": k, "bias": b}
+    state = tx.update(grads, tx.init(grads))[1]
+    return og.metrics(state), jax.tree.map(lambda v: v[None], state)
+
+  m, per_device = jax.device_get(jax.jit(jax.shard_map(
+      step, mesh=mesh, in_specs=(P("d", None), P()),
+      out_specs=(P(), P("d"))))(_put(mesh, kernel, P("d", None)),
+                                _put(mesh, bias, P())))
+  _assert_rows_bit_identical(per_device)
+  for name, g in [("kernel", kernel), ("bias", bias)]:
+    np.testing.assert_allclose(float(m[f"grad/frac_above_1/{name}"]),
+                               float(np.mean(np.abs(g) > 1.0)), rtol=RTOL)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "nan_and_inf"])
 def test_shard_map_monitor_nonfinite_on_one_device(bad):
   kernel, bias = _monitor_grads(np.random.default_rng(12))
