@@ -102,6 +102,66 @@ def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
 _STACK_BELOW = 1 << 15
 
 
+class Blocks(NamedTuple):
+  """Leaves grouped for measuring: each small leaf stacked with the others of
+  its shape, dtype and typing, each larger leaf alone."""
+  arrays: list[jax.Array]          # [k, ...] per block.
+  index: list[np.ndarray]          # the k leaf indices of each block.
+  axes: list[tuple[str, ...]]      # the mesh axes each block is summed over.
+  typed: bool                      # whether values are typed (shard_map).
+
+  def one(self, i: int) -> "Blocks":
+    """The `i`-th block alone."""
+    return Blocks([self.arrays[i]], [self.index[i]], [self.axes[i]],
+                  self.typed)
+
+
+def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
+              like: Sequence[Any] | None = None) -> Blocks:
+  """Groups `leaves` into `Blocks` (`like`: what says where each varies)."""
+  like = leaves if like is None else like
+  axes = axis_names(axis_name)
+  typed = bool(axes) and is_typed(axes)
+
+  def over(leaf):  # the axes this leaf is summed over
+    return tuple(a for a in axes if a in varying_axes(leaf)) if typed else ()
+
+  groups: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    key = ((x.shape, x.dtype, over(like[i])) if x.size <= _STACK_BELOW
+           else ("alone", i, over(like[i])))
+    groups.setdefault(key, []).append(i)
+  arrays = [leaves[index[0]][None] if len(index) == 1 else
+            jnp.stack([leaves[i] for i in index]) for index in groups.values()]
+  return Blocks(arrays, [np.asarray(i) for i in groups.values()],
+                [key[-1] for key in groups], typed)
+
+
+def reduce_blocks(blocks: Blocks, reduce_block: Any, axis_name: AxisName,
+                  op: str) -> jax.Array:
+  """Measures every block and reduces over the devices (see `per_leaf`)."""
+  # Blocks are concatenated per typing, so that one collective serves each.
+  by_typing: dict[tuple[str, ...], tuple[list[Any], list[int]]] = {}
+  for block, index, axes in zip(blocks.arrays, blocks.index, blocks.axes):
+    parts, order = by_typing.setdefault(axes, ([], []))
+    parts.append(reduce_block(block, index))
+    order.extend(index.tolist())
+  reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
+  parts, order = [], []
+  for group_axes, (group_parts, group_order) in by_typing.items():
+    values = jnp.concatenate(group_parts)
+    parts.append(reduce(values, group_axes) if group_axes else values)
+    order.extend(group_order)
+  values = jnp.concatenate(parts)
+  if order != sorted(order):
+    values = values[np.argsort(np.asarray(order))]
+  axes = axis_names(axis_name)
+  if axes and not blocks.typed:
+    # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
+    values = pmax(values, axes)
+  return values
+
+
 def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
              axis_name: AxisName, op: str,
              like: Sequence[Any] | None = None) -> jax.Array:
@@ -121,39 +181,8 @@ def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
     `[len(leaves), ...]` statistics in leaf order, global and identical on
     every device (and typed invariant inside `shard_map`).
   """
-  like = leaves if like is None else like
-  axes = axis_names(axis_name)
-  typed = bool(axes) and is_typed(axes)
-
-  def over(leaf):  # the axes this leaf is summed over
-    return tuple(a for a in axes if a in varying_axes(leaf)) if typed else ()
-
-  blocks: dict[Any, list[int]] = {}
-  for i, x in enumerate(leaves):
-    key = ((x.shape, x.dtype, over(like[i])) if x.size <= _STACK_BELOW
-           else ("alone", i, over(like[i])))
-    blocks.setdefault(key, []).append(i)
-  # Blocks are concatenated per typing, so that one collective serves each.
-  by_typing: dict[tuple[str, ...], tuple[list[Any], list[int]]] = {}
-  for key, index in blocks.items():
-    block = (leaves[index[0]][None] if len(index) == 1 else
-             jnp.stack([leaves[i] for i in index]))
-    parts, order = by_typing.setdefault(key[-1], ([], []))
-    parts.append(reduce_block(block, np.asarray(index)))
-    order.extend(index)
-  reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
-  parts, order = [], []
-  for group_axes, (group_parts, group_order) in by_typing.items():
-    values = jnp.concatenate(group_parts)
-    parts.append(reduce(values, group_axes) if group_axes else values)
-    order.extend(group_order)
-  values = jnp.concatenate(parts)
-  if order != sorted(order):
-    values = values[np.argsort(np.asarray(order))]
-  if axes and not typed:
-    # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
-    values = pmax(values, axes)
-  return values
+  return reduce_blocks(blocks_of(leaves, axis_name, like), reduce_block,
+                       axis_name, op)
 
 
 def _rest(block: jax.Array) -> tuple[int, ...]:
@@ -311,8 +340,9 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(empty, ints, empty,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
+  blocks = blocks_of(leaves, axis_name)
   if any(jnp.iscomplexobj(x) for x in leaves):
-    return _full_stats(leaves, axis_name, count_above)
+    return _full_stats(blocks, axis_name, count_above)
 
   def plain_pass(block, _):
     # A plain sum of squares: the reduction XLA:CPU vectorises (~8x faster
@@ -321,7 +351,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
     return jnp.stack([jnp.sum(x * x, axis=_rest(block)), size], 1)
 
-  plain = per_leaf(leaves, plain_pass, axis_name, "sum")
+  plain = reduce_blocks(blocks, plain_pass, axis_name, "sum")
   sumsq, sizes = plain[:, 0], plain[:, 1]
   # Where the plain sum cannot be trusted: not finite (NaN/Inf, or squares
   # overflowing), or so small that squares may have underflowed.
@@ -336,49 +366,41 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     t = jnp.asarray(count_above, jnp.float32)
     may_exceed = (t <= 0) | (sumsq > t * t * np.float32(1 - 2.0**-10))
 
+  # The rest is decided block by block: a NaN in one leaf re-reads that leaf
+  # only (or its stack of small leaves). Each branch reads its block alone:
+  # a `lax.cond` over many separate leaves made compiling slow (every leaf
+  # an operand) and larger groups made XLA keep leaf-sized temporaries.
   norms = jnp.sqrt(sumsq)
   nonfinite = jnp.zeros(norms.shape, jnp.int32)
   counts = None if count_above is None else nonfinite
-  for group in _decision_groups(leaves):
-    index = np.asarray(group)
-    part = [leaves[i] for i in group]
-    zeros = jnp.zeros((len(group),), jnp.int32)
+  for i, index in enumerate(blocks.index):
+    block = blocks.one(i)
+    zeros = jnp.zeros(index.shape, jnp.int32)
 
-    def usual(index=index, part=part, zeros=zeros):
+    def usual(index=index, block=block, zeros=zeros):
       if count_above is None:
         return norms[index], zeros, None
       count = lax.cond(
           jnp.any(may_exceed[index]),
-          lambda: _count_above(part, count_above, axis_name), lambda: zeros)
+          lambda: _count_above(block, count_above, axis_name), lambda: zeros)
       return norms[index], zeros, count
 
-    def full(part=part):
-      stats = _full_stats(part, axis_name, count_above)
+    def full(block=block):
+      stats = _full_stats(block, axis_name, count_above)
       return stats.norms, stats.nonfinite, stats.count_above
 
     # The predicates are global (reduced over the devices), so every replica
     # takes the same branch and the collectives inside it match.
-    group_norms, group_bad, group_counts = lax.cond(
+    block_norms, block_bad, block_counts = lax.cond(
         jnp.any(unusual[index]), full, usual)
-    norms = norms.at[index].set(group_norms)
-    nonfinite = nonfinite.at[index].set(group_bad)
+    norms = norms.at[index].set(block_norms)
+    nonfinite = nonfinite.at[index].set(block_bad)
     if counts is not None:
-      counts = counts.at[index].set(group_counts)
+      counts = counts.at[index].set(block_counts)
   return TreeStats(norms, nonfinite, sizes, counts, combine_norms(norms))
 
 
-def _decision_groups(leaves: list[jax.Array]) -> list[list[int]]:
-  """Which leaves share a decision (the full pass, the count): each leaf
-  measured alone decides alone, so a NaN in one leaf re-reads that leaf
-  only; the stacked small ones decide together, which keeps the program
-  small. (Grouping larger leaves under one `lax.cond` made XLA keep
-  leaf-sized temporaries.)"""
-  alone = [[i] for i, x in enumerate(leaves) if x.size > _STACK_BELOW]
-  rest = [i for i, x in enumerate(leaves) if x.size <= _STACK_BELOW]
-  return alone + ([rest] if rest else [])
-
-
-def _count_above(leaves: list[jax.Array], threshold: Any,
+def _count_above(blocks: Blocks, threshold: Any,
                  axis_name: AxisName) -> jax.Array:
   """i32[L]: elements with `|x| > threshold` in each (finite) leaf."""
 
@@ -390,11 +412,11 @@ def _count_above(leaves: list[jax.Array], threshold: Any,
     above = jnp.sign(jnp.maximum(jnp.abs(x) - threshold, 0.0))
     return jnp.sum(above, axis=_rest(block))[:, None]
 
-  return per_leaf(leaves, count_block, axis_name, "sum")[:, 0].astype(
+  return reduce_blocks(blocks, count_block, axis_name, "sum")[:, 0].astype(
       jnp.int32)
 
 
-def _full_stats(leaves: list[jax.Array], axis_name: AxisName,
+def _full_stats(blocks: Blocks, axis_name: AxisName,
                 count_above: Any) -> TreeStats:
   """One variadic pass: rescaled sums of squares, NaN/Inf and counts."""
 
@@ -413,7 +435,7 @@ def _full_stats(leaves: list[jax.Array], axis_name: AxisName,
 
   # Sizes ride with the sums so that a sharded leaf's global size comes out.
   # Counts are summed in float32: exact up to 2**24 per leaf.
-  summed = per_leaf(leaves, one_pass, axis_name, "sum")
+  summed = reduce_blocks(blocks, one_pass, axis_name, "sum")
   sumsq, big, small, bad = (summed[:, i] for i in range(4))
   sizes = summed[:, -1]
   nonfinite = bad.astype(jnp.int32)
