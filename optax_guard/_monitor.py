@@ -136,9 +136,11 @@ def monitor(
 ) -> optax.GradientTransformationExtraArgs:
   """Records the signals of exploding gradients; passes updates unchanged.
 
-  Measures what flows through it, in one fused pass: the global and per-layer
-  L2 norms, the fraction of elements above 1 in magnitude per layer, and the
-  NaN/Inf counts per layer (counted only on a step that has some). With
+  Measures what flows through it, in one read: the global and per-layer L2
+  norms, the fraction of elements above 1 in magnitude per layer (counted
+  only in a layer whose sum of squares exceeds 1, the only ones that can
+  hold such an element, so exact and free for gradients of ordinary size),
+  and the NaN/Inf counts per layer (counted only on a step that has some). With
   `params`, also the parameter norms and non-finite parameter count; with a
   `loss=` (or `value=`) extra argument, the loss, its EMA and how many losses
   were not finite. Placed last in a chain with `kind="update"`, it measures

@@ -370,33 +370,33 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   # only (or its stack of small leaves). Each branch reads its block alone:
   # a `lax.cond` over many separate leaves made compiling slow (every leaf
   # an operand) and larger groups made XLA keep leaf-sized temporaries.
-  norms = jnp.sqrt(sumsq)
-  nonfinite = jnp.zeros(norms.shape, jnp.int32)
-  counts = None if count_above is None else nonfinite
+  plain_norms = jnp.sqrt(sumsq)
+  parts = []  # (norms, non-finite counts, counts above) of each block
   for i, index in enumerate(blocks.index):
     block = blocks.one(i)
     zeros = jnp.zeros(index.shape, jnp.int32)
 
     def usual(index=index, block=block, zeros=zeros):
       if count_above is None:
-        return norms[index], zeros, None
+        return plain_norms[index], zeros, zeros
       count = lax.cond(
           jnp.any(may_exceed[index]),
           lambda: _count_above(block, count_above, axis_name), lambda: zeros)
-      return norms[index], zeros, count
+      return plain_norms[index], zeros, count
 
-    def full(block=block):
+    def full(block=block, zeros=zeros):
       stats = _full_stats(block, axis_name, count_above)
-      return stats.norms, stats.nonfinite, stats.count_above
+      return (stats.norms, stats.nonfinite,
+              zeros if count_above is None else stats.count_above)
 
     # The predicates are global (reduced over the devices), so every replica
     # takes the same branch and the collectives inside it match.
-    block_norms, block_bad, block_counts = lax.cond(
-        jnp.any(unusual[index]), full, usual)
-    norms = norms.at[index].set(block_norms)
-    nonfinite = nonfinite.at[index].set(block_bad)
-    if counts is not None:
-      counts = counts.at[index].set(block_counts)
+    parts.append(lax.cond(jnp.any(unusual[index]), full, usual))
+  # Back to leaf order with one permutation (not a scatter per block).
+  back = np.argsort(np.concatenate(blocks.index))
+  norms, nonfinite, counts = (jnp.concatenate(column)[back]
+                              for column in zip(*parts))
+  counts = None if count_above is None else counts
   return TreeStats(norms, nonfinite, sizes, counts, combine_norms(norms))
 
 
