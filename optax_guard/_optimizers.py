@@ -22,6 +22,7 @@ the decision, and falls back to the generic path for any other optimizer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -60,22 +61,6 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     DESIGN §5 of optax_guard (why the decision must ride inside the pass).
   """
   __slots__ = ()
-
-
-def _decision(guard_keep: Any, guard_scale: Any
-              ) -> tuple[Callable[[jax.Array], jax.Array], Any]:
-  """The gradient sanitiser and the keep flag (None without a guard)."""
-  if guard_keep is None and guard_scale is None:
-    return lambda g: g, None
-  keep = jnp.ones((), jnp.bool_) if guard_keep is None else guard_keep
-  one = jnp.ones((), jnp.float32)
-  a, b = (one, one) if guard_scale is None else guard_scale
-
-  def prepare(g):
-    scaled = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
-    return jnp.where(keep, scaled, jnp.zeros_like(g))
-
-  return prepare, keep
 
 
 def _keep(keep: Any, new: Any, old: Any) -> Any:
@@ -122,6 +107,93 @@ def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
                          count.astype(jnp.float32))
 
 
+def _decision_args(guard_keep: Any, guard_scale: Any) -> Any:
+  """The decision as `(keep, a, b)` arrays for the per-leaf kernels, or None."""
+  if guard_keep is None and guard_scale is None:
+    return None
+  one = jnp.ones((), jnp.float32)
+  a, b = (one, one) if guard_scale is None else guard_scale
+  keep = jnp.ones((), jnp.bool_) if guard_keep is None else guard_keep
+  return keep, a, b
+
+
+def _split_hyper(**values: Any) -> tuple[tuple[tuple[str, Any], ...], dict]:
+  """Hyperparameters as (static Python numbers, traced arrays).
+
+  Python numbers stay static, so that the arithmetic (and its rounding in
+  low-precision dtypes) is exactly optax's; arrays (schedules,
+  `optax.inject_hyperparams`) are passed as arguments.
+  """
+  static = tuple(sorted((k, v) for k, v in values.items()
+                        if v is None or isinstance(v, (int, float))))
+  traced = {k: v for k, v in values.items() if k not in dict(static)}
+  return static, traced
+
+
+def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
+  """(keep, the gradient clipped, and exact zeros on a skip: never 0*NaN)."""
+  if decision is None:
+    return None, g
+  keep, a, b = decision
+  scaled = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
+  return keep, jnp.where(keep, scaled, jnp.zeros_like(g))
+
+
+# The per-leaf arithmetic is traced once per distinct leaf signature (shape,
+# dtypes, static hyperparameters): a model of 1,000 small leaves of a few
+# shapes then traces it a few times, not 1,000 (XLA inlines the calls, so the
+# compiled step is the same).
+@functools.partial(jax.jit, static_argnames=("static", "nesterov"))
+def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
+               nesterov):
+  """One leaf's AdamW step: (update, new first moment, new second moment)."""
+  h = {**dict(static), **traced}
+  lr, wd, b1, b2 = h["lr"], h["wd"], h["b1"], h["b2"]
+  eps, eps_root = h["eps"], h["eps_root"]
+  correction1, correction2, correction_next = corrections
+  keep, g = _prepare(decision, g)
+  # The kept moments feed the update, so the old ones are read by one
+  # computation only and XLA can overwrite them in place.
+  m_dtype, v_dtype = m.dtype, v.dtype
+  m_new = _ema(b1, g, m)
+  v_new = _ema(b2, g**2, v)
+  m_new = _keep(keep, m_new, m.astype(m_new.dtype))
+  v_new = _keep(keep, v_new, v.astype(v_new.dtype))
+  if nesterov:
+    m_hat = _sum(b1 * (m_new / correction_next.astype(m_new.dtype)),
+                 (1 - b1) * (g / correction1.astype(g.dtype)))
+  else:
+    m_hat = m_new / correction1.astype(m_new.dtype)
+  v_hat = v_new / correction2.astype(v_new.dtype)
+  denominator = jnp.sqrt(v_hat + eps_root) + eps
+  wide = _wider(m_hat.dtype, denominator.dtype)
+  u = m_hat.astype(wide) / denominator.astype(wide)
+  if p is not None:  # weight decay applies to this leaf
+    u = _sum(u, wd * p)
+  u = jnp.asarray(-lr, dtype=u.dtype) * u
+  # The state keeps its dtypes (optax's own can drift with the gradients').
+  return (_keep(keep, u, jnp.zeros_like(u)), m_new.astype(m_dtype),
+          v_new.astype(v_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("static", "nesterov"))
+def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
+  """One leaf's SGD step: (update, new trace or None)."""
+  h = {**dict(static), **traced}
+  lr, momentum = h["lr"], h["momentum"]
+  keep, g = _prepare(decision, g)
+  t_out = None
+  if momentum is not None:
+    t_new = _sum(g, momentum * t)
+    t_new = _keep(keep, t_new, t.astype(t_new.dtype))
+    step = _sum(g, momentum * t_new) if nesterov else t_new
+    t_out = t_new.astype(t.dtype)
+  else:
+    step = g
+  u = jnp.asarray(-lr, dtype=step.dtype) * step
+  return _keep(keep, u, jnp.zeros_like(u)), t_out
+
+
 class AdamwState(NamedTuple):
   """State of `adamw` and `adam` (optax's field names, for `optax.tree.get`)."""
   count: jax.Array  # i32[] steps taken (not advanced by a skipped step).
@@ -156,7 +228,8 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
     del extra_args
-    prepare, keep = _decision(guard_keep, guard_scale)
+    decision = _decision_args(guard_keep, guard_scale)
+    keep = None if decision is None else decision[0]
     decays = weight_decay is not None and not (
         isinstance(weight_decay, (int, float)) and weight_decay == 0.0)
     if decays:
@@ -172,32 +245,17 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     ps = (treedef.flatten_up_to(params) if params is not None
           else [None] * len(leaves))
     masked = _decay_mask(mask, params) if decays else [False] * len(leaves)
+    static, traced = _split_hyper(lr=lr, wd=wd, b1=b1, b2=b2, eps=eps,
+                                  eps_root=eps_root)
+    corrections = (correction1, correction2, correction_next)
     out_u, out_mu, out_nu = [], [], []
     for g, m, v, p, decay in zip(leaves, mus, nus, ps, masked):
-      g = prepare(g)
-      # The kept moments feed the update, so the old ones are read by one
-      # computation only and XLA can overwrite them in place.
-      m_dtype, v_dtype = m.dtype, v.dtype
-      m_new = _ema(b1, g, m)
-      v_new = _ema(b2, g**2, v)
-      m_new = _keep(keep, m_new, m.astype(m_new.dtype))
-      v_new = _keep(keep, v_new, v.astype(v_new.dtype))
-      if nesterov:
-        m_hat = _sum(b1 * (m_new / correction_next.astype(m_new.dtype)),
-                     (1 - b1) * (g / correction1.astype(g.dtype)))
-      else:
-        m_hat = m_new / correction1.astype(m_new.dtype)
-      v_hat = v_new / correction2.astype(v_new.dtype)
-      denominator = jnp.sqrt(v_hat + eps_root) + eps
-      wide = _wider(m_hat.dtype, denominator.dtype)
-      u = m_hat.astype(wide) / denominator.astype(wide)
-      if decay:
-        u = _sum(u, wd * p)
-      u = jnp.asarray(-lr, dtype=u.dtype) * u
-      out_u.append(_keep(keep, u, jnp.zeros_like(u)))
-      # The state keeps its dtypes (optax's own can drift with the gradients').
-      out_mu.append(m_new.astype(m_dtype))
-      out_nu.append(v_new.astype(v_dtype))
+      u, m_new, v_new = _adam_leaf(
+          g, m, v, p if decay else None, decision, corrections, traced,
+          static=static, nesterov=nesterov)
+      out_u.append(u)
+      out_mu.append(m_new)
+      out_nu.append(v_new)
     new_state = state_type(
         count=_keep(keep, count_inc, state.count),
         mu=treedef.unflatten(out_mu), nu=treedef.unflatten(out_nu))
@@ -341,23 +399,19 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
     del params, extra_args
-    prepare, keep = _decision(guard_keep, guard_scale)
-    lr = _value(learning_rate, state.count)
+    decision = _decision_args(guard_keep, guard_scale)
+    keep = None if decision is None else decision[0]
+    static, traced = _split_hyper(lr=_value(learning_rate, state.count),
+                                  momentum=momentum)
     leaves, treedef = jax.tree.flatten(updates)
     traces = (treedef.flatten_up_to(state.trace) if momentum is not None
               else [None] * len(leaves))
     out_u, out_t = [], []
     for g, t in zip(leaves, traces):
-      g = prepare(g)
-      if momentum is not None:
-        t_new = _sum(g, momentum * t)
-        t_new = _keep(keep, t_new, t.astype(t_new.dtype))
-        step = _sum(g, momentum * t_new) if nesterov else t_new
-        out_t.append(t_new.astype(t.dtype))
-      else:
-        step = g
-      u = jnp.asarray(-lr, dtype=step.dtype) * step
-      out_u.append(_keep(keep, u, jnp.zeros_like(u)))
+      u, t_new = _sgd_leaf(g, t, decision, traced, static=static,
+                           nesterov=nesterov)
+      out_u.append(u)
+      out_t.append(t_new)
     count = optax.safe_increment(state.count)
     return treedef.unflatten(out_u), SgdState(
         count=_keep(keep, count, state.count),
