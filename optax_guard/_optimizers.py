@@ -23,7 +23,7 @@ the decision, and falls back to the generic path for any other optimizer.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -3,16 +3,16 @@
 Every transformation of the package measures gradients through `tree_stats`.
 On an ordinary step it reads each leaf once, for a plain float32 sum of
 squares: the reduction XLA vectorises best. The rest is decided from those
-sums, per large leaf (and once for all the small ones), by `lax.cond`:
-only where a sum is not finite (a NaN or Inf, or squares overflowing
-float32: elements above ~1.8e19, large bf16 values) or so small that squares
-may have underflowed is the full pass run: three sums of squares, two
-rescaled by powers of two, so that norms are right where the squares
-overflow or underflow, and the count of NaN/Inf elements; and the monitor's
-count of elements above 1 reads only the leaves whose sum of squares says
-they can hold one. The branches were checked not to make XLA copy the
-donated buffers the step updates in place. Small leaves of one shape are
-measured stacked, which keeps the compiled program small.
+sums by a `lax.cond` per block (each larger leaf alone, small leaves of one
+shape stacked, which keeps the compiled program small), whose branch reads
+that block only. Only where a sum is not finite (a NaN or Inf, or squares
+overflowing float32: elements above ~1.8e19, large bf16 values) or so small
+that squares may have underflowed is the full pass run: three sums of
+squares, two rescaled by powers of two, so that norms are right where the
+squares overflow or underflow, and the count of NaN/Inf elements. The
+monitor's count of elements above 1 reads only the leaves whose sum of
+squares says they can hold one. The branches were checked not to make XLA
+copy the donated buffers the step updates in place.
 
 Cross-device statistics (`axis_name`): inside `shard_map` JAX types each value
 with the mesh axes along which it varies (`vma`). A leaf's sums are `psum`med
