@@ -39,6 +39,7 @@ try:
 except ImportError:  # A source checkout without `pip install -e .`.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import optax_guard as og
+from optax_guard import _stats as og_stats  # the statistics pass, timed alone
 
 _clip, _adamw = optax.clip_by_global_norm, optax.adamw
 
@@ -152,11 +153,71 @@ def workloads(which: str, quick: bool) -> list[tuple[str, Callable, int]]:
 # ---------------------------------------------------------------- measures --
 
 
-def make_step(tx: Any) -> Callable:
+def make_step(tx: Any, loop: int = 1) -> Callable:
+  """The training step; with `loop > 1`, that many steps in one `fori_loop`.
+
+  On a GPU one step of (a) takes well under a millisecond, about what the
+  host needs to dispatch a call with hundreds of buffers, so timing single
+  calls would measure the host. `--loop` runs the steps inside one
+  executable and so times the device's work alone (compile time, memory
+  and HLO figures always come from the single step).
+  """
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
-  return step
+  if loop == 1:
+    return step
+  return lambda params, state, grads: jax.lax.fori_loop(
+      0, loop, lambda _, carry: step(*carry, grads), (params, state))
+
+
+def bandwidth(grads: Any, rounds: int, loop: int) -> dict[str, Any]:
+  """Achieved read bandwidth of the statistics pass over `grads`, in GB/s.
+
+  Three passes, interleaved, each `loop` times in one executable (a
+  loop-carried scalar multiplies the gradients, so XLA cannot hoist the
+  pass out of the loop; the multiply fuses into the read): a plain sum of
+  squares per leaf (the floor of any pass that reads the gradients), the
+  statistics pass of `og.monitor`/`og.guard` (`tree_stats` with the count
+  of elements above 1: per-layer norms, non-finite counts, the count), and
+  a copy (read + write, counted as twice the bytes) for the memory ceiling.
+  """
+  f32 = jnp.float32
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(grads))
+
+  def reading(measure):  # `measure(tree) -> scalar`, `loop` times over grads
+    def run(g):
+      def body(_, c):
+        out = measure(jax.tree.map(lambda x: x * c.astype(x.dtype), g))
+        return jnp.minimum(c, 1.0 + jnp.abs(out))  # stays 1; depends on out
+      return jax.lax.fori_loop(0, loop, body, jnp.ones((), f32))
+    return jax.jit(run)
+
+  def copying(g):  # each iteration reads and writes every leaf (negated)
+    return jax.lax.fori_loop(0, loop, lambda _, t: jax.tree.map(
+        lambda x: -x, t), g)
+
+  fns: dict[str, tuple[Callable, int]] = {
+      "sum of squares": (reading(lambda g: sum(
+          jnp.sum(jnp.square(x.astype(f32))) for x in jax.tree.leaves(g))),
+                         nbytes),
+      "og statistics pass": (reading(lambda g: og_stats.tree_stats(
+          g, count_above=1.0).global_norm), nbytes),
+      "copy (read + write)": (jax.jit(copying), 2 * nbytes),
+  }
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for fn, _ in fns.values():
+    jax.block_until_ready(fn(grads))  # compile and warm up
+  for _ in range(max(rounds, 3)):
+    for name, (fn, _) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(grads))
+      times[name].append((time.perf_counter() - t0) / loop)
+  out = {}
+  for name, (_, moved) in fns.items():
+    t = statistics.median(times[name])
+    out[name] = dict(seconds=t, bytes=moved, gb_per_s=moved / t / 1e9)
+  return out
 
 
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4,
@@ -229,7 +290,8 @@ def _compare(tree: Any, ref: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def run_workload(name: str, make_params: Callable, compile_reps: int,
-                 rounds: int, steps: int, grad_norm: float) -> dict[str, Any]:
+                 rounds: int, steps: int, grad_norm: float,
+                 loop: int = 1) -> dict[str, Any]:
   """Compiles, measures and times every contender on one workload.
 
   The gradients are normal, scaled to the global norm `grad_norm` (0: unit
@@ -275,12 +337,16 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
     r["memory"] = memory_stats(r["compiled"])
     r["hlo"] = hlo_counts(r["compiled"].as_text())
     r["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(r["state"]))
+    if loop > 1:  # Timed: `loop` steps per call (see make_step).
+      r["compiled"] = jax.jit(make_step(r["factory"](), loop),
+                              donate_argnums=(0, 1)).lower(
+                                  r["params"], r["state"], grads).compile()
 
   def one_step(r: dict[str, Any]) -> float:
     t0 = time.perf_counter()
     r["params"], r["state"] = r["compiled"](r["params"], r["state"], grads)
     jax.block_until_ready((r["params"], r["state"]))
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / loop
 
   for r in runs.values():  # Warm-up, untimed.
     one_step(r)
@@ -311,13 +377,17 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
             r["state"]), params_max_abs_diff=float(diff), same_as=same_as,
         finite=bool(finite))
   runs.clear()  # Frees every contender's params, state and executable.
+  out["_bandwidth"] = bandwidth(grads, rounds, loop)
   return out
 
 
 # ----------------------------------------------------------------- reports --
 
 
-def table(name: str, res: dict[str, Any], rounds: int, steps: int) -> str:
+def table(name: str, res: dict[str, Any], rounds: int, steps: int,
+          loop: int = 1) -> str:
+  bandwidth = res.get("_bandwidth", {})
+  res = {k: v for k, v in res.items() if not k.startswith("_")}
   base = res[CONTENDERS[0][0]]
   temp = lambda r: (r["memory"] or {}).get("temp_size_in_bytes")
   cols = ["contender", "step x", "(min-max)", "compile s", "compile x",
@@ -349,10 +419,15 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int) -> str:
   fmt = lambda row: " | ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                for i, (v, w) in enumerate(zip(row, widths)))
   ms = base["step_median_s"]
-  head = (f"### {name}  (baseline optax.adamw step {1e3 * ms:.1f} ms; "
-          f"{rounds} rounds x {steps} steps)" if ms else f"### {name}")
+  looped = f", {loop} steps per call" if loop > 1 else ""
+  head = (f"### {name}  (baseline optax.adamw step {1e3 * ms:.3g} ms; "
+          f"{rounds} rounds x {steps} steps{looped})" if ms else
+          f"### {name}")
+  reads = [f"{k} {v['gb_per_s']:.3g} GB/s ({1e3 * v['seconds']:.3g} ms)"
+           for k, v in bandwidth.items()]
+  foot = ["", "Achieved bandwidth: " + "; ".join(reads)] if reads else []
   return "\n".join([head, "", fmt(cols), "-+-".join("-" * w for w in widths)]
-                   + [fmt(row) for row in rows])
+                   + [fmt(row) for row in rows] + foot)
 
 
 def source_id() -> str:
@@ -376,6 +451,10 @@ def main() -> None:
   parser.add_argument("--grad-norm", type=float, default=2.0,
                       help="global norm of the synthetic gradients (a typical "
                       "pre-clip norm); 0 for unit normal elements")
+  parser.add_argument("--loop", type=int, default=1,
+                      help="steps per timed call, run in one fori_loop (use "
+                      "~20 on a GPU, where one call's dispatch outlasts a "
+                      "step)")
   parser.add_argument("--only", default="",
                       help="comma-separated contender names to run (the "
                       "baseline always runs)")
@@ -391,15 +470,16 @@ def main() -> None:
       flax=flax.__version__, python=platform.python_version(),
       device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
       cpu_count=os.cpu_count(), rounds=args.rounds, steps=args.steps,
-      grad_norm=args.grad_norm,
+      grad_norm=args.grad_norm, loop=args.loop,
       quick=args.quick, workloads={}, tables={})
   for name, make, compile_reps in workloads(args.workload, args.quick):
     t0 = time.perf_counter()
     res = run_workload(name, make, compile_reps, args.rounds, args.steps,
-                       args.grad_norm)
+                       args.grad_norm, args.loop)
     print(f"  ({name}: {time.perf_counter() - t0:.0f} s)")
     report["workloads"][name] = res
-    report["tables"][name] = table(name, res, args.rounds, args.steps)
+    report["tables"][name] = table(name, res, args.rounds, args.steps,
+                                   args.loop)
     print("\n" + report["tables"][name], flush=True)
 
   if source_id().split()[1] != report["source"].split()[1]:  # Edited since.
