@@ -225,18 +225,21 @@ _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4,
 
 
 def hlo_counts(text: str) -> dict[str, int]:
-  """Fusions and copies (with the bytes copied) in an optimized HLO module."""
-  fusions = copies = copy_bytes = 0
+  """Fusions, conditionals and copies (with the bytes copied) in an
+  optimized HLO module (a conditional on a GPU syncs with the host)."""
+  fusions = conditionals = copies = copy_bytes = 0
   for line in text.splitlines():
     if " = " not in line:
       continue
     fusions += " fusion(" in line
+    conditionals += " conditional(" in line
     m = re.search(r"= (\w+)\[([\d,]*)\]\S* copy\(", line)
     if m:
       dims = [int(d) for d in m.group(2).split(",") if d]
       copies += 1
       copy_bytes += math.prod(dims) * _BYTES.get(m.group(1), 4)
-  return dict(fusions=fusions, copies=copies, copy_bytes=copy_bytes)
+  return dict(fusions=fusions, conditionals=conditionals, copies=copies,
+              copy_bytes=copy_bytes)
 
 
 def memory_stats(compiled: Any) -> dict[str, int] | None:
@@ -391,7 +394,7 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int,
   base = res[CONTENDERS[0][0]]
   temp = lambda r: (r["memory"] or {}).get("temp_size_in_bytes")
   cols = ["contender", "step x", "(min-max)", "compile s", "compile x",
-          "temp MB", "dtemp MB", "state MB", "dstate MB", "fusions",
+          "temp MB", "dtemp MB", "state MB", "dstate MB", "fusions", "conds",
           "copies (MB)", "metrics ms warm/1st (n)", "max|dp|"]
   rows = []
   for cname, r in res.items():
@@ -408,7 +411,7 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int,
         "n/a" if t is None or t0 is None else f"{(t - t0) / MB:+.1f}",
         f"{r['state_bytes'] / MB:.1f}",
         f"{(r['state_bytes'] - base['state_bytes']) / MB:+.3f}",
-        str(r["hlo"]["fusions"]),
+        str(r["hlo"]["fusions"]), str(r["hlo"].get("conditionals", "")),
         f"{r['hlo']['copies']} ({r['hlo']['copy_bytes'] / MB:.1f})",
         "n/a" if m is None else f"{1e3 * m['warm_s']:.1f}/"
         f"{1e3 * m['first_s']:.0f} ({m['num_metrics']})",

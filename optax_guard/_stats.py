@@ -1,18 +1,28 @@
 """The one statistics pass over a gradient tree, and the cross-device reduce.
 
-Every transformation of the package measures gradients through `tree_stats`.
-On an ordinary step it reads each leaf once, for a plain float32 sum of
-squares: the reduction XLA vectorises best. The rest is decided from those
-sums by a `lax.cond` per block (each larger leaf alone, small leaves of one
-shape stacked, which keeps the compiled program small), whose branch reads
-that block only. Only where a sum is not finite (a NaN or Inf, or squares
-overflowing float32: elements above ~1.8e19, large bf16 values) or so small
-that squares may have underflowed is the full pass run: three sums of
-squares, two rescaled by powers of two, so that norms are right where the
-squares overflow or underflow, and the count of NaN/Inf elements. The
-monitor's count of elements above 1 reads only the leaves whose sum of
-squares says they can hold one. The branches were checked not to make XLA
-copy the donated buffers the step updates in place.
+Every transformation of the package measures gradients through `tree_stats`,
+which reads each block once (each larger leaf alone, small leaves of one
+shape stacked, which keeps the compiled program small). The full pass is one
+variadic reduction per block: three sums of squares, two rescaled by powers
+of two so that norms are right where squares overflow or underflow
+(elements above ~1.8e19, large bf16 values), the count of NaN/Inf elements,
+and the count of elements above a threshold. How it runs depends on the
+backend (`lax.platform_dependent`, decided when the step is compiled):
+
+* On GPU/TPU every block takes the full pass: a variadic reduction is one
+  memory-bound kernel there, and a `lax.cond` would cost a device-to-host
+  copy of its predicate (a synchronisation) on every step.
+* On CPU, where XLA vectorises a plain sum of squares but runs the variadic
+  reduction ~8x slower, an ordinary step reads each block once for its plain
+  float32 sum of squares, and the rest is decided from those sums by a
+  `lax.cond` per block whose branch reads that block only: the full pass
+  where a sum is not finite (a NaN or Inf, or overflow) or so small that
+  squares may have underflowed, and the count of elements above the
+  threshold only where the sum of squares says a block can hold one. The
+  branches were checked not to make XLA copy the donated buffers the step
+  updates in place.
+
+Both give the same statistics (tested).
 
 Cross-device statistics (`axis_name`): inside `shard_map` JAX types each value
 with the mesh axes along which it varies (`vma`). A leaf's sums are `psum`med
@@ -343,6 +353,14 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   blocks = blocks_of(leaves, axis_name)
   if any(jnp.iscomplexobj(x) for x in leaves):
     return _full_stats(blocks, axis_name, count_above)
+  return lax.platform_dependent(
+      cpu=lambda: _decided_stats(blocks, axis_name, count_above),
+      default=lambda: _full_stats(blocks, axis_name, count_above))
+
+
+def _decided_stats(blocks: Blocks, axis_name: AxisName,
+                   count_above: Any) -> TreeStats:
+  """CPU: plain sums of squares, the rest decided per block (see above)."""
 
   def plain_pass(block, _):
     # A plain sum of squares: the reduction XLA:CPU vectorises (~8x faster

@@ -1,0 +1,155 @@
+"""The statistics core's two paths (CPU-decided and GPU/TPU-fused) agree.
+
+`tree_stats` picks its path with `lax.platform_dependent` when the step is
+compiled: on CPU the per-block `lax.cond` decisions, elsewhere the full
+variadic pass with no conditional. The test machines are CPUs, so both paths
+are called directly here on the same blocks and checked against NumPy
+(float64), one device and over 8 devices with one device's shard bad; and
+the step lowered for CUDA and TPU is checked to hold no conditional that
+depends on data.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+from optax_guard import _stats
+
+PATHS = {"cpu": _stats._decided_stats, "fused": _stats._full_stats}
+
+
+def _scenarios():
+  rng = np.random.default_rng(7)
+  normal = lambda *s: rng.normal(size=s).astype(np.float32)
+  big = normal(300, 200)                      # large leaf: decided alone
+  nan_big = normal(300, 200)
+  nan_big[5, 5] = np.nan
+  inf_small = normal(4, 4)
+  inf_small[0, 1] = -np.inf
+  return {
+      "ordinary": {"w": 0.01 * big, "b": 0.01 * normal(200), "s": normal(4, 4)},
+      "nan_and_inf": {"w": nan_big, "b": normal(200), "s": inf_small},
+      "overflowing_squares": {"w": 1e20 * normal(300, 200), "b": normal(200)},
+      "underflowing_squares": {"w": 1e-25 * normal(300, 200),
+                               "b": np.zeros(200, np.float32)},
+      "at_the_threshold": {
+          "w": np.where(np.arange(60000).reshape(300, 200) == 4321,
+                        np.nextafter(np.float32(1), np.float32(2)),
+                        np.float32(1e-3)).astype(np.float32),
+          "b": np.array([1.0, -1.0, 0.5] * 10, np.float32),
+          "s": np.array([[1.0078125, -2.0], [0.5, 1.0]], jnp.bfloat16)},
+  }
+
+
+def _reference(tree, threshold):
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+  norms = []
+  for x in leaves:
+    if np.isnan(x).any():
+      norms.append(np.nan)
+    elif np.isinf(x).any():
+      norms.append(np.inf)
+    else:
+      norms.append(np.linalg.norm(x.ravel()))
+  return dict(norms=np.array(norms),
+              nonfinite=np.array([np.sum(~np.isfinite(x)) for x in leaves]),
+              count=np.array([np.sum(np.abs(x) > threshold) for x in leaves]),
+              sizes=np.array([x.size for x in leaves]))
+
+
+def _check(stats, tree, threshold):
+  ref = _reference(tree, threshold)
+  np.testing.assert_allclose(np.asarray(stats.norms), ref["norms"],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(stats.nonfinite), ref["nonfinite"])
+  np.testing.assert_array_equal(np.asarray(stats.count_above), ref["count"])
+  np.testing.assert_array_equal(np.asarray(stats.sizes), ref["sizes"])
+  finite = np.isfinite(ref["norms"]).all()
+  expected = np.sqrt(np.sum(ref["norms"]**2)) if finite else np.nan
+  if finite:
+    np.testing.assert_allclose(float(stats.global_norm), expected, rtol=1e-5)
+  else:
+    assert not np.isfinite(float(stats.global_norm))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("scenario", sorted(_scenarios()))
+def test_each_path_against_numpy(path, scenario):
+  tree = {k: jnp.asarray(v) for k, v in _scenarios()[scenario].items()}
+
+  @jax.jit
+  def stats(t):
+    blocks = _stats.blocks_of(jax.tree.leaves(t), None)
+    return PATHS[path](blocks, None, 1.0)
+
+  _check(stats(tree), tree, 1.0)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("bad_device", [None, 3])
+def test_each_path_under_shard_map(path, bad_device):
+  # A kernel sharded over 8 devices (one device's shard with a NaN and an
+  # element above 1, or none) beside a replicated bias.
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  kernel = np.random.default_rng(2).normal(size=(8 * 64, 96)).astype(
+      np.float32) * 0.01
+  if bad_device is not None:
+    kernel[bad_device * 64 + 1, 2] = np.nan
+    kernel[bad_device * 64 + 5, 7] = 3.0
+  bias = np.array([0.25, -4.0, 1.0], np.float32)
+
+  def stats(k, b):
+    blocks = _stats.blocks_of([k, b], "d")
+    return PATHS[path](blocks, "d", 1.0)
+
+  out = jax.jit(jax.shard_map(stats, mesh=mesh, in_specs=(P("d", None), P()),
+                              out_specs=P()))(
+      jax.device_put(kernel, NamedSharding(mesh, P("d", None))),
+      jax.device_put(bias, NamedSharding(mesh, P())))
+  _check(out, [kernel, bias], 1.0)
+
+
+def _data_dependent_conditionals(text: str) -> list[str]:
+  """`stablehlo.case` ops whose index is not a constant (nor the result of a
+  case on a constant): `platform_dependent` lowers to such constant cases,
+  which XLA folds away before compiling."""
+  constant = set(re.findall(r"(%[\w#]+) = stablehlo.constant", text))
+  found = []
+  for result, operand in re.findall(
+      r"(%[\w#]+)(?::\d+)? = \"stablehlo.case\"\((%[\w#]+)\)", text):
+    if operand in constant:
+      constant.add(result)
+    else:
+      found.append(operand)
+  return found
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
+def test_no_data_dependent_conditional_off_the_cpu(platform):
+  # A `lax.cond` on a GPU costs a device-to-host copy of its predicate (a
+  # synchronisation) on every step; the GPU/TPU step must have none. The CPU
+  # step has its per-block decisions (the check itself can fail).
+  params = {"w": jnp.ones((300, 200)), "b": jnp.ones((200,)),
+            "s": jnp.ones((4, 4))}
+  tx = og.guard(og.adamw(1e-3))
+  state = tx.init(params)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  text = jax.jit(step).trace(params, state, params).lower(
+      lowering_platforms=(platform,)).as_text()
+  found = _data_dependent_conditionals(text)
+  if platform == "cpu":
+    assert found
+  else:
+    assert not found, found
