@@ -241,7 +241,8 @@ def add_l2_penalty(
     >>> tx = optax.chain(og.add_l2_penalty(0.5), optax.sgd(1.0))
     >>> grads = {"kernel": jnp.zeros((1, 2))}
     >>> updates, state = tx.update(grads, tx.init(params), params)
-    >>> print(updates["kernel"], float(og.metrics(state)["param/l2_penalty"]))
+    >>> penalty = float(og.metrics(state)["param/l2_penalty"])  # 0.5 * 0.5 * 5
+    >>> print(updates["kernel"], round(penalty, 6))
     [[-0.5  1. ]] 1.25
 
   References:

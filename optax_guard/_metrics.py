@@ -118,7 +118,9 @@ def array_module(x: Any) -> Any:
 
 
 def expand(name: str, value: Any) -> dict[str, Any]:
-  """One metric, or one per layer when `value` is a `PerLayer`."""
+  """One metric, one per layer when `value` is a `PerLayer`, none if None."""
+  if value is None:
+    return {}
   if isinstance(value, PerLayer):
     rows = unwrap(value.values)
     return {f"{name}/{layer}": rows[i] for i, layer in enumerate(value.names)}

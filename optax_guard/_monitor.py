@@ -18,21 +18,24 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 class MonitorState(NamedTuple):
-  """State of `monitor`. Per-layer fields are empty when `per_layer=False`."""
+  """State of `monitor`. Per-layer fields are None when `per_layer=False`
+  (a zero-sized array in the state would also be one in every checkpoint and
+  `lax.scan` output), `histograms` when `histogram=False`."""
   step: jax.Array                    # i32[] updates seen.
   norm: jax.Array                    # f32[] global norm of what passed.
-  layer_norms: _metrics.PerLayer     # f32[L] norm of each layer.
-  frac_above_1: _metrics.PerLayer    # f32[L] fraction of |x| > 1 per layer.
-  nonfinite: _metrics.PerLayer       # i32[L] NaN/Inf counts (0 if finite).
+  num_nonfinite: jax.Array           # i32[] NaN/Inf elements of what passed.
+  layer_norms: _metrics.PerLayer | None  # f32[L] norm of each layer.
+  frac_above_1: _metrics.PerLayer | None  # f32[L] fraction of |x| > 1.
+  nonfinite: _metrics.PerLayer | None     # i32[L] NaN/Inf counts per layer.
   param_norm: jax.Array              # f32[] global parameter norm.
-  param_layer_norms: _metrics.PerLayer  # f32[L] norm of each parameter.
+  param_layer_norms: _metrics.PerLayer | None  # f32[L] of each parameter.
   param_nonfinite: jax.Array         # i32[] non-finite parameter elements.
   loss: jax.Array                    # f32[] last loss given (0 if none).
   loss_ema: jax.Array                # f32[] debiased EMA of finite losses.
   loss_ema_raw: jax.Array            # f32[] the EMA before debiasing.
   loss_steps: jax.Array              # i32[] finite losses seen.
   loss_nonfinite: jax.Array          # i32[] non-finite losses seen.
-  histograms: _metrics.PerLayer      # i32[L, B] log10-magnitude histograms.
+  histograms: _metrics.PerLayer | None  # i32[L, B] log10 histograms.
   naming: _metrics.Naming             # static: how the metrics are named.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
@@ -43,7 +46,7 @@ class MonitorState(NamedTuple):
         f"{p}{k}/norm": self.norm,
         **_metrics.expand(f"{p}{k}/norm", self.layer_norms),
         **_metrics.expand(f"{p}{k}/frac_above_1", frac),
-        f"{p}{k}/nonfinite": _metrics.unwrap(self.nonfinite.values).sum(),
+        f"{p}{k}/nonfinite": self.num_nonfinite,
         **nonfinite,
         f"{p}param/norm": self.param_norm,
         **_metrics.expand(f"{p}param/norm", self.param_layer_norms),
@@ -54,14 +57,15 @@ class MonitorState(NamedTuple):
         **_metrics.expand(f"{p}{k}/hist", self.histograms),
     }
     if k == "update":
-      norms = _metrics.unwrap(self.layer_norms.values)
-      xp = _metrics.array_module(norms)
-      ratio = _metrics.PerLayer(
-          norms / xp.maximum(_metrics.unwrap(self.param_layer_norms.values),
-                             _TINY), self.layer_norms.names)
+      xp = _metrics.array_module(_metrics.unwrap(self.norm))
       out[f"{p}update/ratio"] = (_metrics.unwrap(self.norm) / xp.maximum(
           _metrics.unwrap(self.param_norm), _TINY))
-      out.update(_metrics.expand(f"{p}update/ratio", ratio))
+      if self.layer_norms is not None:
+        ratio = _metrics.PerLayer(
+            _metrics.unwrap(self.layer_norms.values) / xp.maximum(
+                _metrics.unwrap(self.param_layer_norms.values), _TINY),
+            self.layer_norms.names)
+        out.update(_metrics.expand(f"{p}update/ratio", ratio))
     return out
 
 
@@ -92,11 +96,11 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
     _metrics.check_layers(updates, state.layer_norms.names, "monitor")
 
   def layers(values, like):
-    return _metrics.PerLayer(values if per_layer else values[:0], like.names)
+    return _metrics.PerLayer(values, like.names) if per_layer else None
 
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
-      norm=stats.global_norm,
+      norm=stats.global_norm, num_nonfinite=jnp.sum(stats.nonfinite),
       layer_norms=layers(stats.norms, state.layer_norms),
       frac_above_1=layers(frac, state.frac_above_1),
       nonfinite=layers(stats.nonfinite, state.nonfinite))
@@ -157,7 +161,8 @@ def monitor(
 
   Args:
     per_layer: record per-layer entries (else only the global ones).
-    histogram: record per-layer log-magnitude histograms (extra passes).
+    histogram: record per-layer log-magnitude histograms (extra passes;
+      recorded also when `per_layer=False`).
     every: measure on every `every`-th step only; the decision is taken on the
       device (`lax.cond`) and the state keeps the last measured values.
     kind: `"grad"` before the optimizer, `"update"` when last in the chain.
@@ -193,21 +198,21 @@ def monitor(
   naming = _metrics.Naming(kind=kind, prefix=prefix)
 
   def init_fn(params):
-    names = _metrics.layer_names(params) if per_layer else ()
-    hist_names = names if histogram else ()
+    names = _metrics.layer_names(params)
     f32 = lambda: jnp.zeros((), jnp.float32)
     i32 = lambda: jnp.zeros((), jnp.int32)
+    layers = lambda dtype: (_metrics.per_layer_zeros(names, dtype)
+                            if per_layer else None)
     return MonitorState(
-        step=i32(), norm=f32(),
-        layer_norms=_metrics.per_layer_zeros(names, jnp.float32),
-        frac_above_1=_metrics.per_layer_zeros(names, jnp.float32),
-        nonfinite=_metrics.per_layer_zeros(names, jnp.int32),
-        param_norm=f32(),
-        param_layer_norms=_metrics.per_layer_zeros(names, jnp.float32),
+        step=i32(), norm=f32(), num_nonfinite=i32(),
+        layer_norms=layers(jnp.float32), frac_above_1=layers(jnp.float32),
+        nonfinite=layers(jnp.int32), param_norm=f32(),
+        param_layer_norms=layers(jnp.float32),
         param_nonfinite=i32(), loss=f32(), loss_ema=f32(),
         loss_ema_raw=f32(), loss_steps=i32(), loss_nonfinite=i32(),
-        histograms=_metrics.per_layer_zeros(
-            hist_names, jnp.int32, (len(_stats.HIST_BUCKETS),)),
+        histograms=(_metrics.per_layer_zeros(
+            names, jnp.int32, (len(_stats.HIST_BUCKETS),))
+                    if histogram else None),
         naming=naming)
 
   def measure(updates, state, params, loss):

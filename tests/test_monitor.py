@@ -179,13 +179,24 @@ def test_every_gates_on_device_without_retrace():
   assert traces == 1
 
 
-def test_per_layer_off_keeps_globals_only():
-  tx = og.monitor(per_layer=False)
+@pytest.mark.parametrize("histogram", [False, True])
+def test_per_layer_off_keeps_globals_only(histogram):
+  tx = og.monitor(per_layer=False, histogram=histogram)
   grads = _tree(0)
-  _, state = tx.update(grads, tx.init(grads), grads)
-  names = set(og.metrics(state))
-  assert "grad/norm" in names and "param/norm" in names
-  assert not any(n.startswith("grad/norm/") for n in names)
+  grads["Dense_0"]["kernel"] = grads["Dense_0"]["kernel"].at[1, :2].set(
+      jnp.nan).at[3, 5].set(jnp.inf)
+  _, state = tx.update(grads, tx.init(grads), _tree(1))
+  m = og.metrics(state)
+  assert "grad/norm" in m and "param/norm" in m
+  assert not any(n.startswith("grad/norm/") for n in m)
+  # The global count of NaN/Inf does not depend on the per-layer entries.
+  expected = sum(int(np.sum(~np.isfinite(x)))
+                 for x in _named_leaves(grads).values())
+  assert expected == 3 and int(m["grad/nonfinite"]) == expected
+  # Switched-off parts are None, not zero-sized arrays (which XLA:CPU of
+  # jax 0.11 failed to compile as `lax.scan` outputs).
+  assert all(leaf.size for leaf in jax.tree.leaves(state))
+  assert any(n.startswith("grad/hist/") for n in m) == histogram
 
 
 def test_two_monitors_do_not_collide():
