@@ -42,7 +42,7 @@ def clip_factors(norm: jax.Array, max_norm: Any
 
 def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
   """Multiplies each leaf by `a` then `b`, in float32, keeping its dtype."""
-  a, b = factors
+  a, b = _stats.computed_once(factors)  # not once per leaf's kernel
 
   def scale(g):
     if not jnp.issubdtype(g.dtype, jnp.floating):

@@ -77,7 +77,7 @@ def after_params_read(updates: Any, state: MonitorState) -> Any:
   never fires (a norm is never negative, and NaN < 0 is false), so the
   updates pass unchanged, but XLA cannot know that and keeps the order.
   """
-  never = state.param_norm < 0
+  never = _stats.computed_once(state.param_norm < 0)  # not once per leaf
   return jax.tree.map(lambda u: jnp.where(never, jnp.zeros_like(u), u),
                       updates)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_guard import _args
+from optax_guard import _stats
 
 
 class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
@@ -108,13 +109,13 @@ def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
 
 
 def _decision_args(guard_keep: Any, guard_scale: Any) -> Any:
-  """The decision as `(keep, a, b)` arrays for the per-leaf kernels, or None."""
+  """The decision as `(keep, (a, b) or None)` for the per-leaf kernels,
+  computed once for all leaves (`_stats.computed_once`), or None without a
+  guard (the program then stays optax's)."""
   if guard_keep is None and guard_scale is None:
     return None
-  one = jnp.ones((), jnp.float32)
-  a, b = (one, one) if guard_scale is None else guard_scale
   keep = jnp.ones((), jnp.bool_) if guard_keep is None else guard_keep
-  return keep, a, b
+  return _stats.computed_once((keep, guard_scale))
 
 
 def _split_hyper(**values: Any) -> tuple[tuple[tuple[str, Any], ...], dict]:
@@ -134,7 +135,10 @@ def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
   """(keep, the gradient clipped, and exact zeros on a skip: never 0*NaN)."""
   if decision is None:
     return None, g
-  keep, a, b = decision
+  keep, scale = decision
+  if scale is None:
+    return keep, jnp.where(keep, g, jnp.zeros_like(g))
+  a, b = scale
   scaled = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
   return keep, jnp.where(keep, scaled, jnp.zeros_like(g))
 

@@ -49,9 +49,11 @@ def is_guard_aware(inner: Any) -> bool:
 
 def select_tree(keep: jax.Array, new: Any, old: Any) -> Any:
   """`new` where `keep` holds, else `old`, leaf by leaf (bit-exact)."""
+  keep = _stats.computed_once(keep)  # not once per leaf's kernel
   return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old)
 
 
 def zeros_unless(keep: jax.Array, tree: Any) -> Any:
   """The tree where `keep` holds, exact zeros (never NaN) otherwise."""
+  keep = _stats.computed_once(keep)  # not once per leaf's kernel
   return jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), tree)

@@ -153,3 +153,67 @@ def test_no_data_dependent_conditional_off_the_cpu(platform):
     assert found
   else:
     assert not found, found
+
+
+# ------------------------------------------------- the decision, computed once
+
+
+def test_computed_once_is_the_identity_bit_for_bit():
+  values = (np.float32(np.nan), np.float32(-0.0), np.float32(np.inf),
+            np.float32(-3.5e-45), np.float32(1.25), np.bool_(True),
+            np.bool_(False), np.int32(-7), jnp.bfloat16(3.0))
+  out = jax.jit(_stats.computed_once)(values)
+  for x, y in zip(values, out):
+    y = np.asarray(y)
+    assert y.shape == () and y.dtype == np.asarray(x).dtype
+    assert np.asarray(x).tobytes() == y.tobytes(), (x, y)
+  with pytest.raises(ValueError, match="computed_once takes scalars"):
+    _stats.computed_once((jnp.ones(3),))
+
+
+def test_computed_once_inside_shard_map_with_a_varying_flag():
+  # A per-device flag (varying) beside an invariant factor.
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+
+  def f(x):
+    keep, factor = _stats.computed_once((jnp.sum(x) > 0, jnp.float32(2.0)))
+    return jnp.where(keep, x * factor, 0.0)
+
+  x = np.arange(-8.0, 8.0, dtype=np.float32)
+  out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("d"),
+                              out_specs=P("d")))(x)
+  pairs = x.reshape(8, 2)
+  expected = np.where(pairs.sum(1, keepdims=True) > 0, 2 * pairs, 0)
+  np.testing.assert_array_equal(np.asarray(out), expected.ravel())
+
+
+def _logic_ops(tx, num_leaves: int) -> dict[str, int]:
+  params = {f"layer_{i}": {"w": jnp.full((4, 4), 0.01), "b": jnp.zeros(4)}
+            for i in range(num_leaves // 2)}
+  state = tx.init(params)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile().as_text()
+  return {op: len(re.findall(rf"= \S+ {op}\(", text))
+          for op in ("and", "or", "not", "compare")}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: og.guard(og.adamw(1e-3)),
+    lambda: og.guard(optax.adamw(1e-3)),
+    lambda: optax.chain(og.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+], ids=["guard_fast", "guard_generic", "clip"])
+@pytest.mark.standard_promotion  # optax's adamw
+def test_the_decision_is_not_compiled_into_every_leaf(make):
+  # The guard's decision (NaN flags, spike test, clip factor) is scalar
+  # logic; XLA copies such cheap producers into every leaf's fused kernel
+  # unless they are computed once. Its logic ops must not grow with the
+  # number of leaves (they grew by ~12 per leaf before; a few come and go
+  # with how the leaves are grouped into blocks).
+  grown = sum(_logic_ops(make(), 60).values()) - sum(
+      _logic_ops(make(), 20).values())
+  assert grown < 40, grown  # < 1 per added leaf
