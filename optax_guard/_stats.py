@@ -13,8 +13,9 @@ backend (`lax.platform_dependent`, decided when the step is compiled):
   memory-bound kernel there, and a `lax.cond` would cost a device-to-host
   copy of its predicate (a synchronisation) on every step.
 * On CPU, where XLA vectorises a plain sum of squares but runs the variadic
-  reduction ~8x slower, an ordinary step reads each block once for its plain
-  float32 sum of squares, and the rest is decided from those sums by a
+  reduction ~8x slower, for a tree of float32 leaves (other dtypes take the
+  full pass: see `tree_stats`), an ordinary step reads each block once for
+  its plain sum of squares, and the rest is decided from those sums by a
   `lax.cond` per block whose branch reads that block only: the full pass
   where a sum is not finite (a NaN or Inf, or overflow) or so small that
   squares may have underflowed, and the count of elements above the
@@ -376,7 +377,10 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
   blocks = blocks_of(leaves, axis_name)
-  if any(jnp.iscomplexobj(x) for x in leaves):
+  if any(x.dtype != jnp.float32 for x in leaves):
+    # bf16/f16 (and complex): on the CPU too, XLA hoists the conversion to
+    # float32 out of the per-block conditionals and keeps a float32 copy of
+    # every block (2x the gradients), and the full pass ran faster there.
     return _full_stats(blocks, axis_name, count_above)
   return lax.platform_dependent(
       cpu=lambda: _decided_stats(blocks, axis_name, count_above),

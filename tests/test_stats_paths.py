@@ -217,3 +217,22 @@ def test_the_decision_is_not_compiled_into_every_leaf(make):
   grown = sum(_logic_ops(make(), 60).values()) - sum(
       _logic_ops(make(), 20).values())
   assert grown < 40, grown  # < 1 per added leaf
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_no_gradient_sized_temporary_on_cpu(dtype):
+  # The monitor's step (gradient and parameter statistics) keeps no copy of
+  # the gradients: in bf16 the per-block conditionals had made XLA keep a
+  # float32 copy of every block (2x the gradients).
+  params = {f"w{i}": jnp.full((1024, 512), 0.01, dtype) for i in range(4)}
+  tx = og.monitor()
+  state = tx.init(params)
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, state, params).compile()
+  leaf_bytes = 1024 * 512 * jnp.dtype(dtype).itemsize
+  assert compiled.memory_analysis().temp_size_in_bytes < leaf_bytes // 4
