@@ -136,11 +136,10 @@ def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
   if decision is None:
     return None, g
   keep, scale = decision
-  if scale is None:
-    return keep, jnp.where(keep, g, jnp.zeros_like(g))
-  a, b = scale
-  scaled = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
-  return keep, jnp.where(keep, scaled, jnp.zeros_like(g))
+  if scale is not None:
+    a, b = scale
+    g = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
+  return keep, jnp.where(keep, g, jnp.zeros_like(g))
 
 
 # The per-leaf arithmetic is traced once per distinct leaf signature (shape,

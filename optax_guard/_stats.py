@@ -203,10 +203,9 @@ def _rest(block: jax.Array) -> tuple[int, ...]:
 def computed_once(scalars: Any) -> Any:
   """`scalars` (a tree of 0-d arrays), bit for bit, computed once per step.
 
-  A guard's decision (keep, clip factors, bias corrections) is a chain of
-  scalar arithmetic over its statistics that every leaf's update reads. XLA
-  copies cheap scalar producers into each consumer's fused kernel, so at
-  1,000 leaves it compiled that chain thousands of times (~3x the
+  A guard's decision (keep, clip factors) is a chain of scalar arithmetic
+  over its statistics that every leaf's update reads. XLA copies cheap
+  scalar producers into each consumer's fused kernel, so at 1,000 leaves it compiled that chain thousands of times (~3x the
   instructions of the bare optimizer). Neither `lax.optimization_barrier`
   nor a nested `jit` stops it (both are gone before fusion), but XLA never
   copies a sort: the scalars, each stacked twice, are sorted by their
