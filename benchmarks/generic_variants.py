@@ -4,10 +4,13 @@ optimizer, measured on workload (a) beside bare `optax.adamw` and optax's
 
 Each variant measures the gradients with the package's statistics pass,
 clips by multiplying, and keeps the inner state exact on a skipped step by:
-`where`: selecting between the new and old state (what `og.guard` does);
+`where`: selecting between the new and old state;
 `cond`: running the inner update under `lax.cond`; `+check`: also reading
 the inner update back for NaN/Inf (as `og.skip_nonfinite` must, since any
-optax optimizer can produce them from finite gradients).
+optax optimizer can produce them from finite gradients); `probe+check`:
+what the package does (`_skip.update_checked`): the update of one run is
+measured and returned, and a second run on the sanitised gradients gives the
+state to select.
 
     python benchmarks/generic_variants.py [--rounds 4]
 """
@@ -39,6 +42,11 @@ def skipping(inner: optax.GradientTransformation, how: str, check: bool
     scaled = _clipping.scale_tree(
         grads, _clipping.clip_factors(stats.global_norm, 1.0))
     keep = stats.finite
+    if how == "probe":
+      updates, new, _ = _skip.update_checked(
+          inner, scaled, state, params, {},
+          lambda inner_stats: (keep & inner_stats.finite,), None)
+      return updates, new
     if how == "where":
       clean = jax.tree.map(lambda g: jnp.where(keep, g, 0), scaled)
       updates, new = inner.update(clean, state, params)
@@ -70,6 +78,7 @@ def main() -> None:
   ] + [(f"{how}{'+check' if check else ''}",
         lambda how=how, check=check: skipping(adamw(), how, check), base)
        for how in ("where", "cond") for check in (False, True)] + [
+      ("probe+check", lambda: skipping(adamw(), "probe", True), base),
       ("og.guard(adamw)", lambda: og.guard(adamw()), base)]
   name, make, _ = harness.workloads("a", False)[0]
   result = harness.run_workload(name, make, 1, args.rounds, args.steps, 2.0)

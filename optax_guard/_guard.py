@@ -179,8 +179,9 @@ def guard(
       spike, spikes_state = _spikes.decide(
           state.spikes, norm, loss, sigma=spike_sigma, min_count=min_count,
           max_consecutive=None)
-    one = jnp.ones((), jnp.float32)
-    factors = ((one, one) if max_norm is None else
+    # Without a clip nothing is scaled (not even by 1: every factor handed
+    # to the optimizer is compiled into each leaf's kernel).
+    factors = (None if max_norm is None else
                _clipping.clip_factors(norm, max_norm))
     loss_ok = jnp.ones((), jnp.bool_) if loss is None else jnp.isfinite(loss)
 
@@ -205,16 +206,23 @@ def guard(
           updates, state.inner_state, params, guard_keep=keep,
           guard_scale=factors, **extra_args)
     else:
-      new_updates, new_inner = inner.update(
-          _clipping.scale_tree(updates, factors), state.inner_state, params,
-          **extra_args)
-      keep = ~spike
+      scaled = (updates if factors is None else
+                _clipping.scale_tree(updates, factors))
       if skip_nonfinite:
-        keep_finite, nonfinite_state = decide_finite(
-            _stats.tree_stats(new_updates, axis_name=axis_name))
-        keep = keep & keep_finite
-      new_inner = _skip.select_tree(keep, new_inner, state.inner_state)
-      new_updates = _skip.zeros_unless(keep, new_updates)
+        # The inner update is read back for NaN/Inf (see `update_checked`).
+        def decide_with(inner_stats):
+          keep_finite, nonfinite_state = decide_finite(inner_stats)
+          return ~spike & keep_finite, keep_finite, nonfinite_state
+
+        new_updates, new_inner, (keep, keep_finite, nonfinite_state) = (
+            _skip.update_checked(inner, scaled, state.inner_state, params,
+                                 extra_args, decide_with, axis_name))
+      else:
+        keep = ~spike
+        new_updates, new_inner = inner.update(
+            scaled, state.inner_state, params, **extra_args)
+        new_inner = _skip.select_tree(keep, new_inner, state.inner_state)
+        new_updates = _skip.zeros_unless(keep, new_updates)
     if skip_nonfinite:
       new = new._replace(nonfinite=nonfinite_state)
       if spike_sigma is not None:

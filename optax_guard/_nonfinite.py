@@ -192,16 +192,13 @@ def skip_nonfinite(
       new_updates, new_inner = inner.update(
           updates, state.inner_state, params, guard_keep=keep, **extra_args)
       return new_updates, new_state._replace(inner_state=new_inner)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                          **extra_args)
-    inner_stats = _stats.tree_stats(new_updates, axis_name=axis_name)
-    keep, new_state = decide(
-        state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
-        inner_stats=inner_stats, max_consecutive=max_consecutive,
-        resume_after_halt=resume_after_halt)
-    new_state = new_state._replace(
-        inner_state=_skip.select_tree(keep, new_inner, state.inner_state))
-    return _skip.zeros_unless(keep, new_updates), new_state
+    new_updates, new_inner, (_, new_state) = _skip.update_checked(
+        inner, updates, state.inner_state, params, extra_args,
+        lambda inner_stats: decide(
+            state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
+            inner_stats=inner_stats, max_consecutive=max_consecutive,
+            resume_after_halt=resume_after_halt), axis_name)
+    return new_updates, new_state._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

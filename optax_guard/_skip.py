@@ -47,6 +47,39 @@ def is_guard_aware(inner: Any) -> bool:
   return isinstance(inner, _optimizers.GuardAwareTransformation)
 
 
+def update_checked(inner: optax.GradientTransformationExtraArgs,
+                   updates: Any, inner_state: Any, params: Any,
+                   extra_args: dict[str, Any], decide: Any,
+                   axis_name: _stats.AxisName) -> tuple[Any, Any, Any]:
+  """Runs an opaque `inner`, reads its update back, and skips it exactly.
+
+  `decide(inner_stats)` takes the `TreeStats` of the update `inner` makes
+  from `updates` and returns `(keep, anything)`. On a kept step the result
+  is `inner`'s own update and state; on a skip, exact zeros and
+  `inner_state` unchanged.
+
+  `inner` is run twice, and the second run's update is never used: the first
+  run gives the update, which is measured and returned; the second gives the
+  state, from the same gradients (exact zeros on a skip). One run whose new
+  state is then selected made XLA read the old state buffers both for the
+  update and for the select, so it copied every one of them first (the
+  moments of Adam, twice the parameters' bytes, on every step); here the
+  update is written out once for its measurement, and the select is the old
+  state's last reader, so it updates the buffers in place (benchmarks/
+  README.md, the generic path).
+
+  Returns:
+    `(updates, inner_state, decision)`, `decision` as `decide` returned it.
+  """
+  probe, _ = inner.update(updates, inner_state, params, **extra_args)
+  decision = decide(_stats.tree_stats(probe, axis_name=axis_name))
+  keep = decision[0]
+  _, new_state = inner.update(zeros_unless(keep, updates), inner_state,
+                              params, **extra_args)
+  return (zeros_unless(keep, probe),
+          select_tree(keep, new_state, inner_state), decision)
+
+
 def select_tree(keep: jax.Array, new: Any, old: Any) -> Any:
   """`new` where `keep` holds, else `old`, leaf by leaf (bit-exact)."""
   keep = _stats.computed_once(keep)  # not once per leaf's kernel
