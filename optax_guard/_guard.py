@@ -92,8 +92,9 @@ def guard(
   `GuardAwareTransformation`) the keep/clip decision is handed to the
   optimizer, which folds it into its own elementwise pass: the guard then
   costs one read of the gradients. For any other optax transformation the
-  guard runs it on the clipped gradients and selects between its new and old
-  state, which is exact but makes XLA keep both copies of the state (see the
+  guard runs it on the clipped gradients, reads its update back for NaN/Inf
+  and selects between its new and old state: exact, but the optimizer's
+  arithmetic runs twice and its update is written out once more (see the
   benchmark figures in the README). On the fast path the optimizer's output
   is not read back for NaN: guard-aware optimizers turn finite gradients into
   finite updates (mind `eps > 0`).

@@ -205,12 +205,16 @@ def computed_once(scalars: Any) -> Any:
 
   A guard's decision (keep, clip factors) is a chain of scalar arithmetic
   over its statistics that every leaf's update reads. XLA copies cheap
-  scalar producers into each consumer's fused kernel, so at 1,000 leaves it compiled that chain thousands of times (~3x the
-  instructions of the bare optimizer). Neither `lax.optimization_barrier`
-  nor a nested `jit` stops it (both are gone before fusion), but XLA never
-  copies a sort: the scalars, each stacked twice, are sorted by their
-  positions, which leaves every value as it was (NaN and -0.0 included),
-  and each kernel then reads the finished value.
+  scalar producers into each consumer's fused kernel, so at 1,000 leaves it
+  compiled that chain thousands of times (~3x the instructions of the bare
+  optimizer). Neither `lax.optimization_barrier` nor a nested `jit` stops it
+  (both are gone before fusion), but XLA never copies a sort: the scalars,
+  each stacked twice, are sorted by their positions, which leaves every
+  value as it was (NaN and -0.0 included), and each kernel then reads the
+  finished value. Each is taken back out of its pair by a reduction (the
+  max, or `any`, of two equal values) rather than a slice: a slice is fused
+  into every kernel that reads it, two more instructions in each of
+  thousands of kernels.
   """
   leaves, treedef = jax.tree.flatten(scalars)
   if not leaves:
@@ -221,7 +225,19 @@ def computed_once(scalars: Any) -> Any:
   positions = jnp.arange(2, dtype=jnp.int32)
   pairs = [jnp.stack([x, x]) for x in map(jnp.asarray, leaves)]
   sorted_pairs = lax.sort((positions, *pairs), num_keys=1)[1:]
-  return treedef.unflatten([pair[0] for pair in sorted_pairs])
+  return treedef.unflatten([_either(pair) for pair in sorted_pairs])
+
+
+def _either(pair: jax.Array) -> jax.Array:
+  """One of two equal values, bit for bit: their max as integers (a float
+  max would flush a subnormal to zero)."""
+  if pair.dtype == jnp.bool_:
+    return jnp.any(pair)
+  if not jnp.issubdtype(pair.dtype, jnp.floating):
+    return jnp.max(pair)
+  bits = jnp.dtype(f"int{8 * pair.dtype.itemsize}")
+  return lax.bitcast_convert_type(
+      jnp.max(lax.bitcast_convert_type(pair, bits)), pair.dtype)
 
 
 def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
