@@ -65,8 +65,8 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
   update and for the select, so it copied every one of them first (the
   moments of Adam, twice the parameters' bytes, on every step); here the
   update is written out once for its measurement, and the select is the old
-  state's last reader, so it updates the buffers in place (benchmarks/
-  README.md, the generic path).
+  state's last reader, so it updates the buffers in place (see "the generic
+  path" in benchmarks/README.md).
 
   Returns:
     `(updates, inner_state, decision)`, `decision` as `decide` returned it.
