@@ -93,9 +93,9 @@ def guard(
   optimizer, which folds it into its own elementwise pass: the guard then
   costs one read of the gradients. For any other optax transformation the
   guard runs it on the clipped gradients, reads its update back for NaN/Inf
-  and selects between its new and old state: exact, but the optimizer's
-  arithmetic runs twice and its update is written out once more (see the
-  benchmark figures in the README). On the fast path the optimizer's output
+  and selects between its new and old state: exact, but its `update` is
+  called twice per step (see `skip_nonfinite`) and its update is written out
+  once more (see the benchmark figures in the README). On the fast path the optimizer's output
   is not read back for NaN: guard-aware optimizers turn finite gradients into
   finite updates (mind `eps > 0`).
 

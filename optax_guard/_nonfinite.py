@@ -122,7 +122,11 @@ def skip_nonfinite(
 
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`),
-  which costs nothing; its output is then not read back for NaN.
+  which costs nothing; its output is then not read back for NaN. Around any
+  other optimizer its `update` is called twice per step: once for the
+  update, which is checked and returned, and once for the state on the
+  sanitised gradients, so that XLA can update the state in place (a callback
+  inside it would fire twice).
 
   How it compares to `optax.apply_if_finite`: the same skip, plus the
   inner-output and loss checks, per-layer counts of the last bad step (which
