@@ -27,8 +27,10 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   """Appends `value` where `accept` holds; the oldest value drops out."""
   size = window.values.shape[0]
   slot = window.num_accepted % size
-  values = window.values.at[slot].set(
-      jnp.where(accept, value, window.values[slot]))
+  # A select, not `.at[slot].set`: a scatter costs XLA's simplification
+  # pipeline two more passes over the whole step when it compiles.
+  values = jnp.where((jnp.arange(size) == slot) & accept, value,
+                     window.values)
   return Window(values, jnp.where(accept, optax.safe_increment(window.num_accepted),
                                   window.num_accepted))
 

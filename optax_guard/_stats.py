@@ -89,8 +89,10 @@ def is_typed(axes: tuple[str, ...]) -> bool:
   return all(a in varying_axes(lax.axis_index(a)) for a in axes)
 
 
-def pmax(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+def pmax(values: Any, axes: tuple[str, ...]) -> Any:
   """`lax.pmax` that keeps NaN (XLA's cross-device max on CPU drops it)."""
+  if isinstance(values, tuple):  # columns (see `per_leaf`)
+    return tuple(pmax(v, axes) for v in values)
   if not jnp.issubdtype(values.dtype, jnp.inexact):
     return lax.pmax(values, axes)
   nan = jnp.isnan(values)
@@ -149,7 +151,7 @@ def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
 
 
 def reduce_blocks(blocks: Blocks, reduce_block: Any, axis_name: AxisName,
-                  op: str) -> jax.Array:
+                  op: str) -> Any:
   """Measures every block and reduces over the devices (see `per_leaf`)."""
   # Blocks are concatenated per typing, so that one collective serves each.
   by_typing: dict[tuple[str, ...], tuple[list[Any], list[int]]] = {}
@@ -158,19 +160,33 @@ def reduce_blocks(blocks: Blocks, reduce_block: Any, axis_name: AxisName,
     parts.append(reduce_block(block, index))
     order.extend(index.tolist())
   reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
+  concatenate = lambda parts: jax.tree.map(lambda *p: jnp.concatenate(p),
+                                           *parts)
   parts, order = [], []
   for group_axes, (group_parts, group_order) in by_typing.items():
-    values = jnp.concatenate(group_parts)
+    values = concatenate(group_parts)
     parts.append(reduce(values, group_axes) if group_axes else values)
     order.extend(group_order)
-  values = jnp.concatenate(parts)
+  values = concatenate(parts)
   if order != sorted(order):
-    values = values[np.argsort(np.asarray(order))]
+    values = permuted(values, np.argsort(np.asarray(order)))
   axes = axis_names(axis_name)
   if axes and not blocks.typed:
     # pmap / check_vma=False: leaves taken as replicated; agree on the worst.
     values = pmax(values, axes)
   return values
+
+
+def permuted(columns: Any, positions: np.ndarray) -> Any:
+  """`column[positions]` for each column of a tuple (or one column).
+
+  XLA rewrites such a gather as one that ends in a reshape, and then moves
+  that reshape through the arithmetic that follows one operation per pass
+  of its simplifier, each pass going over the whole step (~0.6 s of compile
+  time at 1,000 leaves). The barrier stops it there.
+  """
+  return lax.optimization_barrier(
+      jax.tree.map(lambda v: v[positions], columns))
 
 
 def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
@@ -182,15 +198,19 @@ def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
     leaves: the arrays to measure.
     reduce_block: maps a block `[k, ...]` of `k` leaves of one shape, and
       the indices of those leaves, to their statistics `[k, ...]` (reducing
-      every axis but the first).
+      every axis but the first), or to a tuple of such columns. Columns
+      are cheaper to compile than one `[k, m]` array sliced afterwards: XLA
+      moves the reshape of each slice through the arithmetic that follows
+      one operation per pass over the whole step.
     axis_name: the mesh axes to reduce over, or None.
     op: `"sum"` for sums and counts, `"mean"` for a per-device value such as
       a loss, `"max"` for maxima.
     like: what says where each leaf varies, if not the leaves themselves.
 
   Returns:
-    `[len(leaves), ...]` statistics in leaf order, global and identical on
-    every device (and typed invariant inside `shard_map`).
+    `[len(leaves), ...]` statistics (or a tuple of such columns) in leaf
+    order, global and identical on every device (and typed invariant
+    inside `shard_map`).
   """
   return reduce_blocks(blocks_of(leaves, axis_name, like), reduce_block,
                        axis_name, op)
@@ -211,10 +231,12 @@ def computed_once(scalars: Any) -> Any:
   (both are gone before fusion), but XLA never copies a sort: the scalars,
   each stacked twice, are sorted by their positions, which leaves every
   value as it was (NaN and -0.0 included), and each kernel then reads the
-  finished value. Each is taken back out of its pair by a reduction (the
-  max, or `any`, of two equal values) rather than a slice: a slice is fused
+  finished value. All are taken back out of their pairs by one variadic
+  reduction (the max of two equal values, compared as integers: a float
+  max would flush a subnormal to zero) rather than slices: a slice is fused
   into every kernel that reads it, two more instructions in each of
-  thousands of kernels.
+  thousands of kernels, and one reduction is one kernel (on a GPU, one
+  launch) for all the scalars.
   """
   leaves, treedef = jax.tree.flatten(scalars)
   if not leaves:
@@ -225,19 +247,24 @@ def computed_once(scalars: Any) -> Any:
   positions = jnp.arange(2, dtype=jnp.int32)
   pairs = [jnp.stack([x, x]) for x in map(jnp.asarray, leaves)]
   sorted_pairs = lax.sort((positions, *pairs), num_keys=1)[1:]
-  return treedef.unflatten([_either(pair) for pair in sorted_pairs])
+  as_ints = [_as_integers(pair) for pair in sorted_pairs]
+  lowest = tuple(np.zeros((), x.dtype) if x.dtype == jnp.bool_ else
+                 np.array(np.iinfo(x.dtype).min, x.dtype) for x in as_ints)
+  either = lambda a, b: tuple(
+      (u | v) if u.dtype == jnp.bool_ else jnp.maximum(u, v)
+      for u, v in zip(a, b))
+  values = lax.reduce(tuple(as_ints), lowest, either, (0,))
+  return treedef.unflatten([
+      v if v.dtype == pair.dtype else lax.bitcast_convert_type(v, pair.dtype)
+      for v, pair in zip(values, sorted_pairs)])
 
 
-def _either(pair: jax.Array) -> jax.Array:
-  """One of two equal values, bit for bit: their max as integers (a float
-  max would flush a subnormal to zero)."""
-  if pair.dtype == jnp.bool_:
-    return jnp.any(pair)
-  if not jnp.issubdtype(pair.dtype, jnp.floating):
-    return jnp.max(pair)
-  bits = jnp.dtype(f"int{8 * pair.dtype.itemsize}")
-  return lax.bitcast_convert_type(
-      jnp.max(lax.bitcast_convert_type(pair, bits)), pair.dtype)
+def _as_integers(x: jax.Array) -> jax.Array:
+  """Floats as integers of their bits (order kept for equal values); others
+  as they are."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
 
 
 def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
@@ -411,10 +438,9 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
     # than the variadic one of the full pass).
     x = block.astype(jnp.float32)
     size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
-    return jnp.stack([jnp.sum(x * x, axis=_rest(block)), size], 1)
+    return jnp.sum(x * x, axis=_rest(block)), size
 
-  plain = reduce_blocks(blocks, plain_pass, axis_name, "sum")
-  sumsq, sizes = plain[:, 0], plain[:, 1]
+  sumsq, sizes = reduce_blocks(blocks, plain_pass, axis_name, "sum")
   # Where the plain sum cannot be trusted: not finite (NaN/Inf, or squares
   # overflowing), or so small that squares may have underflowed.
   unusual = ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
@@ -455,9 +481,9 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
     # takes the same branch and the collectives inside it match.
     parts.append(lax.cond(jnp.any(unusual[index]), full, usual))
   # Back to leaf order with one permutation (not a scatter per block).
-  back = np.argsort(np.concatenate(blocks.index))
-  norms, nonfinite, counts = (jnp.concatenate(column)[back]
-                              for column in zip(*parts))
+  norms, nonfinite, counts = permuted(
+      tuple(jnp.concatenate(column) for column in zip(*parts)),
+      np.argsort(np.concatenate(blocks.index)))
   counts = None if count_above is None else counts
   return TreeStats(norms, nonfinite, sizes, counts, combine_norms(norms))
 
@@ -472,9 +498,9 @@ def _count_above(blocks: Blocks, threshold: Any,
     # instead of writing the 0/1 values out as a leaf-sized temporary.
     x = block.astype(jnp.float32)
     above = jnp.sign(jnp.maximum(jnp.abs(x) - threshold, 0.0))
-    return jnp.sum(above, axis=_rest(block))[:, None]
+    return jnp.sum(above, axis=_rest(block))
 
-  return reduce_blocks(blocks, count_block, axis_name, "sum")[:, 0].astype(
+  return reduce_blocks(blocks, count_block, axis_name, "sum").astype(
       jnp.int32)
 
 
@@ -493,13 +519,13 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
       terms.append(jnp.where(jnp.abs(x) > count_above, 1.0, 0.0))
     reduced = sum_terms(terms, _rest(block))
     size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
-    return jnp.stack(list(reduced) + [size], 1)
+    return (*reduced, size)
 
   # Sizes ride with the sums so that a sharded leaf's global size comes out.
   # Counts are summed in float32: exact up to 2**24 per leaf.
   summed = reduce_blocks(blocks, one_pass, axis_name, "sum")
-  sumsq, big, small, bad = (summed[:, i] for i in range(4))
-  sizes = summed[:, -1]
+  sumsq, big, small, bad = summed[:4]
+  sizes = summed[-1]
   nonfinite = bad.astype(jnp.int32)
   norms = pick_norm(sumsq, big, small, sizes)
   # A non-finite leaf's norm is NaN if it holds a NaN (the sums keep it),
@@ -508,7 +534,7 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
                     jnp.where(jnp.isnan(sumsq), jnp.nan, jnp.inf), norms)
   return TreeStats(norms, nonfinite, sizes,
                    None if count_above is None
-                   else summed[:, 4].astype(jnp.int32),
+                   else summed[4].astype(jnp.int32),
                    combine_norms(norms))
 
 
