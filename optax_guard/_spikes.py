@@ -27,8 +27,8 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   """Appends `value` where `accept` holds; the oldest value drops out."""
   size = window.values.shape[0]
   slot = window.num_accepted % size
-  # A select, not `.at[slot].set`: a scatter costs XLA's simplification
-  # pipeline two more passes over the whole step when it compiles.
+  # A select, not `.at[slot].set`: after expanding a scatter, XLA runs its
+  # simplifier over the whole step again (three more rounds when compiled).
   values = jnp.where((jnp.arange(size) == slot) & accept, value,
                      window.values)
   return Window(values, jnp.where(accept, optax.safe_increment(window.num_accepted),

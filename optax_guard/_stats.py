@@ -181,9 +181,9 @@ def permuted(columns: Any, positions: np.ndarray) -> Any:
   """`column[positions]` for each column of a tuple (or one column).
 
   XLA rewrites such a gather as one that ends in a reshape, and then moves
-  that reshape through the arithmetic that follows one operation per pass
-  of its simplifier, each pass going over the whole step (~0.6 s of compile
-  time at 1,000 leaves). The barrier stops it there.
+  that reshape through the arithmetic that follows, one operation per round
+  of its simplifier, each round going over the whole step when it
+  compiles. The barrier stops it there.
   """
   return lax.optimization_barrier(
       jax.tree.map(lambda v: v[positions], columns))
@@ -191,7 +191,7 @@ def permuted(columns: Any, positions: np.ndarray) -> Any:
 
 def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
              axis_name: AxisName, op: str,
-             like: Sequence[Any] | None = None) -> jax.Array:
+             like: Sequence[Any] | None = None) -> Any:
   """Measures every leaf and reduces over the devices: the one place for both.
 
   Args:
@@ -200,8 +200,8 @@ def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
       the indices of those leaves, to their statistics `[k, ...]` (reducing
       every axis but the first), or to a tuple of such columns. Columns
       are cheaper to compile than one `[k, m]` array sliced afterwards: XLA
-      moves the reshape of each slice through the arithmetic that follows
-      one operation per pass over the whole step.
+      moves the reshape of each slice through the arithmetic that follows,
+      one operation per round of its simplifier over the whole step.
     axis_name: the mesh axes to reduce over, or None.
     op: `"sum"` for sums and counts, `"mean"` for a per-device value such as
       a loss, `"max"` for maxima.
