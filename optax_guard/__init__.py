@@ -30,6 +30,7 @@ from optax_guard._decay import AddL2PenaltyState
 from optax_guard._decay import decay_mask
 from optax_guard._guard import guard
 from optax_guard._guard import GuardState
+from optax_guard._log import MetricsLog
 from optax_guard._metrics import metrics
 from optax_guard._metrics import PerLayer
 from optax_guard._monitor import monitor
@@ -102,5 +103,6 @@ __all__ = (
     "clip_by_layer_norm",
     "clip_by_value",
     "metrics",
+    "MetricsLog",
     "monitor",
 )

@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -201,11 +202,42 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   References:
     DESIGN §4 (metric names).
   """
-  states = _guard_states(strip_variables(opt_state))
-  leaves = jax.tree_util.tree_leaves(states)
-  if not any(isinstance(x, jax.core.Tracer) for x in leaves):
-    states = jax.device_get(states)  # the statistics only, in one transfer
+  states = statistics(opt_state)
+  if not is_traced(states):
+    states = to_host(states)  # the statistics only, in one transfer
+  return named(states)
+
+
+def statistics(opt_state: Any) -> list[Any]:
+  """The `optax_guard` states in `opt_state`, without any wrapped optimizer's
+  state: the arrays `metrics` names, and nothing as large as the model."""
+  return _guard_states(strip_variables(opt_state))
+
+
+def named(states: list[Any]) -> dict[str, Any]:
+  """The metrics of `statistics(...)` under their names (see `metrics`)."""
   return _collect(states)
+
+
+def is_traced(tree: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer)
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def to_host(tree: Any) -> Any:
+  """`tree` as NumPy arrays, in one transfer.
+
+  An array that this process cannot see whole (a multi-host global array)
+  is read from its first local copy when it is replicated (statistics are),
+  else gathered from every process.
+  """
+  def local(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if x.sharding.is_fully_replicated:
+      return x.addressable_data(0)
+    return multihost_utils.process_allgather(x, tiled=True)
+  return jax.device_get(jax.tree_util.tree_map(local, tree))
 
 
 def strip_variables(opt_state: Any) -> Any:

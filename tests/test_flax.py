@@ -95,6 +95,11 @@ def test_nnx_optimizer_round_trip_with_loss():
                                np.linalg.norm(grads["hidden"]["kernel"][...]),
                                rtol=1e-5)
     assert "param/norm/out/bias" in m
+  log = og.MetricsLog()
+  log.record(optimizer.opt_state)
+  recorded = log.to_numpy()
+  for name, value in og.metrics(optimizer.opt_state).items():
+    np.testing.assert_array_equal(recorded[name], [value], err_msg=name)
 
 
 def test_orbax_restore_against_init(tmp_path):

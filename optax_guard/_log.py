@@ -1,0 +1,185 @@
+"""`MetricsLog`: every step's statistics, kept without stalling the device."""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_guard import _args
+from optax_guard import _metrics
+from optax_guard import _stats
+
+
+# A copy on the device, so that the statistics outlive the state they came
+# from: a training step usually donates its optimizer state, which deletes
+# the state's buffers once the next step runs.
+_device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+class MetricsLog:
+  """Records `og.metrics` after every step, with no per-step host sync.
+
+  `record(opt_state)` takes the state a jitted step returned and keeps a
+  copy of its statistics on the device (one small asynchronous computation;
+  the wrapped optimizer's moments are never touched). The copies are
+  fetched to the host `lag` records later, when their step has long
+  finished, so recording never makes the host wait for the step in flight
+  and JAX keeps dispatching ahead. Works with donated states (the copy
+  survives the donation), Flax nnx optimizer states, sharded states (a
+  replicated statistic is read from one local copy) and states already
+  fetched to the host.
+
+  Read the record with `to_numpy()` (one array per metric, steps first),
+  `to_pandas()` (needs pandas, which this package does not install), or
+  `save(path)` / `MetricsLog.load(path)` (a NumPy `.npz` file).
+
+  Args:
+    lag: how many of the latest records stay on the device before being
+      fetched; 0 fetches at once (a host sync per step).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.guard(og.sgd(0.1), max_norm=1.0, spike_sigma=None)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> step = jax.jit(tx.update, donate_argnums=1)
+    >>> log = og.MetricsLog()
+    >>> for g in (0.3, 4.0, float("nan")):
+    ...   _, state = step({"w": jnp.full(2, g)}, state, params)
+    ...   log.record(state)
+    >>> m = log.to_numpy()
+    >>> print(m["step"], m["optim/num_clipped"], m["optim/skipped"])
+    [0 1 2] [0 1 1] [False False  True]
+
+  References:
+    DESIGN §3 of optax_guard (the read-out); JAX's asynchronous dispatch
+    (https://docs.jax.dev/en/latest/async_dispatch.html).
+  """
+
+  def __init__(self, *, lag: int = 2):
+    _args.check_int("lag", lag, minimum=0)
+    self._lag = lag
+    self._pending: collections.deque[tuple[int, Any]] = collections.deque()
+    self._steps: list[int] = []
+    self._columns: dict[str, list[np.ndarray]] = {}
+    self._next_step = 0
+
+  def __len__(self) -> int:
+    """The number of steps recorded."""
+    return len(self._steps) + len(self._pending)
+
+  def record(self, opt_state: Any, step: int | None = None) -> None:
+    """Records the statistics in `opt_state` (see the class docstring).
+
+    Args:
+      opt_state: an optimizer state returned by a step (not a traced one).
+      step: the step number to file them under; by default one more than
+        the last one (0, 1, 2, ... from a new log).
+    """
+    states = _metrics.statistics(opt_state)
+    if _metrics.is_traced(states):
+      raise ValueError(
+          "MetricsLog.record takes the optimizer state that a jitted step "
+          "returned, but got traced values; call it after the step, outside "
+          "jit.")
+    if not jax.tree_util.tree_leaves(states):
+      raise ValueError(
+          "MetricsLog.record found no optax_guard statistics in the "
+          "optimizer state; record the state of an optimizer that contains "
+          "og.guard, og.monitor or another optax_guard transformation.")
+    step = self._next_step if step is None else int(step)
+    self._next_step = step + 1
+    if any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(states)):
+      states = _device_copy(states)
+    self._pending.append((step, states))
+    while len(self._pending) > self._lag:
+      self._fetch_oldest()
+
+  def _fetch_oldest(self) -> None:
+    step, states = self._pending.popleft()
+    row = _metrics.named(_metrics.to_host(states))
+    if self._steps and set(row) != set(self._columns):
+      added = sorted(set(row) - set(self._columns))[:3]
+      gone = sorted(set(self._columns) - set(row))[:3]
+      raise ValueError(
+          f"The optimizer state recorded at step {step} holds other metrics "
+          f"than the steps before it (new: {added or 'none'}; missing: "
+          f"{gone or 'none'}); use one MetricsLog per optimizer.")
+    self._steps.append(step)
+    for name, value in row.items():
+      self._columns.setdefault(name, []).append(np.asarray(value))
+
+  def to_numpy(self) -> dict[str, np.ndarray]:
+    """Every metric over the recorded steps.
+
+    Returns:
+      A dict with `"step"` (the step numbers) and, for each metric of
+      `og.metrics`, an array whose first axis runs over the steps.
+    """
+    while self._pending:
+      self._fetch_oldest()
+    out = {"step": np.asarray(self._steps, np.int64)}
+    out.update({name: np.stack(values)
+                for name, values in self._columns.items()})
+    return out
+
+  def to_pandas(self) -> Any:
+    """The record as a `pandas.DataFrame`, one row per step.
+
+    Scalar metrics are columns under their names; a vector metric (a
+    histogram) gives one column per entry, `<name>/<bucket>`.
+
+    Returns:
+      A `pandas.DataFrame` indexed by `step`.
+    """
+    try:
+      import pandas as pd  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          "MetricsLog.to_pandas needs pandas, which optax_guard does not "
+          "install; run `pip install pandas`, or use to_numpy().") from e
+    data = self.to_numpy()
+    steps = data.pop("step")
+    columns = {}
+    for name, values in data.items():
+      flat = values.reshape(len(values), -1)
+      if values.ndim == 1:
+        columns[name] = values
+        continue
+      labels = (_stats.HIST_BUCKETS if "/hist/" in name and
+                flat.shape[1] == len(_stats.HIST_BUCKETS)
+                else [str(j) for j in range(flat.shape[1])])
+      for j, label in enumerate(labels):
+        columns[f"{name}/{label}"] = flat[:, j]
+    return pd.DataFrame(columns, index=pd.Index(steps, name="step"))
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Writes the record to `path` as a NumPy `.npz` file (see `load`)."""
+    np.savez(path, **self.to_numpy())
+
+  @classmethod
+  def load(cls, path: str | os.PathLike[str]) -> "MetricsLog":
+    """Reads a record written by `save`; `record` can then go on adding to it.
+
+    Args:
+      path: the `.npz` file.
+
+    Returns:
+      A `MetricsLog` holding the saved steps.
+    """
+    log = cls()
+    with np.load(path) as data:
+      if "step" not in data:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a file written by MetricsLog.save: "
+            "it has no 'step' array.")
+      log._steps = [int(s) for s in data["step"]]
+      log._next_step = log._steps[-1] + 1 if log._steps else 0
+      log._columns = {name: list(data[name]) for name in data.files
+                      if name != "step"}
+    return log

@@ -1,0 +1,201 @@
+"""`MetricsLog` against the per-step read-out and closed-form norms."""
+
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+from optax_guard import _metrics
+
+# Gradients of two equal elements: global norm sqrt(2) * g.
+_GRADS = (0.3, 4.0, float("nan"), 1.0, 2.0, float("inf"), 0.5)
+
+
+def _tx():
+  return og.guard(og.adamw(0.1), max_norm=1.0, spike_sigma=None,
+                  histogram=True)
+
+
+def _run(record, donate=True):
+  """Runs `_tx` over `_GRADS`, calling `record(state)` after each step."""
+  tx = _tx()
+  params = {"w": jnp.ones(2), "b": jnp.zeros(3)}
+  state = tx.init(params)
+  step = jax.jit(tx.update, donate_argnums=(1,) if donate else ())
+  for g in _GRADS:
+    grads = {"w": jnp.full(2, g), "b": jnp.zeros(3)}
+    _, state = step(grads, state, params)
+    record(state)
+
+
+def test_record_equals_metrics_of_each_step_with_donated_state():
+  log = og.MetricsLog()
+  _run(log.record)                      # the state is donated at each step
+  reference = []
+  _run(lambda state: reference.append(og.metrics(state)), donate=False)
+  out = log.to_numpy()
+  np.testing.assert_array_equal(out["step"], np.arange(len(_GRADS)))
+  assert set(out) == set(reference[0]) | {"step"}
+  for name in reference[0]:
+    np.testing.assert_array_equal(
+        out[name], np.stack([m[name] for m in reference]), err_msg=name)
+  # And against the closed form: the pre-clip norm and the decisions.
+  np.testing.assert_allclose(out["grad/norm"],
+                             np.sqrt(2.0) * np.abs(np.asarray(_GRADS)),
+                             rtol=1e-6)
+  bad = ~np.isfinite(np.asarray(_GRADS))
+  np.testing.assert_array_equal(out["optim/skipped"], bad)
+  np.testing.assert_array_equal(out["optim/num_skipped"], np.cumsum(bad))
+  clipped = np.sqrt(2.0) * np.abs(np.asarray(_GRADS)) > 1.0
+  np.testing.assert_array_equal(out["optim/num_clipped"],
+                                np.cumsum(clipped & ~bad))
+  assert out["grad/hist/w"].shape == (len(_GRADS), len(og.HIST_BUCKETS))
+
+
+def test_statistics_are_fetched_only_lag_records_later(monkeypatch):
+  fetched = []
+  to_host = _metrics.to_host
+
+  def counting(tree):
+    fetched.append(tree)
+    return to_host(tree)
+
+  monkeypatch.setattr(_metrics, "to_host", counting)
+  log = og.MetricsLog(lag=3)
+  seen = []
+
+  def record(state):
+    log.record(state)
+    seen.append(len(fetched))
+
+  _run(record)
+  # Recording step t fetches step t - 3, never the step just dispatched.
+  assert seen == [max(0, t - 2) for t in range(len(_GRADS))]
+  assert len(log) == len(_GRADS)
+  log.to_numpy()
+  assert len(fetched) == len(_GRADS)
+
+
+def test_lag_zero_fetches_at_once(monkeypatch):
+  fetched = []
+  to_host = _metrics.to_host
+  monkeypatch.setattr(_metrics, "to_host",
+                      lambda tree: fetched.append(1) or to_host(tree))
+  log = og.MetricsLog(lag=0)
+  _run(lambda state: (log.record(state), fetched.append("step")))
+  assert fetched == [1, "step"] * len(_GRADS)
+
+
+def test_step_numbers_save_and_load(tmp_path):
+  log = og.MetricsLog()
+  states = []
+  _run(states.append, donate=False)
+  log.record(states[0], step=10)
+  log.record(states[1])
+  log.record(states[2], step=20)
+  path = tmp_path / "metrics.npz"
+  log.save(path)
+  loaded = og.MetricsLog.load(path)
+  first = log.to_numpy()
+  np.testing.assert_array_equal(first["step"], [10, 11, 20])
+  again = loaded.to_numpy()
+  assert set(again) == set(first)
+  for name in first:
+    np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+  loaded.record(states[3])                 # goes on after the last step
+  out = loaded.to_numpy()
+  np.testing.assert_array_equal(out["step"], [10, 11, 20, 21])
+  np.testing.assert_array_equal(out["grad/norm"][-1],
+                                og.metrics(states[3])["grad/norm"])
+
+
+def test_load_rejects_other_files(tmp_path):
+  path = tmp_path / "other.npz"
+  np.savez(path, x=np.zeros(3))
+  with pytest.raises(ValueError, match="is not a file written by "
+                     "MetricsLog.save: it has no 'step' array"):
+    og.MetricsLog.load(path)
+
+
+def test_to_pandas_columns(monkeypatch):
+  made = {}
+
+  class Index:
+    def __init__(self, values, name):
+      self.values, self.name = np.asarray(values), name
+
+  def data_frame(columns, index):
+    made.update(columns=columns, index=index)
+    return "frame"
+
+  stub = types.SimpleNamespace(DataFrame=data_frame, Index=Index)
+  monkeypatch.setitem(sys.modules, "pandas", stub)
+  log = og.MetricsLog()
+  _run(log.record)
+  assert log.to_pandas() == "frame"
+  columns, index = made["columns"], made["index"]
+  assert index.name == "step"
+  np.testing.assert_array_equal(index.values, np.arange(len(_GRADS)))
+  out = log.to_numpy()
+  np.testing.assert_array_equal(columns["grad/norm"], out["grad/norm"])
+  for j, bucket in enumerate(og.HIST_BUCKETS):
+    np.testing.assert_array_equal(columns[f"grad/hist/w/{bucket}"],
+                                  out["grad/hist/w"][:, j])
+  assert not any(v.ndim != 1 for v in columns.values())
+
+
+def test_to_pandas_without_pandas_says_what_to_do(monkeypatch):
+  monkeypatch.setitem(sys.modules, "pandas", None)
+  log = og.MetricsLog()
+  _run(log.record)
+  with pytest.raises(ImportError, match="needs pandas, which optax_guard "
+                     "does not install; run `pip install pandas`"):
+    log.to_pandas()
+
+
+def test_errors_are_sentences():
+  with pytest.raises(ValueError, match="`lag` must be an integer >= 0"):
+    og.MetricsLog(lag=-1)
+  log = og.MetricsLog()
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="found no optax_guard statistics in "
+                     "the optimizer state"):
+    log.record(optax.adam(0.1).init(params))
+  tx = _tx()
+
+  @jax.jit
+  def inside(state):
+    log.record(state)
+    return state
+
+  with pytest.raises(ValueError, match="call it after the step, outside jit"):
+    inside(tx.init({"w": jnp.ones(2)}))
+  other = og.MetricsLog(lag=0)
+  other.record(tx.init(params))
+  with pytest.raises(ValueError, match="holds other metrics than the steps "
+                     "before it"):
+    other.record(og.monitor().init(params))
+
+
+def test_host_state_and_sharded_state():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  tx = og.guard(og.sgd(0.1), max_norm=None, spike_sigma=None)
+  params = {"w": jnp.ones((8, 2))}
+  grads = np.ones((8, 2), np.float32)
+  grads[5, 1] = np.nan                   # one device's shard holds the NaN
+  sharded = {"w": jax.device_put(grads, NamedSharding(mesh, P("d", None)))}
+  params = jax.device_put(params, NamedSharding(mesh, P("d", None)))
+  state = tx.init(params)
+  log = og.MetricsLog()
+  _, state = jax.jit(tx.update, donate_argnums=1)(sharded, state, params)
+  log.record(state)
+  log.record(jax.device_get(state))      # a state already on the host
+  out = log.to_numpy()
+  np.testing.assert_array_equal(out["optim/skipped"], [True, True])
+  np.testing.assert_array_equal(out["grad/nonfinite/w"], [1, 1])
