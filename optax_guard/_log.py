@@ -27,9 +27,10 @@ class MetricsLog:
   `record(opt_state)` takes the state a jitted step returned and keeps a
   copy of its statistics on the device (one small asynchronous computation;
   the wrapped optimizer's moments are never touched). The copies are
-  fetched to the host `lag` records later, when their step has long
-  finished, so recording never makes the host wait for the step in flight
-  and JAX keeps dispatching ahead. Works with donated states (the copy
+  fetched to the host `lag` records later, so the device never waits for
+  the host: `record` waits at most for the step `lag` records back, while
+  the `lag` steps after it are already queued (the host then stays up to
+  `lag` steps ahead of the device; raise `lag` to let it run further). Works with donated states (the copy
   survives the donation), Flax nnx optimizer states, sharded states (a
   replicated statistic is read from one local copy) and states already
   fetched to the host.
