@@ -28,6 +28,8 @@ from optax_guard._decay import AddDecayedWeightsState
 from optax_guard._decay import AddL1PenaltyState
 from optax_guard._decay import AddL2PenaltyState
 from optax_guard._decay import decay_mask
+from optax_guard._diagnose import diagnose
+from optax_guard._diagnose import Diagnosis
 from optax_guard._guard import guard
 from optax_guard._guard import GuardState
 from optax_guard._log import MetricsLog
@@ -103,6 +105,8 @@ __all__ = (
     "clip_by_layer_norm",
     "clip_by_value",
     "metrics",
+    "Diagnosis",
+    "diagnose",
     "MetricsLog",
     "monitor",
 )

@@ -1,0 +1,141 @@
+"""`diagnose` against closed-form gradients and numpy fits."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+import optax_guard as og
+
+# Used in this order by `_weighted_loss`, on purpose not alphabetical.
+_ORDER = ("z_embed", "m_block", "a_block", "k_head")
+
+
+def _params():
+  return {"z_embed": jnp.ones((3, 4)), "m_block": jnp.ones((4, 4)),
+          "a_block": jnp.ones((4, 4)), "m_bias": jnp.ones((4,)),
+          "k_head": jnp.ones((4, 2))}
+
+
+def _weighted_loss(scales):
+  """loss = sum_i s_i * sum(W_i) over `_ORDER`, then 5 * sum(bias): the
+  gradient of W_i is s_i everywhere, so its norm is s_i * sqrt(size)."""
+
+  def loss_fn(params, x):
+    total = x
+    for name, s in zip(_ORDER, scales):
+      total = total + s * jnp.sum(params[name])
+    return total + 5.0 * jnp.sum(params["m_bias"])
+
+  return loss_fn
+
+
+def _np_growth(norms):
+  slope = np.polyfit(np.arange(len(norms)), np.log(norms), 1)[0]
+  return np.exp(-slope), np.exp(-slope * (len(norms) - 1))
+
+
+@pytest.mark.parametrize("scales, verdict", [
+    ((1000.0, 100.0, 10.0, 1.0), "exploding"),
+    ((1.0, 10.0, 100.0, 1000.0), "vanishing"),
+    ((1.0, 2.0, 1.0, 3.0), "healthy"),
+])
+def test_norms_order_growth_and_verdict_against_closed_form(scales, verdict):
+  params = _params()
+  d = og.diagnose(_weighted_loss(scales), params, jnp.float32(0.5))
+  # The bias is used last (after the head) and is not a matrix.
+  assert d.layers == _ORDER + ("m_bias",)
+  sizes = np.array([params[n].size for n in d.layers], np.float64)
+  want = np.array(list(scales) + [5.0]) * np.sqrt(sizes)
+  np.testing.assert_allclose(d.grad_norms, want, rtol=1e-6)
+  np.testing.assert_allclose(d.param_norms, np.sqrt(sizes), rtol=1e-6)
+  np.testing.assert_array_equal(d.nonfinite, np.zeros(5))
+  growth, total = _np_growth(want[:4])        # the matrices only
+  np.testing.assert_allclose(d.growth, growth, rtol=1e-6)
+  assert d.verdict == verdict
+  assert d.loss == pytest.approx(0.5 + sum(
+      s * params[n].size for n, s in zip(_ORDER, scales)) + 5.0 * 4)
+  if verdict == "exploding":
+    assert d.advice.startswith(f"Gradient norms grow {growth:.3g}x per "
+                               f"layer toward the input ({total:.3g}x")
+  if verdict == "vanishing":
+    assert d.advice.startswith(f"Gradient norms shrink {1 / growth:.3g}x")
+  text = str(d)
+  assert text.splitlines()[0].startswith(f"loss {d.loss:.6g}; verdict: "
+                                         f"{verdict}")
+  assert text.splitlines()[2].split()[:2] == ["0", "z_embed"]
+
+
+def test_ratio_sets_the_threshold():
+  loss_fn = _weighted_loss((100.0, 30.0, 10.0, 3.0))   # ~33x over depth
+  params = _params()
+  assert og.diagnose(loss_fn, params, 0.0).verdict == "healthy"
+  assert og.diagnose(loss_fn, params, 0.0, ratio=10.0).verdict == "exploding"
+
+
+def test_non_finite_names_the_layer():
+  def loss_fn(params, x):
+    return jnp.sum(jnp.log(params["a"]) * x) + jnp.sum(params["b"] ** 2)
+
+  params = {"a": jnp.array([[1.0, 0.0], [2.0, 3.0]]), "b": jnp.ones((2, 2))}
+  d = og.diagnose(loss_fn, params, jnp.ones((2, 2)))
+  assert d.verdict == "non-finite"
+  np.testing.assert_array_equal(d.nonfinite, [1, 0])
+  assert d.advice.startswith("The loss or the gradients hold NaN/Inf in a.")
+
+
+def test_depth_order_follows_nested_jit_remat_and_scan():
+  block = jax.jit(lambda w, x: jnp.tanh(x @ w))
+
+  def loss_fn(params, x):
+    x = jax.checkpoint(lambda w, x: x @ w)(params["w_first"], x)
+    x = block(params["c_second"], x)
+
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+
+    x, _ = lax.scan(body, x, params["b_stacked_third"])
+    return jnp.sum(x @ params["a_last"])
+
+  params = {"a_last": jnp.ones((4, 1)), "b_stacked_third": jnp.ones((3, 4, 4)),
+            "c_second": jnp.ones((4, 4)), "w_first": jnp.ones((4, 4)),
+            "unused": jnp.ones((2,))}
+  d = og.diagnose(loss_fn, params, 0.1 * jnp.ones((2, 4)))
+  assert d.layers == ("w_first", "c_second", "b_stacked_third", "a_last",
+                      "unused")
+  grads = jax.grad(loss_fn)(params, 0.1 * jnp.ones((2, 4)))
+  np.testing.assert_allclose(
+      d.grad_norms, [np.linalg.norm(np.asarray(grads[n]).ravel())
+                     for n in d.layers], rtol=1e-5)
+
+
+def test_flax_model_in_layer_order():
+  nn = pytest.importorskip("flax.linen")
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(12):            # Dense_10 sorts before Dense_2 by name
+        x = jnp.sin(nn.Dense(16)(x))
+      return x
+
+  model = Mlp()
+  x = jnp.ones((4, 16))
+  params = model.init(jax.random.key(0), x)
+  loss_fn = lambda p, x: jnp.mean(model.apply(p, x) ** 2)
+  d = og.diagnose(loss_fn, params, x)
+  assert d.layers == tuple(f"Dense_{i}/{k}" for i in range(12)
+                           for k in ("kernel", "bias"))
+
+
+def test_errors_are_sentences():
+  loss_fn = _weighted_loss((1.0, 1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match=r"`ratio` must be a float > 1, but "
+                     r"got 1.0\."):
+    og.diagnose(loss_fn, _params(), 0.0, ratio=1.0)
+  with pytest.raises(ValueError, match="must return a scalar loss, but "
+                     r"returned shape \(2,\)"):
+    og.diagnose(lambda p: p["w"] * 2.0, {"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match="`params` holds no arrays"):
+    og.diagnose(lambda p: 0.0, {})
