@@ -1,0 +1,262 @@
+"""Plots of what the guard recorded (needs matplotlib: `pip install
+optax_guard[plot]`).
+
+Each function takes a `MetricsLog` (or its `to_numpy()` dict, or a
+`Diagnosis`), draws on the matplotlib `Axes` given as `ax` (a new figure's
+when None) and returns that `Axes`. Only drawing needs matplotlib: pass
+your own `ax` to place a plot in a larger figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from optax_guard import _diagnose
+from optax_guard import _log
+from optax_guard import _stats
+
+__all__ = ("history", "layer_heatmap", "histograms", "diagnosis")
+
+
+def _columns(record: Any) -> dict[str, np.ndarray]:
+  if isinstance(record, _log.MetricsLog):
+    return record.to_numpy()
+  if isinstance(record, dict) and "step" in record:
+    return {k: np.asarray(v) for k, v in record.items()}
+  raise TypeError(
+      "Expected an og.MetricsLog or the dict its to_numpy() returns, but got "
+      f"{type(record).__name__}.")
+
+
+def _axes(ax: Any) -> Any:
+  if ax is not None:
+    return ax
+  try:
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "optax_guard.plot needs matplotlib, which optax_guard does not "
+        "install; run `pip install optax_guard[plot]` (or pass your own "
+        "`ax`).") from e
+  return plt.subplots(figsize=(7, 4))[1]
+
+
+def _require(columns: dict[str, np.ndarray], name: str, hint: str) -> None:
+  if name not in columns:
+    raise ValueError(f"The record holds no {name!r} metric; {hint}.")
+
+
+def _layers(columns: dict[str, np.ndarray], metric: str
+            ) -> tuple[list[str], np.ndarray]:
+  """The per-layer entries `<metric>/<layer>`: (layer names, [L, T, ...])."""
+  prefix = metric + "/"
+  names = [k[len(prefix):] for k in columns if k.startswith(prefix)]
+  if not names:
+    raise ValueError(
+        f"The record holds no per-layer {metric!r} entries (named "
+        f"'{prefix}<layer>'); record a monitor or guard with per_layer=True.")
+  return names, np.stack([columns[prefix + n] for n in names])
+
+
+def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
+            ) -> Any:
+  """The global gradient norm over the steps, on a log scale.
+
+  Draws `metric` (a solid line), `<metric>_clipped` when a clip recorded it
+  (dashed), the thresholds the spike skip or adaptive clip used
+  (`grad/spike_threshold`, `grad/clip_threshold`, dotted), and a vertical
+  line at every skipped step (`optim/skipped`), where a NaN/Inf norm cannot
+  be drawn.
+
+  Args:
+    record: an `og.MetricsLog` or its `to_numpy()` dict.
+    metric: the norm to draw.
+    ax: the matplotlib `Axes` to draw on; a new figure's when None.
+
+  Returns:
+    The `Axes`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_guard as og, optax_guard.plot
+    >>> tx = og.guard(og.sgd(0.1), spike_sigma=None)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state, log = tx.init(params), og.MetricsLog()
+    >>> for g in (0.3, 4.0, jnp.nan, 1.0):
+    ...   _, state = tx.update({"w": jnp.full(2, g)}, state, params)
+    ...   log.record(state)
+    >>> ax = og.plot.history(log)
+    >>> [line.get_label() for line in ax.get_lines()][:2]
+    ['grad/norm', 'grad/norm_clipped']
+
+  References:
+    Pascanu et al., 2013, "On the difficulty of training recurrent neural
+    networks" (https://arxiv.org/abs/1211.5063), Fig. 6.
+  """
+  columns = _columns(record)
+  _require(columns, metric, "record a monitor, a clip or a guard")
+  ax = _axes(ax)
+  steps = columns["step"]
+  ax.semilogy(steps, columns[metric], label=metric)
+  for name, style in ((metric + "_clipped", "--"),
+                      ("grad/spike_threshold", ":"),
+                      ("grad/clip_threshold", ":")):
+    if name in columns and name != metric:
+      ax.semilogy(steps, columns[name], linestyle=style, label=name)
+  if "optim/skipped" in columns:
+    skipped = steps[np.asarray(columns["optim/skipped"], bool)]
+    for i, step in enumerate(skipped):
+      ax.axvline(step, color="red", alpha=0.3,
+                 label="skipped step" if i == 0 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("norm")
+  ax.legend(fontsize="small")
+  return ax
+
+
+def layer_heatmap(record: Any, *, metric: str = "grad/norm", ax: Any = None
+                  ) -> Any:
+  """Per-layer `metric` over the steps: layers down, steps across, log10
+  colour (NaN/Inf and zeros blank).
+
+  Args:
+    record: an `og.MetricsLog` or its `to_numpy()` dict, with per-layer
+      entries `<metric>/<layer>`.
+    metric: the per-layer metric, e.g. `"grad/norm"` or `"param/norm"`.
+    ax: the matplotlib `Axes` to draw on; a new figure's when None.
+
+  Returns:
+    The `Axes`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og, optax_guard.plot
+    >>> tx = og.monitor()
+    >>> params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    >>> state, log = tx.init(params), og.MetricsLog()
+    >>> for g in (1.0, 10.0, 100.0):
+    ...   _, state = tx.update({"a": jnp.full(2, g), "b": jnp.ones(3)}, state)
+    ...   log.record(state)
+    >>> ax = og.plot.layer_heatmap(log)
+    >>> print(ax.images[0].get_array().shape)
+    (2, 3)
+
+  References:
+    Philipp et al., 2018, "The exploding gradient problem demystified"
+    (https://arxiv.org/abs/1712.05577).
+  """
+  columns = _columns(record)
+  names, values = _layers(columns, metric)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    logs = np.log10(values.astype(np.float64))
+  logs[~np.isfinite(logs)] = np.nan
+  ax = _axes(ax)
+  steps = columns["step"]
+  image = ax.imshow(logs, aspect="auto", interpolation="nearest",
+                    extent=(steps[0] - 0.5, steps[-1] + 0.5,
+                            len(names) - 0.5, -0.5) if len(steps) else None)
+  ax.set_yticks(np.arange(len(names)))
+  ax.set_yticklabels(names, fontsize="x-small")
+  ax.set_xlabel("step")
+  ax.figure.colorbar(image, ax=ax, label=f"log10 {metric}")
+  return ax
+
+
+def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
+               ax: Any = None) -> Any:
+  """The log10-magnitude histograms over the steps: buckets up, steps across,
+  colour the log10 of the count (a monitor with `histogram=True`).
+
+  Args:
+    record: an `og.MetricsLog` or its `to_numpy()` dict.
+    layer: the layer to draw; None sums every layer's counts.
+    kind: the monitor's `kind` (`"grad"` or `"update"`).
+    ax: the matplotlib `Axes` to draw on; a new figure's when None.
+
+  Returns:
+    The `Axes`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og, optax_guard.plot
+    >>> tx = og.monitor(histogram=True)
+    >>> params = {"w": jnp.ones(4)}
+    >>> state, log = tx.init(params), og.MetricsLog()
+    >>> for g in (1e-3, 1.0, jnp.inf):
+    ...   _, state = tx.update({"w": jnp.full(4, g)}, state)
+    ...   log.record(state)
+    >>> ax = og.plot.histograms(log)
+    >>> print(ax.images[0].get_array().shape == (len(og.HIST_BUCKETS), 3))
+    True
+
+  References:
+    TensorBoard's histogram dashboard; DESIGN §4 of optax_guard (buckets).
+  """
+  columns = _columns(record)
+  metric = f"{kind}/hist"
+  if layer is None:
+    _, values = _layers(columns, metric)
+    counts = values.sum(axis=0)
+  else:
+    _require(columns, f"{metric}/{layer}",
+             "record a monitor with histogram=True, and name a layer it saw")
+    counts = columns[f"{metric}/{layer}"]
+  with np.errstate(divide="ignore"):
+    logs = np.log10(counts.T.astype(np.float64))
+  logs[~np.isfinite(logs)] = np.nan
+  ax = _axes(ax)
+  steps = columns["step"]
+  image = ax.imshow(logs, aspect="auto", origin="lower",
+                    interpolation="nearest",
+                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5,
+                            len(_stats.HIST_BUCKETS) - 0.5)
+                    if len(steps) else None)
+  ax.set_yticks(np.arange(len(_stats.HIST_BUCKETS)))
+  ax.set_yticklabels(_stats.HIST_BUCKETS, fontsize="x-small")
+  ax.set_xlabel("step")
+  ax.set_title(f"{metric}/{layer}" if layer else f"{metric} (all layers)")
+  ax.figure.colorbar(image, ax=ax, label="log10 count")
+  return ax
+
+
+def diagnosis(result: _diagnose.Diagnosis, *, ax: Any = None) -> Any:
+  """A `Diagnosis`: gradient and parameter norms by depth, on a log scale,
+  with the fitted trend, titled with the verdict.
+
+  Args:
+    result: what `og.diagnose` returned.
+    ax: the matplotlib `Axes` to draw on; a new figure's when None.
+
+  Returns:
+    The `Axes`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og, optax_guard.plot
+    >>> params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+    >>> d = og.diagnose(lambda p: jnp.sum(p["a"] @ (10.0 * p["b"])), params)
+    >>> ax = og.plot.diagnosis(d)
+    >>> ax.get_title()
+    'healthy: growth 1x per layer toward the input'
+
+  References:
+    Glorot and Bengio, 2010, "Understanding the difficulty of training deep
+    feedforward neural networks".
+  """
+  if not isinstance(result, _diagnose.Diagnosis):
+    raise TypeError("Expected what og.diagnose returns (a Diagnosis), but "
+                    f"got {type(result).__name__}.")
+  ax = _axes(ax)
+  depth = np.arange(len(result.layers))
+  ax.semilogy(depth, result.grad_norms, marker="o", label="gradient norm")
+  ax.semilogy(depth, result.param_norms, marker=".", linestyle="--",
+              label="parameter norm")
+  bad = depth[result.nonfinite > 0]
+  for i, d in enumerate(bad):
+    ax.axvline(d, color="red", alpha=0.3,
+               label="NaN/Inf gradient" if i == 0 else None)
+  ax.set_xticks(depth)
+  ax.set_xticklabels(result.layers, rotation=90, fontsize="x-small")
+  ax.set_xlabel("depth (input side first)")
+  ax.set_title(f"{result.verdict}: growth {result.growth:.3g}x per layer "
+               "toward the input")
+  ax.legend(fontsize="small")
+  return ax

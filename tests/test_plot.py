@@ -1,0 +1,152 @@
+"""`optax_guard.plot`: what each plot draws, checked on a recording `Axes`
+(no matplotlib needed), and a real matplotlib figure where it is installed."""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_guard as og
+import optax_guard.plot  # noqa: F401  (og.plot)
+
+
+class _Recorder:
+  """An `Axes` stand-in that records every call made on it."""
+
+  def __init__(self):
+    self.calls = []
+    self.figure = self
+
+  def __getattr__(self, name):
+    def call(*args, **kwargs):
+      self.calls.append((name, args, kwargs))
+      return (name, args, kwargs)
+    return call
+
+  def named(self, name):
+    return [(a, k) for n, a, k in self.calls if n == name]
+
+
+_GRADS = (0.3, 4.0, float("nan"), 1.0, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _log(histogram=False):
+  """A guard over `_GRADS` (layer `w` gets g, layer `b` gets 2 g)."""
+  tx = og.guard(og.sgd(0.1), max_norm=1.0, spike_sigma=3.0,
+                spike_warmup_steps=2, histogram=histogram)
+  params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+  state, log = tx.init(params), og.MetricsLog()
+  update = jax.jit(tx.update)
+  for g in _GRADS:
+    _, state = update({"w": jnp.full(2, g), "b": jnp.full(3, 2 * g)},
+                         state, params)
+    log.record(state)
+  return log
+
+
+def test_history_draws_norms_thresholds_and_skipped_steps():
+  log = _log()
+  data = log.to_numpy()
+  ax = og.plot.history(log, ax=_Recorder())
+  lines = ax.named("semilogy")
+  assert [k["label"] for _, k in lines] == [
+      "grad/norm", "grad/norm_clipped", "grad/spike_threshold"]
+  steps = np.arange(len(_GRADS))
+  g = np.asarray(_GRADS)
+  want = np.sqrt(2 * g**2 + 3 * (2 * g)**2)         # numpy, not the log
+  for (args, _), name in zip(lines, ("grad/norm", "grad/norm_clipped")):
+    np.testing.assert_array_equal(args[0], steps)
+  np.testing.assert_allclose(lines[0][0][1], want, rtol=1e-6)
+  np.testing.assert_allclose(lines[1][0][1][[0, 1, 3, 4]],
+                             np.minimum(want, 1.0)[[0, 1, 3, 4]], rtol=1e-6)
+  assert lines[1][1]["linestyle"] == "--"
+  np.testing.assert_array_equal(lines[2][0][1], data["grad/spike_threshold"])
+  # The NaN step is the one skipped.
+  assert [a[0] for a, _ in ax.named("axvline")] == [2]
+  assert ax.named("axvline")[0][1]["label"] == "skipped step"
+
+
+def test_layer_heatmap_is_log10_of_the_layer_norms():
+  ax = og.plot.layer_heatmap(_log(), ax=_Recorder())
+  (image, kwargs), = ax.named("imshow")
+  g = np.asarray(_GRADS)
+  layers = {"b": np.abs(2 * g) * np.sqrt(3), "w": np.abs(g) * np.sqrt(2)}
+  names = ax.named("set_yticklabels")[0][0][0]
+  assert sorted(names) == ["b", "w"]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    want = np.log10(np.stack([layers[n] for n in names]))
+  want[~np.isfinite(want)] = np.nan       # the NaN step and the zero step
+  np.testing.assert_allclose(image[0], want, rtol=1e-6)
+  assert np.isnan(image[0][:, [2, 4]]).all()
+  assert kwargs["aspect"] == "auto"
+  (_, colorbar), = ax.named("colorbar")
+  assert colorbar["label"] == "log10 grad/norm"
+
+
+def test_histograms_of_one_layer_and_of_all():
+  log = _log(histogram=True)
+  data = log.to_numpy()
+  for layer in ("w", None):
+    ax = og.plot.histograms(log, layer=layer, ax=_Recorder())
+    (image, _), = ax.named("imshow")
+    counts = (data["grad/hist/w"] if layer else
+              data["grad/hist/w"] + data["grad/hist/b"])
+    assert image[0].shape == (len(og.HIST_BUCKETS), len(_GRADS))
+    with np.errstate(divide="ignore"):
+      want = np.log10(counts.T.astype(np.float64))
+    want[~np.isfinite(want)] = np.nan
+    np.testing.assert_allclose(image[0], want)
+    assert tuple(ax.named("set_yticklabels")[0][0][0]) == og.HIST_BUCKETS
+  # Step 2 is NaN: both layers' elements fall in the "nan" bucket.
+  assert data["grad/hist/w"][2][og.HIST_BUCKETS.index("nan")] == 2
+
+
+def test_diagnosis_plot():
+  def loss_fn(params):
+    return jnp.sum(jnp.log(params["a"])) + 10.0 * jnp.sum(params["b"])
+
+  params = {"a": jnp.array([[1.0, 0.0]]), "b": jnp.ones((2, 2))}
+  d = og.diagnose(loss_fn, params)
+  ax = og.plot.diagnosis(d, ax=_Recorder())
+  grads, weights = ax.named("semilogy")
+  np.testing.assert_array_equal(grads[0][1], d.grad_norms)
+  np.testing.assert_array_equal(weights[0][1], d.param_norms)
+  assert [a[0] for a, _ in ax.named("axvline")] == [0]   # `a` holds the Inf
+  assert ax.named("set_title")[0][0][0].startswith("non-finite: growth")
+
+
+def test_errors_are_sentences(monkeypatch):
+  with pytest.raises(TypeError, match="Expected an og.MetricsLog or the dict "
+                     "its to_numpy"):
+    og.plot.history([1, 2])
+  with pytest.raises(ValueError, match="holds no per-layer 'grad/hist' "
+                     "entries"):
+    og.plot.histograms(_log(), ax=_Recorder())
+  with pytest.raises(ValueError, match="holds no 'update/norm' metric"):
+    og.plot.history(_log(), metric="update/norm", ax=_Recorder())
+  with pytest.raises(TypeError, match="Expected what og.diagnose returns"):
+    og.plot.diagnosis({}, ax=_Recorder())
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+  with pytest.raises(ImportError, match=r"needs matplotlib, which "
+                     r"optax_guard does not install; run `pip install "
+                     r"optax_guard\[plot\]`"):
+    og.plot.history(_log())
+
+
+def test_real_figures(tmp_path):
+  matplotlib = pytest.importorskip("matplotlib")  # the `plot` extra
+  matplotlib.use("Agg")
+  log = _log(histogram=True)
+  d = og.diagnose(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.ones((2, 2))})
+  for name, ax in (("history", og.plot.history(log)),
+                   ("heatmap", og.plot.layer_heatmap(log)),
+                   ("hist", og.plot.histograms(log)),
+                   ("diagnosis", og.plot.diagnosis(d))):
+    path = tmp_path / f"{name}.png"
+    ax.figure.savefig(path)
+    assert path.stat().st_size > 1000, name
