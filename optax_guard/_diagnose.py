@@ -81,7 +81,8 @@ class Diagnosis:
 
 
 def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
-             ratio: float = 100.0) -> Diagnosis:
+             ratio: float = 100.0,
+             stacked: _metrics.Stacked = None) -> Diagnosis:
   """Computes one gradient and reports, layer by layer in depth order, how
   its norm changes from the output back to the input.
 
@@ -91,7 +92,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   a least-squares fit of the log gradient norms over depth, taken over the
   weight matrices (leaves of two or more dimensions; all leaves when there
   are fewer than two), whose norms are comparable from layer to layer
-  (biases and norm scales are not).
+  (biases and norm scales are not). The layers of a stacked leaf
+  (`stacked`, for `nn.scan`) follow each other in the order of its leading
+  axis.
 
   Verdict: `"non-finite"` when the loss or a gradient holds NaN/Inf;
   otherwise `"exploding"` when the fitted norm grows by at least `ratio`
@@ -104,6 +107,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
     *args: the rest of `loss_fn`'s arguments (arrays: a batch, a key).
     ratio: the change over the depth that counts as exploding or vanishing,
       a float > 1.
+    stacked: the leaves whose leading axis stacks layers, reported layer by
+      layer (see `og.monitor`).
 
   Returns:
     A `Diagnosis`; `print` it for a table.
@@ -132,6 +137,7 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
     of training recurrent neural networks" (https://arxiv.org/abs/1211.5063).
   """
   _args.check_number("ratio", ratio, strict=True)
+  _metrics.check_stacked(stacked)
   if ratio <= 1:
     raise ValueError(f"`ratio` must be a float > 1, but got {ratio!r}.")
   if not jax.tree_util.tree_leaves(params):
@@ -143,15 +149,25 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
         f"`loss_fn` must return a scalar loss, but returned shape "
         f"{np.shape(shape)}.")
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, *args)
+  flags = _metrics.stacked_flags(params, stacked)
   gstats, pstats = jax.device_get(jax.jit(lambda g, p: (
-      _stats.tree_stats(g), _stats.tree_stats(p)))(grads, params))
-  names = _metrics.layer_names(params)
-  order = depth_order(loss_fn, params, *args)
+      _stats.tree_stats(g, stacked=flags),
+      _stats.tree_stats(p, stacked=flags)))(grads, params))
+  names = _metrics.layer_names(params, stacked)
+  # Leaves in depth order, then each leaf's layers (several if stacked).
   leaves = jax.tree_util.tree_leaves(params)
+  flags = flags or [False] * len(leaves)
+  counts = [np.shape(x)[0] if flag else 1 for x, flag in zip(leaves, flags)]
+  firsts = np.cumsum([0] + counts)
+  leaf_order = depth_order(loss_fn, params, *args)
+  order = np.concatenate([np.arange(firsts[i], firsts[i + 1])
+                          for i in leaf_order])
   grad_norms = np.asarray(gstats.norms)[order]
   nonfinite = np.asarray(gstats.nonfinite)[order]
-  matrices = [i for i, leaf in enumerate(np.asarray(order))
-              if np.ndim(leaves[leaf]) >= 2]
+  # A layer's own dimensions (a stacked leaf's leading axis is not one).
+  ndims = np.repeat([np.ndim(x) - flag for x, flag in zip(leaves, flags)],
+                    counts)[order]
+  matrices = [i for i, ndim in enumerate(ndims) if ndim >= 2]
   fit = matrices if len(matrices) >= 2 else list(range(len(order)))
   growth, total = _trend(np.asarray(fit), grad_norms[fit])
   loss = float(loss)

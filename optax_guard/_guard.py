@@ -12,6 +12,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _clipping
+from optax_guard import _metrics
 from optax_guard import _monitor
 from optax_guard import _nonfinite
 from optax_guard import _skip
@@ -58,6 +59,7 @@ def guard(
     per_layer: bool = True,
     histogram: bool = False,
     axis_name: _stats.AxisName = None,
+    stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Full protection around an optimizer: monitor, clip, skip NaN and spikes.
 
@@ -114,6 +116,9 @@ def guard(
     per_layer: record per-layer entries in the monitor.
     histogram: record per-layer log-magnitude histograms.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+    stacked: the leaves whose leading axis stacks layers (`nn.scan`,
+      `nnx.scan`), measured layer by layer in the per-layer metrics (see
+      `monitor`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `GuardState`.
@@ -137,18 +142,20 @@ def guard(
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
   _stats.check_axis_name(axis_name)
+  _metrics.check_stacked(stacked)
   inner = _skip.check_inner(inner)
   fast = _skip.is_guard_aware(inner)
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
-                               axis_name=axis_name) if monitor else None,
+                               axis_name=axis_name,
+                               stacked=stacked) if monitor else None,
       clip=(_clipping.clip_by_global_norm(max_norm, axis_name=axis_name)
             if max_norm is not None else None),
       nonfinite=_nonfinite.skip_nonfinite(
           optax.identity(), max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt,
-          axis_name=axis_name) if skip_nonfinite else None,
+          axis_name=axis_name, stacked=stacked) if skip_nonfinite else None,
       spikes=_spikes.skip_spikes(
           optax.identity(), sigma=spike_sigma, window=spike_window,
           warmup_steps=spike_warmup_steps,
@@ -162,8 +169,10 @@ def guard(
         for name, part in parts.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
+    flags = _metrics.stacked_flags(updates, stacked)
     stats = _stats.tree_stats(updates, axis_name=axis_name,
-                              count_above=1.0 if monitor else None)
+                              count_above=1.0 if monitor else None,
+                              stacked=flags)
     norm = stats.global_norm
     loss = _skip.loss_from(extra_args)
     if loss is not None:
@@ -173,7 +182,7 @@ def guard(
       new = new._replace(monitor=_monitor.record(
           state.monitor, stats, updates, params, loss, per_layer=per_layer,
           histogram=histogram, loss_ema_decay=0.9,
-          axis_name=axis_name)._replace(
+          axis_name=axis_name, stacked=stacked)._replace(
               step=optax.safe_increment(state.monitor.step)))
     spike = jnp.zeros((), jnp.bool_)
     if spike_sigma is not None:
@@ -217,7 +226,8 @@ def guard(
 
         new_updates, new_inner, (keep, keep_finite, nonfinite_state) = (
             _skip.update_checked(inner, scaled, state.inner_state, params,
-                                 extra_args, decide_with, axis_name))
+                                 extra_args, decide_with, axis_name,
+                                 flags))
       else:
         keep = ~spike
         new_updates, new_inner = inner.update(

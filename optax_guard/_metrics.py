@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -48,15 +48,69 @@ def path_name(path: tuple[Any, ...]) -> str:
   return "/".join(parts) or "."
 
 
-def layer_names(tree: Any) -> tuple[str, ...]:
-  """The names of the leaves of `tree`, in `jax.tree.leaves` order."""
+# Which leaves stack several layers along their leading axis (`nn.scan`,
+# `nnx.scan`, `nnx.vmap`): None, layer names or name prefixes, or a predicate.
+Stacked = Callable[[str], bool] | Sequence[str] | None
+
+
+def check_stacked(stacked: Any) -> None:
+  """Raises at factory time unless `stacked` is a valid `Stacked`."""
+  if stacked is None or callable(stacked) or (
+      isinstance(stacked, (tuple, list)) and
+      all(isinstance(s, str) for s in stacked)):
+    return
+  raise ValueError(
+      "`stacked` must be None, a sequence of layer names or name prefixes "
+      "(e.g. ('ScanBlock_0',)) or a function from a layer name to a bool, "
+      f"but got {stacked!r}.")
+
+
+def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
+  """For each leaf of `tree`, whether its leading axis stacks layers.
+
+  A name in a sequence marks that leaf and every leaf below it
+  (`"ScanBlock_0"` marks `ScanBlock_0/Dense_0/kernel`).
+  """
+  if stacked is None:
+    return None
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return tuple(path_name(path) for path, _ in paths)
+  names = [path_name(path) for path, _ in paths]
+  if callable(stacked):
+    flags = [bool(stacked(name)) for name in names]
+  else:
+    under = lambda name, p: name == p or name.startswith(p + "/")
+    for p in stacked:
+      if not any(under(name, p) for name in names):
+        raise ValueError(
+            f"`stacked` names {p!r}, which is no layer of the parameters "
+            f"and no prefix of one; their layers are {list(names)[:5]}"
+            f"{' ...' if len(names) > 5 else ''}.")
+    flags = [any(under(name, p) for p in stacked) for name in names]
+  for name, (_, leaf), flag in zip(names, paths, flags):
+    if flag and np.ndim(leaf) == 0:
+      raise ValueError(
+          f"The layer {name!r} is marked as stacked, but it is a scalar; a "
+          "stacked leaf holds one layer per entry of its leading axis.")
+  return flags
 
 
-def check_layers(tree: Any, names: tuple[str, ...], factory: str) -> None:
+def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
+  """The layer names of `tree`, in `jax.tree.leaves` order: one per leaf,
+  or `<leaf>/<i>` for each layer `i` of a stacked leaf (see `Stacked`)."""
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flags = stacked_flags(tree, stacked) or [False] * len(paths)
+  names = []
+  for (path, leaf), flag in zip(paths, flags):
+    name = path_name(path)
+    names += ([f"{name}/{i}" for i in range(np.shape(leaf)[0])] if flag
+              else [name])
+  return tuple(names)
+
+
+def check_layers(tree: Any, names: tuple[str, ...], factory: str,
+                 stacked: Stacked = None) -> None:
   """Raises when `tree` has not the layers the state was initialised with."""
-  got = layer_names(tree)
+  got = layer_names(tree, stacked)
   if len(got) == len(names):
     return
   missing = sorted(set(names) - set(got))[:5]

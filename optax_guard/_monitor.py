@@ -85,15 +85,18 @@ def after_params_read(updates: Any, state: MonitorState) -> Any:
 def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
            params: Any, loss: jax.Array | None, *, per_layer: bool,
            histogram: bool, loss_ema_decay: float,
-           axis_name: _stats.AxisName) -> MonitorState:
+           axis_name: _stats.AxisName,
+           stacked: _metrics.Stacked = None) -> MonitorState:
   """The monitor's new state from the statistics of the step's updates.
 
-  `stats` must come from `tree_stats(updates, count_above=1.0)`; `guard`
-  passes the ones it has already measured, so nothing is read twice.
+  `stats` must come from `tree_stats(updates, count_above=1.0)` (with the
+  same `stacked`); `guard` passes the ones it has already measured, so
+  nothing is read twice.
   """
-
+  flags = _metrics.stacked_flags(updates, stacked)
   if per_layer:
-    _metrics.check_layers(updates, state.layer_norms.names, "monitor")
+    _metrics.check_layers(updates, state.layer_norms.names, "monitor",
+                          stacked)
 
   def layers(values, like):
     return _metrics.PerLayer(values, like.names) if per_layer else None
@@ -105,7 +108,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
       frac_above_1=layers(frac, state.frac_above_1),
       nonfinite=layers(stats.nonfinite, state.nonfinite))
   if params is not None:
-    pstats = _stats.tree_stats(params, axis_name=axis_name)
+    pstats = _stats.tree_stats(params, axis_name=axis_name, stacked=flags)
     changes.update(
         param_norm=pstats.global_norm,
         param_layer_norms=layers(pstats.norms, state.param_layer_norms),
@@ -123,7 +126,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
         loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
   if histogram:
     changes.update(histograms=_metrics.PerLayer(
-        _stats.log_histograms(updates, axis_name=axis_name),
+        _stats.log_histograms(updates, axis_name=axis_name, stacked=flags),
         state.histograms.names))
   return state._replace(**changes)
 
@@ -137,6 +140,7 @@ def monitor(
     prefix: str = "",
     loss_ema_decay: float = 0.9,
     axis_name: _stats.AxisName = None,
+    stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records the signals of exploding gradients; passes updates unchanged.
 
@@ -169,6 +173,12 @@ def monitor(
     prefix: prepended to every metric name, e.g. `"post_clip/"`.
     loss_ema_decay: decay of the loss EMA, in `[0, 1)`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+    stacked: the leaves whose leading axis stacks layers (`nn.scan`,
+      `nnx.scan`): their layer names, or prefixes of them such as
+      `("ScanBlock_0",)`, or a function from a layer name to a bool. Each
+      stacked layer gets its own per-layer entries, `<leaf>/<i>` (e.g.
+      `grad/norm/ScanBlock_0/Dense_0/kernel/3`). The stacked axis must not
+      be sharded under `shard_map`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `MonitorState`.
@@ -195,10 +205,11 @@ def monitor(
   if not isinstance(prefix, str):
     raise ValueError(f"`prefix` must be a string, but got {prefix!r}.")
   _stats.check_axis_name(axis_name)
+  _metrics.check_stacked(stacked)
   naming = _metrics.Naming(kind=kind, prefix=prefix)
 
   def init_fn(params):
-    names = _metrics.layer_names(params)
+    names = _metrics.layer_names(params, stacked)
     f32 = lambda: jnp.zeros((), jnp.float32)
     i32 = lambda: jnp.zeros((), jnp.int32)
     layers = lambda dtype: (_metrics.per_layer_zeros(names, dtype)
@@ -216,10 +227,12 @@ def monitor(
         naming=naming)
 
   def measure(updates, state, params, loss):
-    stats = _stats.tree_stats(updates, axis_name=axis_name, count_above=1.0)
+    stats = _stats.tree_stats(
+        updates, axis_name=axis_name, count_above=1.0,
+        stacked=_metrics.stacked_flags(updates, stacked))
     return record(state, stats, updates, params, loss, per_layer=per_layer,
                   histogram=histogram, loss_ema_decay=loss_ema_decay,
-                  axis_name=axis_name)
+                  axis_name=axis_name, stacked=stacked)
 
   def update_fn(updates, state, params=None, **extra_args):
     loss = _skip.loss_from(extra_args)

@@ -100,6 +100,7 @@ def skip_nonfinite(
     max_consecutive: int | None = None,
     resume_after_halt: bool = False,
     axis_name: _stats.AxisName = None,
+    stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradients, loss or inner update hold NaN or Inf.
 
@@ -139,6 +140,8 @@ def skip_nonfinite(
       halts.
     resume_after_halt: whether a finite step after a halt resumes training.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+    stacked: the leaves whose leading axis stacks layers, counted layer by
+      layer (see `monitor`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -167,6 +170,7 @@ def skip_nonfinite(
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True)
   _stats.check_axis_name(axis_name)
+  _metrics.check_stacked(stacked)
   inner = _skip.check_inner(inner)
 
   def init_fn(params):
@@ -177,13 +181,14 @@ def skip_nonfinite(
         consecutive=i32(0), first_bad_step=i32(-1), last_bad_step=i32(-1),
         last_bad_reason=i32(REASON_NONE),
         last_bad_counts=_metrics.per_layer_zeros(
-            _metrics.layer_names(params), jnp.int32),
+            _metrics.layer_names(params, stacked), jnp.int32),
         halted=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
     _metrics.check_layers(updates, state.last_bad_counts.names,
-                          "skip_nonfinite")
-    stats = _stats.tree_stats(updates, axis_name=axis_name)
+                          "skip_nonfinite", stacked)
+    flags = _metrics.stacked_flags(updates, stacked)
+    stats = _stats.tree_stats(updates, axis_name=axis_name, stacked=flags)
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
@@ -201,7 +206,7 @@ def skip_nonfinite(
         lambda inner_stats: decide(
             state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
             inner_stats=inner_stats, max_consecutive=max_consecutive,
-            resume_after_halt=resume_after_halt), axis_name)
+            resume_after_halt=resume_after_halt), axis_name, flags)
     return new_updates, new_state._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

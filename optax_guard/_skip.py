@@ -6,7 +6,7 @@ The one place that decides how a skip is carried out, shared by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,9 @@ def is_guard_aware(inner: Any) -> bool:
 def update_checked(inner: optax.GradientTransformationExtraArgs,
                    updates: Any, inner_state: Any, params: Any,
                    extra_args: dict[str, Any], decide: Any,
-                   axis_name: _stats.AxisName) -> tuple[Any, Any, Any]:
+                   axis_name: _stats.AxisName,
+                   stacked: Sequence[bool] | None = None
+                   ) -> tuple[Any, Any, Any]:
   """Runs an opaque `inner`, reads its update back, and skips it exactly.
 
   `decide(inner_stats)` takes the `TreeStats` of the update `inner` makes
@@ -72,7 +74,8 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
     `(updates, inner_state, decision)`, `decision` as `decide` returned it.
   """
   probe, _ = inner.update(updates, inner_state, params, **extra_args)
-  decision = decide(_stats.tree_stats(probe, axis_name=axis_name))
+  decision = decide(_stats.tree_stats(probe, axis_name=axis_name,
+                                      stacked=stacked))
   keep = decision[0]
   _, new_state = inner.update(zeros_unless(keep, updates), inner_state,
                               params, **extra_args)

@@ -130,24 +130,44 @@ class Blocks(NamedTuple):
 
 
 def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
-              like: Sequence[Any] | None = None) -> Blocks:
-  """Groups `leaves` into `Blocks` (`like`: what says where each varies)."""
+              like: Sequence[Any] | None = None,
+              stacked: Sequence[bool] | None = None) -> Blocks:
+  """Groups `leaves` into `Blocks` (`like`: what says where each varies).
+
+  A leaf flagged in `stacked` holds one layer per entry of its leading axis
+  (`_metrics.stacked_flags`): it is a block as it is, and its layers are
+  measured apart. Indices number the layers, in leaf order.
+  """
   like = leaves if like is None else like
+  stacked = [False] * len(leaves) if stacked is None else stacked
   axes = axis_names(axis_name)
   typed = bool(axes) and is_typed(axes)
 
   def over(leaf):  # the axes this leaf is summed over
     return tuple(a for a in axes if a in varying_axes(leaf)) if typed else ()
 
+  # The index of each leaf's first layer (a stacked leaf has several).
+  firsts = np.cumsum([0] + [x.shape[0] if flag else 1
+                            for x, flag in zip(leaves, stacked)])
   groups: dict[Any, list[int]] = {}
   for i, x in enumerate(leaves):
-    key = ((x.shape, x.dtype, over(like[i])) if x.size <= _STACK_BELOW
-           else ("alone", i, over(like[i])))
+    if stacked[i]:
+      key = ("stacked", i, over(like[i]))
+    elif x.size <= _STACK_BELOW:
+      key = (x.shape, x.dtype, over(like[i]))
+    else:
+      key = ("alone", i, over(like[i]))
     groups.setdefault(key, []).append(i)
-  arrays = [leaves[index[0]][None] if len(index) == 1 else
-            jnp.stack([leaves[i] for i in index]) for index in groups.values()]
-  return Blocks(arrays, [np.asarray(i) for i in groups.values()],
-                [key[-1] for key in groups], typed)
+  arrays, index = [], []
+  for key, members in groups.items():
+    if key[0] == "stacked":
+      arrays.append(leaves[members[0]])
+      index.append(np.arange(firsts[members[0]], firsts[members[0] + 1]))
+    else:
+      arrays.append(leaves[members[0]][None] if len(members) == 1 else
+                    jnp.stack([leaves[i] for i in members]))
+      index.append(firsts[members])
+  return Blocks(arrays, index, [key[-1] for key in groups], typed)
 
 
 def reduce_blocks(blocks: Blocks, reduce_block: Any, axis_name: AxisName,
@@ -191,7 +211,8 @@ def permuted(columns: Any, positions: np.ndarray) -> Any:
 
 def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
              axis_name: AxisName, op: str,
-             like: Sequence[Any] | None = None) -> Any:
+             like: Sequence[Any] | None = None,
+             stacked: Sequence[bool] | None = None) -> Any:
   """Measures every leaf and reduces over the devices: the one place for both.
 
   Args:
@@ -206,14 +227,17 @@ def per_leaf(leaves: Sequence[jax.Array], reduce_block: Any,
     op: `"sum"` for sums and counts, `"mean"` for a per-device value such as
       a loss, `"max"` for maxima.
     like: what says where each leaf varies, if not the leaves themselves.
+    stacked: which leaves stack layers along their leading axis (see
+      `blocks_of`), or None.
 
   Returns:
-    `[len(leaves), ...]` statistics (or a tuple of such columns) in leaf
-    order, global and identical on every device (and typed invariant
-    inside `shard_map`).
+    `[layers, ...]` statistics (or a tuple of such columns) in layer order
+    (one layer per leaf, or per entry of a stacked leaf's leading axis),
+    global and identical on every device (and typed invariant inside
+    `shard_map`).
   """
-  return reduce_blocks(blocks_of(leaves, axis_name, like), reduce_block,
-                       axis_name, op)
+  return reduce_blocks(blocks_of(leaves, axis_name, like, stacked),
+                       reduce_block, axis_name, op)
 
 
 def _rest(block: jax.Array) -> tuple[int, ...]:
@@ -381,7 +405,8 @@ def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
 
 
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
-               count_above: Any = None) -> TreeStats:
+               count_above: Any = None,
+               stacked: Sequence[bool] | None = None) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
   The common step costs one plain sum of squares per leaf; the full pass
@@ -392,16 +417,18 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     tree: a tree of arrays of any float dtype.
     axis_name: mesh axes to reduce over (see `per_leaf`).
     count_above: if not None, also count elements with `|x| > count_above`.
+    stacked: which leaves stack layers along their leading axis
+      (`_metrics.stacked_flags`); their layers are measured apart.
 
   Returns:
-    A `TreeStats` of global, replica-identical values.
+    A `TreeStats` of global, replica-identical values, one entry per layer.
   """
   check_varying_covered(tree, axis_name)
   axes = axis_names(axis_name)
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = tree_stats(tree, count_above=count_above)
+    local = tree_stats(tree, count_above=count_above, stacked=stacked)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -418,7 +445,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(empty, ints, empty,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
-  blocks = blocks_of(leaves, axis_name)
+  blocks = blocks_of(leaves, axis_name, stacked=stacked)
   if any(x.dtype != jnp.float32 for x in leaves):
     # bf16/f16 (and complex): on the CPU too, XLA hoists the conversion to
     # float32 out of the per-block conditionals and keeps a float32 copy of
@@ -546,7 +573,8 @@ HIST_BUCKETS = ("zero",) + tuple(f"1e{k}" for k in HIST_DECADES) + (
     "nan", "inf")
 
 
-def log_histograms(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
+def log_histograms(tree: Any, *, axis_name: AxisName = None,
+                   stacked: Sequence[bool] | None = None) -> jax.Array:
   """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins."""
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
@@ -566,4 +594,4 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None) -> jax.Array:
                             count(jnp.isnan(a))[:, None],
                             count(jnp.isinf(a))[:, None]], 1)
 
-  return per_leaf(leaves, histogram, axis_name, "sum")
+  return per_leaf(leaves, histogram, axis_name, "sum", stacked=stacked)

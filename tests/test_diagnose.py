@@ -139,3 +139,33 @@ def test_errors_are_sentences():
     og.diagnose(lambda p: p["w"] * 2.0, {"w": jnp.ones(2)})
   with pytest.raises(ValueError, match="`params` holds no arrays"):
     og.diagnose(lambda p: 0.0, {})
+
+
+def test_stacked_layers_in_scan_order():
+  def loss_fn(params, x):
+    x = x @ params["embed"]
+
+    def body(h, layer):
+      return jnp.sin(h @ layer["w"] + layer["b"]), None
+
+    x, _ = lax.scan(body, x, params["blocks"])
+    return jnp.mean(x ** 2)
+
+  rng = np.random.default_rng(0)
+  params = {"blocks": {"b": jnp.zeros((5, 8)),
+                       "w": jnp.asarray(rng.normal(size=(5, 8, 8)) * 1.5,
+                                        jnp.float32)},
+            "embed": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)}
+  x = jnp.ones((2, 4))
+  d = og.diagnose(loss_fn, params, x, stacked=("blocks",))
+  # The embedding first; then each block's layers: the scan body reads the
+  # bias after the kernel, but a stacked leaf's layers stay together.
+  assert d.layers == ("embed",) + tuple(f"blocks/w/{i}" for i in range(5)) + (
+      tuple(f"blocks/b/{i}" for i in range(5)))
+  grads = jax.grad(loss_fn)(params, x)
+  want = [np.linalg.norm(np.asarray(grads["embed"]))] + [
+      np.linalg.norm(np.asarray(grads["blocks"]["w"][i])) for i in range(5)]
+  np.testing.assert_allclose(d.grad_norms[:6], want, rtol=1e-5)
+  # The trend is fitted over the six matrices (embed and the five kernels).
+  slope = np.polyfit(np.arange(6), np.log(want), 1)[0]
+  np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)

@@ -1,0 +1,178 @@
+"""Per-layer statistics of stacked layers (`stacked=`, for `nn.scan`):
+against numpy, and against the same model with its layers unstacked."""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+L = 3  # stacked layers
+
+
+def _arrays(seed):
+  rng = np.random.default_rng(seed)
+  return {"kernel": rng.normal(size=(L, 4, 5)).astype(np.float32),
+          "bias": rng.normal(size=(L, 5)).astype(np.float32),
+          "head": rng.normal(size=(5, 2)).astype(np.float32)}
+
+
+def _stacked_tree(a):
+  return {"Scan": {"bias": jnp.asarray(a["bias"]),
+                   "kernel": jnp.asarray(a["kernel"])},
+          "head": jnp.asarray(a["head"])}
+
+
+def _unstacked_tree(a):
+  # Names chosen so that the leaves flatten in the same layer order.
+  return {"Scan": {"bias": {str(i): jnp.asarray(a["bias"][i])
+                            for i in range(L)},
+                   "kernel": {str(i): jnp.asarray(a["kernel"][i])
+                              for i in range(L)}},
+          "head": jnp.asarray(a["head"])}
+
+
+def _grads(step):
+  a = _arrays(100 + step)
+  if step == 2:
+    a["kernel"][1, 0, 0] = np.nan    # one element of one stacked layer
+  return a
+
+
+@pytest.mark.standard_promotion  # optax.adamw's own arithmetic
+@pytest.mark.parametrize("inner", [og.adamw, optax.adamw],
+                         ids=["fast", "generic"])
+def test_guard_stacked_equals_unstacked_and_numpy(inner):
+  runs = {}
+  for name, tree, stacked in (("stacked", _stacked_tree, ("Scan",)),
+                              ("unstacked", _unstacked_tree, None)):
+    tx = og.guard(inner(0.1), stacked=stacked, histogram=True,
+                  spike_sigma=None)
+    params = tree(_arrays(0))
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for step in range(4):
+      updates, state = update(tree(_grads(step)), state, params)
+      params = optax.apply_updates(params, updates)
+      history.append(og.metrics(state))
+    runs[name] = (history, params)
+  for got, want in zip(runs["stacked"][0], runs["unstacked"][0]):
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  stacked_params, unstacked_params = runs["stacked"][1], runs["unstacked"][1]
+  for i in range(L):
+    np.testing.assert_array_equal(stacked_params["Scan"]["kernel"][i],
+                                  unstacked_params["Scan"]["kernel"][str(i)])
+  # Against numpy: the layers of the last step, and the NaN step.
+  last, nan_step = runs["stacked"][0][3], runs["stacked"][0][2]
+  g = _grads(3)
+  for i in range(L):
+    np.testing.assert_allclose(last[f"grad/norm/Scan/kernel/{i}"],
+                               np.linalg.norm(g["kernel"][i]), rtol=1e-6)
+    np.testing.assert_allclose(last[f"grad/norm/Scan/bias/{i}"],
+                               np.linalg.norm(g["bias"][i]), rtol=1e-6)
+    assert last[f"grad/hist/Scan/kernel/{i}"].sum() == 20
+  assert [int(nan_step[f"optim/last_bad_nonfinite/Scan/kernel/{i}"])
+          for i in range(L)] == [0, 1, 0]
+  assert bool(nan_step["optim/skipped"])
+
+
+def test_monitor_param_norms_and_update_ratio_per_stacked_layer():
+  a = _arrays(0)
+  params, grads = _stacked_tree(a), _stacked_tree(_arrays(1))
+  tx = og.monitor(stacked=lambda name: name.startswith("Scan/"),
+                  kind="update")
+  _, state = tx.update(grads, tx.init(params), params)
+  m = og.metrics(state)
+  g = _arrays(1)
+  for i in range(L):
+    np.testing.assert_allclose(m[f"param/norm/Scan/kernel/{i}"],
+                               np.linalg.norm(a["kernel"][i]), rtol=1e-6)
+    np.testing.assert_allclose(
+        m[f"update/ratio/Scan/kernel/{i}"],
+        np.linalg.norm(g["kernel"][i]) / np.linalg.norm(a["kernel"][i]),
+        rtol=1e-5)
+    np.testing.assert_allclose(m[f"update/frac_above_1/Scan/bias/{i}"],
+                               np.mean(np.abs(g["bias"][i]) > 1), rtol=1e-6)
+  np.testing.assert_allclose(
+      m["update/norm"], np.sqrt(sum(np.sum(np.square(x, dtype=np.float64))
+                                    for x in g.values())), rtol=1e-6)
+
+
+@pytest.mark.standard_promotion  # optax.sgd's own arithmetic
+def test_skip_nonfinite_and_check_name_the_stacked_layer():
+  tx = og.skip_nonfinite(optax.sgd(0.1), stacked=["Scan/kernel"])
+  params = _stacked_tree(_arrays(0))
+  _, state = tx.update(_stacked_tree(_grads(2)), tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"first bad layers: Scan/kernel/1 \(1 NaN/Inf\)"):
+    og.check(state)
+  names = state.last_bad_counts.names
+  assert names == ("Scan/bias", "Scan/kernel/0", "Scan/kernel/1",
+                   "Scan/kernel/2", "head")
+
+
+def test_bfloat16_and_large_stacked_leaves():
+  rng = np.random.default_rng(3)
+  big = rng.normal(size=(2, 300, 200)).astype(np.float32)  # > 2**15 / layer
+  big[1, 5, 7] = np.inf
+  small = rng.normal(size=(4, 8)).astype(np.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    grads = {"big": jnp.asarray(big, dtype), "small": jnp.asarray(small, dtype)}
+    tx = og.monitor(stacked=("big", "small"))
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    m = og.metrics(state)
+    ref = np.asarray(grads["big"], np.float64)
+    np.testing.assert_allclose(m["grad/norm/big/0"], np.linalg.norm(ref[0]),
+                               rtol=1e-5)
+    assert np.isinf(m["grad/norm/big/1"]) and int(m["grad/nonfinite/big/1"]) == 1
+    for i in range(4):
+      np.testing.assert_allclose(
+          m[f"grad/norm/small/{i}"],
+          np.linalg.norm(np.asarray(grads["small"][i], np.float64)), rtol=1e-5)
+
+
+def test_shard_map_and_named_sharding_with_stacked_layers():
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  rng = np.random.default_rng(4)
+  kernel = rng.normal(size=(L, 16, 4)).astype(np.float32)
+  kernel[2, 13, 1] = np.nan      # on the last device's shard only
+  want = [np.linalg.norm(kernel[i]) for i in range(L)]
+  tx = og.monitor(stacked=("kernel",), axis_name="d")
+
+  def step(k):
+    grads = {"kernel": k}
+    _, state = tx.update(grads, tx.init(grads))
+    return og.metrics(state)
+
+  sharded = jax.device_put(kernel, NamedSharding(mesh, P(None, "d", None)))
+  m = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(None, "d", None),
+                            out_specs=P()))(sharded)
+  plain = og.monitor(stacked=("kernel",))
+  _, state = jax.jit(plain.update)({"kernel": sharded},
+                                   plain.init({"kernel": sharded}))
+  for got in (m, og.metrics(state)):
+    np.testing.assert_allclose([got[f"grad/norm/kernel/{i}"] for i in (0, 1)],
+                               want[:2], rtol=1e-6)
+    assert np.isnan(got["grad/norm/kernel/2"])
+    assert [int(got[f"grad/nonfinite/kernel/{i}"]) for i in range(L)] == [
+        0, 0, 1]
+
+
+def test_errors_are_sentences():
+  with pytest.raises(ValueError, match="`stacked` must be None, a sequence "
+                     "of layer names or name prefixes"):
+    og.guard(og.adamw(0.1), stacked="Scan")
+  tx = og.monitor(stacked=("Scna",))
+  with pytest.raises(ValueError, match="`stacked` names 'Scna', which is no "
+                     "layer of the parameters and no prefix of one"):
+    tx.init(_stacked_tree(_arrays(0)))
+  tx = og.skip_nonfinite(optax.sgd(0.1), stacked=lambda name: True)
+  with pytest.raises(ValueError, match="The layer 'step' is marked as "
+                     "stacked, but it is a scalar"):
+    tx.init({"step": jnp.zeros(()), "w": jnp.ones((2, 2))})
