@@ -38,14 +38,21 @@ _ADVICE = {
         "change {total:.3g}x over the depth."),
 }
 
+_DEAD = (
+    "The gradients of {layers} are exactly zero while later layers' are "
+    "not: those layers learn nothing (dead ReLUs, a stop_gradient or a "
+    "branch the loss does not reach). Check the activations and the graph; "
+    "a leaky activation or a smaller learning rate revives dead units.")
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Diagnosis:
   """What `diagnose` found; print it for a report.
 
   Attributes:
     loss: the loss at the given parameters.
-    layers: the parameter leaves in depth order, input side first.
+    layers: the layers in depth order, input side first (one per
+      parameter leaf, or `<leaf>/<i>` for the layers of a stacked leaf).
     grad_norms: the L2 norm of each layer's gradient, in that order.
     param_norms: the L2 norm of each layer's parameters.
     nonfinite: the number of NaN/Inf elements of each layer's gradient.
@@ -57,6 +64,17 @@ class Diagnosis:
     verdict: one of `"non-finite"`, `"exploding"`, `"vanishing"`,
       `"healthy"`.
     advice: what to do about it, in a sentence or three.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+    >>> d = og.diagnose(lambda p: jnp.sum(jnp.maximum(p["a"], 2.0) @ p["b"]),
+    ...                 params)
+    >>> print(d.verdict, d.grad_norms)
+    vanishing [0. 8.]
+
+  References:
+    See `diagnose`.
   """
   loss: float
   layers: tuple[str, ...]
@@ -136,10 +154,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
     feedforward neural networks"; Pascanu et al., 2013, "On the difficulty
     of training recurrent neural networks" (https://arxiv.org/abs/1211.5063).
   """
-  _args.check_number("ratio", ratio, strict=True)
+  _args.check_number("ratio", ratio, minimum=1.0, strict=True)
   _metrics.check_stacked(stacked)
-  if ratio <= 1:
-    raise ValueError(f"`ratio` must be a float > 1, but got {ratio!r}.")
   if not jax.tree_util.tree_leaves(params):
     raise ValueError("diagnose needs parameters to differentiate, but "
                      "`params` holds no arrays.")
@@ -154,14 +170,10 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
       _stats.tree_stats(g, stacked=flags),
       _stats.tree_stats(p, stacked=flags)))(grads, params))
   names = _metrics.layer_names(params, stacked)
-  # Leaves in depth order, then each leaf's layers (several if stacked).
   leaves = jax.tree_util.tree_leaves(params)
   flags = flags or [False] * len(leaves)
   counts = [np.shape(x)[0] if flag else 1 for x, flag in zip(leaves, flags)]
-  firsts = np.cumsum([0] + counts)
-  leaf_order = depth_order(loss_fn, params, *args)
-  order = np.concatenate([np.arange(firsts[i], firsts[i + 1])
-                          for i in leaf_order])
+  order = layer_order(loss_fn, params, args, counts, flags)
   grad_norms = np.asarray(gstats.norms)[order]
   nonfinite = np.asarray(gstats.nonfinite)[order]
   # A layer's own dimensions (a stacked leaf's leading axis is not one).
@@ -169,10 +181,17 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
                     counts)[order]
   matrices = [i for i, ndim in enumerate(ndims) if ndim >= 2]
   fit = matrices if len(matrices) >= 2 else list(range(len(order)))
-  growth, total = _trend(np.asarray(fit), grad_norms[fit])
+  growth, total = _trend(grad_norms[fit])
+  # A layer with an exactly zero gradient before one with a non-zero one
+  # (dead units, a cut graph) learns nothing: the fit cannot see it.
+  fitted = grad_norms[fit]
+  dead = [names[order[i]] for k, i in enumerate(fit)
+          if fitted[k] == 0 and np.any(fitted[k + 1:] > 0)]
   loss = float(loss)
   if not np.isfinite(loss) or nonfinite.any():
     verdict = "non-finite"
+  elif dead:
+    verdict = "vanishing"
   elif total >= ratio:
     verdict = "exploding"
   elif total <= 1.0 / ratio:
@@ -184,17 +203,23 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   if bad:
     where = " in " + ", ".join(bad[:3]) + (
         f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
+  if dead:
+    advice = _DEAD.format(layers=", ".join(dead[:3]) + (
+        f" and {len(dead) - 3} more" if len(dead) > 3 else ""))
+  else:
+    advice = _ADVICE[verdict].format(
+        where=where, growth=growth if growth >= 1 else 1.0 / growth,
+        total=total)
   return Diagnosis(
       loss=loss, layers=tuple(names[i] for i in order),
       grad_norms=grad_norms, param_norms=np.asarray(pstats.norms)[order],
-      nonfinite=nonfinite, growth=growth, verdict=verdict,
-      advice=_ADVICE[verdict].format(
-          where=where, growth=growth if growth >= 1 else 1.0 / growth,
-          total=total))
+      nonfinite=nonfinite, growth=growth, verdict=verdict, advice=advice)
 
 
-def _trend(depth: np.ndarray, norms: np.ndarray) -> tuple[float, float]:
-  """(growth per layer toward the input, over the fitted layers' span)."""
+def _trend(norms: np.ndarray) -> tuple[float, float]:
+  """(growth per layer toward the input, over the layers' span) of norms
+  given in depth order, one per fitted layer."""
+  depth = np.arange(len(norms))
   usable = np.isfinite(norms) & (norms > 0)
   if usable.sum() < 2:
     return float("nan"), 1.0
@@ -203,36 +228,73 @@ def _trend(depth: np.ndarray, norms: np.ndarray) -> tuple[float, float]:
   return float(np.exp(-slope)), float(np.exp(-slope * (x.max() - x.min())))
 
 
-def depth_order(loss_fn: Callable[..., Any], params: Any, *args: Any
-                ) -> np.ndarray:
-  """Leaf indices of `params` in the order the forward pass first uses them.
+# Operations that only re-present a parameter (a mixed-precision cast, a
+# reshape): their outputs stand for the same leaf, and are not its use.
+_ALIASES = frozenset({"convert_element_type", "reshape", "transpose", "copy",
+                      "copy_p", "broadcast_in_dim", "squeeze", "expand_dims",
+                      "reduce_precision", "pvary"})
 
-  Leaves the pass never reads come last, in tree order.
-  """
+
+def first_uses(loss_fn: Callable[..., Any], params: Any, *args: Any
+               ) -> tuple[list[float], list[int | None]]:
+  """When the forward pass first uses each leaf of `params`, and inside which
+  `scan` (an id, or None): read from `loss_fn`'s jaxpr, following nested
+  calls. A leaf never used gets `inf`."""
   closed = jax.make_jaxpr(loss_fn)(params, *args)
   count = len(jax.tree_util.tree_leaves(params))
-  first_use: dict[int, int] = {}
-  clock = [0]
+  first: dict[int, tuple[int, int | None]] = {}
+  clock, scans = [0], [0]
 
-  def walk(jaxpr, leaf_of):
+  def walk(jaxpr, leaf_of, scan):
     for eqn in jaxpr.eqns:
-      inner = [v for v in eqn.params.values() if _is_jaxpr(v)]
-      inner = [getattr(j, "jaxpr", j) for j in inner]
+      used = [leaf_of[v] for v in eqn.invars if _is_var(v) and v in leaf_of]
+      if eqn.primitive.name in _ALIASES and len(used) == 1:
+        leaf_of.update({o: used[0] for o in eqn.outvars})
+        continue
+      inner = [getattr(j, "jaxpr", j) for j in eqn.params.values()
+               if _is_jaxpr(j)]
       inner = [j for j in inner if len(j.invars) == len(eqn.invars)]
       if inner:  # a call (jit, remat, scan, custom_jvp): follow the operands
+        if eqn.primitive.name == "scan":
+          scans[0] += 1
+          scan = scans[0]
         for sub in inner:
           walk(sub, {s: leaf_of[o] for o, s in zip(eqn.invars, sub.invars)
-                     if _is_var(o) and o in leaf_of})
+                     if _is_var(o) and o in leaf_of}, scan)
         continue
       clock[0] += 1
-      for v in eqn.invars:
-        if _is_var(v) and v in leaf_of:
-          first_use.setdefault(leaf_of[v], clock[0])
+      for leaf in used:
+        first.setdefault(leaf, (clock[0], scan))
 
-  walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:count])})
-  never = clock[0] + 1
-  return np.asarray(sorted(range(count),
-                           key=lambda i: (first_use.get(i, never), i)))
+  walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:count])},
+       None)
+  return ([first[i][0] if i in first else float("inf") for i in range(count)],
+          [first[i][1] if i in first else None for i in range(count)])
+
+
+def layer_order(loss_fn: Callable[..., Any], params: Any, args: Any,
+                counts: list[int], stacked: list[bool]) -> np.ndarray:
+  """Layer indices in depth order (see `diagnose`).
+
+  A leaf is placed by its first use. The layers of stacked leaves that a
+  `scan` reads go layer by layer: all of layer 0's leaves (in their order of
+  use), then layer 1's, and so on.
+  """
+  uses, scan_of = first_uses(loss_fn, params, *args)
+  start: dict[Any, float] = {}  # the first use within each scan
+  for i, flag in enumerate(stacked):
+    if flag and scan_of[i] is not None:
+      start[scan_of[i]] = min(start.get(scan_of[i], uses[i]), uses[i])
+  firsts = np.cumsum([0] + counts)
+  keys = []
+  for i, (flag, use) in enumerate(zip(stacked, uses)):
+    for j in range(counts[i]):
+      if flag:
+        group = start.get(scan_of[i], use)
+        keys.append(((group, j, use, i), firsts[i] + j))
+      else:
+        keys.append(((use, 0, use, i), firsts[i] + j))
+  return np.asarray([layer for _, layer in sorted(keys)], np.int64)
 
 
 def _is_jaxpr(x: Any) -> bool:

@@ -95,6 +95,9 @@ class MetricsLog:
           "og.guard, og.monitor or another optax_guard transformation.")
     step = self._next_step if step is None else int(step)
     self._next_step = step + 1
+    # A replicated multi-host statistic is copied from its local copy: the
+    # record then needs no other process (any other needs them all).
+    states = _metrics.local_copies(states)
     if any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(states)):
       states = _device_copy(states)
     self._pending.append((step, states))
@@ -160,7 +163,11 @@ class MetricsLog:
     return pd.DataFrame(columns, index=pd.Index(steps, name="step"))
 
   def save(self, path: str | os.PathLike[str]) -> None:
-    """Writes the record to `path` as a NumPy `.npz` file (see `load`)."""
+    """Writes the record to `path` as a NumPy `.npz` file (see `load`).
+
+    Args:
+      path: the file to write (NumPy appends `.npz` if it is missing).
+    """
     np.savez(path, **self.to_numpy())
 
   @classmethod

@@ -87,10 +87,11 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
             f"{' ...' if len(names) > 5 else ''}.")
     flags = [any(under(name, p) for p in stacked) for name in names]
   for name, (_, leaf), flag in zip(names, paths, flags):
-    if flag and np.ndim(leaf) == 0:
+    if flag and (np.ndim(leaf) == 0 or np.shape(leaf)[0] == 0):
       raise ValueError(
-          f"The layer {name!r} is marked as stacked, but it is a scalar; a "
-          "stacked leaf holds one layer per entry of its leading axis.")
+          f"The layer {name!r} is marked as stacked, but it has no leading "
+          f"axis to split (shape {np.shape(leaf)}); a stacked leaf holds "
+          "one layer per entry of its leading axis.")
   return flags
 
 
@@ -116,7 +117,7 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
   missing = sorted(set(names) - set(got))[:5]
   extra = sorted(set(got) - set(names))[:5]
   raise ValueError(
-      f"`{factory}` was initialised with {len(names)} parameter leaves but "
+      f"`{factory}` was initialised with {len(names)} parameter layers but "
       f"got updates with {len(got)}; the trees must match. Only in the "
       f"parameters: {missing or 'none'}; only in the updates: "
       f"{extra or 'none'}.")
@@ -283,15 +284,24 @@ def to_host(tree: Any) -> Any:
 
   An array that this process cannot see whole (a multi-host global array)
   is read from its first local copy when it is replicated (statistics are),
-  else gathered from every process.
+  else gathered from every process (then every process must call this).
   """
+  def gathered(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+  return jax.device_get(jax.tree_util.tree_map(gathered, local_copies(tree)))
+
+
+def local_copies(tree: Any) -> Any:
+  """`tree` with each replicated multi-host array replaced by its first
+  local copy, so that work on it involves this process only."""
   def local(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-      return x
-    if x.sharding.is_fully_replicated:
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable and
+        x.sharding.is_fully_replicated):
       return x.addressable_data(0)
-    return multihost_utils.process_allgather(x, tiled=True)
-  return jax.device_get(jax.tree_util.tree_map(local, tree))
+    return x
+  return jax.tree_util.tree_map(local, tree)
 
 
 def strip_variables(opt_state: Any) -> Any:

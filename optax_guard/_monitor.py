@@ -178,7 +178,9 @@ def monitor(
       `("ScanBlock_0",)`, or a function from a layer name to a bool. Each
       stacked layer gets its own per-layer entries, `<leaf>/<i>` (e.g.
       `grad/norm/ScanBlock_0/Dense_0/kernel/3`). The stacked axis must not
-      be sharded under `shard_map`.
+      be sharded under `shard_map` (that is not detected when the state is
+      initialised inside `shard_map`: layers of different devices would be
+      added together).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `MonitorState`.

@@ -48,7 +48,7 @@ def _require(columns: dict[str, np.ndarray], name: str, hint: str) -> None:
     raise ValueError(f"The record holds no {name!r} metric; {hint}.")
 
 
-def _layers(columns: dict[str, np.ndarray], metric: str
+def _layers(columns: dict[str, np.ndarray], metric: str, hint: str
             ) -> tuple[list[str], np.ndarray]:
   """The per-layer entries `<metric>/<layer>`: (layer names, [L, T, ...])."""
   prefix = metric + "/"
@@ -56,7 +56,7 @@ def _layers(columns: dict[str, np.ndarray], metric: str
   if not names:
     raise ValueError(
         f"The record holds no per-layer {metric!r} entries (named "
-        f"'{prefix}<layer>'); record a monitor or guard with per_layer=True.")
+        f"'{prefix}<layer>'); {hint}.")
   return names, np.stack([columns[prefix + n] for n in names])
 
 
@@ -146,7 +146,8 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm", ax: Any = None
     (https://arxiv.org/abs/1712.05577).
   """
   columns = _columns(record)
-  names, values = _layers(columns, metric)
+  names, values = _layers(columns, metric,
+                          "record a monitor or guard with per_layer=True")
   with np.errstate(divide="ignore", invalid="ignore"):
     logs = np.log10(values.astype(np.float64))
   logs[~np.isfinite(logs)] = np.nan
@@ -194,7 +195,8 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
   columns = _columns(record)
   metric = f"{kind}/hist"
   if layer is None:
-    _, values = _layers(columns, metric)
+    _, values = _layers(columns, metric,
+                        "record a monitor or guard with histogram=True")
     counts = values.sum(axis=0)
   else:
     _require(columns, f"{metric}/{layer}",

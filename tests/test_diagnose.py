@@ -131,8 +131,8 @@ def test_flax_model_in_layer_order():
 
 def test_errors_are_sentences():
   loss_fn = _weighted_loss((1.0, 1.0, 1.0, 1.0))
-  with pytest.raises(ValueError, match=r"`ratio` must be a float > 1, but "
-                     r"got 1.0\."):
+  with pytest.raises(ValueError, match=r"`ratio` must be a finite real "
+                     r"number > 1, but got 1.0\."):
     og.diagnose(loss_fn, _params(), 0.0, ratio=1.0)
   with pytest.raises(ValueError, match="must return a scalar loss, but "
                      r"returned shape \(2,\)"):
@@ -158,14 +158,44 @@ def test_stacked_layers_in_scan_order():
             "embed": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)}
   x = jnp.ones((2, 4))
   d = og.diagnose(loss_fn, params, x, stacked=("blocks",))
-  # The embedding first; then each block's layers: the scan body reads the
-  # bias after the kernel, but a stacked leaf's layers stay together.
-  assert d.layers == ("embed",) + tuple(f"blocks/w/{i}" for i in range(5)) + (
-      tuple(f"blocks/b/{i}" for i in range(5)))
+  # The embedding first; then the scan's layers one after the other, each
+  # with its kernel (read first in the body) before its bias.
+  assert d.layers == ("embed",) + sum(
+      ((f"blocks/w/{i}", f"blocks/b/{i}") for i in range(5)), ())
   grads = jax.grad(loss_fn)(params, x)
   want = [np.linalg.norm(np.asarray(grads["embed"]))] + [
       np.linalg.norm(np.asarray(grads["blocks"]["w"][i])) for i in range(5)]
-  np.testing.assert_allclose(d.grad_norms[:6], want, rtol=1e-5)
+  np.testing.assert_allclose(d.grad_norms[[0, 1, 3, 5, 7, 9]], want,
+                             rtol=1e-5)
   # The trend is fitted over the six matrices (embed and the five kernels).
   slope = np.polyfit(np.arange(6), np.log(want), 1)[0]
   np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
+
+
+def test_casts_are_not_uses_and_biases_do_not_stretch_the_fit():
+  def loss_fn(params, x):
+    p = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)  # mixed
+    x = x.astype(jnp.bfloat16)
+    for name in ("z_in", "m_mid", "a_out"):
+      x = jnp.sin(x @ p[name]["w"] + p[name]["b"])
+    return jnp.mean(x.astype(jnp.float32) ** 2)
+
+  rng = np.random.default_rng(1)
+  params = {n: {"w": jnp.asarray(rng.normal(size=(8, 8)) * 2, jnp.float32),
+                "b": jnp.zeros(8)} for n in ("a_out", "m_mid", "z_in")}
+  d = og.diagnose(loss_fn, params, jnp.ones((2, 8)))
+  assert d.layers == ("z_in/w", "z_in/b", "m_mid/w", "m_mid/b", "a_out/w",
+                      "a_out/b")
+  kernels = d.grad_norms[[0, 2, 4]]          # fitted one layer apart
+  slope = np.polyfit(np.arange(3), np.log(kernels), 1)[0]
+  np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
+
+
+def test_zero_gradient_before_a_live_layer_is_vanishing():
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+  d = og.diagnose(lambda p: jnp.sum(jnp.maximum(p["a"], 2.0) @ p["b"]),
+                  params)
+  np.testing.assert_array_equal(d.grad_norms, [0.0, 8.0])  # closed form
+  assert d.verdict == "vanishing"
+  assert d.advice.startswith("The gradients of a are exactly zero while "
+                             "later layers' are not")

@@ -273,7 +273,7 @@ def test_updates_that_do_not_match_the_parameters(factory):
   state = tx.init(params)
   fewer = {"Dense_0": params["Dense_0"]}
   with pytest.raises(ValueError, match=(
-      r"was initialised with 3 parameter leaves but got updates with 2; the "
+      r"was initialised with 3 parameter layers but got updates with 2; the "
       r"trees must match\. Only in the parameters: \['Dense_1/kernel'\]; "
       r"only in the updates: none\.")):
     tx.update(fewer, state, fewer)

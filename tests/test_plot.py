@@ -124,7 +124,8 @@ def test_errors_are_sentences(monkeypatch):
                      "its to_numpy"):
     og.plot.history([1, 2])
   with pytest.raises(ValueError, match="holds no per-layer 'grad/hist' "
-                     "entries"):
+                     "entries .*; record a monitor or guard with "
+                     "histogram=True"):
     og.plot.histograms(_log(), ax=_Recorder())
   with pytest.raises(ValueError, match="holds no 'update/norm' metric"):
     og.plot.history(_log(), metric="update/norm", ax=_Recorder())

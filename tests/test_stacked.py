@@ -173,6 +173,7 @@ def test_errors_are_sentences():
                      "layer of the parameters and no prefix of one"):
     tx.init(_stacked_tree(_arrays(0)))
   tx = og.skip_nonfinite(optax.sgd(0.1), stacked=lambda name: True)
-  with pytest.raises(ValueError, match="The layer 'step' is marked as "
-                     "stacked, but it is a scalar"):
-    tx.init({"step": jnp.zeros(()), "w": jnp.ones((2, 2))})
+  for shape in ((), (0, 2)):
+    with pytest.raises(ValueError, match="The layer 'step' is marked as "
+                       "stacked, but it has no leading axis to split"):
+      tx.init({"step": jnp.zeros(shape), "w": jnp.ones((2, 2))})
