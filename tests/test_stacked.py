@@ -87,7 +87,7 @@ def test_monitor_param_norms_and_update_ratio_per_stacked_layer():
   params, grads = _stacked_tree(a), _stacked_tree(_arrays(1))
   tx = og.monitor(stacked=lambda name: name.startswith("Scan/"),
                   kind="update")
-  _, state = tx.update(grads, tx.init(params), params)
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
   m = og.metrics(state)
   g = _arrays(1)
   for i in range(L):
@@ -108,7 +108,8 @@ def test_monitor_param_norms_and_update_ratio_per_stacked_layer():
 def test_skip_nonfinite_and_check_name_the_stacked_layer():
   tx = og.skip_nonfinite(optax.sgd(0.1), stacked=["Scan/kernel"])
   params = _stacked_tree(_arrays(0))
-  _, state = tx.update(_stacked_tree(_grads(2)), tx.init(params), params)
+  _, state = jax.jit(tx.update)(_stacked_tree(_grads(2)), tx.init(params),
+                                params)
   with pytest.raises(og.NonFiniteGradientError,
                      match=r"first bad layers: Scan/kernel/1 \(1 NaN/Inf\)"):
     og.check(state)
