@@ -107,7 +107,7 @@ class AdaptiveGradClipState(NamedTuple):
 def _unit_sums(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   """`[3, *units]`: the sums of `square_terms` of each unit of `x` (f32)."""
   reduce_axes = tuple(a for a in range(x.ndim) if a not in keep)
-  terms = _stats.square_terms(x.astype(jnp.float32))
+  terms = _stats.square_terms(x)
   return jnp.stack(_stats.sum_terms(terms, reduce_axes))
 
 

@@ -387,11 +387,17 @@ def sum_terms(terms: Sequence[jax.Array], axes: tuple[int, ...]
 
 
 def square_terms(x: jax.Array) -> list[jax.Array]:
-  """The three squares whose sums `pick_norm` turns into a norm (float32 x)."""
-  # The scales pass through a barrier: seeing constants, XLA's simplifier
-  # rewrites `(x * c)**2` as `x**2 * c**2` where `x` is a broadcast scalar
-  # (a constant-like gradient), and `c**2` (2**160, 2**-160) is not a float32.
-  down, up = lax.optimization_barrier((jnp.float32(_DOWN), jnp.float32(_UP)))
+  """The three squares whose sums `pick_norm` turns into a norm, in float32
+  (`x` of any real float dtype)."""
+  # `x` and the scales pass through a barrier: where XLA sees that `x` is a
+  # broadcast scalar (the gradient of an unused parameter is a constant zero
+  # in the same step), its simplifier rewrites `(x * c)**2` as
+  # `x**2 * c**2`, and `c**2` (2**160, 2**-160) is not a float32: 0 * inf
+  # made the norm NaN and the guard skip every step. The conversion to
+  # float32 comes after the barrier, so that it stays fused in the reduction.
+  x, down, up = lax.optimization_barrier(
+      (x, jnp.float32(_DOWN), jnp.float32(_UP)))
+  x = x.astype(jnp.float32)
   return [x * x, jnp.square(x * down), jnp.square(x * up)]
 
 
@@ -541,7 +547,8 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
     x = block.astype(jnp.float32)
     if jnp.iscomplexobj(block):
       x = _magnitude(block)
-    terms = square_terms(x) + [jnp.where(jnp.isfinite(x), 0.0, 1.0)]
+    terms = square_terms(x if jnp.iscomplexobj(block) else block) + [
+        jnp.where(jnp.isfinite(x), 0.0, 1.0)]
     if count_above is not None:
       terms.append(jnp.where(jnp.abs(x) > count_above, 1.0, 0.0))
     reduced = sum_terms(terms, _rest(block))

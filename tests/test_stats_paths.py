@@ -257,3 +257,27 @@ def test_no_gradient_sized_temporary_on_cpu(dtype):
       params, state, params).compile()
   leaf_bytes = 1024 * 512 * jnp.dtype(dtype).itemsize
   assert compiled.memory_analysis().temp_size_in_bytes < leaf_bytes // 4
+
+
+def test_a_constant_zero_gradient_in_the_step_is_not_nan():
+  # The gradient of an unused parameter is a zero constant inside the step;
+  # XLA must not turn its rescaled squares into 0 * inf.
+  tx = og.guard(og.adamw(0.1))
+  params = {"used": jnp.ones(3), "unused": jnp.ones((2, 2))}
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(lambda p: jnp.sum(p["used"] ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  new_params, state = step(params, tx.init(params))
+  m = og.metrics(state)
+  assert float(m["grad/norm/unused"]) == 0.0
+  np.testing.assert_allclose(m["grad/norm"], 2 * np.sqrt(3), rtol=1e-6)
+  assert not bool(m["optim/skipped"])
+  assert float(new_params["used"][0]) < 1.0
+  for x in (jnp.zeros((2, 3)), jnp.full((4,), 3e-30), jnp.full((2,), 1e30)):
+    stats = jax.jit(lambda: _stats.tree_stats({"x": x}))()
+    want = np.sqrt(np.sum(np.square(np.asarray(x, np.float64))))
+    np.testing.assert_allclose(stats.norms[0], want, rtol=1e-6)
