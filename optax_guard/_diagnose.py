@@ -159,21 +159,27 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   if not jax.tree_util.tree_leaves(params):
     raise ValueError("diagnose needs parameters to differentiate, but "
                      "`params` holds no arrays.")
-  shape = jax.eval_shape(loss_fn, params, *args)
-  if np.shape(shape) != ():
+  # One trace gives both the output's shape and the order of first uses.
+  traced = jax.make_jaxpr(loss_fn)(params, *args)
+  shape = traced.out_avals[0].shape if len(traced.out_avals) == 1 else None
+  if shape != ():
     raise ValueError(
-        f"`loss_fn` must return a scalar loss, but returned shape "
-        f"{np.shape(shape)}.")
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, *args)
+        "`loss_fn` must return a scalar loss, but returned shape "
+        f"{shape if shape is not None else 'a tuple'}.")
   flags = _metrics.stacked_flags(params, stacked)
-  gstats, pstats = jax.device_get(jax.jit(lambda g, p: (
-      _stats.tree_stats(g, stacked=flags),
-      _stats.tree_stats(p, stacked=flags)))(grads, params))
+
+  @jax.jit
+  def measure(params, *args):
+    loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+    return (loss, _stats.tree_stats(grads, stacked=flags),
+            _stats.tree_stats(params, stacked=flags))
+
+  loss, gstats, pstats = jax.device_get(measure(params, *args))
   names = _metrics.layer_names(params, stacked)
   leaves = jax.tree_util.tree_leaves(params)
   flags = flags or [False] * len(leaves)
   counts = [np.shape(x)[0] if flag else 1 for x, flag in zip(leaves, flags)]
-  order = layer_order(loss_fn, params, args, counts, flags)
+  order = layer_order(traced, counts, flags)
   grad_norms = np.asarray(gstats.norms)[order]
   nonfinite = np.asarray(gstats.nonfinite)[order]
   # A layer's own dimensions (a stacked leaf's leading axis is not one).
@@ -235,13 +241,11 @@ _ALIASES = frozenset({"convert_element_type", "reshape", "transpose", "copy",
                       "reduce_precision", "pvary"})
 
 
-def first_uses(loss_fn: Callable[..., Any], params: Any, *args: Any
+def first_uses(closed: Any, count: int
                ) -> tuple[list[float], list[int | None]]:
-  """When the forward pass first uses each leaf of `params`, and inside which
-  `scan` (an id, or None): read from `loss_fn`'s jaxpr, following nested
-  calls. A leaf never used gets `inf`."""
-  closed = jax.make_jaxpr(loss_fn)(params, *args)
-  count = len(jax.tree_util.tree_leaves(params))
+  """When the forward pass first uses each of the first `count` inputs of
+  the jaxpr `closed` (the parameter leaves), and inside which `scan` (an
+  id, or None), following nested calls. A leaf never used gets `inf`."""
   first: dict[int, tuple[int, int | None]] = {}
   clock, scans = [0], [0]
 
@@ -272,15 +276,16 @@ def first_uses(loss_fn: Callable[..., Any], params: Any, *args: Any
           [first[i][1] if i in first else None for i in range(count)])
 
 
-def layer_order(loss_fn: Callable[..., Any], params: Any, args: Any,
-                counts: list[int], stacked: list[bool]) -> np.ndarray:
-  """Layer indices in depth order (see `diagnose`).
+def layer_order(closed: Any, counts: list[int], stacked: list[bool]
+                ) -> np.ndarray:
+  """Layer indices in depth order (see `diagnose`), from the jaxpr of the
+  loss (`counts`: each leaf's layers; `stacked`: which leaves stack them).
 
   A leaf is placed by its first use. The layers of stacked leaves that a
   `scan` reads go layer by layer: all of layer 0's leaves (in their order of
   use), then layer 1's, and so on.
   """
-  uses, scan_of = first_uses(loss_fn, params, *args)
+  uses, scan_of = first_uses(closed, len(counts))
   start: dict[Any, float] = {}  # the first use within each scan
   for i, flag in enumerate(stacked):
     if flag and scan_of[i] is not None:
