@@ -111,30 +111,26 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            MonitorState: _monitor_error}
 
 
-def _states(tree: Any) -> list[Any]:
-  """Every checked state in `tree`, looking inside wrappers and `guard`."""
-  found = []
-  is_state = lambda x: type(x) in _CHECKS or isinstance(x, GuardState)
-  for s in jax.tree_util.tree_leaves(tree, is_leaf=is_state):
-    if is_state(s) and np.ndim(jax.tree_util.tree_leaves(s)[0]) > 0 and (
-        isinstance(s, GuardState) or np.ndim(s.step) > 0):
-      # A pmap-replicated state: the replicas are identical, read the first.
-      s = jax.tree.map(lambda x: x[0], s)
+def _states(statistics: list[Any]) -> list[Any]:
+  """The checked states among `statistics` (`_metrics.statistics`' list, on
+  the host), with `guard`'s parts taken out of its state."""
+  parts = []
+  for s in statistics:
     if isinstance(s, GuardState):
-      found += [p for p in (s.nonfinite, s.spikes, s.monitor) if p is not None]
-      found += _states(s.inner_state)
+      parts += [p for p in (s.nonfinite, s.spikes, s.monitor) if p is not None]
     elif type(s) in _CHECKS:
-      found.append(s)
-      if hasattr(s, "inner_state"):
-        found += _states(s.inner_state)
-  return found
+      parts.append(s)
+  # A pmap-replicated state has a leading replica axis (its step counter is
+  # not a scalar); the replicas are identical, read the first.
+  return [jax.tree.map(lambda x: x[0], s) if np.ndim(s.step) > 0 else s
+          for s in parts]
 
 
 def check(opt_state: Any) -> None:
   """Raises if the last step went wrong; returns quietly otherwise.
 
-  Host side, after a step: fetches the state (one transfer) and looks at every
-  guard state in it. Raises `NonFiniteGradientError` when the last step's
+  Host side, after a step: fetches the statistics (one transfer, without any
+  wrapped optimizer's moments) and looks at every guard state in it. Raises `NonFiniteGradientError` when the last step's
   gradients, loss or update held NaN/Inf (or the guard has halted), naming the
   step, the first layers that went bad with their counts, and what the guard
   did; raises `GradientExplosionError` when the last step was skipped as a
@@ -167,8 +163,8 @@ def check(opt_state: Any) -> None:
     equinox's error messages (https://docs.kidger.site/equinox/) for errors
     a user can act on.
   """
-  host = jax.device_get(_metrics.strip_variables(opt_state))
-  states = _states(host)
+  # The statistics only: no wrapped optimizer's moments cross to the host.
+  states = _states(_metrics.to_host(_metrics.statistics(opt_state)))
   if any(isinstance(s, SkipNonfiniteState) for s in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [s for s in states if not (

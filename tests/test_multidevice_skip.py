@@ -402,7 +402,17 @@ def test_pmap_not_averaged_one_device_nan_makes_all_skip():
   ]
   history = [(p, s)]
   for g, poison, expect in plan:
-    p, s, u = jax.device_get(step(p, s, g, poison, no))
+    out = step(p, s, g, poison, no)
+    if g is g_bad:
+      # og.check reads the pmapped state (one replica), on device or host.
+      for state in (out[1], jax.device_get(out[1])):
+        with pytest.raises(og.NonFiniteGradientError) as e:
+          og.check(state)
+        assert str(e.value) == (
+            "Step 1: non-finite gradients; first bad layers: kernel (2 "
+            "NaN/Inf). The guard skipped the step (1 bad in a row, 1 skipped "
+            "in total).")
+    p, s, u = jax.device_get(out)
     history.append((p, s))
     np.testing.assert_array_equal(np.asarray(s.skipped), np.full(N, expect))
     _rows_identical(_guard_fields(s), axis=0)
