@@ -69,7 +69,8 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
       step, layers)
 
 
-def _spike_error(s: SkipSpikesState) -> GuardError | None:
+def _spike_error(s: SkipSpikesState,
+                 monitor: MonitorState | None = None) -> GuardError | None:
   if not bool(s.skipped):
     return None
   step = int(s.last_spike_step)
@@ -82,10 +83,24 @@ def _spike_error(s: SkipSpikesState) -> GuardError | None:
            f"{float(s.loss_threshold):.4g}, or the norm ({norm:.4g}) or the "
            "loss was not finite")
   return GradientExplosionError(
-      f"Step {step}: {why}. The guard skipped the step "
-      f"({_plural(int(s.consecutive), 'spike')} in a row, "
+      f"Step {step}: {why}{_spike_layer(monitor, step)}. The guard skipped "
+      f"the step ({_plural(int(s.consecutive), 'spike')} in a row, "
       f"{int(s.num_spikes)} in total).",
       step, {})
+
+
+def _spike_layer(monitor: MonitorState | None, step: int) -> str:
+  """Names the layer that moved most, when `monitor` (one with `zscore=True`
+  on the gradients) measured the gradients of `step`."""
+  if monitor is None or int(monitor.step) - 1 != step:
+    return ""
+  index = int(monitor.zscores.spike_layer)
+  if index < 0:
+    return ""
+  name = monitor.zscores.zscores.names[index]
+  z = float(np.asarray(monitor.zscores.zscores.values)[index])
+  return (f"; the layer that moved most against its own history: {name} "
+          f"(z-score {z:.3g})")
 
 
 def _monitor_error(s: MonitorState) -> GuardError | None:
@@ -134,7 +149,9 @@ def check(opt_state: Any) -> None:
   gradients, loss or update held NaN/Inf (or the guard has halted), naming the
   step, the first layers that went bad with their counts, and what the guard
   did; raises `GradientExplosionError` when the last step was skipped as a
-  spike. Non-finite problems are reported before spikes.
+  spike, naming the layer whose norm moved most against its own history when
+  a monitor records per-layer z-scores (`zscore=True`). Non-finite problems
+  are reported before spikes.
 
   Args:
     opt_state: an optimizer state, on device or already fetched to the host.
@@ -165,11 +182,16 @@ def check(opt_state: Any) -> None:
   """
   # The statistics only: no wrapped optimizer's moments cross to the host.
   states = _states(_metrics.to_host(_metrics.statistics(opt_state)))
+  # The monitor whose z-scores name the layer of a spike, if any.
+  zscores = next((s for s in states if isinstance(s, MonitorState) and
+                  s.zscores is not None and s.naming.kind == "grad"), None)
   if any(isinstance(s, SkipNonfiniteState) for s in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [s for s in states if not (
         isinstance(s, MonitorState) and _bad_layers(s.nonfinite))]
-  errors = [e for e in (_CHECKS[type(s)](s) for s in states) if e is not None]
+  errors = [e for e in (
+      _spike_error(s, zscores) if isinstance(s, SkipSpikesState)
+      else _CHECKS[type(s)](s) for s in states) if e is not None]
   if errors:
     errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
     raise errors[0]

@@ -58,6 +58,8 @@ def guard(
     monitor: bool = True,
     per_layer: bool = True,
     histogram: bool = False,
+    zscore: bool = False,
+    zscore_decay: float = 0.97,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -66,7 +68,7 @@ def guard(
   Equal, step for step, to the chain of the individual pieces::
 
     optax.chain(
-        og.monitor(per_layer=..., histogram=...),
+        og.monitor(per_layer=..., histogram=..., zscore=..., zscore_decay=...),
         og.skip_nonfinite(
             og.skip_spikes(
                 optax.chain(og.clip_by_global_norm(max_norm), inner),
@@ -115,6 +117,10 @@ def guard(
     monitor: record the monitor's signals (`grad/norm/<layer>`, ...).
     per_layer: record per-layer entries in the monitor.
     histogram: record per-layer log-magnitude histograms.
+    zscore: record which layer spiked: each layer's norm as a z-score
+      against its own history, and the index of the largest (see
+      `monitor`); `og.check` then names that layer when a spike is skipped.
+    zscore_decay: decay of the per-layer EMAs behind the z-scores.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`), measured layer by layer in the per-layer metrics (see
@@ -148,6 +154,7 @@ def guard(
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
+                               zscore=zscore, zscore_decay=zscore_decay,
                                axis_name=axis_name,
                                stacked=stacked) if monitor else None,
       clip=(_clipping.clip_by_global_norm(max_norm, axis_name=axis_name)
@@ -182,7 +189,8 @@ def guard(
       new = new._replace(monitor=_monitor.record(
           state.monitor, stats, updates, params, loss, per_layer=per_layer,
           histogram=histogram, loss_ema_decay=0.9,
-          axis_name=axis_name, stacked=stacked)._replace(
+          axis_name=axis_name, stacked=stacked,
+          zscore_decay=zscore_decay if zscore else None)._replace(
               step=optax.safe_increment(state.monitor.step)))
     spike = jnp.zeros((), jnp.bool_)
     if spike_sigma is not None:

@@ -17,6 +17,62 @@ from optax_guard import _stats
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
+# A layer's norm enters its own history clipped at this many standard
+# deviations above the mean, so that one spike moves the statistics by a
+# bounded amount (ZClip's rule) and a lasting change of level is still
+# followed.
+_ZSCORE_CLIP = 3.0
+
+
+class LayerZscores(NamedTuple):
+  """Each layer's gradient norm against its own history (`zscore=True`)."""
+  zscores: _metrics.PerLayer  # f32[L] z-score of each norm, last step.
+  spike_layer: jax.Array      # i32[] the layer of the largest, -1: warm-up.
+  mean: jax.Array             # f32[L] EMA of each layer's norm.
+  var: jax.Array              # f32[L] EMA of its variance.
+  steps: jax.Array            # i32[] finite steps in the EMAs.
+
+
+def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
+                   decay: Any) -> LayerZscores:
+  """The z-score of each layer's norm against its EMA, then the EMA update.
+
+  Before `ceil(1 / (1 - decay))` finite steps (the EMA's span) the z-scores
+  read 0 and `spike_layer` -1. A non-finite layer norm has z-score +Inf; a
+  step with any non-finite norm leaves the history as it was. (`decay` may
+  be traced: `optax.inject_hyperparams`.)
+  """
+  decay = jnp.asarray(decay, jnp.float32)
+  ready = z.steps.astype(jnp.float32) >= jnp.ceil(1.0 / (1.0 - decay))
+  # The spread is floored at a thousandth of the mean: a layer whose norm
+  # never varied would otherwise give an infinite z-score for any change.
+  spread = jnp.maximum(jnp.sqrt(z.var),
+                       jnp.maximum(1e-3 * jnp.abs(z.mean), _TINY))
+  zscores = jnp.where(jnp.isfinite(norms),
+                      jnp.where(ready, (norms - z.mean) / spread, 0.0),
+                      jnp.inf)
+  spike_layer = (jnp.where(ready, jnp.argmax(zscores), -1).astype(jnp.int32)
+                 if norms.shape[0] else jnp.full((), -1, jnp.int32))
+  value = jnp.where(ready, jnp.minimum(norms, z.mean + _ZSCORE_CLIP * spread),
+                    norms)
+  first = z.steps == 0
+  delta = value - z.mean
+  mean = jnp.where(first, value, z.mean + (1.0 - decay) * delta)
+  var = jnp.where(first, 0.0, decay * (z.var + (1.0 - decay) * delta * delta))
+  return LayerZscores(
+      _metrics.PerLayer(zscores, z.zscores.names), spike_layer,
+      jnp.where(finite, mean, z.mean), jnp.where(finite, var, z.var),
+      _stats.count_if(finite, z.steps))
+
+
+def init_zscores(names: tuple[str, ...]) -> LayerZscores:
+  # Separate buffers, each its own (a donated state must not share one).
+  zeros = lambda: jnp.zeros((len(names),), jnp.float32)
+  return LayerZscores(_metrics.PerLayer(zeros(), names),
+                      jnp.full((), -1, jnp.int32), zeros(), zeros(),
+                      jnp.zeros((), jnp.int32))
+
+
 class MonitorState(NamedTuple):
   """State of `monitor`. Per-layer fields are None when `per_layer=False`
   (a zero-sized array in the state would also be one in every checkpoint and
@@ -36,6 +92,7 @@ class MonitorState(NamedTuple):
   loss_steps: jax.Array              # i32[] finite losses seen.
   loss_nonfinite: jax.Array          # i32[] non-finite losses seen.
   histograms: _metrics.PerLayer | None  # i32[L, B] log10 histograms.
+  zscores: LayerZscores | None        # per-layer norm z-scores (`zscore=True`).
   naming: _metrics.Naming             # static: how the metrics are named.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
@@ -56,6 +113,9 @@ class MonitorState(NamedTuple):
         f"{p}loss/nonfinite": self.loss_nonfinite,
         **_metrics.expand(f"{p}{k}/hist", self.histograms),
     }
+    if self.zscores is not None:
+      out.update(_metrics.expand(f"{p}{k}/zscore", self.zscores.zscores))
+      out[f"{p}{k}/spike_layer"] = self.zscores.spike_layer
     if k == "update":
       xp = _metrics.array_module(_metrics.unwrap(self.norm))
       out[f"{p}update/ratio"] = (_metrics.unwrap(self.norm) / xp.maximum(
@@ -86,7 +146,8 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
            params: Any, loss: jax.Array | None, *, per_layer: bool,
            histogram: bool, loss_ema_decay: float,
            axis_name: _stats.AxisName,
-           stacked: _metrics.Stacked = None) -> MonitorState:
+           stacked: _metrics.Stacked = None,
+           zscore_decay: float | None = None) -> MonitorState:
   """The monitor's new state from the statistics of the step's updates.
 
   `stats` must come from `tree_stats(updates, count_above=1.0)` (with the
@@ -124,6 +185,10 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
         loss=loss, loss_ema_raw=raw, loss_steps=steps,
         loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
         loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
+  if zscore_decay is not None:
+    changes.update(zscores=update_zscores(
+        state.zscores, stats.norms, jnp.all(jnp.isfinite(stats.norms)),
+        zscore_decay))
   if histogram:
     changes.update(histograms=_metrics.PerLayer(
         _stats.log_histograms(updates, axis_name=axis_name, stacked=flags),
@@ -139,6 +204,8 @@ def monitor(
     kind: str = "grad",
     prefix: str = "",
     loss_ema_decay: float = 0.9,
+    zscore: bool = False,
+    zscore_decay: float = 0.97,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -172,6 +239,14 @@ def monitor(
     kind: `"grad"` before the optimizer, `"update"` when last in the chain.
     prefix: prepended to every metric name, e.g. `"post_clip/"`.
     loss_ema_decay: decay of the loss EMA, in `[0, 1)`.
+    zscore: also record which layer spiked: `<k>/zscore/<layer>`, each
+      layer's norm as a z-score against an EMA of its own history, and
+      `<k>/spike_layer`, the index of the largest (in the order of the
+      per-layer entries; `og.check` names it). They read 0 and -1 during
+      the EMA's first `ceil(1 / (1 - zscore_decay))` finite steps.
+    zscore_decay: decay of the per-layer EMAs of the mean and variance, in
+      `(0, 1)`. A norm enters its layer's history clipped at 3 standard
+      deviations above the mean, so one spike barely moves it.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`): their layer names, or prefixes of them such as
@@ -204,6 +279,8 @@ def monitor(
   _args.check_choice("kind", kind, ("grad", "update"))
   _args.check_number("loss_ema_decay", loss_ema_decay, maximum=1.0,
                      strict_max=True)
+  _args.check_number("zscore_decay", zscore_decay, strict=True, maximum=1.0,
+                     strict_max=True)
   if not isinstance(prefix, str):
     raise ValueError(f"`prefix` must be a string, but got {prefix!r}.")
   _stats.check_axis_name(axis_name)
@@ -226,6 +303,7 @@ def monitor(
         histograms=(_metrics.per_layer_zeros(
             names, jnp.int32, (len(_stats.HIST_BUCKETS),))
                     if histogram else None),
+        zscores=init_zscores(names) if zscore else None,
         naming=naming)
 
   def measure(updates, state, params, loss):
@@ -234,7 +312,8 @@ def monitor(
         stacked=_metrics.stacked_flags(updates, stacked))
     return record(state, stats, updates, params, loss, per_layer=per_layer,
                   histogram=histogram, loss_ema_decay=loss_ema_decay,
-                  axis_name=axis_name, stacked=stacked)
+                  axis_name=axis_name, stacked=stacked,
+                  zscore_decay=zscore_decay if zscore else None)
 
   def update_fn(updates, state, params=None, **extra_args):
     loss = _skip.loss_from(extra_args)

@@ -39,9 +39,9 @@ def _grad_stream():
   return stream
 
 
-def _pieces(inner, **kw):
+def _pieces(inner, zscore=False, **kw):
   return optax.chain(
-      og.monitor(),
+      og.monitor(zscore=zscore),
       og.skip_nonfinite(
           og.skip_spikes(optax.chain(og.clip_by_global_norm(kw["max_norm"]),
                                      inner),
@@ -74,8 +74,10 @@ def _run(tx, with_loss):
 @pytest.mark.standard_promotion  # traces optax.adam
 @pytest.mark.parametrize("with_loss", [False, True])
 def test_guard_equals_the_chain_of_its_pieces(with_loss):
-  ours = _run(og.guard(optax.adam(1e-2), **KW), with_loss)
-  pieces = _run(_pieces(optax.adam(1e-2), **KW), with_loss)
+  # With the loss, also the per-layer z-scores (they do not use the loss).
+  zscore = with_loss
+  ours = _run(og.guard(optax.adam(1e-2), zscore=zscore, **KW), with_loss)
+  pieces = _run(_pieces(optax.adam(1e-2), zscore=zscore, **KW), with_loss)
   skipped_nan = skipped_spike = 0
   for i, ((p1, s1), (p2, s2)) in enumerate(zip(ours, pieces)):
     chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
@@ -90,11 +92,14 @@ def test_guard_equals_the_chain_of_its_pieces(with_loss):
         ("optim/num_clipped", "optim/num_clipped"),
         ("optim/halted", "optim/halted"),
         ("grad/spike_threshold", "grad/spike_threshold"),
-        ("grad/norm/head/kernel", "grad/norm/head/kernel")]:
+        ("grad/norm/head/kernel", "grad/norm/head/kernel")] + [
+            (name, name) for name in m2 if "zscore" in name or
+            name == "grad/spike_layer"]:
       np.testing.assert_allclose(m1[name], m2[piece_name], rtol=1e-6,
                                  err_msg=f"{name} at step {i}")
     skipped_nan = int(m1["optim/num_skipped"])
     skipped_spike = int(m1["optim/num_spikes"])
+  assert ("grad/spike_layer" in m1) == zscore
   assert skipped_nan == 2  # steps 12 and 25
   assert skipped_spike == 3  # steps 20, 21 and 33
 

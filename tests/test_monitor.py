@@ -258,6 +258,10 @@ def test_metrics_inside_jit_on_host_and_one_transfer():
     ({"loss_ema_decay": 1.0}, r"`loss_ema_decay` must be a finite real "
      r"number >= 0 and < 1, but got 1\.0\."),
     ({"prefix": 3}, r"`prefix` must be a string, but got 3\."),
+    ({"zscore_decay": 1.0}, r"`zscore_decay` must be a finite real number "
+     r"> 0 and < 1, but got 1\.0\."),
+    ({"zscore_decay": 0.0}, r"`zscore_decay` must be a finite real number "
+     r"> 0 and < 1, but got 0\.0\."),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -277,3 +281,118 @@ def test_updates_that_do_not_match_the_parameters(factory):
       r"trees must match\. Only in the parameters: \['Dense_1/kernel'\]; "
       r"only in the updates: none\.")):
     tx.update(fewer, state, fewer)
+
+
+# --------------------------------------------------- per-layer z-scores
+
+
+def _np_zscores(norms, decay):
+  """Each layer's norm against an EMA of its own history, written out in
+  float64: z-scores are 0 (and the spike layer -1) until ceil(1/(1-decay))
+  finite steps are in the history; a norm enters it clipped at 3 spreads
+  above the mean, the spread being the EMA standard deviation floored at a
+  thousandth of the mean; a non-finite layer scores +Inf and its step leaves
+  the history alone."""
+  warmup = int(np.ceil(1.0 / (1.0 - decay)))
+  mean = var = None
+  steps, out = 0, []
+  for x in norms:
+    ready = steps >= warmup
+    if ready:
+      spread = np.maximum(np.sqrt(var), 1e-3 * np.abs(mean))
+      z = np.where(np.isfinite(x), (x - mean) / spread, np.inf)
+      layer = int(np.argmax(z))
+    else:
+      z = np.where(np.isfinite(x), 0.0, np.inf)
+      layer = -1
+    out.append((z, layer))
+    if not np.all(np.isfinite(x)):
+      continue
+    value = np.minimum(x, mean + 3.0 * spread) if ready else x
+    if steps == 0:
+      mean, var = value.copy(), np.zeros_like(value)
+    else:
+      delta = value - mean
+      mean = mean + (1.0 - decay) * delta
+      var = decay * (var + (1.0 - decay) * delta * delta)
+    steps += 1
+  return out
+
+
+def test_zscores_and_spike_layer_against_numpy():
+  decay = 0.8  # warm-up: ceil(1 / 0.2) = 5 finite steps
+  rng = np.random.default_rng(3)
+  tx = og.monitor(zscore=True, zscore_decay=decay)
+  params = _tree(0)
+  names = list(_named_leaves(params))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  norms, got = [], []
+  for t in range(30):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape) *
+                              np.exp(rng.normal(0, 0.1)), jnp.float32),
+        params)
+    if t == 12:  # one layer spikes
+      grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"] * 40.0
+    if t == 20:  # a NaN step: +Inf for that layer, the history unchanged
+      grads["Dense_0"]["bias"] = grads["Dense_0"]["bias"].at[2].set(jnp.nan)
+    _, state = step(grads, state)
+    g = _named_leaves(grads)
+    norms.append(np.array([np.sqrt(np.sum(g[n] ** 2)) for n in names]))
+    m = og.metrics(state)
+    got.append((np.array([m[f"grad/zscore/{n}"] for n in names]),
+                int(m["grad/spike_layer"])))
+  want = _np_zscores(norms, decay)
+  for t, ((z, layer), (wz, wlayer)) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4,
+                               err_msg=f"step {t}")
+    assert layer == wlayer, t
+  assert [layer for _, layer in got[:5]] == [-1] * 5
+  assert got[12][1] == names.index("Dense_1/kernel")
+  assert got[12][0][names.index("Dense_1/kernel")] > 20
+  assert got[20][1] == names.index("Dense_0/bias")
+  assert got[20][0][names.index("Dense_0/bias")] == np.inf
+
+
+def _one_layer_spikes_at_step_39(tx, params):
+  """40 steps of unit-normal gradients; at the last, one small layer x100."""
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  rng = np.random.default_rng(4)
+  for t in range(40):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                               jnp.float32), params)
+    if t == 39:
+      grads["Dense_0"]["bias"] = grads["Dense_0"]["bias"] * 100.0
+    _, state = step(grads, state, params)
+  return state
+
+
+def test_zscores_name_the_spiking_layer_in_check():
+  params = _tree(0)
+  state = _one_layer_spikes_at_step_39(
+      og.guard(optax.sgd(0.1), zscore=True, spike_window=16), params)
+  m = og.metrics(state)
+  z = float(m["grad/zscore/Dense_0/bias"])
+  with pytest.raises(og.GradientExplosionError) as e:
+    og.check(state)
+  assert str(e.value) == (
+      f"Step 39: the gradient norm {float(m['grad/norm']):.4g} exceeded the "
+      f"spike threshold {float(m['grad/spike_threshold']):.4g} (mean + sigma "
+      "* std of the recent history); the layer that moved most against its "
+      f"own history: Dense_0/bias (z-score {z:.3g}). The guard skipped the "
+      "step (1 spike in a row, 1 in total).")
+  # The same run through the separate pieces names the layer too.
+  state = _one_layer_spikes_at_step_39(
+      optax.chain(og.monitor(zscore=True),
+                  og.skip_spikes(optax.sgd(0.1), window=16)), params)
+  with pytest.raises(og.GradientExplosionError,
+                     match="moved most against its own history: Dense_0/bias"):
+    og.check(state)
+  # Without z-scores the message has no layer.
+  state = _one_layer_spikes_at_step_39(
+      og.guard(optax.sgd(0.1), spike_window=16), params)
+  with pytest.raises(og.GradientExplosionError) as e:
+    og.check(state)
+  assert "moved most" not in str(e.value)

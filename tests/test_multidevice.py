@@ -601,7 +601,7 @@ def test_jit_named_sharding_nonfinite_in_one_shard(bad):
 
 def _monitor_shard_map(kernel, bias):
   mesh = _mesh1d()
-  tx = og.monitor(axis_name="d", histogram=True)
+  tx = og.monitor(axis_name="d", histogram=True, zscore=True)
 
   def step(k, b):
     grads = {"kernel": k, "bias": b}
