@@ -34,7 +34,9 @@ class GradientExplosionError(GuardError):
   """The gradient norm or the loss spiked far above its recent history."""
 
 
-def _bad_layers(counts: _metrics.PerLayer) -> dict[str, int]:
+def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
+  if counts is None:  # not recorded per layer (`per_layer=False`)
+    return {}
   values = np.asarray(counts.values)
   return {name: int(c) for name, c in zip(counts.names, values) if c > 0}
 
@@ -106,10 +108,10 @@ def _spike_layer(monitor: MonitorState | None, step: int) -> str:
 def _monitor_error(s: MonitorState) -> GuardError | None:
   step = int(s.step) - 1
   layers = _bad_layers(s.nonfinite)
-  if layers:
+  if int(s.num_nonfinite) > 0:
     kind = "gradients" if s.naming.kind == "grad" else "updates"
     return NonFiniteGradientError(
-        f"Step {step}: the {kind} hold {sum(layers.values())} NaN/Inf "
+        f"Step {step}: the {kind} hold {int(s.num_nonfinite)} NaN/Inf "
         f"elements{_describe(layers)}. Nothing in this chain skips such a "
         "step unless a `skip_nonfinite` or `guard` stands around the "
         "optimizer.", step, layers)
@@ -188,7 +190,7 @@ def check(opt_state: Any) -> None:
   if any(isinstance(s, SkipNonfiniteState) for s in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [s for s in states if not (
-        isinstance(s, MonitorState) and _bad_layers(s.nonfinite))]
+        isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
   errors = [e for e in (
       _spike_error(s, zscores) if isinstance(s, SkipSpikesState)
       else _CHECKS[type(s)](s) for s in states) if e is not None]

@@ -596,6 +596,30 @@ def test_check_on_monitor_alone():
   assert "skip_nonfinite" in message  # tells the user what would help
 
 
+def test_check_without_per_layer_statistics():
+  """`per_layer=False`: the message gives the total, and a skipper beside
+  the monitor still reports its skip (nothing reads the absent counts)."""
+  params = _params()
+  bad, _ = _bad_case("nan_every_leaf")
+  total = sum(_np_counts(bad).values())
+  tx = optax.chain(og.monitor(per_layer=False), optax.sgd(0.1))
+  _, state = _runner(tx)(bad, tx.init(params), params, {})
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  assert str(info.value) == (
+      f"Step 0: the gradients hold {total} NaN/Inf elements. Nothing in this "
+      "chain skips such a step unless a `skip_nonfinite` or `guard` stands "
+      "around the optimizer.")
+  for tx in (og.guard(optax.sgd(0.1), per_layer=False),
+             optax.chain(og.monitor(per_layer=False),
+                         og.skip_nonfinite(optax.sgd(0.1)))):
+    _, state = _runner(tx)(bad, tx.init(params), params, {})
+    with pytest.raises(og.NonFiniteGradientError,
+                       match=r"^Step 0: non-finite gradients; first bad "
+                       r"layers: .*The guard skipped the step"):
+      og.check(state)
+
+
 # -------------------------------------------------------------- arguments
 
 
