@@ -62,6 +62,7 @@ def guard(
     zscore_decay: float = 0.97,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
+    groups: _metrics.Groups = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Full protection around an optimizer: monitor, clip, skip NaN and spikes.
 
@@ -125,6 +126,8 @@ def guard(
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`), measured layer by layer in the per-layer metrics (see
       `monitor`).
+    groups: a function from a layer name to the name of its group; the
+      per-layer metrics are then per group (see `monitor`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `GuardState`.
@@ -148,21 +151,22 @@ def guard(
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
   _stats.check_axis_name(axis_name)
-  _metrics.check_stacked(stacked)
+  layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)
   fast = _skip.is_guard_aware(inner)
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
                                zscore=zscore, zscore_decay=zscore_decay,
-                               axis_name=axis_name,
-                               stacked=stacked) if monitor else None,
+                               axis_name=axis_name, stacked=stacked,
+                               groups=groups) if monitor else None,
       clip=(_clipping.clip_by_global_norm(max_norm, axis_name=axis_name)
             if max_norm is not None else None),
       nonfinite=_nonfinite.skip_nonfinite(
           optax.identity(), max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt,
-          axis_name=axis_name, stacked=stacked) if skip_nonfinite else None,
+          axis_name=axis_name, stacked=stacked,
+          groups=groups) if skip_nonfinite else None,
       spikes=_spikes.skip_spikes(
           optax.identity(), sigma=spike_sigma, window=spike_window,
           warmup_steps=spike_warmup_steps,
@@ -176,10 +180,10 @@ def guard(
         for name, part in parts.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
-    flags = _metrics.stacked_flags(updates, stacked)
+    layout = layers.of(updates)
     stats = _stats.tree_stats(updates, axis_name=axis_name,
                               count_above=1.0 if monitor else None,
-                              stacked=flags)
+                              stacked=layout.stacked, groups=layout.groups)
     norm = stats.global_norm
     loss = _skip.loss_from(extra_args)
     if loss is not None:
@@ -189,7 +193,7 @@ def guard(
       new = new._replace(monitor=_monitor.record(
           state.monitor, stats, updates, params, loss, per_layer=per_layer,
           histogram=histogram, loss_ema_decay=0.9,
-          axis_name=axis_name, stacked=stacked,
+          axis_name=axis_name, layers=layers,
           zscore_decay=zscore_decay if zscore else None)._replace(
               step=optax.safe_increment(state.monitor.step)))
     spike = jnp.zeros((), jnp.bool_)
@@ -235,7 +239,7 @@ def guard(
         new_updates, new_inner, (keep, keep_finite, nonfinite_state) = (
             _skip.update_checked(inner, scaled, state.inner_state, params,
                                  extra_args, decide_with, axis_name,
-                                 flags))
+                                 layout))
       else:
         keep = ~spike
         new_updates, new_inner = inner.update(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -109,9 +109,13 @@ def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
 
 
 def check_layers(tree: Any, names: tuple[str, ...], factory: str,
-                 stacked: Stacked = None) -> None:
-  """Raises when `tree` has not the layers the state was initialised with."""
-  got = layer_names(tree, stacked)
+                 stacked: Stacked = None,
+                 naming: Callable[[Any], tuple[str, ...]] | None = None
+                 ) -> None:
+  """Raises when `tree` has not the layers the state was initialised with
+  (`naming`: how entries are named, if not `layer_names`)."""
+  got = (naming(tree) if naming is not None
+         else layer_names(tree, stacked))
   if len(got) == len(names):
     return
   missing = sorted(set(names) - set(got))[:5]
@@ -121,6 +125,63 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
       f"got updates with {len(got)}; the trees must match. Only in the "
       f"parameters: {missing or 'none'}; only in the updates: "
       f"{extra or 'none'}.")
+
+
+# How layers are summed into named groups: a function from a layer name
+# (after any `stacked` split) to its group's name, or None.
+Groups = Callable[[str], str] | None
+
+
+def check_groups(groups: Any) -> None:
+  """Raises at factory time unless `groups` is None or a function."""
+  if groups is not None and not callable(groups):
+    raise ValueError(
+        "`groups` must be None or a function from a layer name to the name "
+        "of its group (e.g. lambda name: name.split('/')[0]), but got "
+        f"{groups!r}.")
+
+
+class Layout(NamedTuple):
+  """How one tree's leaves become per-layer entries (static, trace time)."""
+  stacked: list[bool] | None  # per leaf: its leading axis stacks layers.
+  groups: np.ndarray | None   # bool[G, L]: the layers each group sums.
+  names: tuple[str, ...]      # the entries' names: groups', else layers'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """A transformation's `stacked=` and `groups=`: leaves → layers → groups."""
+  stacked: Stacked = None
+  groups: Groups = None
+
+  def __post_init__(self):
+    check_stacked(self.stacked)
+    check_groups(self.groups)
+
+  def of(self, tree: Any) -> Layout:
+    """The layout of `tree`'s per-layer entries."""
+    flags = stacked_flags(tree, self.stacked)
+    names = layer_names(tree, self.stacked)
+    if self.groups is None:
+      return Layout(flags, None, names)
+    keys = []
+    for name in names:
+      key = self.groups(name)
+      if not isinstance(key, str):
+        raise ValueError(
+            f"`groups` must return a string (the group's name) for every "
+            f"layer, but returned {key!r} for {name!r}.")
+      keys.append(key)
+    order = list(dict.fromkeys(keys))  # groups in order of their first layer
+    member = np.array([[k == g for k in keys] for g in order], bool)
+    return Layout(flags, member.reshape(len(order), len(keys)), tuple(order))
+
+  def names(self, tree: Any) -> tuple[str, ...]:
+    return self.of(tree).names
+
+  def check(self, tree: Any, names: tuple[str, ...], factory: str) -> None:
+    """Raises when `tree` has not the entries the state was made with."""
+    check_layers(tree, names, factory, self.stacked, self.names)
 
 
 @functools.partial(jax.tree_util.register_dataclass,

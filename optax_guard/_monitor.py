@@ -146,33 +146,36 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
            params: Any, loss: jax.Array | None, *, per_layer: bool,
            histogram: bool, loss_ema_decay: float,
            axis_name: _stats.AxisName,
-           stacked: _metrics.Stacked = None,
+           layers: _metrics.Layers = _metrics.Layers(),
            zscore_decay: float | None = None) -> MonitorState:
   """The monitor's new state from the statistics of the step's updates.
 
   `stats` must come from `tree_stats(updates, count_above=1.0)` (with the
-  same `stacked`); `guard` passes the ones it has already measured, so
-  nothing is read twice.
+  layout of the same `layers`); `guard` passes the ones it has already
+  measured, so nothing is read twice.
   """
-  flags = _metrics.stacked_flags(updates, stacked)
-  if per_layer:
-    _metrics.check_layers(updates, state.layer_norms.names, "monitor",
-                          stacked)
+  layout = layers.of(updates)
+  recorded = [x for x in (state.layer_norms, state.histograms,
+                          state.zscores and state.zscores.zscores)
+              if x is not None]
+  if recorded:
+    layers.check(updates, recorded[0].names, "monitor")
 
-  def layers(values, like):
+  def entries(values, like):
     return _metrics.PerLayer(values, like.names) if per_layer else None
 
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
       norm=stats.global_norm, num_nonfinite=jnp.sum(stats.nonfinite),
-      layer_norms=layers(stats.norms, state.layer_norms),
-      frac_above_1=layers(frac, state.frac_above_1),
-      nonfinite=layers(stats.nonfinite, state.nonfinite))
+      layer_norms=entries(stats.norms, state.layer_norms),
+      frac_above_1=entries(frac, state.frac_above_1),
+      nonfinite=entries(stats.nonfinite, state.nonfinite))
   if params is not None:
-    pstats = _stats.tree_stats(params, axis_name=axis_name, stacked=flags)
+    pstats = _stats.tree_stats(params, axis_name=axis_name,
+                               stacked=layout.stacked, groups=layout.groups)
     changes.update(
         param_norm=pstats.global_norm,
-        param_layer_norms=layers(pstats.norms, state.param_layer_norms),
+        param_layer_norms=entries(pstats.norms, state.param_layer_norms),
         param_nonfinite=jnp.sum(pstats.nonfinite))
   if loss is not None:
     finite = jnp.isfinite(loss)
@@ -191,7 +194,8 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
         zscore_decay))
   if histogram:
     changes.update(histograms=_metrics.PerLayer(
-        _stats.log_histograms(updates, axis_name=axis_name, stacked=flags),
+        _stats.log_histograms(updates, axis_name=axis_name,
+                              stacked=layout.stacked, groups=layout.groups),
         state.histograms.names))
   return state._replace(**changes)
 
@@ -208,6 +212,7 @@ def monitor(
     zscore_decay: float = 0.97,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
+    groups: _metrics.Groups = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records the signals of exploding gradients; passes updates unchanged.
 
@@ -256,6 +261,12 @@ def monitor(
       be sharded under `shard_map` (that is not detected when the state is
       initialised inside `shard_map`: layers of different devices would be
       added together).
+    groups: a function from a layer name (after the `stacked` split) to the
+      name of its group, e.g. `lambda name: name.split("/")[0]` for one
+      entry per top-level module. The per-layer entries are then per group:
+      the norm of the group's layers together, NaN/Inf counts, histograms
+      and element counts summed, z-scores of the group norms. Groups come in
+      the order of their first layer.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `MonitorState`.
@@ -284,20 +295,20 @@ def monitor(
   if not isinstance(prefix, str):
     raise ValueError(f"`prefix` must be a string, but got {prefix!r}.")
   _stats.check_axis_name(axis_name)
-  _metrics.check_stacked(stacked)
+  layers = _metrics.Layers(stacked, groups)
   naming = _metrics.Naming(kind=kind, prefix=prefix)
 
   def init_fn(params):
-    names = _metrics.layer_names(params, stacked)
+    names = layers.names(params)
     f32 = lambda: jnp.zeros((), jnp.float32)
     i32 = lambda: jnp.zeros((), jnp.int32)
-    layers = lambda dtype: (_metrics.per_layer_zeros(names, dtype)
-                            if per_layer else None)
+    entries = lambda dtype: (_metrics.per_layer_zeros(names, dtype)
+                             if per_layer else None)
     return MonitorState(
         step=i32(), norm=f32(), num_nonfinite=i32(),
-        layer_norms=layers(jnp.float32), frac_above_1=layers(jnp.float32),
-        nonfinite=layers(jnp.int32), param_norm=f32(),
-        param_layer_norms=layers(jnp.float32),
+        layer_norms=entries(jnp.float32), frac_above_1=entries(jnp.float32),
+        nonfinite=entries(jnp.int32), param_norm=f32(),
+        param_layer_norms=entries(jnp.float32),
         param_nonfinite=i32(), loss=f32(), loss_ema=f32(),
         loss_ema_raw=f32(), loss_steps=i32(), loss_nonfinite=i32(),
         histograms=(_metrics.per_layer_zeros(
@@ -307,12 +318,13 @@ def monitor(
         naming=naming)
 
   def measure(updates, state, params, loss):
+    layout = layers.of(updates)
     stats = _stats.tree_stats(
         updates, axis_name=axis_name, count_above=1.0,
-        stacked=_metrics.stacked_flags(updates, stacked))
+        stacked=layout.stacked, groups=layout.groups)
     return record(state, stats, updates, params, loss, per_layer=per_layer,
                   histogram=histogram, loss_ema_decay=loss_ema_decay,
-                  axis_name=axis_name, stacked=stacked,
+                  axis_name=axis_name, layers=layers,
                   zscore_decay=zscore_decay if zscore else None)
 
   def update_fn(updates, state, params=None, **extra_args):

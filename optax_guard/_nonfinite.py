@@ -101,6 +101,7 @@ def skip_nonfinite(
     resume_after_halt: bool = False,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
+    groups: _metrics.Groups = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradients, loss or inner update hold NaN or Inf.
 
@@ -142,6 +143,8 @@ def skip_nonfinite(
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers, counted layer by
       layer (see `monitor`).
+    groups: a function from a layer name to the name of its group; the
+      per-layer counts are then summed per group (see `monitor`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -170,7 +173,7 @@ def skip_nonfinite(
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True)
   _stats.check_axis_name(axis_name)
-  _metrics.check_stacked(stacked)
+  layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)
 
   def init_fn(params):
@@ -181,14 +184,14 @@ def skip_nonfinite(
         consecutive=i32(0), first_bad_step=i32(-1), last_bad_step=i32(-1),
         last_bad_reason=i32(REASON_NONE),
         last_bad_counts=_metrics.per_layer_zeros(
-            _metrics.layer_names(params, stacked), jnp.int32),
+            layers.names(params), jnp.int32),
         halted=jnp.zeros((), jnp.bool_))
 
   def update_fn(updates, state, params=None, **extra_args):
-    _metrics.check_layers(updates, state.last_bad_counts.names,
-                          "skip_nonfinite", stacked)
-    flags = _metrics.stacked_flags(updates, stacked)
-    stats = _stats.tree_stats(updates, axis_name=axis_name, stacked=flags)
+    layers.check(updates, state.last_bad_counts.names, "skip_nonfinite")
+    layout = layers.of(updates)
+    stats = _stats.tree_stats(updates, axis_name=axis_name,
+                              stacked=layout.stacked, groups=layout.groups)
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
@@ -206,7 +209,7 @@ def skip_nonfinite(
         lambda inner_stats: decide(
             state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
             inner_stats=inner_stats, max_consecutive=max_consecutive,
-            resume_after_halt=resume_after_halt), axis_name, flags)
+            resume_after_halt=resume_after_halt), axis_name, layout)
     return new_updates, new_state._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -6,12 +6,13 @@ The one place that decides how a skip is carried out, shared by
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_guard import _metrics
 from optax_guard import _optimizers
 from optax_guard import _stats
 
@@ -51,7 +52,7 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
                    updates: Any, inner_state: Any, params: Any,
                    extra_args: dict[str, Any], decide: Any,
                    axis_name: _stats.AxisName,
-                   stacked: Sequence[bool] | None = None
+                   layout: _metrics.Layout | None = None
                    ) -> tuple[Any, Any, Any]:
   """Runs an opaque `inner`, reads its update back, and skips it exactly.
 
@@ -74,8 +75,10 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
     `(updates, inner_state, decision)`, `decision` as `decide` returned it.
   """
   probe, _ = inner.update(updates, inner_state, params, **extra_args)
-  decision = decide(_stats.tree_stats(probe, axis_name=axis_name,
-                                      stacked=stacked))
+  decision = decide(_stats.tree_stats(
+      probe, axis_name=axis_name,
+      stacked=None if layout is None else layout.stacked,
+      groups=None if layout is None else layout.groups))
   keep = decision[0]
   _, new_state = inner.update(zeros_unless(keep, updates), inner_state,
                               params, **extra_args)

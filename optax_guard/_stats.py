@@ -412,7 +412,33 @@ def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
 
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
                count_above: Any = None,
-               stacked: Sequence[bool] | None = None) -> TreeStats:
+               stacked: Sequence[bool] | None = None,
+               groups: np.ndarray | None = None) -> TreeStats:
+  """Measures every leaf of `tree` (see `layer_stats`); with `groups`
+  (`bool[G, L]`, `_metrics.Layout`), one entry per group of layers instead:
+  the norm of the group's layers together, their counts and sizes summed."""
+  stats = layer_stats(tree, axis_name=axis_name, count_above=count_above,
+                      stacked=stacked)
+  if groups is None:
+    return stats
+  return TreeStats(
+      jax.vmap(combine_norms)(jnp.where(groups, stats.norms, 0.0)),
+      group_sums(stats.nonfinite, groups), group_sums(stats.sizes, groups),
+      None if stats.count_above is None else group_sums(stats.count_above,
+                                                        groups),
+      stats.global_norm)
+
+
+def group_sums(values: jax.Array, groups: np.ndarray) -> jax.Array:
+  """`[G, ...]`: the sums of `values` (`[L, ...]`) over each group's layers."""
+  member = groups.reshape(groups.shape + (1,) * (values.ndim - 1))
+  return jnp.sum(jnp.where(member, values[None], 0), axis=1,
+                 dtype=values.dtype)
+
+
+def layer_stats(tree: Any, *, axis_name: AxisName = None,
+                count_above: Any = None,
+                stacked: Sequence[bool] | None = None) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
   The common step costs one plain sum of squares per leaf; the full pass
@@ -434,7 +460,7 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = tree_stats(tree, count_above=count_above, stacked=stacked)
+    local = layer_stats(tree, count_above=count_above, stacked=stacked)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -581,8 +607,10 @@ HIST_BUCKETS = ("zero",) + tuple(f"1e{k}" for k in HIST_DECADES) + (
 
 
 def log_histograms(tree: Any, *, axis_name: AxisName = None,
-                   stacked: Sequence[bool] | None = None) -> jax.Array:
-  """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins."""
+                   stacked: Sequence[bool] | None = None,
+                   groups: np.ndarray | None = None) -> jax.Array:
+  """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins
+  (`[G, ...]`, summed over each group's layers, with `groups`)."""
   leaves = jax.tree_util.tree_leaves(tree)
   if not leaves:
     return jnp.zeros((0, len(HIST_BUCKETS)), jnp.int32)
@@ -601,4 +629,5 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
                             count(jnp.isnan(a))[:, None],
                             count(jnp.isinf(a))[:, None]], 1)
 
-  return per_leaf(leaves, histogram, axis_name, "sum", stacked=stacked)
+  counts = per_leaf(leaves, histogram, axis_name, "sum", stacked=stacked)
+  return counts if groups is None else group_sums(counts, groups)

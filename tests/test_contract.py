@@ -34,7 +34,8 @@ CASES = {
     "skip_spikes": ({"inner": optax.sgd(0.1), "sigma": 2.0, "window": 4,
                      "warmup_steps": 2}, {}),  # sigma: see test_spikes
     "guard": ({"inner": optax.sgd(0.1), "spike_window": 4,
-               "spike_warmup_steps": 2, "histogram": True, "zscore": True},
+               "spike_warmup_steps": 2, "histogram": True, "zscore": True,
+               "groups": lambda name: name.split("/")[0]},
               {"max_norm": 1.0}),
     "adamw": ({"learning_rate": 0.01}, {"learning_rate": 0.01}),
     "adam": ({"learning_rate": 0.01}, {"learning_rate": 0.01}),
