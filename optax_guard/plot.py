@@ -115,15 +115,20 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   return ax
 
 
-def layer_heatmap(record: Any, *, metric: str = "grad/norm", ax: Any = None
-                  ) -> Any:
+def layer_heatmap(record: Any, *, metric: str = "grad/norm",
+                  log: bool | None = None, ax: Any = None) -> Any:
   """Per-layer `metric` over the steps: layers down, steps across, log10
-  colour (NaN/Inf and zeros blank).
+  colour (NaN/Inf and zeros blank), or linear for z-scores.
 
   Args:
     record: an `og.MetricsLog` or its `to_numpy()` dict, with per-layer
       entries `<metric>/<layer>`.
-    metric: the per-layer metric, e.g. `"grad/norm"` or `"param/norm"`.
+    metric: the per-layer metric, e.g. `"grad/norm"`, `"param/norm"` or
+      `"grad/zscore"` (`zscore=True`: which layer moved against its own
+      history).
+    log: colour by log10 of the values; by default, yes except for a
+      z-score, which is drawn as it is on a scale centred on 0 (NaN/Inf
+      blank).
     ax: the matplotlib `Axes` to draw on; a new figure's when None.
 
   Returns:
@@ -148,18 +153,27 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm", ax: Any = None
   columns = _columns(record)
   names, values = _layers(columns, metric,
                           "record a monitor or guard with per_layer=True")
+  if log is None:
+    log = not metric.endswith("zscore")
+  shown = values.astype(np.float64)
   with np.errstate(divide="ignore", invalid="ignore"):
-    logs = np.log10(values.astype(np.float64))
-  logs[~np.isfinite(logs)] = np.nan
+    if log:
+      shown = np.log10(shown)
+  shown[~np.isfinite(shown)] = np.nan
   ax = _axes(ax)
   steps = columns["step"]
-  image = ax.imshow(logs, aspect="auto", interpolation="nearest",
+  scale = {}
+  if not log:  # symmetric about 0, so that 0 is the middle colour
+    top = np.nanmax(np.abs(shown), initial=0.0) or 1.0
+    scale = dict(cmap="RdBu_r", vmin=-top, vmax=top)
+  image = ax.imshow(shown, aspect="auto", interpolation="nearest",
                     extent=(steps[0] - 0.5, steps[-1] + 0.5,
-                            len(names) - 0.5, -0.5) if len(steps) else None)
+                            len(names) - 0.5, -0.5) if len(steps) else None,
+                    **scale)
   ax.set_yticks(np.arange(len(names)))
   ax.set_yticklabels(names, fontsize="x-small")
   ax.set_xlabel("step")
-  ax.figure.colorbar(image, ax=ax, label=f"log10 {metric}")
+  ax.figure.colorbar(image, ax=ax, label=f"log10 {metric}" if log else metric)
   return ax
 
 

@@ -87,6 +87,28 @@ def test_layer_heatmap_is_log10_of_the_layer_norms():
   assert colorbar["label"] == "log10 grad/norm"
 
 
+def test_layer_heatmap_of_zscores_is_linear_and_centred():
+  tx = og.monitor(zscore=True, zscore_decay=0.5)  # warm-up: 2 steps
+  params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+  state, log = tx.init(params), og.MetricsLog()
+  for g in (1.0, 1.1, 0.9, 1.0, 30.0, jnp.nan):
+    _, state = tx.update({"w": jnp.full(2, g), "b": jnp.ones(3)}, state)
+    log.record(state)
+  data = log.to_numpy()
+  ax = og.plot.layer_heatmap(log, metric="grad/zscore", ax=_Recorder())
+  (image, kwargs), = ax.named("imshow")
+  names = ax.named("set_yticklabels")[0][0][0]
+  want = np.stack([data[f"grad/zscore/{n}"] for n in names]).astype(float)
+  want[~np.isfinite(want)] = np.nan       # the NaN step's +Inf
+  np.testing.assert_allclose(image[0], want)
+  assert np.isnan(image[0][names.index("w"), 5])
+  top = np.nanmax(np.abs(want))
+  assert top > 10  # the step of 30
+  assert (kwargs["vmin"], kwargs["vmax"]) == (-top, top)
+  (_, colorbar), = ax.named("colorbar")
+  assert colorbar["label"] == "grad/zscore"
+
+
 def test_histograms_of_one_layer_and_of_all():
   log = _log(histogram=True)
   data = log.to_numpy()
