@@ -148,6 +148,10 @@ def train(name: str, tx: optax.GradientTransformation, graphdef, params,
       # NaN/Inf gradients have now reached the parameters: no way back.
       diverged_at = i
       print(f"  stopped: loss or gradients non-finite at step {i}")
+      try:
+        og.check(opt_state)  # names the step and the first bad layers
+      except og.GuardError as e:
+        print(f"  og.check: {e}")
       break
   params_finite = all(bool(jnp.all(jnp.isfinite(p)))
                       for p in jax.tree.leaves(params))
