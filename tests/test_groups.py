@@ -86,7 +86,8 @@ def test_monitor_groups_against_numpy():
 def test_update_ratio_is_per_group():
   updates, params = _arrays(2, 1e-3), _arrays(3)
   tx = og.monitor(kind="update", groups=BY_MODULE)
-  _, state = tx.update(_tree(updates), tx.init(_tree(params)), _tree(params))
+  _, state = jax.jit(tx.update)(_tree(updates), tx.init(_tree(params)),
+                                _tree(params))
   m = og.metrics(state)
   u, p = _by_group(updates), _by_group(params)
   for name in u:
