@@ -137,9 +137,9 @@ def _states(statistics: list[Any]) -> list[Any]:
       parts += [p for p in (s.nonfinite, s.spikes, s.monitor) if p is not None]
     elif type(s) in _CHECKS:
       parts.append(s)
-  # A pmap-replicated state has a leading replica axis (its step counter is
-  # not a scalar); the replicas are identical, read the first.
-  return [jax.tree.map(lambda x: x[0], s) if np.ndim(s.step) > 0 else s
+  # A pmap-replicated state: the replicas agree on the decisions (with
+  # `axis_name`), read the first.
+  return [jax.tree.map(lambda x: x[0], s) if _metrics.is_replicated(s) else s
           for s in parts]
 
 

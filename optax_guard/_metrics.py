@@ -266,10 +266,29 @@ def _guard_states(opt_state: Any) -> list[Any]:
   return found
 
 
+def is_replicated(state: Any) -> bool:
+  """Whether `state` has a leading replica axis on every leaf (a `pmap`ped
+  state read outside the `pmap`): every guard state holds at least one
+  scalar (its counters), and a replicated one holds none."""
+  leaves = [unwrap(x) for x in jax.tree_util.tree_leaves(state)]
+  return bool(leaves) and all(np.ndim(x) >= 1 for x in leaves)
+
+
+def _state_metrics(state: Any) -> dict[str, Any]:
+  """`state`'s metrics; a replicated state's, one row per replica."""
+  if not is_replicated(state):
+    return state._og_metrics()
+  first = jax.tree_util.tree_leaves(state)[0]
+  rows = [jax.tree.map(lambda x, i=i: unwrap(x)[i], state)._og_metrics()
+          for i in range(np.shape(unwrap(first))[0])]
+  return {name: array_module(rows[0][name]).stack([r[name] for r in rows])
+          for name in rows[0]}
+
+
 def _collect(states: list[Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for state in states:
-    for name, value in state._og_metrics().items():
+    for name, value in _state_metrics(state).items():
       unique, k = name, 0
       while unique in out:
         k += 1
@@ -286,6 +305,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   `Variable`s, a state fetched to the host) and gathers the statistics of every
   `optax_guard` state in it, under the names of the design (`grad/norm`,
   `grad/norm/<layer>`, `optim/num_clipped`, ...).
+
+  A `pmap`ped state read outside the `pmap` (a leading device axis on every
+  leaf) gives each metric one value per device, layers included.
 
   Naming rule for repeats: when two states record the same name (two monitors
   in one chain, say), the first in the tree's order (the earlier one in a

@@ -412,6 +412,16 @@ def test_pmap_not_averaged_one_device_nan_makes_all_skip():
             "Step 1: non-finite gradients; first bad layers: kernel (2 "
             "NaN/Inf). The guard skipped the step (1 bad in a row, 1 skipped "
             "in total).")
+        # og.metrics and MetricsLog: one value per device, per layer.
+        m = og.metrics(state)
+        np.testing.assert_array_equal(m["optim/last_bad_nonfinite/kernel"],
+                                      np.full(N, 2))
+        np.testing.assert_array_equal(m["optim/last_bad_nonfinite/bias"],
+                                      np.zeros(N))
+        log = og.MetricsLog(lag=0)
+        log.record(state)
+        np.testing.assert_array_equal(
+            log.to_numpy()["optim/last_bad_nonfinite/kernel"], [np.full(N, 2)])
     p, s, u = jax.device_get(out)
     history.append((p, s))
     np.testing.assert_array_equal(np.asarray(s.skipped), np.full(N, expect))
