@@ -94,7 +94,8 @@ def _spike_error(s: SkipSpikesState,
 def _spike_layer(monitor: MonitorState | None, step: int) -> str:
   """Names the layer that moved most, when `monitor` (one with `zscore=True`
   on the gradients) measured the gradients of `step`."""
-  if monitor is None or int(monitor.step) - 1 != step:
+  if (monitor is None or int(monitor.step) - 1 != step or
+      not _measured_last(monitor)):
     return ""
   index = int(monitor.zscores.spike_layer)
   if index < 0:
@@ -105,8 +106,15 @@ def _spike_layer(monitor: MonitorState | None, step: int) -> str:
           f"(z-score {z:.3g})")
 
 
+def _measured_last(s: MonitorState) -> bool:
+  """Whether the monitor measured the last step (`every` may skip it)."""
+  return int(s.step) >= 1 and (int(s.step) - 1) % s.naming.every == 0
+
+
 def _monitor_error(s: MonitorState) -> GuardError | None:
   step = int(s.step) - 1
+  if not _measured_last(s):  # what it holds is older than the last step
+    return None
   layers = _bad_layers(s.nonfinite)
   if int(s.num_nonfinite) > 0:
     kind = "gradients" if s.naming.kind == "grad" else "updates"
@@ -128,19 +136,28 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            MonitorState: _monitor_error}
 
 
-def _states(statistics: list[Any]) -> list[Any]:
+def _states(statistics: list[Any]) -> list[tuple[Any, Any]]:
   """The checked states among `statistics` (`_metrics.statistics`' list, on
-  the host), with `guard`'s parts taken out of its state."""
-  parts = []
-  for s in statistics:
-    if isinstance(s, GuardState):
-      parts += [p for p in (s.nonfinite, s.spikes, s.monitor) if p is not None]
-    elif type(s) in _CHECKS:
-      parts.append(s)
+  the host), with `guard`'s parts taken out of its state, each paired with
+  the monitor whose z-scores may name a spike's layer: its own guard's, else
+  the nearest one before it in the chain (None if it has none)."""
   # A pmap-replicated state: the replicas agree on the decisions (with
   # `axis_name`), read the first.
-  return [jax.tree.map(lambda x: x[0], s) if _metrics.is_replicated(s) else s
-          for s in parts]
+  first = lambda s: (jax.tree.map(lambda x: x[0], s)
+                     if _metrics.is_replicated(s) else s)
+  scoring = lambda m: (m if m is not None and m.zscores is not None and
+                       m.naming.kind == "grad" else None)
+  pairs, nearest = [], None
+  for s in map(first, statistics):
+    if isinstance(s, GuardState):
+      own = scoring(s.monitor)
+      pairs += [(p, own) for p in (s.nonfinite, s.spikes, s.monitor)
+                if p is not None]
+    elif type(s) in _CHECKS:
+      if isinstance(s, MonitorState):
+        nearest = scoring(s) or nearest
+      pairs.append((s, nearest))
+  return pairs
 
 
 def check(opt_state: Any) -> None:
@@ -184,16 +201,13 @@ def check(opt_state: Any) -> None:
   """
   # The statistics only: no wrapped optimizer's moments cross to the host.
   states = _states(_metrics.to_host(_metrics.statistics(opt_state)))
-  # The monitor whose z-scores name the layer of a spike, if any.
-  zscores = next((s for s in states if isinstance(s, MonitorState) and
-                  s.zscores is not None and s.naming.kind == "grad"), None)
-  if any(isinstance(s, SkipNonfiniteState) for s in states):
+  if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
-    states = [s for s in states if not (
+    states = [(s, m) for s, m in states if not (
         isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
   errors = [e for e in (
-      _spike_error(s, zscores) if isinstance(s, SkipSpikesState)
-      else _CHECKS[type(s)](s) for s in states) if e is not None]
+      _spike_error(s, m) if isinstance(s, SkipSpikesState)
+      else _CHECKS[type(s)](s) for s, m in states) if e is not None]
   if errors:
     errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
     raise errors[0]

@@ -202,7 +202,7 @@ class PerLayer:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=[], meta_fields=["kind", "prefix"])
+                   data_fields=[], meta_fields=["kind", "prefix", "every"])
 @dataclasses.dataclass(frozen=True)
 class Naming:
   """Static naming of a state's metrics: a pytree node without leaves.
@@ -210,9 +210,11 @@ class Naming:
   Attributes:
     kind: the namespace of what was measured, `"grad"` or `"update"`.
     prefix: a string prepended to every metric name.
+    every: the state measures every `every`-th step (`monitor(every=...)`).
   """
   kind: str = "grad"
   prefix: str = ""
+  every: int = 1
 
 
 def per_layer_zeros(names: tuple[str, ...], dtype: Any,

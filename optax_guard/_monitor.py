@@ -296,7 +296,7 @@ def monitor(
     raise ValueError(f"`prefix` must be a string, but got {prefix!r}.")
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
-  naming = _metrics.Naming(kind=kind, prefix=prefix)
+  naming = _metrics.Naming(kind=kind, prefix=prefix, every=every)
 
   def init_fn(params):
     names = layers.names(params)

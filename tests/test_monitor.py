@@ -396,3 +396,55 @@ def test_zscores_name_the_spiking_layer_in_check():
   with pytest.raises(og.GradientExplosionError) as e:
     og.check(state)
   assert "moved most" not in str(e.value)
+
+
+def test_check_reads_a_monitor_only_for_the_steps_it_measured():
+  """`every=3`: a NaN at step 0 is reported after step 0, and the clean,
+  unmeasured steps 1 and 2 do not repeat it."""
+  tx = optax.chain(og.monitor(every=3), optax.sgd(0.1))
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  for step, g in enumerate([[1.0, np.nan], [1.0, 1.0], [1.0, 1.0]]):
+    _, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    if step == 0:
+      with pytest.raises(og.NonFiniteGradientError, match=r"^Step 0: "):
+        og.check(state)
+    else:
+      og.check(state)
+
+
+def test_a_spike_is_named_from_its_own_guard_and_measured_step():
+  """Two guards in a multi_transform: the second skips a spike in `head/out`,
+  and the message takes the layer from that guard's z-scores, not from the
+  first guard's; a monitor that did not measure the spike step names none."""
+  params = {"body": {"embed": jnp.ones(8), "mid": jnp.ones(8)},
+            "head": {"bias": jnp.ones(4), "out": jnp.ones(4)}}
+  kw = dict(zscore=True, zscore_decay=0.8, spike_window=16)
+  labels = {"body": {"embed": "body", "mid": "body"},
+            "head": {"bias": "head", "out": "head"}}
+  tx = optax.multi_transform({"body": og.guard(og.sgd(0.1), **kw),
+                              "head": og.guard(og.sgd(0.1), **kw)}, labels)
+  rng = np.random.default_rng(0)
+  state, update = tx.init(params), jax.jit(tx.update)
+  for step in range(60):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                               jnp.float32), params)
+    if step == 59:
+      grads["head"]["out"] = grads["head"]["out"] * 100.0
+    _, state = update(grads, state, params)
+  with pytest.raises(og.GradientExplosionError,
+                     match="moved most against its own history: head/out "):
+    og.check(state)
+  # A monitor measuring every other step did not see step 39.
+  chain = optax.chain(og.monitor(zscore=True, every=2),
+                      og.skip_spikes(optax.sgd(0.1), window=16))
+  state, update = chain.init(params), jax.jit(chain.update)
+  for step in range(40):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                               jnp.float32), params)
+    if step == 39:
+      grads["head"]["out"] = grads["head"]["out"] * 100.0
+    _, state = update(grads, state, params)
+  with pytest.raises(og.GradientExplosionError) as e:
+    og.check(state)
+  assert "moved most" not in str(e.value)
