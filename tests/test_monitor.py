@@ -413,6 +413,18 @@ def test_check_reads_a_monitor_only_for_the_steps_it_measured():
       og.check(state)
 
 
+def _head_out_spikes_last(tx, params, steps, rng):
+  """`steps` steps of unit-normal gradients; at the last, `head/out` x100."""
+  state, update = tx.init(params), jax.jit(tx.update)
+  for step in range(steps):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                               jnp.float32), params)
+    if step == steps - 1:
+      grads["head"]["out"] = grads["head"]["out"] * 100.0
+    _, state = update(grads, state, params)
+  return state
+
+
 def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   """Two guards in a multi_transform: the second skips a spike in `head/out`,
   and the message takes the layer from that guard's z-scores, not from the
@@ -425,26 +437,14 @@ def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   tx = optax.multi_transform({"body": og.guard(og.sgd(0.1), **kw),
                               "head": og.guard(og.sgd(0.1), **kw)}, labels)
   rng = np.random.default_rng(0)
-  state, update = tx.init(params), jax.jit(tx.update)
-  for step in range(60):
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                               jnp.float32), params)
-    if step == 59:
-      grads["head"]["out"] = grads["head"]["out"] * 100.0
-    _, state = update(grads, state, params)
+  state = _head_out_spikes_last(tx, params, 60, rng)
   with pytest.raises(og.GradientExplosionError,
                      match="moved most against its own history: head/out "):
     og.check(state)
   # A monitor measuring every other step did not see step 39.
   chain = optax.chain(og.monitor(zscore=True, every=2),
                       og.skip_spikes(optax.sgd(0.1), window=16))
-  state, update = chain.init(params), jax.jit(chain.update)
-  for step in range(40):
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
-                                               jnp.float32), params)
-    if step == 39:
-      grads["head"]["out"] = grads["head"]["out"] * 100.0
-    _, state = update(grads, state, params)
+  state = _head_out_spikes_last(chain, params, 40, rng)
   with pytest.raises(og.GradientExplosionError) as e:
     og.check(state)
   assert "moved most" not in str(e.value)
