@@ -270,10 +270,20 @@ def clip_by_value(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    stats = _stats.tree_stats(updates, axis_name=axis_name,
-                              count_above=max_abs)
-    above = jnp.sum(stats.count_above).astype(jnp.float32)
-    frac = above / jnp.maximum(jnp.sum(stats.sizes), 1.0)
+    # The clip compares in each leaf's dtype, against `max_abs` rounded to
+    # it; so does the count (per dtype: a bf16 leaf holding exactly the
+    # rounded bound is not clipped, and must not be counted).
+    by_dtype: dict[Any, list[jax.Array]] = {}
+    for g in jax.tree_util.tree_leaves(updates):
+      by_dtype.setdefault(jnp.dtype(g.dtype), []).append(g)
+    above = sizes = jnp.zeros((), jnp.float32)
+    for dtype, leaves in by_dtype.items():
+      stats = _stats.tree_stats(
+          leaves, axis_name=axis_name,
+          count_above=jnp.asarray(max_abs, dtype).astype(jnp.float32))
+      above += jnp.sum(stats.count_above).astype(jnp.float32)
+      sizes += jnp.sum(stats.sizes)
+    frac = above / jnp.maximum(sizes, 1.0)
     clipped = jax.tree.map(
         lambda g: jnp.clip(g, -jnp.asarray(max_abs, g.dtype),
                            jnp.asarray(max_abs, g.dtype)), updates)

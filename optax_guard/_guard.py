@@ -150,6 +150,8 @@ def guard(
     _args.check_number("max_norm", max_norm)
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
+    _spikes.check_window(spike_window, spike_warmup_steps,
+                         ("spike_window", "spike_warmup_steps"))
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)

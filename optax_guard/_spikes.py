@@ -48,6 +48,19 @@ def window_threshold(window: Window, sigma: Any,
   return jnp.where(n >= min_count, threshold, jnp.inf)
 
 
+def check_window(window: Any, warmup_steps: Any,
+                 names: tuple[str, str] = ("window", "warmup_steps")) -> None:
+  """Raises unless the history's size and warm-up are valid (`names`: the
+  caller's own names for them, e.g. `guard`'s `spike_window`)."""
+  window_name, warmup_name = names
+  _args.check_int(window_name, window, minimum=2)
+  _args.check_int(warmup_name, warmup_steps, minimum=1, allow_none=True)
+  if warmup_steps is not None and warmup_steps > window:
+    raise ValueError(
+        f"`{warmup_name}` must be at most `{window_name}` ({window}), but "
+        f"got {warmup_steps}.")
+
+
 class SkipSpikesState(NamedTuple):
   """State of `skip_spikes`."""
   inner_state: Any            # the wrapped transformation's state.
@@ -179,12 +192,7 @@ def skip_spikes(
     Levanter's and axlearn's skip-on-spike rules.
   """
   _args.check_number("sigma", sigma, strict=True)
-  _args.check_int("window", window, minimum=2)
-  _args.check_int("warmup_steps", warmup_steps, minimum=1, allow_none=True)
-  if warmup_steps is not None and warmup_steps > window:
-    raise ValueError(
-        f"`warmup_steps` must be at most `window` ({window}), but got "
-        f"{warmup_steps}.")
+  check_window(window, warmup_steps)
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True)
   _stats.check_axis_name(axis_name)

@@ -620,12 +620,17 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     a, axes = _magnitude(block), _rest(block)
     count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
     finite = jnp.isfinite(a)
+    # The zero bucket is what the decades leave of the finite elements: XLA
+    # may flush a subnormal to zero in one comparison and not in another,
+    # and `a == 0` beside `a > 0` counted such an element twice.
+    nonzero = finite & (a > 0)
     # at_least[j]: finite non-zero elements with |x| >= edges[j].
-    at_least = jnp.stack([count(finite & (a > 0))] +
+    at_least = jnp.stack([count(nonzero)] +
                          [count(finite & (a >= e)) for e in edges] +
                          [jnp.zeros((block.shape[0],), jnp.int32)], 1)
     decades = at_least[:, :-1] - at_least[:, 1:]
-    return jnp.concatenate([count(a == 0)[:, None], decades,
+    zero = count(finite) - at_least[:, 0]
+    return jnp.concatenate([zero[:, None], decades,
                             count(jnp.isnan(a))[:, None],
                             count(jnp.isinf(a))[:, None]], 1)
 

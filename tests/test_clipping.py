@@ -181,6 +181,23 @@ def test_value_clip_against_numpy():
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+def test_value_clip_counts_what_it_changes_in_each_dtype():
+  """bf16 rounds 0.1 up to 0.10009765625: elements equal to that bound are
+  not changed by the clip and must not be counted; in a mixed tree each
+  leaf is compared in its own dtype."""
+  grads = {"a": jnp.asarray([0.1, 0.1, -0.1, 0.05], jnp.bfloat16),
+           "b": jnp.asarray([0.1, 0.2, -0.05], jnp.float32),
+           "c": jnp.asarray([0.3, -0.1], jnp.bfloat16)}
+  tx = og.clip_by_value(0.1)
+  got, state = jax.jit(tx.update)(grads, tx.init(grads))
+  changed = sum(int(np.sum(np.asarray(g, np.float32) !=
+                           np.asarray(o, np.float32)))
+                for g, o in zip(jax.tree.leaves(grads), jax.tree.leaves(got)))
+  assert changed == 2  # b's 0.2 and c's 0.3
+  np.testing.assert_allclose(state.frac_clipped, changed / 9, rtol=1e-6)
+  assert int(state.num_clipped) == 1
+
+
 @pytest.mark.parametrize("factory,arg", [
     (og.clip_by_global_norm, "max_norm"), (og.clip_by_layer_norm, "max_norm"),
     (og.clip_by_value, "max_abs")])

@@ -448,3 +448,18 @@ def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   with pytest.raises(og.GradientExplosionError) as e:
     og.check(state)
   assert "moved most" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_histogram_counts_a_subnormal_once(dtype):
+  """A subnormal is either flushed (zero bucket) or the smallest value of
+  the first decade (which takes every smaller non-zero value), never both."""
+  tiny = float(jnp.finfo(dtype).tiny) / 4  # subnormal in `dtype`
+  grads = {"w": jnp.asarray([tiny, 1.0, 0.0, -tiny], dtype)}
+  tx = og.monitor(histogram=True)
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  hist = np.asarray(og.metrics(state)["grad/hist/w"])
+  assert hist.sum() == 4
+  zero, first = og.HIST_BUCKETS.index("zero"), og.HIST_BUCKETS.index("1e-10")
+  assert hist[zero] + hist[first] == 3
+  assert hist[og.HIST_BUCKETS.index("1e0")] == 1
