@@ -80,12 +80,17 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
   try:
-    flags = jax.tree_util.tree_structure(params).flatten_up_to(tree)
+    # A flag stands for every leaf below it, so that a prefix of the
+    # parameters' structure (`{"Dense_0": True, "head": False}`) works as
+    # in optax.
+    flags = jax.tree_util.tree_leaves(jax.tree.map(
+        lambda flag, sub: [flag] * len(jax.tree_util.tree_leaves(sub)),
+        tree, params))
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"The `mask` of `{factory}` must have the structure of the "
-        f"parameters (or be a callable returning such a tree), but it does "
-        f"not: {e}") from None
+        f"parameters or a prefix of it (or be a callable returning such a "
+        f"tree), but it does not: {e}") from None
   for path_flag in flags:
     if not isinstance(path_flag, bool):
       raise ValueError(

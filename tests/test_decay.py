@@ -181,6 +181,19 @@ def test_mask_as_tree_callable_and_none():
   np.testing.assert_allclose(out["v"], grads["v"] + params["v"], rtol=1e-6)
 
 
+@pytest.mark.standard_promotion  # optax's own add_decayed_weights
+def test_a_prefix_mask_stands_for_every_leaf_below_it_as_in_optax():
+  params, grads = _params(), _grads(1)
+  prefix = {k: k == "Dense_0" for k in params}  # one flag per module
+  ours = og.add_decayed_weights(0.5, mask=prefix)
+  out, _ = ours.update(grads, ours.init(params), params)
+  ref = optax.add_decayed_weights(0.5, mask=prefix)
+  want, _ = ref.update(grads, ref.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               out, want)
+  assert not np.allclose(out["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
+
+
 def test_errors():
   params = _params()
   for factory in (og.add_decayed_weights, og.add_l2_penalty,
@@ -198,7 +211,7 @@ def test_errors():
                        r"one Python bool per parameter leaf, but got 1\."):
       factory(0.1, mask=jax.tree.map(lambda _: 1, params)).init(params)
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
-                       r"the structure of the parameters"):
+                       r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)
 
 
