@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -63,6 +64,22 @@ def check_int(name: str, value: Any, *, minimum: int,
               "int (under `optax.inject_hyperparams`, list it in "
               "`static_args`).")
     raise ValueError(f"`{name}` must be {allowed}, but got {value!r}.{hint}")
+
+
+def float_dtype(name: str, value: Any) -> Any:
+  """`value` as a floating-point (or complex) dtype, or None; a `ValueError`
+  naming the argument otherwise."""
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(
+        f"`{name}` must be a floating-point (or complex) dtype such as "
+        f"jnp.bfloat16, or None, but got {value!r}.")
+  return dtype
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

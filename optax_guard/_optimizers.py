@@ -219,7 +219,7 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     _args.check_number("learning_rate", learning_rate)
   if weight_decay is not None and not callable(weight_decay):
     _args.check_number("weight_decay", weight_decay)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _args.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
     return state_type(
@@ -389,8 +389,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   if momentum is not None:
     _args.check_number("momentum", momentum, maximum=1.0)
 
-  acc_dtype = None if accumulator_dtype is None else jnp.dtype(
-      accumulator_dtype)
+  acc_dtype = _args.float_dtype("accumulator_dtype", accumulator_dtype)
 
   def init_fn(params):
     trace = None

@@ -813,6 +813,12 @@ def test_fast_path_needs_no_parameter_sized_temporary(name):
      "`weight_decay` must be a finite real number >= 0, but got -0.1."),
     (og.sgd, {"learning_rate": 0.1, "momentum": 1.5},
      "`momentum` must be a finite real number >= 0 and <= 1, but got 1.5."),
+    (og.adamw, {"learning_rate": 0.1, "mu_dtype": "foo"},
+     "`mu_dtype` must be a floating-point (or complex) dtype such as "
+     "jnp.bfloat16, or None, but got 'foo'."),
+    (og.sgd, {"learning_rate": 0.1, "accumulator_dtype": "int32"},
+     "`accumulator_dtype` must be a floating-point (or complex) dtype such as "
+     "jnp.bfloat16, or None, but got 'int32'."),
 ])
 def test_bad_arguments(factory, kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)):
