@@ -21,7 +21,7 @@ def _load(name):
 
 @pytest.mark.standard_promotion  # flax's own layers mix dtypes
 def test_quickstart_unguarded_diverges_guarded_trains(capsys):
-  assert _load("quickstart").main(["--steps", "60", "--log-every", "30"]) == 0
+  assert _load("quickstart").main(["--steps", "30", "--log-every", "10"]) == 0
   out = capsys.readouterr().out
   assert "og.check: Step " in out and "first bad layers: " in out
   assert "PASS" in out

@@ -110,9 +110,10 @@ def test_skipped_step_keeps_inner_state_bit_identical():
   params = _params()
   state = tx.init(params)
   g = jax.tree.map(jnp.ones_like, params)
-  _, state = tx.update(g, state, params)
+  update = jax.jit(tx.update)
+  _, state = update(g, state, params)
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
-  updates, new_state = jax.jit(tx.update)(bad, state, params)
+  updates, new_state = update(bad, state, params)
   chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(u, 0.0)
