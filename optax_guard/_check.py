@@ -164,10 +164,10 @@ def check(opt_state: Any) -> None:
   """Raises if the last step went wrong; returns quietly otherwise.
 
   Host side, after a step: fetches the statistics (one transfer, without any
-  wrapped optimizer's moments) and looks at every guard state in it. Raises `NonFiniteGradientError` when the last step's
-  gradients, loss or update held NaN/Inf (or the guard has halted), naming the
-  step, the first layers that went bad with their counts, and what the guard
-  did; raises `GradientExplosionError` when the last step was skipped as a
+  wrapped optimizer's moments) and looks at every guard state in it. Raises
+  `NonFiniteGradientError` when the last step's gradients, loss or update
+  held NaN/Inf (or the guard has halted), naming the step, the first layers
+  that went bad with their counts, and what the guard did; raises `GradientExplosionError` when the last step was skipped as a
   spike, naming the layer whose norm moved most against its own history when
   a monitor records per-layer z-scores (`zscore=True`). Non-finite problems
   are reported before spikes.
