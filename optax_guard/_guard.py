@@ -99,10 +99,10 @@ def guard(
   costs one read of the gradients. For any other optax transformation the
   guard runs it on the clipped gradients, reads its update back for NaN/Inf
   and selects between its new and old state: exact, but its `update` is
-  called twice per step (see `skip_nonfinite`) and its update is written out
-  once more (see the benchmark figures in the README). On the fast path the optimizer's output
-  is not read back for NaN: guard-aware optimizers turn finite gradients into
-  finite updates (mind `eps > 0`).
+  traced more than once (see `skip_nonfinite`) and its update is written out
+  once more (see the benchmark figures in the README). On the fast path the
+  optimizer's output is not read back for NaN: guard-aware optimizers turn
+  finite gradients into finite updates (mind `eps > 0`).
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
@@ -209,13 +209,13 @@ def guard(
                _clipping.clip_factors(norm, max_norm))
     loss_ok = jnp.ones((), jnp.bool_) if loss is None else jnp.isfinite(loss)
 
-    def decide_finite(inner_stats):
-      inner_ok = (jnp.ones((), jnp.bool_) if inner_stats is None
-                  else inner_stats.finite)
+    def decide_finite(inner_ok=None, inner_nonfinite=None):
+      if inner_ok is None:  # the fast path: the update is not read back
+        inner_ok = jnp.ones((), jnp.bool_)
       return _nonfinite.decide(
           state.nonfinite, stats=stats, loss_ok=loss_ok,
           # As in the chain: a spike's zero update counts as finite.
-          inner_ok=spike | inner_ok, inner_stats=inner_stats,
+          inner_ok=spike | inner_ok, inner_nonfinite=inner_nonfinite,
           max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt)
 
@@ -224,25 +224,26 @@ def guard(
       # `GuardAwareTransformation`); its output is not read again.
       keep = ~spike
       if skip_nonfinite:
-        keep_finite, nonfinite_state = decide_finite(None)
+        keep_finite, nonfinite_state = decide_finite()
         keep = keep & keep_finite
       new_updates, new_inner = inner.update(
           updates, state.inner_state, params, guard_keep=keep,
           guard_scale=factors, **extra_args)
     else:
-      scaled = (updates if factors is None else
-                _clipping.scale_tree(updates, factors))
       if skip_nonfinite:
         # The inner update is read back for NaN/Inf (see `update_checked`).
-        def decide_with(inner_stats):
-          keep_finite, nonfinite_state = decide_finite(inner_stats)
+        def decide_with(inner_ok, inner_nonfinite):
+          keep_finite, nonfinite_state = decide_finite(inner_ok,
+                                                       inner_nonfinite)
           return ~spike & keep_finite, keep_finite, nonfinite_state
 
         new_updates, new_inner, (keep, keep_finite, nonfinite_state) = (
-            _skip.update_checked(inner, scaled, state.inner_state, params,
+            _skip.update_checked(inner, updates, state.inner_state, params,
                                  extra_args, decide_with, axis_name,
-                                 layout))
+                                 layout, scale=factors))
       else:
+        scaled = (updates if factors is None else
+                  _clipping.scale_tree(updates, factors))
         keep = ~spike
         new_updates, new_inner = inner.update(
             scaled, state.inner_state, params, **extra_args)

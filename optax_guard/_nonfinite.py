@@ -51,7 +51,7 @@ class SkipNonfiniteState(NamedTuple):
 
 def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
            loss_ok: jax.Array, inner_ok: jax.Array,
-           inner_stats: _stats.TreeStats | None,
+           inner_nonfinite: jax.Array | None,
            max_consecutive: int | None,
            resume_after_halt: bool) -> tuple[jax.Array, SkipNonfiniteState]:
   """The skip decision and the new counters (`inner_state` left as it was).
@@ -77,8 +77,8 @@ def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
                                          REASON_INNER)))
   # Per-layer counts of whatever was bad: the gradients', else the update's.
   counts = stats.nonfinite
-  if inner_stats is not None:
-    counts = jnp.where(stats.finite, inner_stats.nonfinite, counts)
+  if inner_nonfinite is not None:
+    counts = jnp.where(stats.finite, inner_nonfinite, counts)
   return keep, state._replace(
       step=optax.safe_increment(state.step),
       skipped=~keep,
@@ -125,10 +125,11 @@ def skip_nonfinite(
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`),
   which costs nothing; its output is then not read back for NaN. Around any
-  other optimizer its `update` is called twice per step: once for the
-  update, which is checked and returned, and once for the state on the
-  sanitised gradients, so that XLA can update the state in place (a callback
-  inside it would fire twice).
+  other optimizer its `update` is traced three times: once for the update,
+  which is checked and returned; once for the state, on the gradients made
+  zeros on a skip, so that XLA can update the state in place; and once
+  under a `lax.cond` that on the CPU counts a bad update's NaN/Inf per layer
+  on a bad step only (a callback inside it would fire two or three times).
 
   How it compares to `optax.apply_if_finite`: the same skip, plus the
   inner-output and loss checks, per-layer counts of the last bad step (which
@@ -199,16 +200,16 @@ def skip_nonfinite(
       # The fast path: the optimizer takes the decision in its own pass.
       keep, new_state = decide(
           state, stats=stats, loss_ok=loss_ok, inner_ok=jnp.ones((), jnp.bool_),
-          inner_stats=None, max_consecutive=max_consecutive,
+          inner_nonfinite=None, max_consecutive=max_consecutive,
           resume_after_halt=resume_after_halt)
       new_updates, new_inner = inner.update(
           updates, state.inner_state, params, guard_keep=keep, **extra_args)
       return new_updates, new_state._replace(inner_state=new_inner)
     new_updates, new_inner, (_, new_state) = _skip.update_checked(
         inner, updates, state.inner_state, params, extra_args,
-        lambda inner_stats: decide(
-            state, stats=stats, loss_ok=loss_ok, inner_ok=inner_stats.finite,
-            inner_stats=inner_stats, max_consecutive=max_consecutive,
+        lambda inner_ok, inner_nonfinite: decide(
+            state, stats=stats, loss_ok=loss_ok, inner_ok=inner_ok,
+            inner_nonfinite=inner_nonfinite, max_consecutive=max_consecutive,
             resume_after_halt=resume_after_halt), axis_name, layout)
     return new_updates, new_state._replace(inner_state=new_inner)
 

@@ -10,8 +10,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import optax
 
+from optax_guard import _clipping
 from optax_guard import _metrics
 from optax_guard import _optimizers
 from optax_guard import _stats
@@ -52,36 +54,68 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
                    updates: Any, inner_state: Any, params: Any,
                    extra_args: dict[str, Any], decide: Any,
                    axis_name: _stats.AxisName,
-                   layout: _metrics.Layout | None = None
+                   layout: _metrics.Layout | None = None,
+                   scale: tuple[jax.Array, jax.Array] | None = None
                    ) -> tuple[Any, Any, Any]:
   """Runs an opaque `inner`, reads its update back, and skips it exactly.
 
-  `decide(inner_stats)` takes the `TreeStats` of the update `inner` makes
-  from `updates` and returns `(keep, anything)`. On a kept step the result
-  is `inner`'s own update and state; on a skip, exact zeros and
-  `inner_state` unchanged.
+  `inner` sees `updates` multiplied by the clip factors `scale`, if given.
+  `decide(inner_ok, inner_nonfinite)` takes whether the update `inner`
+  makes is finite and the NaN/Inf elements in each of its layers, and
+  returns `(keep, anything)`. On a kept step the result is `inner`'s own
+  update and state; on a skip, exact zeros and `inner_state` unchanged.
 
-  `inner` is run twice, and the second run's update is never used: the first
-  run gives the update, which is measured and returned; the second gives the
-  state, from the same gradients (exact zeros on a skip). One run whose new
-  state is then selected made XLA read the old state buffers both for the
-  update and for the select, so it copied every one of them first (the
-  moments of Adam, twice the parameters' bytes, on every step); here the
-  update is written out once for its measurement, and the select is the old
-  state's last reader, so it updates the buffers in place (see "the generic
-  path" in benchmarks/README.md).
+  `inner` runs twice: the first run gives the update, measured and
+  returned; the second, on the same gradients made exact zeros on a skip,
+  gives the state, which is selected. The select is then the old state's
+  last reader (everything else that reads it feeds `keep`), so XLA updates
+  the moments in place; one run whose state was selected made XLA copy them
+  all first (twice the parameters' bytes for Adam).
+
+  On the CPU every parameter-sized temporary is allocated afresh at each
+  step, and first touching its pages costs more than a pass over it, so the
+  update is the one such temporary, read by a fused NaN/Inf check and by
+  the parameter update. The per-layer counts (for the metrics) are taken
+  under a `lax.cond` on a bad step only, from a third run of `inner` on the
+  step's own inputs: the update as an operand of the `cond` made XLA keep a
+  second temporary. Elsewhere the update is measured in one fused pass, and
+  a `cond` would cost a device-to-host copy of its predicate every step.
+  See "the generic path" in benchmarks/README.md.
 
   Returns:
     `(updates, inner_state, decision)`, `decision` as `decide` returned it.
   """
-  probe, _ = inner.update(updates, inner_state, params, **extra_args)
-  decision = decide(_stats.tree_stats(
-      probe, axis_name=axis_name,
-      stacked=None if layout is None else layout.stacked,
-      groups=None if layout is None else layout.groups))
+  stacked = None if layout is None else layout.stacked
+  groups = None if layout is None else layout.groups
+
+  def run(grads):
+    if scale is not None:
+      grads = _clipping.scale_tree(grads, scale)
+    return inner.update(grads, inner_state, params, **extra_args)
+
+  def count_nonfinite(update):
+    return _stats.tree_stats(update, axis_name=axis_name, stacked=stacked,
+                             groups=groups, full=True).nonfinite
+
+  probe, _ = run(updates)
+
+  def on_cpu():
+    flagged = _stats.any_nonfinite(probe, axis_name=axis_name,
+                                   stacked=stacked)
+    return flagged, lax.cond(flagged, lambda: count_nonfinite(run(updates)[0]),
+                             lambda: jnp.zeros(layers.shape, jnp.int32))
+
+  def elsewhere():
+    counts = count_nonfinite(probe)
+    return jnp.any(counts > 0), counts
+
+  layers = jax.eval_shape(count_nonfinite, probe)
+  flagged, counts = lax.platform_dependent(cpu=on_cpu, default=elsewhere)
+  # Both feed `keep`: that orders the third run (which reads the old state)
+  # before the select that overwrites it.
+  decision = decide(~flagged & jnp.all(counts == 0), counts)
   keep = decision[0]
-  _, new_state = inner.update(zeros_unless(keep, updates), inner_state,
-                              params, **extra_args)
+  _, new_state = run(zeros_unless(keep, updates))
   return (zeros_unless(keep, probe),
           select_tree(keep, new_state, inner_state), decision)
 

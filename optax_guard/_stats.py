@@ -413,12 +413,13 @@ def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
                count_above: Any = None,
                stacked: Sequence[bool] | None = None,
-               groups: np.ndarray | None = None) -> TreeStats:
+               groups: np.ndarray | None = None,
+               full: bool = False) -> TreeStats:
   """Measures every leaf of `tree` (see `layer_stats`); with `groups`
   (`bool[G, L]`, `_metrics.Layout`), one entry per group of layers instead:
   the norm of the group's layers together, their counts and sizes summed."""
   stats = layer_stats(tree, axis_name=axis_name, count_above=count_above,
-                      stacked=stacked)
+                      stacked=stacked, full=full)
   if groups is None:
     return stats
   return TreeStats(
@@ -427,6 +428,28 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
       None if stats.count_above is None else group_sums(stats.count_above,
                                                         groups),
       stats.global_norm)
+
+
+def any_nonfinite(tree: Any, *, axis_name: AxisName = None,
+                  stacked: Sequence[bool] | None = None) -> jax.Array:
+  """bool[]: whether any element of `tree` is NaN or Inf, on any device.
+
+  One plain (vectorised) sum per block: `x * 0` is an exact zero for a
+  finite `x` and NaN otherwise, so a block's sum is zero exactly when the
+  block is finite, with no overflow (a sum of squares overflows for finite
+  elements above ~1.8e19). The counts, where needed, are taken apart.
+  """
+  check_varying_covered(tree, axis_name)
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.bool_)
+
+  def flag_block(block, _):
+    zero = jnp.sum(block * jnp.zeros((), block.dtype), axis=_rest(block))
+    return jnp.where(zero == 0, 0.0, 1.0)
+
+  return jnp.any(per_leaf(leaves, flag_block, axis_name, "sum",
+                          stacked=stacked) > 0)
 
 
 def group_sums(values: jax.Array, groups: np.ndarray) -> jax.Array:
@@ -438,7 +461,8 @@ def group_sums(values: jax.Array, groups: np.ndarray) -> jax.Array:
 
 def layer_stats(tree: Any, *, axis_name: AxisName = None,
                 count_above: Any = None,
-                stacked: Sequence[bool] | None = None) -> TreeStats:
+                stacked: Sequence[bool] | None = None,
+                full: bool = False) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
   The common step costs one plain sum of squares per leaf; the full pass
@@ -451,6 +475,8 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
     count_above: if not None, also count elements with `|x| > count_above`.
     stacked: which leaves stack layers along their leading axis
       (`_metrics.stacked_flags`); their layers are measured apart.
+    full: take the full pass on every block, on every backend (no
+      per-block conditionals; for a tree that is read on a rare path).
 
   Returns:
     A `TreeStats` of global, replica-identical values, one entry per layer.
@@ -460,7 +486,8 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = layer_stats(tree, count_above=count_above, stacked=stacked)
+    local = layer_stats(tree, count_above=count_above, stacked=stacked,
+                        full=full)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -478,7 +505,7 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
                      None if count_above is None else ints,
                      jnp.zeros((), jnp.float32))
   blocks = blocks_of(leaves, axis_name, stacked=stacked)
-  if any(x.dtype != jnp.float32 for x in leaves):
+  if full or any(x.dtype != jnp.float32 for x in leaves):
     # bf16/f16 (and complex): on the CPU too, XLA hoists the conversion to
     # float32 out of the per-block conditionals and keeps a float32 copy of
     # every block (2x the gradients), and the full pass ran faster there.

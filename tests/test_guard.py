@@ -202,7 +202,8 @@ def test_generic_path_keeps_state_buffers_in_place(make):
   # update is read back for NaN/Inf. Done naively, XLA keeps the new moments
   # alive beside the old ones until the check is done, or copies the old
   # ones (4.5x the parameters' bytes in temporaries here); the generic path
-  # keeps the update and one intermediate, and copies no state buffer.
+  # keeps the update (and, for the counts of a bad step, the room to compute
+  # it again), and copies no state buffer.
   params = {"a": jnp.zeros((512, 1024), jnp.float32),
             "b": jnp.zeros((1024, 512), jnp.float32),
             "c": jnp.zeros((7,), jnp.float32)}

@@ -249,8 +249,22 @@ def test_loss_priority_nan_grads_and_nan_loss_counts_layers():
 # ------------------------------------------- the inner optimizer goes bad
 
 
+@pytest.fixture(params=["cpu", "fused"])
+def backend_path(request, monkeypatch):
+  """Runs a test on the CPU's path, or on the one GPU/TPU take ("fused").
+
+  Both are chosen by `lax.platform_dependent` when the step is compiled;
+  "fused" makes it pick the default branch here, as it does off the CPU.
+  """
+  if request.param == "fused":
+    monkeypatch.setattr(
+        jax.lax, "platform_dependent",
+        lambda *args, default, **branches: default(*args))
+  return request.param
+
+
 @pytest.mark.standard_promotion
-def test_inner_turning_finite_grads_non_finite_is_skipped():
+def test_inner_turning_finite_grads_non_finite_is_skipped(backend_path):
   """Finite gradients with zeros, an inner chain that divides by them and then
   runs adam: the update is non-finite, so the step is skipped and adam's
   moments (which would have become Inf/NaN) stay exactly as they were."""
@@ -288,6 +302,25 @@ def test_inner_turning_finite_grads_non_finite_is_skipped():
   message = str(info.value)
   assert "inner" in message
   assert message.startswith("Step 1:")
+
+
+@pytest.mark.standard_promotion
+def test_huge_finite_inner_update_is_not_mistaken_for_overflow(backend_path):
+  """An inner update of finite elements near float32's maximum (its sum of
+  squares overflows) is applied as it is: only NaN/Inf make it bad."""
+  params = _params()
+  tx = og.skip_nonfinite(optax.scale(3e37))
+  step = _runner(tx)
+  g = _grads(5)
+  want = jax.tree.map(lambda x: np.float32(3e37) * x, g)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(want))
+  with np.errstate(over="ignore"):
+    assert not np.isfinite(np.sum(np.square(np.concatenate(
+        [x.ravel() for x in jax.tree.leaves(want)]), dtype=np.float32)))
+  u, s = step(g, tx.init(params), params, {})
+  assert not bool(s.skipped) and int(s.num_skipped) == 0
+  for got, expected in zip(jax.tree.leaves(u), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 # ------------------------------------------ overflow of the global norm

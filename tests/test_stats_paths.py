@@ -132,14 +132,21 @@ def _data_dependent_conditionals(text: str) -> list[str]:
   return found
 
 
+@pytest.mark.standard_promotion  # traces optax's optimizers
+@pytest.mark.parametrize("make", [
+    lambda: og.guard(og.adamw(1e-3)),
+    lambda: og.guard(optax.adamw(1e-3)),
+    lambda: og.skip_nonfinite(optax.adam(1e-3)),
+], ids=["guard(og.adamw)", "guard(optax.adamw)", "skip_nonfinite(adam)"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
-def test_no_data_dependent_conditional_off_the_cpu(platform):
+def test_no_data_dependent_conditional_off_the_cpu(platform, make):
   # A `lax.cond` on a GPU costs a device-to-host copy of its predicate (a
   # synchronisation) on every step; the GPU/TPU step must have none. The CPU
-  # step has its per-block decisions (the check itself can fail).
+  # step has its per-block decisions (the check itself can fail), and the
+  # generic path its count of an inner update's NaN/Inf on a bad step.
   params = {"w": jnp.ones((300, 200)), "b": jnp.ones((200,)),
             "s": jnp.ones((4, 4))}
-  tx = og.guard(og.adamw(1e-3))
+  tx = make()
   state = tx.init(params)
 
   def step(p, s, g):
@@ -202,6 +209,7 @@ def _logic_ops(tx, num_leaves: int) -> dict[str, int]:
           for op in ("and", "or", "not", "compare")}
 
 
+@pytest.mark.standard_promotion  # traces optax's optimizers
 @pytest.mark.parametrize("make", [
     lambda: og.guard(og.adamw(1e-3)),
     lambda: og.guard(optax.adamw(1e-3)),
@@ -219,6 +227,7 @@ def test_the_decision_is_not_compiled_into_every_leaf(make):
   assert grown < 40, grown  # < 1 per added leaf
 
 
+@pytest.mark.standard_promotion  # traces optax's optimizers
 @pytest.mark.parametrize("make", [
     lambda: og.guard(og.adamw(1e-3)),
     lambda: og.skip_spikes(optax.adam(1e-3)),
