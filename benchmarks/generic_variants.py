@@ -39,13 +39,13 @@ def skipping(inner: optax.GradientTransformation, how: str, check: bool
 
   def update(grads, state, params=None):
     stats = _stats.tree_stats(grads)
-    scaled = _clipping.scale_tree(
-        grads, _clipping.clip_factors(stats.global_norm, 1.0))
+    factors = _clipping.clip_factors(stats.global_norm, 1.0)
+    scaled = _clipping.scale_tree(grads, factors)
     keep = stats.finite
     if how == "probe":
       updates, new, _ = _skip.update_checked(
-          inner, scaled, state, params, {},
-          lambda inner_stats: (keep & inner_stats.finite,), None)
+          inner, grads, state, params, {},
+          lambda inner_ok, _: (keep & inner_ok,), None, scale=factors)
       return updates, new
     if how == "where":
       clean = jax.tree.map(lambda g: jnp.where(keep, g, 0), scaled)

@@ -27,6 +27,11 @@ import sys
 import time
 from typing import Any, Callable
 
+try:
+  import resource  # page-fault counts (POSIX)
+except ImportError:
+  resource = None
+
 import flax
 import flax.linen as nn
 import jax
@@ -242,6 +247,17 @@ def hlo_counts(text: str) -> dict[str, int]:
               copy_bytes=copy_bytes)
 
 
+def minor_faults() -> int | None:
+  """This process's minor page faults so far (None where not counted).
+
+  On the CPU each parameter-sized temporary of a step is a fresh
+  allocation, and touching its pages for the first time costs more than a
+  pass over it: the faults per step are what that costs.
+  """
+  return None if resource is None else resource.getrusage(
+      resource.RUSAGE_SELF).ru_minflt
+
+
 def memory_stats(compiled: Any) -> dict[str, int] | None:
   try:
     m = compiled.memory_analysis()
@@ -346,10 +362,14 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
                                   r["params"], r["state"], grads).compile()
 
   def one_step(r: dict[str, Any]) -> float:
+    faults = minor_faults()
     t0 = time.perf_counter()
     r["params"], r["state"] = r["compiled"](r["params"], r["state"], grads)
     jax.block_until_ready((r["params"], r["state"]))
-    return (time.perf_counter() - t0) / loop
+    seconds = (time.perf_counter() - t0) / loop
+    if faults is not None:
+      r.setdefault("faults", []).append((minor_faults() - faults) / loop)
+    return seconds
 
   for r in runs.values():  # Warm-up, untimed.
     one_step(r)
@@ -376,7 +396,10 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
         step_s=r["step_s"], compile_s=r["compile_s"],
         compile_ratio=med(c_ratios), compile_ratio_min=min(c_ratios),
         compile_ratio_max=max(c_ratios), memory=r["memory"], hlo=r["hlo"],
-        state_bytes=r["state_bytes"], metrics_fetch=fetch_metrics_time(
+        state_bytes=r["state_bytes"],
+        faulted_bytes=(statistics.median(r["faults"]) * resource.getpagesize()
+                       if r.get("faults") else None),
+        metrics_fetch=fetch_metrics_time(
             r["state"]), params_max_abs_diff=float(diff), same_as=same_as,
         finite=bool(finite))
   runs.clear()  # Frees every contender's params, state and executable.
@@ -394,7 +417,8 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int,
   base = res[CONTENDERS[0][0]]
   temp = lambda r: (r["memory"] or {}).get("temp_size_in_bytes")
   cols = ["contender", "step x", "(min-max)", "compile s", "compile x",
-          "temp MB", "dtemp MB", "state MB", "dstate MB", "fusions", "conds",
+          "temp MB", "faulted MB", "dtemp MB", "state MB", "dstate MB",
+          "fusions", "conds",
           "copies (MB)", "metrics ms warm/1st (n)", "max|dp|"]
   rows = []
   for cname, r in res.items():
@@ -408,6 +432,8 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int,
         f"{statistics.median(r['compile_s']):.2f}",
         f"{r['compile_ratio']:.2f}",
         "n/a" if t is None else f"{t / MB:.1f}",
+        "n/a" if r.get("faulted_bytes") is None
+        else f"{r['faulted_bytes'] / MB:.1f}",
         "n/a" if t is None or t0 is None else f"{(t - t0) / MB:+.1f}",
         f"{r['state_bytes'] / MB:.1f}",
         f"{(r['state_bytes'] - base['state_bytes']) / MB:+.3f}",

@@ -7,6 +7,7 @@ TensorBoard and W&B group them), with per-layer entries written
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
@@ -33,17 +34,18 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...], keep_collection: bool = False) -> str:
   """Writes a pytree key path as a layer name such as `Dense_0/kernel`.
 
-  A leading `params` collection and the trailing `value` attribute of Flax nnx
-  `Variable`s are dropped; an empty path (a bare array) is named `.`.
+  A leading `params` collection (unless `keep_collection`) and the trailing
+  `value` attribute of Flax nnx `Variable`s are dropped; an empty path (a
+  bare array) is named `.`.
   """
   parts = [_key_name(k) for k in path]
   if parts and parts[-1] == "value" and isinstance(
       path[-1], jax.tree_util.GetAttrKey):
     parts = parts[:-1]
-  if len(parts) > 1 and parts[0] == _ROOT_COLLECTION:
+  if len(parts) > 1 and parts[0] == _ROOT_COLLECTION and not keep_collection:
     parts = parts[1:]
   return "/".join(parts) or "."
 
@@ -97,14 +99,28 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
 
 def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
   """The layer names of `tree`, in `jax.tree.leaves` order: one per leaf,
-  or `<leaf>/<i>` for each layer `i` of a stacked leaf (see `Stacked`)."""
+  or `<leaf>/<i>` for each layer `i` of a stacked leaf (see `Stacked`).
+
+  Where dropping the `params` collection would give two leaves one name
+  (`{"params": {"w": ...}, "w": ...}`), those leaves keep it. Two leaves
+  whose paths still write one name (a key holding a `/`) are an error:
+  one of their metrics would silently replace the other's.
+  """
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   flags = stacked_flags(tree, stacked) or [False] * len(paths)
+  short = collections.Counter(path_name(path) for path, _ in paths)
   names = []
   for (path, leaf), flag in zip(paths, flags):
-    name = path_name(path)
+    name = path_name(path, keep_collection=short[path_name(path)] > 1)
     names += ([f"{name}/{i}" for i in range(np.shape(leaf)[0])] if flag
               else [name])
+  twice = [name for name, n in collections.Counter(names).items() if n > 1]
+  if twice:
+    raise ValueError(
+        f"Two parameter layers are both named {twice[0]!r}, so their "
+        "metrics would share one entry; a layer's name joins the keys of "
+        "its path with '/', so rename the key that contains a '/' (or the "
+        "one that ends like a stacked layer's index).")
   return tuple(names)
 
 

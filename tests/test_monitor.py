@@ -216,6 +216,35 @@ def test_two_monitors_do_not_collide():
   np.testing.assert_allclose(m["grad/norm_clipped"], 1.0, rtol=1e-6)
 
 
+def test_a_collection_and_a_layer_of_one_name_keep_apart():
+  # Dropping the `params` collection from names would call both leaves
+  # `w`, and one's metrics would replace the other's: they keep it instead.
+  rng = np.random.default_rng(7)
+  grads = {"params": {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+           "w": jnp.asarray(rng.normal(size=(5,)) * 10, jnp.float32),
+           "Dense_0": {"kernel": jnp.ones((2, 2), jnp.float32)}}
+  tx = og.monitor()
+  _, state = jax.jit(tx.update)(grads, tx.init(grads), grads)
+  m = og.metrics(state)
+  want = {"params/w": grads["params"]["w"], "w": grads["w"],
+          "Dense_0/kernel": grads["Dense_0"]["kernel"]}
+  assert sorted(k for k in m if k.startswith("grad/norm/")) == sorted(
+      f"grad/norm/{name}" for name in want)
+  for name, x in want.items():
+    np.testing.assert_allclose(
+        m[f"grad/norm/{name}"],
+        np.sqrt(np.sum(np.square(np.asarray(x, np.float64)))), rtol=1e-6)
+
+
+def test_two_leaves_writing_one_name_is_an_error():
+  tree = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}}
+  with pytest.raises(ValueError,
+                     match=r"Two parameter layers are both named 'a/b', so "
+                     r"their metrics would share one entry; .* rename the "
+                     r"key that contains a '/'"):
+    og.monitor().init(tree)
+
+
 def test_metrics_names_nested_and_named_chain():
   grads = _tree(0)
   tx = optax.named_chain(
