@@ -125,11 +125,11 @@ def skip_nonfinite(
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`),
   which costs nothing; its output is then not read back for NaN. Around any
-  other optimizer its `update` is traced three times: once for the update,
-  which is checked and returned; once for the state, on the gradients made
-  zeros on a skip, so that XLA can update the state in place; and once
-  under a `lax.cond` that on the CPU counts a bad update's NaN/Inf per layer
-  on a bad step only (a callback inside it would fire two or three times).
+  other optimizer its `update` is traced twice: once for the update, which
+  is checked and returned, and once for the state, on the gradients made
+  zeros on a skip, so that XLA can update the state in place. On the CPU a
+  large update's NaN/Inf are counted per layer, on a bad step only, by a
+  third run (a callback inside it would fire two or three times).
 
   How it compares to `optax.apply_if_finite`: the same skip, plus the
   inner-output and loss checks, per-layer counts of the last bad step (which

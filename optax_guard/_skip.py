@@ -50,6 +50,14 @@ def is_guard_aware(inner: Any) -> bool:
   return isinstance(inner, _optimizers.GuardAwareTransformation)
 
 
+# On the CPU, above this many elements in an opaque optimizer's update, the
+# per-layer NaN/Inf counts of a bad step come from running it once more
+# rather than from the update itself, which XLA would then keep as a second
+# parameter-sized temporary (see `update_checked`). Below, the temporary is
+# cheap and the third run not worth its compile time (+45% at 1,000 leaves).
+RECOUNT_ABOVE = 1 << 22
+
+
 def update_checked(inner: optax.GradientTransformationExtraArgs,
                    updates: Any, inner_state: Any, params: Any,
                    extra_args: dict[str, Any], decide: Any,
@@ -77,9 +85,10 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
   update is the one such temporary, read by a fused NaN/Inf check and by
   the parameter update. The per-layer counts (for the metrics) are taken
   under a `lax.cond` on a bad step only, from a third run of `inner` on the
-  step's own inputs: the update as an operand of the `cond` made XLA keep a
-  second temporary. Elsewhere the update is measured in one fused pass, and
-  a `cond` would cost a device-to-host copy of its predicate every step.
+  step's own inputs when the update is large (`RECOUNT_ABOVE`): the update
+  as an operand of the `cond` made XLA keep a second temporary. Elsewhere
+  the update is measured in one fused pass, and a `cond` would cost a
+  device-to-host copy of its predicate every step.
   See "the generic path" in benchmarks/README.md.
 
   Returns:
@@ -98,18 +107,24 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
                              groups=groups, full=True).nonfinite
 
   probe, _ = run(updates)
+  none_counted = jnp.zeros(jax.eval_shape(count_nonfinite, probe).shape,
+                           jnp.int32)
 
   def on_cpu():
     flagged = _stats.any_nonfinite(probe, axis_name=axis_name,
                                    stacked=stacked)
-    return flagged, lax.cond(flagged, lambda: count_nonfinite(run(updates)[0]),
-                             lambda: jnp.zeros(layers.shape, jnp.int32))
+    if sum(x.size for x in jax.tree.leaves(probe)) > RECOUNT_ABOVE:
+      counts = lax.cond(flagged, lambda: count_nonfinite(run(updates)[0]),
+                        lambda: none_counted)
+    else:
+      counts = lax.cond(flagged, count_nonfinite, lambda _: none_counted,
+                        probe)
+    return flagged, counts
 
   def elsewhere():
     counts = count_nonfinite(probe)
     return jnp.any(counts > 0), counts
 
-  layers = jax.eval_shape(count_nonfinite, probe)
   flagged, counts = lax.platform_dependent(cpu=on_cpu, default=elsewhere)
   # Both feed `keep`: that orders the third run (which reads the old state)
   # before the select that overwrites it.

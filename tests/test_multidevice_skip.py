@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import optax_guard as og
+from optax_guard import _skip
 
 N = 8
 NAN = np.float32(np.nan)
@@ -210,7 +211,9 @@ _SPECS = {"kernel": P("d", None), "bias": P()}
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_runner(inner_name):
+def _sharded_runner(inner_name, recount=False):
+  # `recount`: a separate runner, traced under the `recount` fixture (below).
+  del recount
   mesh = _mesh()
   inner = {"adam": lambda: optax.adam(0.1),
            "reciprocal_adam": lambda: optax.chain(_reciprocal(),
@@ -250,8 +253,8 @@ def _sharded_data(rng, k):
   return params, as_, cs
 
 
-def _run_sharded(inner_name, params, as_, cs, bad_loss):
-  mesh, fn, typing = _sharded_runner(inner_name)
+def _run_sharded(inner_name, params, as_, cs, bad_loss, recount=False):
+  mesh, fn, typing = _sharded_runner(inner_name, recount)
   p, s, u = jax.device_get(fn(
       {n: _put(mesh, v, _SPECS[n]) for n, v in params.items()},
       _put(mesh, as_, P(None, "d", None)),
@@ -313,14 +316,23 @@ def test_shard_map_sharded_kernel_one_device_nonfinite(bad):
   assert np.asarray(s.num_skipped)[-1, 0] == 2
 
 
-def test_shard_map_inner_nonfinite_on_one_device():
+@pytest.fixture(params=[False, True], ids=["counted", "recounted"])
+def recount(request, monkeypatch):
+  """Whether an opaque optimizer's bad update is counted from itself or by
+  running the optimizer again (`_skip.RECOUNT_ABOVE`: large updates)."""
+  if request.param:
+    monkeypatch.setattr(_skip, "RECOUNT_ABOVE", -1)
+  return request.param
+
+
+def test_shard_map_inner_nonfinite_on_one_device(recount):
   """Finite gradients; the inner chain divides by them, and device 6's shard
   holds a zero: its inner update is Inf/NaN. Every device skips."""
   rng = np.random.default_rng(2)
   params, as_, cs = _sharded_data(rng, 2)
   as_[1, 12, 0] = 0.0   # rows 12, 13: device 6 (tanh' > 0, so the grad is 0)
   p, s, u = _run_sharded("reciprocal_adam", params, as_, cs,
-                         np.array([-1, -1], np.int32))
+                         np.array([-1, -1], np.int32), recount)
   for t in range(2):
     _rows_identical(_take((p, s, u), t), axis=0, skip=_is_shard)
   np.testing.assert_array_equal(np.asarray(s.skipped)[:, 0], [False, True])
@@ -347,7 +359,8 @@ def test_shard_map_without_axis_name_is_an_error():
 
 
 @functools.lru_cache(maxsize=None)
-def _pmap_runner(inner_name):
+def _pmap_runner(inner_name, recount=False):
+  del recount  # a separate runner, traced under the `recount` fixture
   inner = {"adam": lambda: optax.adam(0.1),
            "reciprocal_adam": lambda: optax.chain(_reciprocal(),
                                                   optax.adam(0.1))}[inner_name]
@@ -465,8 +478,8 @@ def test_pmap_averaged_gradients_keep_replicas_bit_identical():
   assert int(np.asarray(s.inner_state[0].count)[0]) == 2
 
 
-def test_pmap_inner_nonfinite_on_one_device():
-  tx, step = _pmap_runner("reciprocal_adam")
+def test_pmap_inner_nonfinite_on_one_device(recount):
+  tx, step = _pmap_runner("reciprocal_adam", recount)
   rng = np.random.default_rng(5)
   params = {"kernel": np.ones((4, 3), np.float32),
             "bias": np.zeros((3,), np.float32)}

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import optax_guard as og
+from optax_guard import _skip
 
 F32_MAX = float(np.finfo(np.float32).max)
 
@@ -249,17 +250,21 @@ def test_loss_priority_nan_grads_and_nan_loss_counts_layers():
 # ------------------------------------------- the inner optimizer goes bad
 
 
-@pytest.fixture(params=["cpu", "fused"])
+@pytest.fixture(params=["cpu", "cpu_recount", "fused"])
 def backend_path(request, monkeypatch):
   """Runs a test on the CPU's path, or on the one GPU/TPU take ("fused").
 
   Both are chosen by `lax.platform_dependent` when the step is compiled;
   "fused" makes it pick the default branch here, as it does off the CPU.
+  "cpu_recount" takes the CPU's way for large updates: a bad update is
+  counted by running the optimizer again (`_skip.RECOUNT_ABOVE`).
   """
   if request.param == "fused":
     monkeypatch.setattr(
         jax.lax, "platform_dependent",
         lambda *args, default, **branches: default(*args))
+  if request.param == "cpu_recount":
+    monkeypatch.setattr(_skip, "RECOUNT_ABOVE", -1)
   return request.param
 
 
