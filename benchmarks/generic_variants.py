@@ -10,7 +10,8 @@ the inner update back for NaN/Inf (as `og.skip_nonfinite` must, since any
 optax optimizer can produce them from finite gradients); `probe+check`:
 what the package does (`_skip.update_checked`): the update of one run is
 measured and returned, and a second run on the sanitised gradients gives the
-state to select.
+state to select. `og.skip_spikes(adamw)` decides before the optimizer runs
+and reads its update back only to order the select (`_skip.update_unless`).
 
     python benchmarks/generic_variants.py [--rounds 4]
 """
@@ -79,7 +80,8 @@ def main() -> None:
         lambda how=how, check=check: skipping(adamw(), how, check), base)
        for how in ("where", "cond") for check in (False, True)] + [
       ("probe+check", lambda: skipping(adamw(), "probe", True), base),
-      ("og.guard(adamw)", lambda: og.guard(adamw()), base)]
+      ("og.guard(adamw)", lambda: og.guard(adamw()), base),
+      ("og.skip_spikes(adamw)", lambda: og.skip_spikes(adamw()), base)]
   name, make, _ = harness.workloads("a", False)[0]
   result = harness.run_workload(name, make, 1, args.rounds, args.steps, 2.0)
   print(harness.table(name, result, args.rounds, args.steps))

@@ -242,13 +242,16 @@ def guard(
                                  extra_args, decide_with, axis_name,
                                  layout, scale=factors))
       else:
-        scaled = (updates if factors is None else
-                  _clipping.scale_tree(updates, factors))
         keep = ~spike
-        new_updates, new_inner = inner.update(
-            scaled, state.inner_state, params, **extra_args)
-        new_inner = _skip.select_tree(keep, new_inner, state.inner_state)
-        new_updates = _skip.zeros_unless(keep, new_updates)
+        if spike_sigma is None:  # nothing to skip
+          new_updates, new_inner = inner.update(
+              (updates if factors is None else
+               _clipping.scale_tree(updates, factors)),
+              state.inner_state, params, **extra_args)
+        else:
+          new_updates, new_inner = _skip.update_unless(
+              inner, updates, state.inner_state, params, extra_args, keep,
+              axis_name, layout.stacked, scale=factors)
     if skip_nonfinite:
       new = new._replace(nonfinite=nonfinite_state)
       if spike_sigma is not None:

@@ -96,11 +96,7 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
   """
   stacked = None if layout is None else layout.stacked
   groups = None if layout is None else layout.groups
-
-  def run(grads):
-    if scale is not None:
-      grads = _clipping.scale_tree(grads, scale)
-    return inner.update(grads, inner_state, params, **extra_args)
+  run = _runner(inner, inner_state, params, extra_args, scale)
 
   def count_nonfinite(update):
     return _stats.tree_stats(update, axis_name=axis_name, stacked=stacked,
@@ -129,10 +125,61 @@ def update_checked(inner: optax.GradientTransformationExtraArgs,
   # Both feed `keep`: that orders the third run (which reads the old state)
   # before the select that overwrites it.
   decision = decide(~flagged & jnp.all(counts == 0), counts)
-  keep = decision[0]
+  updates, inner_state = _select_runs(run, updates, probe, inner_state,
+                                      decision[0])
+  return updates, inner_state, decision
+
+
+def update_unless(inner: optax.GradientTransformationExtraArgs,
+                  updates: Any, inner_state: Any, params: Any,
+                  extra_args: dict[str, Any], keep: jax.Array,
+                  axis_name: _stats.AxisName,
+                  stacked: Any = None,
+                  scale: tuple[jax.Array, jax.Array] | None = None
+                  ) -> tuple[Any, Any]:
+  """Runs an opaque `inner` and skips it exactly unless `keep`.
+
+  For a decision taken before `inner` runs (a spike): on a kept step the
+  result is `inner`'s own update and state, NaN/Inf included; on a skip,
+  exact zeros and `inner_state` unchanged. `inner` sees `updates`
+  multiplied by the clip factors `scale`, if given.
+
+  The two runs of `update_checked`, and its read-back too, although here
+  nothing depends on what it finds: selecting the state of one run, or of
+  two whose update nothing orders before the select, made XLA copy every
+  moment buffer (twice the parameters' bytes for Adam). The read-back
+  gives `keep` a dependence on the whole update that XLA cannot fold away
+  (`flagged | ~flagged` is always true, but XLA does not simplify it), so
+  the update is computed, and its reads of the old state done, before the
+  select overwrites that state in place.
+
+  Returns:
+    `(updates, inner_state)`.
+  """
+  run = _runner(inner, inner_state, params, extra_args, scale)
+  probe, _ = run(updates)
+  flagged = _stats.any_nonfinite(probe, axis_name=axis_name, stacked=stacked)
+  return _select_runs(run, updates, probe, inner_state,
+                      keep & (flagged | ~flagged))
+
+
+def _runner(inner: optax.GradientTransformationExtraArgs, inner_state: Any,
+            params: Any, extra_args: dict[str, Any],
+            scale: tuple[jax.Array, jax.Array] | None) -> Any:
+  """`grads -> inner.update(grads * scale, inner_state, params, ...)`."""
+  def run(grads):
+    if scale is not None:
+      grads = _clipping.scale_tree(grads, scale)
+    return inner.update(grads, inner_state, params, **extra_args)
+  return run
+
+
+def _select_runs(run: Any, updates: Any, probe: Any, inner_state: Any,
+                 keep: jax.Array) -> tuple[Any, Any]:
+  """The first run's update and the second run's state, or an exact skip."""
   _, new_state = run(zeros_unless(keep, updates))
   return (zeros_unless(keep, probe),
-          select_tree(keep, new_state, inner_state), decision)
+          select_tree(keep, new_state, inner_state))
 
 
 def select_tree(keep: jax.Array, new: Any, old: Any) -> Any:

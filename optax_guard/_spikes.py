@@ -147,6 +147,11 @@ def skip_spikes(
 
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`).
+  Around any other optimizer its `update` is traced twice, once for the
+  update and once for the state (on the gradients made zeros on a spike),
+  and its update is written out and read once more before the state is
+  selected: that lets XLA update the state in place rather than copy it.
+  A NaN or Inf that `inner` makes from finite gradients is not a spike.
 
   The statistic is the one of OLMo-core's `SkipStepOptimizer` (mean and
   standard deviation over a rolling window, sigma 6, inactive until the window
@@ -224,10 +229,9 @@ def skip_spikes(
       new_updates, new_inner = inner.update(
           updates, state.inner_state, params, guard_keep=keep, **extra_args)
       return new_updates, new_state._replace(inner_state=new_inner)
-    new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                          **extra_args)
-    new_state = new_state._replace(
-        inner_state=_skip.select_tree(keep, new_inner, state.inner_state))
-    return _skip.zeros_unless(keep, new_updates), new_state
+    new_updates, new_inner = _skip.update_unless(
+        inner, updates, state.inner_state, params, extra_args, keep,
+        axis_name)
+    return new_updates, new_state._replace(inner_state=new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -197,11 +197,14 @@ def test_inner_must_be_a_transformation():
 @pytest.mark.parametrize("make", [
     lambda: og.guard(optax.adamw(1e-2)),
     lambda: og.skip_nonfinite(optax.adam(1e-2)),
-], ids=["guard(optax.adamw)", "skip_nonfinite(optax.adam)"])
+    lambda: og.skip_spikes(optax.adam(1e-2)),
+    lambda: og.guard(optax.adamw(1e-2), skip_nonfinite=False),
+], ids=["guard(optax.adamw)", "skip_nonfinite(optax.adam)",
+        "skip_spikes(optax.adam)", "guard(optax.adamw,skip_nonfinite=False)"])
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 def test_generic_path_keeps_state_buffers_in_place(make, large, monkeypatch):
   # An opaque optimizer's state is kept exact on a skip by a select, and its
-  # update is read back for NaN/Inf. Done naively, XLA keeps the new moments
+  # update is read back (for NaN/Inf, or, for a spike, to order the select). Done naively, XLA keeps the new moments
   # alive beside the old ones until the check is done, or copies the old
   # ones (4.5x the parameters' bytes in temporaries here); the generic path
   # keeps the update (and, for the counts of a bad step, the room to compute
