@@ -127,7 +127,7 @@ def test_state_leaves_are_typed_arrays_and_stable(name):
   for leaf in jax.tree.leaves(state):
     assert isinstance(leaf, jax.Array)
     assert np.dtype(leaf.dtype) in ALLOWED_DTYPES, leaf.dtype
-  _, new_state = tx.update(_grads(0), state, params)
+  _, new_state = jax.jit(tx.update)(_grads(0), state, params)
   _assert_same_signature(state, new_state)
 
 
@@ -198,9 +198,10 @@ def test_works_with_and_without_extra_args(name):
   tx = _make(name)
   params = _params()
   state = tx.init(params)
-  u1, s1 = tx.update(_grads(1), state, params)
-  u2, s2 = tx.update(_grads(1), state, params, loss=jnp.float32(1.0),
-                     unrelated=3)
+  update = jax.jit(tx.update)
+  u1, s1 = update(_grads(1), state, params)
+  u2, s2 = update(_grads(1), state, params, loss=jnp.float32(1.0),
+                  unrelated=3)
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
   _assert_same_signature(s1, s2)
 
@@ -248,14 +249,16 @@ def test_inside_multi_steps_and_masked(name):
   params = _params()
   multi = optax.MultiSteps(_make(name), every_k_schedule=2)
   state = multi.init(params)
-  update = jax.jit(multi.update)  # eager, every op would dispatch alone
+  # Jitted: eager, every op would compile and dispatch alone (each `cond`
+  # anew at every call); eager use is checked by the metric-names test.
+  update = jax.jit(multi.update)
   for i in range(4):
     _, state = update(_grads(i), state, params)
   _assert_holds_state(state, name)
   mask = {"Dense_0": {"kernel": True, "bias": False}, "head": True}
   masked = optax.masked(_make(name), mask)
   state = masked.init(params)
-  u, state = masked.update(_grads(0), state, params)
+  u, state = jax.jit(masked.update)(_grads(0), state, params)
   np.testing.assert_array_equal(u["Dense_0"]["bias"],
                                 _grads(0)["Dense_0"]["bias"])
   _assert_holds_state(state, name)
@@ -274,6 +277,7 @@ def _assert_holds_state(tree, name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_metric_names_follow_the_convention(name):
+  # Eager on purpose: the one test here that runs every update op by op.
   tx = _make(name)
   params = _params()
   _, state = tx.update(_grads(0), tx.init(params), params)
