@@ -204,11 +204,12 @@ def test_inner_must_be_a_transformation():
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 def test_generic_path_keeps_state_buffers_in_place(make, large, monkeypatch):
   # An opaque optimizer's state is kept exact on a skip by a select, and its
-  # update is read back (for NaN/Inf, or, for a spike, to order the select). Done naively, XLA keeps the new moments
-  # alive beside the old ones until the check is done, or copies the old
-  # ones (4.5x the parameters' bytes in temporaries here); the generic path
-  # keeps the update (and, for the counts of a bad step, the room to compute
-  # it again), and copies no state buffer. `large`: as for an update above
+  # update is read back (for NaN/Inf, or, for a spike, to order the select).
+  # Done naively, XLA keeps the new moments alive beside the old ones until
+  # the check is done, or copies the old ones (4.5x the parameters' bytes in
+  # temporaries here); the generic path keeps the update (and, for the
+  # counts of a bad step, the room to compute it again), and copies no state
+  # buffer. `large`: as for an update above
   # `_skip.RECOUNT_ABOVE` elements; a small one may keep a second temporary
   # (the update is then counted from itself, which compiles faster).
   if large:

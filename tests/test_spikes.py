@@ -384,23 +384,21 @@ def _nan_on_step(bad_step):
       lambda params: jnp.zeros((), jnp.int32), update)
 
 
-@pytest.mark.parametrize("make, skipped_of, count_of", [
-    (lambda inner: og.skip_spikes(inner, window=8, warmup_steps=4),
-     lambda s: s.skipped, lambda s: s.inner_state),
-    (lambda inner: og.guard(inner, max_norm=None, skip_nonfinite=False,
-                            monitor=False, spike_window=8,
-                            spike_warmup_steps=4),
-     lambda s: og.metrics(s)["optim/skipped"], lambda s: s.inner_state),
+@pytest.mark.parametrize("make", [
+    lambda inner: og.skip_spikes(inner, window=8, warmup_steps=4),
+    lambda inner: og.guard(inner, max_norm=None, skip_nonfinite=False,
+                           monitor=False, spike_window=8,
+                           spike_warmup_steps=4),
 ], ids=["skip_spikes", "guard(skip_nonfinite=False)"])
-def test_non_finite_update_of_an_opaque_inner_is_not_a_spike(
-    make, skipped_of, count_of):
+def test_non_finite_update_of_an_opaque_inner_is_not_a_spike(make):
   """Spikes are decided on the gradients: a NaN that `inner` makes from
   finite gradients is its own (applied, and its state advances), while a
   spike leaves its state as it was. The update is read back only to order
   the select after it (`_skip.update_unless`); this checks it decides
   nothing."""
   tx = make(_nan_on_step(5))
-  params = {"a": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+  params = {"a": jnp.zeros((2,), jnp.float32),
+            "b": jnp.zeros((3,), jnp.float32)}
   step = jax.jit(lambda g, s: tx.update(g, s, params))
   state = tx.init(params)
   norms = [1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 100.0, 0.95]
@@ -409,8 +407,9 @@ def test_non_finite_update_of_an_opaque_inner_is_not_a_spike(
              "b": jnp.full((3,), n / math.sqrt(5), jnp.float32)}
     updates, state = step(grads, state)
     spike = t == 6
-    assert bool(skipped_of(state)) == spike, t
-    assert int(count_of(state)) == (t + 1 if t < 6 else t), t
+    assert bool(og.metrics(state)["optim/skipped"]) == spike, t
+    # The inner optimizer's own step count: frozen by the spike only.
+    assert int(state.inner_state) == (t + 1 if t < 6 else t), t
     for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
       if spike:
         np.testing.assert_array_equal(np.asarray(u), 0.0)
