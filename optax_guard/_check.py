@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -34,11 +35,21 @@ class GradientExplosionError(GuardError):
   """The gradient norm or the loss spiked far above its recent history."""
 
 
+def _numbers_as_numbers(name: str) -> tuple[Any, ...]:
+  """Sort key: digit runs compare as integers (`Dense_2` before `Dense_10`)."""
+  return tuple(int(part) if part.isdigit() else part
+               for part in re.split(r"(\d+)", name))
+
+
 def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
+  """The layers holding NaN/Inf, with their counts, in the model's layer
+  order as far as names tell it: the tree orders `Dense_10` before
+  `Dense_2`, which would name the wrong layers first."""
   if counts is None:  # not recorded per layer (`per_layer=False`)
     return {}
   values = np.asarray(counts.values)
-  return {name: int(c) for name, c in zip(counts.names, values) if c > 0}
+  bad = [(name, int(c)) for name, c in zip(counts.names, values) if c > 0]
+  return dict(sorted(bad, key=lambda item: _numbers_as_numbers(item[0])))
 
 
 def _describe(layers: dict[str, int]) -> str:
@@ -167,8 +178,9 @@ def check(opt_state: Any) -> None:
   wrapped optimizer's moments) and looks at every guard state in it. Raises
   `NonFiniteGradientError` when the last step's gradients, loss or update
   held NaN/Inf (or the guard has halted), naming the step, the first layers
-  that went bad with their counts, and what the guard did; raises `GradientExplosionError` when the last step was skipped as a
-  spike, naming the layer whose norm moved most against its own history when
+  that went bad with their counts (in name order, numbers compared as
+  numbers: `Dense_2` before `Dense_10`), and what the guard did; raises
+  `GradientExplosionError` when the last step was skipped as a spike, naming the layer whose norm moved most against its own history when
   a monitor records per-layer z-scores (`zscore=True`). Non-finite problems
   are reported before spikes.
 

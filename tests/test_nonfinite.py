@@ -591,7 +591,7 @@ def test_check_message_names_step_layers_counts_and_action():
     assert isinstance(err, og.GuardError) and isinstance(err, RuntimeError)
     assert message.startswith("Step 1:"), message
     assert "non-finite gradients" in message
-    # The first three bad layers in tree order, with their counts.
+    # The first three bad layers in order, with their counts.
     assert "layer1 (2 NaN/Inf)" in message
     assert "layer2 (1 NaN/Inf)" in message
     assert "layer3 (3 NaN/Inf)" in message
@@ -604,6 +604,27 @@ def test_check_message_names_step_layers_counts_and_action():
   # The next good step clears it.
   _, state = step({k: v * 3 for k, v in params.items()}, state, params, {})
   og.check(state)
+
+
+def test_check_names_bad_layers_in_numeric_order():
+  """Flax numbers its layers `Dense_0 ... Dense_11`; the tree sorts the
+  names as strings (`Dense_10` before `Dense_2`), the message must not."""
+  params = {f"Dense_{i}": {"kernel": np.ones((2,), np.float32)}
+            for i in range(12)}
+  tx = og.skip_nonfinite(optax.sgd(0.1))
+  bad = jax.tree.map(np.copy, params)
+  for i, n in ((11, 1), (10, 2), (3, 1), (2, 2)):
+    bad[f"Dense_{i}"]["kernel"][:n] = np.nan
+  _, state = _runner(tx)(bad, tx.init(params), params, {})
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  assert str(info.value).startswith(
+      "Step 0: non-finite gradients; first bad layers: "
+      "Dense_2/kernel (2 NaN/Inf), Dense_3/kernel (1 NaN/Inf), "
+      "Dense_10/kernel (2 NaN/Inf) and 1 more."), str(info.value)
+  assert list(info.value.layers.items()) == [
+      ("Dense_2/kernel", 2), ("Dense_3/kernel", 1), ("Dense_10/kernel", 2),
+      ("Dense_11/kernel", 1)]
 
 
 def test_check_names_the_loss():
