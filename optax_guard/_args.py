@@ -51,15 +51,25 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
 
 
 def check_int(name: str, value: Any, *, minimum: int,
-              allow_none: bool = False) -> None:
-  """Raises a `ValueError` unless `value` is an int >= minimum (or None)."""
+              allow_none: bool = False, injectable: bool = False) -> None:
+  """Raises a `ValueError` unless `value` is an int >= minimum (or None).
+
+  `injectable`: the value only enters the arithmetic (a count compared with
+  a counter), so it may also be a 0-d integer array, as
+  `optax.inject_hyperparams` makes of every int argument, defaults included;
+  a concrete one is checked, a tracer let through.
+  """
   if value is None and allow_none:
     return
+  if (injectable and isinstance(value, (jax.Array, np.ndarray)) and
+      np.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    if isinstance(value, jax.core.Tracer) or int(value) >= minimum:
+      return
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
       value < minimum):
     allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
     hint = ""
-    if isinstance(value, (jax.Array, np.ndarray)):
+    if isinstance(value, (jax.Array, np.ndarray)) and not injectable:
       hint = (" It sets the structure of the state, so it must be a Python "
               "int (under `optax.inject_hyperparams`, list it in "
               "`static_args`).")

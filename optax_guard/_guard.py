@@ -55,6 +55,7 @@ def guard(
     spike_sigma: float | None = 6.0,
     spike_window: int = 128,
     spike_warmup_steps: int | None = None,
+    spike_max_consecutive: int | None = 32,
     monitor: bool = True,
     per_layer: bool = True,
     histogram: bool = False,
@@ -74,7 +75,8 @@ def guard(
             og.skip_spikes(
                 optax.chain(og.clip_by_global_norm(max_norm), inner),
                 sigma=spike_sigma, window=spike_window,
-                warmup_steps=spike_warmup_steps),
+                warmup_steps=spike_warmup_steps,
+                max_consecutive=spike_max_consecutive),
             max_consecutive=max_consecutive,
             resume_after_halt=resume_after_halt))
 
@@ -102,7 +104,8 @@ def guard(
   traced more than once (see `skip_nonfinite`) and its update is written out
   once more (see the benchmark figures in the README). On the fast path the
   optimizer's output is not read back for NaN: guard-aware optimizers turn
-  finite gradients into finite updates (mind `eps > 0`).
+  finite gradients into finite updates (`og.adam` and `og.adamw` refuse
+  `eps = eps_root = 0`, which makes 0/0 of an all-zero gradient).
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
@@ -115,6 +118,10 @@ def guard(
     spike_window: how many accepted norms (and losses) the history holds.
     spike_warmup_steps: accepted steps before spikes are tested; default
       `spike_window // 2`.
+    spike_max_consecutive: after this many spikes in a row the spike
+      history is cleared and warms up again, so that a lasting jump of the
+      gradient norm is learned rather than skipped for ever; None never
+      clears it (see `skip_spikes`).
     monitor: record the monitor's signals (`grad/norm/<layer>`, ...).
     per_layer: record per-layer entries in the monitor.
     histogram: record per-layer log-magnitude histograms.
@@ -146,12 +153,27 @@ def guard(
   References:
     See `monitor`, `clip_by_global_norm`, `skip_nonfinite`, `skip_spikes`.
   """
+  # Every argument is checked, also for a part switched off: a bad value
+  # there is a mistake that would surface when the part is switched on.
   if max_norm is not None:
     _args.check_number("max_norm", max_norm)
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
-    _spikes.check_window(spike_window, spike_warmup_steps,
-                         ("spike_window", "spike_warmup_steps"))
+  _spikes.check_window(spike_window, spike_warmup_steps,
+                       ("spike_window", "spike_warmup_steps"))
+  _args.check_int("spike_max_consecutive", spike_max_consecutive, minimum=1,
+                  allow_none=True, injectable=True)
+  _args.check_int("max_consecutive", max_consecutive, minimum=1,
+                  allow_none=True, injectable=True)
+  _args.check_number("zscore_decay", zscore_decay, strict=True, maximum=1.0,
+                     strict_max=True)
+  if not monitor:
+    wanted = [name for name, on in (("zscore", zscore),
+                                    ("histogram", histogram)) if on]
+    if wanted:
+      raise ValueError(
+          f"`{wanted[0]}=True` asks the monitor for a signal, but "
+          "`monitor=False` switches the monitor off; drop one of the two.")
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)
@@ -172,6 +194,7 @@ def guard(
       spikes=_spikes.skip_spikes(
           optax.identity(), sigma=spike_sigma, window=spike_window,
           warmup_steps=spike_warmup_steps,
+          max_consecutive=spike_max_consecutive,
           axis_name=axis_name) if spike_sigma is not None else None)
   min_count = (spike_window // 2 if spike_warmup_steps is None
                else spike_warmup_steps)
@@ -202,7 +225,7 @@ def guard(
     if spike_sigma is not None:
       spike, spikes_state = _spikes.decide(
           state.spikes, norm, loss, sigma=spike_sigma, min_count=min_count,
-          max_consecutive=None)
+          max_consecutive=spike_max_consecutive)
     # Without a clip nothing is scaled (not even by 1: every factor handed
     # to the optimizer is compiled into each leaf's kernel).
     factors = (None if max_norm is None else

@@ -172,7 +172,7 @@ def skip_nonfinite(
     skipping bad batches.
   """
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
-                  allow_none=True)
+                  allow_none=True, injectable=True)
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)

@@ -131,7 +131,7 @@ def skip_spikes(
     sigma: float = 6.0,
     window: int = 128,
     warmup_steps: int | None = None,
-    max_consecutive: int | None = None,
+    max_consecutive: int | None = 32,
     axis_name: _stats.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips steps whose gradient norm (or loss) spikes against its history.
@@ -155,14 +155,17 @@ def skip_spikes(
 
   The statistic is the one of OLMo-core's `SkipStepOptimizer` (mean and
   standard deviation over a rolling window, sigma 6, inactive until the window
-  is half full), kept on device in a fixed ring buffer. A window reacts to a
-  lasting change of scale within `window` steps and is not dragged by old
-  values as an EMA of the mean and variance is; Levanter and axlearn use
-  EMAs, MaxText a fixed threshold on the norm.
+  is half full), kept on device in a fixed ring buffer. A window forgets a
+  value `window` accepted steps later and is not dragged by old values as an
+  EMA of the mean and variance is; Levanter and axlearn use EMAs, MaxText a
+  fixed threshold on the norm.
 
-  With `max_consecutive`, after that many spikes in a row the history is
-  cleared and warms up again, so that a lasting change of scale is learned
-  instead of skipped for ever (the steps during the new warm-up are taken).
+  Because a spike never enters the history, a lasting jump of the gradient
+  norm (a new data mixture, layers unfrozen) would otherwise be skipped for
+  ever and training would stop. So after `max_consecutive` spikes in a row
+  (32 by default) the history is cleared and warms up again: the new scale
+  is learned instead (the steps of the new warm-up are taken, and
+  `optim/num_spikes` keeps the count). Pass None to skip for ever.
 
   Args:
     inner: the transformation to protect (usually the whole optimizer).
@@ -170,8 +173,9 @@ def skip_spikes(
     window: how many accepted values the history holds, `>= 2`.
     warmup_steps: accepted values needed before any step can be a spike;
       default `window // 2`.
-    max_consecutive: clear the history after this many spikes in a row; None
-      never clears it.
+    max_consecutive: clear the history after this many spikes in a row,
+      `>= 1`; None never clears it (a lasting jump is then skipped for
+      ever). Unlike `skip_nonfinite`'s, it never halts.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
 
   Returns:
@@ -199,7 +203,7 @@ def skip_spikes(
   _args.check_number("sigma", sigma, strict=True)
   check_window(window, warmup_steps)
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
-                  allow_none=True)
+                  allow_none=True, injectable=True)
   _stats.check_axis_name(axis_name)
   inner = _skip.check_inner(inner)
   min_count = window // 2 if warmup_steps is None else warmup_steps

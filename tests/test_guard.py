@@ -105,6 +105,40 @@ def test_guard_equals_the_chain_of_its_pieces(with_loss):
   assert skipped_spike == 3  # steps 20, 21 and 33
 
 
+@pytest.mark.parametrize("inner", [og.sgd(0.1), optax.sgd(0.1)],
+                         ids=["fast", "generic"])
+def test_a_lasting_jump_is_learned_after_spike_max_consecutive(inner):
+  """A lasting 3x jump of the norm: 5 spikes in a row clear the history,
+  the next 4 steps warm it up again on the new scale, and training goes on,
+  as in the chain of the pieces with `skip_spikes(max_consecutive=5)`."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.zeros((16,), jnp.float32)}
+  norms = np.exp(rng.normal(0.0, 0.05, 40)) * np.where(np.arange(40) < 20,
+                                                       1.0, 3.0)
+  kw = dict(spike_window=8, spike_warmup_steps=4)
+  guarded = og.guard(inner, max_norm=None, spike_max_consecutive=5, **kw)
+  pieces = optax.chain(og.monitor(), og.skip_nonfinite(og.skip_spikes(
+      inner, window=8, warmup_steps=4, max_consecutive=5)))
+  states = [tx.init(params) for tx in (guarded, pieces)]
+  steps = [jax.jit(tx.update) for tx in (guarded, pieces)]
+  skipped = []
+  for n in norms:
+    g = {"w": jnp.full((16,), n / 4.0, jnp.float32)}  # global norm n
+    outs = [step(g, s, params) for step, s in zip(steps, states)]
+    states = [s for _, s in outs]
+    ours, theirs = (og.metrics(s) for s in states)
+    for name in ("optim/num_spikes", "optim/consecutive_spikes",
+                 "grad/spike_threshold"):
+      np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6)
+    chex.assert_trees_all_close(outs[0][0], outs[1][0])
+    skipped.append(bool(ours["optim/skipped"]))
+  # Worked out by hand: the warm-up takes steps 0..3, ~1 passes until 19;
+  # 20..24 are 3x spikes, the 5th clears the history; 25..28 warm up again
+  # and from 29 the threshold sits on the new scale.
+  assert skipped == [False] * 20 + [True] * 5 + [False] * 15
+  assert int(ours["optim/num_spikes"]) == 5
+
+
 @pytest.mark.standard_promotion
 def test_skipped_step_keeps_inner_state_bit_identical():
   tx = og.guard(optax.adam(1e-2), spike_sigma=None)
@@ -180,6 +214,20 @@ def test_metric_names_of_the_guard():
      r"must be at most `spike_window` \(4\), but got 5\.$"),
     ({"zscore_decay": 1.5}, r"^`zscore_decay` must be a finite real number "
      r"> 0 and < 1, but got 1\.5\.$"),
+    ({"spike_max_consecutive": 0}, r"^`spike_max_consecutive` must be an "
+     r"integer >= 1 or None, but got 0\.$"),
+    # Checked also when the part they belong to is switched off.
+    ({"spike_sigma": None, "spike_window": 1}, r"^`spike_window` must be an "
+     r"integer >= 2, but got 1\.$"),
+    ({"skip_nonfinite": False, "max_consecutive": 0}, r"^`max_consecutive` "
+     r"must be an integer >= 1 or None, but got 0\.$"),
+    ({"monitor": False, "zscore_decay": 1.5}, r"^`zscore_decay` must be a "
+     r"finite real number > 0 and < 1, but got 1\.5\.$"),
+    ({"monitor": False, "zscore": True}, r"^`zscore=True` asks the monitor "
+     r"for a signal, but `monitor=False` switches the monitor off; drop one "
+     r"of the two\.$"),
+    ({"monitor": False, "histogram": True}, r"^`histogram=True` asks the "
+     r"monitor for a signal"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

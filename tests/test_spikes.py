@@ -243,7 +243,8 @@ def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
 @pytest.mark.standard_promotion  # traces optax.adam
 @pytest.mark.parametrize("sigma, window, warmup, defaults", [
     # og.skip_spikes(inner) with no arguments: the reference with the
-    # documented defaults sigma 6, window 128, warm-up 128 // 2 = 64.
+    # documented defaults sigma 6, window 128, warm-up 128 // 2 = 64 and a
+    # restart after 32 spikes in a row.
     (6.0, 128, None, True),
     (3.0, 32, 32, False),
     (2.0, 16, 8, False),  # many natural outliers: the rule's details matter
@@ -251,7 +252,8 @@ def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
 def test_norm_stream_matches_reference(sigma, window, warmup, defaults):
   norms = _norm_stream(seed=1)
   skip, fed, _ = _check_stream(norms, None, sigma=sigma, window=window,
-                               warmup=warmup, max_consecutive=None,
+                               warmup=warmup,
+                               max_consecutive=32 if defaults else None,
                                defaults=defaults)
   # The planted 20x spikes after the warm-up and the non-finite steps are
   # caught, the one during the warm-up is accepted.
@@ -306,6 +308,20 @@ def test_max_consecutive_restarts_the_warmup_after_a_regime_change():
   assert list(skip[148:163]) == [False, False, True, True, True, True] + [
       False] * 9
   assert skip[60] and skip[220]
+
+
+@pytest.mark.standard_promotion
+def test_by_default_a_regime_change_is_learned_after_32_spikes():
+  """The defaults must not stop training for good on a lasting jump."""
+  rng = np.random.default_rng(5)
+  norms = _lognormal(rng, 300, 0.1)
+  norms[150:] *= 10.0  # no outlier before: the warm-up would take it in
+  skip, _, _ = _check_stream(norms, None, sigma=6.0, window=128, warmup=None,
+                             max_consecutive=32, defaults=True)
+  # 150..181 skipped, the 32nd in a row clears the history, 182..245 are the
+  # new warm-up of 64 (taken), then the rule runs on the new scale.
+  assert np.all(skip[150:182]) and not np.any(skip[182:246])
+  assert not np.any(skip[246:])
 
 
 @pytest.mark.standard_promotion
@@ -577,3 +593,25 @@ def test_skip_spikes_bad_arguments(kwargs, words):
 def test_warmup_equal_to_window_is_allowed():
   og.skip_spikes(optax.sgd(0.1), window=8, warmup_steps=8)
   og.skip_spikes(optax.sgd(0.1), window=2)
+
+
+def test_max_consecutive_may_be_an_injected_array():
+  """`optax.inject_hyperparams` makes an array of every int argument, the
+  default `max_consecutive=32` too: it only enters a comparison, so an
+  array is taken, checked when concrete."""
+  with pytest.raises(ValueError, match=r"^`max_consecutive` must be an "
+                     r"integer >= 1 or None, but got Array\(0, "):
+    og.skip_spikes(optax.sgd(0.1), max_consecutive=jnp.int32(0))
+  make = optax.inject_hyperparams(
+      og.skip_spikes, static_args=("inner", "window", "warmup_steps"))
+  tx = make(inner=optax.sgd(0.1), sigma=3.0, window=4, warmup_steps=2,
+            max_consecutive=2)
+  params = {"w": jnp.zeros((1,), jnp.float32)}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  skipped = []
+  for n in [1.0, 1.0, 50.0, 50.0, 50.0]:
+    _, state = step({"w": jnp.full((1,), n, jnp.float32)}, state, params)
+    skipped.append(bool(state.inner_state.skipped))
+  # Two 50x spikes clear the history; the third 50x is the new warm-up.
+  assert skipped == [False, False, True, True, False]
