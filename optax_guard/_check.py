@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+import warnings
 
 import jax
 import numpy as np
@@ -180,9 +181,12 @@ def check(opt_state: Any) -> None:
   held NaN/Inf (or the guard has halted), naming the step, the first layers
   that went bad with their counts (in name order, numbers compared as
   numbers: `Dense_2` before `Dense_10`), and what the guard did; raises
-  `GradientExplosionError` when the last step was skipped as a spike, naming the layer whose norm moved most against its own history when
-  a monitor records per-layer z-scores (`zscore=True`). Non-finite problems
-  are reported before spikes.
+  `GradientExplosionError` when the last step was skipped as a spike,
+  naming the layer whose norm moved most against its own history when a
+  monitor records per-layer z-scores (`zscore=True`). Non-finite problems
+  are reported before spikes. Warns when `opt_state` holds no optax_guard
+  state at all (nothing to check: a plain optax state, or a checkpoint
+  restored without a target).
 
   Args:
     opt_state: an optimizer state, on device or already fetched to the host.
@@ -212,7 +216,15 @@ def check(opt_state: Any) -> None:
     a user can act on.
   """
   # The statistics only: no wrapped optimizer's moments cross to the host.
-  states = _states(_metrics.to_host(_metrics.statistics(opt_state)))
+  found = _metrics.statistics(opt_state)
+  if not found:
+    warnings.warn(
+        "og.check found no optax_guard state in `opt_state`, so it checks "
+        "nothing: put og.guard (or og.monitor, og.skip_nonfinite, "
+        "og.skip_spikes) in the optimizer, and restore a checkpoint into the "
+        "abstract state (Orbax without a target gives plain dicts).",
+        stacklevel=2)
+  states = _states(_metrics.to_host(found))
   if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [(s, m) for s, m in states if not (

@@ -100,7 +100,8 @@ class Diagnosis:
 
 def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
              ratio: float = 100.0,
-             stacked: _metrics.Stacked = None) -> Diagnosis:
+             stacked: _metrics.Stacked = None,
+             has_aux: bool = False) -> Diagnosis:
   """Computes one gradient and reports, layer by layer in depth order, how
   its norm changes from the output back to the input.
 
@@ -127,6 +128,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
       a float > 1.
     stacked: the leaves whose leading axis stacks layers, reported layer by
       layer (see `og.monitor`).
+    has_aux: `loss_fn` returns `(loss, aux)`, as for
+      `jax.value_and_grad(..., has_aux=True)`; `aux` is ignored.
 
   Returns:
     A `Diagnosis`; `print` it for a table.
@@ -160,17 +163,31 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
     raise ValueError("diagnose needs parameters to differentiate, but "
                      "`params` holds no arrays.")
   # One trace gives both the output's shape and the order of first uses.
-  traced = jax.make_jaxpr(loss_fn)(params, *args)
-  shape = traced.out_avals[0].shape if len(traced.out_avals) == 1 else None
-  if shape != ():
+  traced, out = jax.make_jaxpr(loss_fn, return_shape=True)(params, *args)
+  if has_aux:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      got = (f"a {type(out).__name__} of {len(out)}"
+             if isinstance(out, (tuple, list)) else "one value")
+      raise ValueError(
+          "With has_aux=True, `loss_fn` must return a pair (loss, aux), but "
+          f"it returned {got}.")
+    out = out[0]
+  if isinstance(out, (tuple, list)):
+    raise ValueError(
+        "`loss_fn` must return a scalar loss, but it returned a "
+        f"{type(out).__name__} of {len(out)}; pass has_aux=True if it "
+        "returns (loss, aux).")
+  if not hasattr(out, "shape") or out.shape != ():
     raise ValueError(
         "`loss_fn` must return a scalar loss, but returned shape "
-        f"{shape if shape is not None else 'a tuple'}.")
+        f"{getattr(out, 'shape', type(out).__name__)}.")
   flags = _metrics.stacked_flags(params, stacked)
 
   @jax.jit
   def measure(params, *args):
-    loss, grads = jax.value_and_grad(loss_fn)(params, *args)
+    loss, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)
+    if has_aux:
+      loss = loss[0]
     return (loss, _stats.tree_stats(grads, stacked=flags),
             _stats.tree_stats(params, stacked=flags))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,16 @@ class MetricsLog:
 
   Read the record with `to_numpy()` (one array per metric, steps first),
   `to_pandas()` (needs pandas, which this package does not install), or
-  `save(path)` / `MetricsLog.load(path)` (a NumPy `.npz` file).
+  `save(path)` / `MetricsLog.load(path)` (a NumPy `.npz` file); or stream
+  it to a logger with `on_row`, which sees every step's metrics as they
+  reach the host (call `flush()` at the end for the last `lag` steps).
 
   Args:
     lag: how many of the latest records stay on the device before being
       fetched; 0 fetches at once (a host sync per step).
+    on_row: if given, called as `on_row(step, metrics)` with each step's
+      metrics (a dict of NumPy values) when they reach the host, in step
+      order, e.g. `lambda step, m: wandb.log(m, step=step)`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_guard as og
@@ -58,13 +63,20 @@ class MetricsLog:
     [0 1 2] [0 1 1] [False False  True]
 
   References:
-    DESIGN §3 of optax_guard (the read-out); JAX's asynchronous dispatch
+    The user guide's "Every step's metrics"; JAX's asynchronous dispatch
     (https://docs.jax.dev/en/latest/async_dispatch.html).
   """
 
-  def __init__(self, *, lag: int = 2):
+  def __init__(self, *, lag: int = 2,
+               on_row: Callable[[int, dict[str, np.ndarray]], Any] | None
+               = None):
     _args.check_int("lag", lag, minimum=0)
+    if on_row is not None and not callable(on_row):
+      raise ValueError(
+          f"`on_row` must be a callable taking (step, metrics), or None, but "
+          f"got {on_row!r}.")
     self._lag = lag
+    self._on_row = on_row
     self._pending: collections.deque[tuple[int, Any]] = collections.deque()
     self._steps: list[int] = []
     self._columns: dict[str, list[np.ndarray]] = {}
@@ -104,6 +116,12 @@ class MetricsLog:
     while len(self._pending) > self._lag:
       self._fetch_oldest()
 
+  def flush(self) -> None:
+    """Fetches every record still on the device (handing each to
+    `on_row`); for the end of training, when nothing more is recorded."""
+    while self._pending:
+      self._fetch_oldest()
+
   def _fetch_oldest(self) -> None:
     step, states = self._pending.popleft()
     row = _metrics.named(_metrics.to_host(states))
@@ -115,8 +133,11 @@ class MetricsLog:
           f"than the steps before it (new: {added or 'none'}; missing: "
           f"{gone or 'none'}); use one MetricsLog per optimizer.")
     self._steps.append(step)
+    row = {name: np.asarray(value) for name, value in row.items()}
     for name, value in row.items():
-      self._columns.setdefault(name, []).append(np.asarray(value))
+      self._columns.setdefault(name, []).append(value)
+    if self._on_row is not None:
+      self._on_row(step, row)
 
   def to_numpy(self) -> dict[str, np.ndarray]:
     """Every metric over the recorded steps.
@@ -125,8 +146,7 @@ class MetricsLog:
       A dict with `"step"` (the step numbers) and, for each metric of
       `og.metrics`, an array whose first axis runs over the steps.
     """
-    while self._pending:
-      self._fetch_oldest()
+    self.flush()
     out = {"step": np.asarray(self._steps, np.int64)}
     out.update({name: np.stack(values)
                 for name, values in self._columns.items()})

@@ -130,17 +130,25 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
                  ) -> None:
   """Raises when `tree` has not the layers the state was initialised with
   (`naming`: how entries are named, if not `layer_names`)."""
-  got = (naming(tree) if naming is not None
-         else layer_names(tree, stacked))
-  if len(got) == len(names):
+  got = tuple(naming(tree) if naming is not None
+              else layer_names(tree, stacked))
+  # Names, not only their number: the per-layer values are labelled by the
+  # names of `init`, and a renamed layer would be reported under another's
+  # name. (Static: this costs nothing per step.)
+  if got == tuple(names):
     return
   missing = sorted(set(names) - set(got))[:5]
   extra = sorted(set(got) - set(names))[:5]
+  if len(got) != len(names):
+    what = f"updates with {len(got)}"
+  elif missing or extra:
+    what = "updates with other layers"
+  else:
+    what = "updates with the same layers in another order"
   raise ValueError(
       f"`{factory}` was initialised with {len(names)} parameter layers but "
-      f"got updates with {len(got)}; the trees must match. Only in the "
-      f"parameters: {missing or 'none'}; only in the updates: "
-      f"{extra or 'none'}.")
+      f"got {what}; the trees must match. Only in the parameters: "
+      f"{missing or 'none'}; only in the updates: {extra or 'none'}.")
 
 
 # How layers are summed into named groups: a function from a layer name
@@ -315,7 +323,7 @@ def _collect(states: list[Any]) -> dict[str, Any]:
   return out
 
 
-def metrics(opt_state: Any) -> dict[str, jax.Array]:
+def metrics(opt_state: Any) -> dict[str, Any]:
   """Every statistic recorded in an optimizer state, as one flat named dict.
 
   Walks any state tree (a plain `optax.chain`, `optax.named_chain`, wrappers
@@ -356,7 +364,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     6.928 1
 
   References:
-    DESIGN §4 (metric names).
+    The user guide's "Metric names" table.
   """
   states = statistics(opt_state)
   if not is_traced(states):

@@ -59,7 +59,8 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     [-0.03 -0.04]
 
   References:
-    DESIGN §5 of optax_guard (why the decision must ride inside the pass).
+    The user guide's "The fast path: guard-aware optimizers" (why the
+    decision must ride inside the optimizer's pass).
   """
   __slots__ = ()
 
@@ -215,6 +216,15 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     _args.check_number(name, value, maximum=1.0)
   _args.check_number("eps", eps)
   _args.check_number("eps_root", eps_root)
+  if (isinstance(eps, (int, float)) and isinstance(eps_root, (int, float))
+      and eps == 0 and eps_root == 0):
+    # optax allows it; here it would also defeat the guard, which does not
+    # read a guard-aware optimizer's update back for NaN.
+    raise ValueError(
+        "`eps` and `eps_root` are both 0, so an element whose gradients have "
+        "all been exactly zero (a dead unit, a padding embedding) gets 0/0 = "
+        "NaN as its update; pass eps > 0 (optax's default is 1e-8) or "
+        "eps_root > 0.")
   if not callable(learning_rate):
     _args.check_number("learning_rate", learning_rate)
   if weight_decay is not None and not callable(weight_decay):
@@ -285,12 +295,16 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
-    eps_root: added to the denominator inside the square root.
+    eps_root: added to the denominator inside the square root (at least one
+      of the two must be > 0).
     mu_dtype: dtype of the first moment (None: the parameters' dtype).
     weight_decay: decoupled decay strength, a float or a schedule, multiplied
       by the learning rate as in optax.
     mask: a tree of bools (or a callable returning one) saying which
-      parameters are decayed; None decays all.
+      parameters are decayed; None decays all, biases and normalisation
+      scales included, as `optax.adamw` does. (`og.add_decayed_weights`
+      defaults to `og.decay_mask`, kernels and embeddings only: pass
+      `mask=og.decay_mask` here for the same rule.)
     nesterov: use Nesterov momentum (NAdamW).
 
   Returns:
@@ -326,7 +340,8 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
-    eps_root: added to the denominator inside the square root.
+    eps_root: added to the denominator inside the square root (at least one
+      of the two must be > 0).
     mu_dtype: dtype of the first moment (None: the parameters' dtype).
     nesterov: use Nesterov momentum (NAdam).
 

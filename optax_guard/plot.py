@@ -204,7 +204,7 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
     True
 
   References:
-    TensorBoard's histogram dashboard; DESIGN §4 of optax_guard (buckets).
+    TensorBoard's histogram dashboard; `optax_guard.HIST_BUCKETS` (buckets).
   """
   columns = _columns(record)
   metric = f"{kind}/hist"

@@ -139,6 +139,24 @@ def test_errors_are_sentences():
     og.diagnose(lambda p: p["w"] * 2.0, {"w": jnp.ones(2)})
   with pytest.raises(ValueError, match="`params` holds no arrays"):
     og.diagnose(lambda p: 0.0, {})
+  with pytest.raises(ValueError, match=r"^`loss_fn` must return a scalar "
+                     r"loss, but it returned a tuple of 2; pass has_aux=True "
+                     r"if it returns \(loss, aux\)\.$"):
+    og.diagnose(lambda p: (jnp.sum(p["w"]), {}), {"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"^With has_aux=True, `loss_fn` must "
+                     r"return a pair \(loss, aux\)"):
+    og.diagnose(lambda p: jnp.sum(p["w"]), {"w": jnp.ones(2)}, has_aux=True)
+
+
+def test_has_aux_ignores_the_aux_output():
+  params = {"a": jnp.full((2, 2), 2.0), "b": jnp.ones((2, 2))}
+  loss_fn = lambda p, x: jnp.sum(x @ p["a"] @ p["b"])
+  plain = og.diagnose(loss_fn, params, jnp.ones((1, 2)))
+  with_aux = og.diagnose(lambda p, x: (loss_fn(p, x), {"acc": x.sum()}),
+                         params, jnp.ones((1, 2)), has_aux=True)
+  assert with_aux.loss == plain.loss == 16.0  # 1x2 @ 2x2(2s) @ 2x2(1s)
+  np.testing.assert_array_equal(with_aux.grad_norms, plain.grad_norms)
+  assert with_aux.layers == plain.layers == ("a", "b")
 
 
 def test_stacked_layers_in_scan_order():

@@ -82,6 +82,32 @@ def test_statistics_are_fetched_only_lag_records_later(monkeypatch):
   assert len(fetched) == len(_GRADS)
 
 
+def test_on_row_streams_every_step_in_order_as_it_is_fetched():
+  streamed, per_call = [], []
+  log = og.MetricsLog(lag=2, on_row=lambda n, row: streamed.append((n, row)))
+
+  def record(state):
+    before = len(streamed)
+    log.record(state)
+    per_call.append([n for n, _ in streamed[before:]])
+
+  _run(record)
+  # Recording step t hands over step t - 2, nothing for the first two.
+  assert per_call == [[], []] + [[t - 2] for t in range(2, len(_GRADS))]
+  log.flush()
+  log.flush()  # nothing left: no row twice
+  assert [n for n, _ in streamed] == list(range(len(_GRADS)))
+  # Each row is that step's metrics (the closed-form pre-clip norm here),
+  # the same as the columns of to_numpy.
+  out = log.to_numpy()
+  for n, row in streamed:
+    np.testing.assert_allclose(row["grad/norm"],
+                               np.sqrt(2.0) * abs(_GRADS[n]), rtol=1e-6)
+    assert set(row) == set(out) - {"step"}
+    for name, value in row.items():
+      np.testing.assert_array_equal(value, out[name][n], err_msg=name)
+
+
 def test_lag_zero_fetches_at_once(monkeypatch):
   fetched = []
   to_host = _metrics.to_host
@@ -162,6 +188,9 @@ def test_to_pandas_without_pandas_says_what_to_do(monkeypatch):
 def test_errors_are_sentences():
   with pytest.raises(ValueError, match="`lag` must be an integer >= 0"):
     og.MetricsLog(lag=-1)
+  with pytest.raises(ValueError, match=r"^`on_row` must be a callable taking "
+                     r"\(step, metrics\), or None, but got 'wandb'\.$"):
+    og.MetricsLog(on_row="wandb")
   log = og.MetricsLog()
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="found no optax_guard statistics in "

@@ -310,6 +310,14 @@ def test_updates_that_do_not_match_the_parameters(factory):
       r"trees must match\. Only in the parameters: \['Dense_1/kernel'\]; "
       r"only in the updates: none\.")):
     tx.update(fewer, state, fewer)
+  # As many layers, one renamed: its values would carry another's name.
+  renamed = {"Dense_0": params["Dense_0"],
+             "Dense_2": params["Dense_1"]}
+  with pytest.raises(ValueError, match=(
+      r"was initialised with 3 parameter layers but got updates with other "
+      r"layers; the trees must match\. Only in the parameters: "
+      r"\['Dense_1/kernel'\]; only in the updates: \['Dense_2/kernel'\]\.")):
+    tx.update(renamed, state, renamed)
 
 
 # --------------------------------------------------- per-layer z-scores

@@ -571,6 +571,15 @@ def test_check_quiet_on_good_states():
   og.check(jax.device_get(state))
 
 
+def test_check_warns_when_the_state_holds_nothing_to_check():
+  params = _params()
+  for state in (optax.adam(0.1).init(params),  # no optax_guard part
+                {"mu": params, "count": np.int32(0)}):  # a target-less restore
+    with pytest.warns(UserWarning, match=r"^og\.check found no optax_guard "
+                      r"state in `opt_state`, so it checks nothing"):
+      og.check(state)
+
+
 def test_check_message_names_step_layers_counts_and_action():
   params = {f"layer{i}": np.ones((3,), np.float32) for i in range(5)}
   tx = og.skip_nonfinite(optax.sgd(0.1))

@@ -809,6 +809,11 @@ def test_fast_path_needs_no_parameter_sized_temporary(name):
      "`b2` must be a finite real number >= 0 and <= 1, but got -0.1."),
     (og.adamw, {"learning_rate": 0.1, "eps": -1e-8},
      "`eps` must be a finite real number >= 0, but got -1e-08."),
+    (og.adam, {"learning_rate": 0.1, "eps": 0.0},
+     "`eps` and `eps_root` are both 0, so an element whose gradients have "
+     "all been exactly zero (a dead unit, a padding embedding) gets 0/0 = "
+     "NaN as its update; pass eps > 0 (optax's default is 1e-8) or "
+     "eps_root > 0."),
     (og.adamw, {"learning_rate": 0.1, "weight_decay": -0.1},
      "`weight_decay` must be a finite real number >= 0, but got -0.1."),
     (og.sgd, {"learning_rate": 0.1, "momentum": 1.5},
