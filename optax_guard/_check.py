@@ -96,10 +96,14 @@ def _spike_error(s: SkipSpikesState,
     why = (f"the loss exceeded the spike threshold "
            f"{float(s.loss_threshold):.4g}, or the norm ({norm:.4g}) or the "
            "loss was not finite")
+  if int(s.consecutive) > 0:
+    run = f"{_plural(int(s.consecutive), 'spike')} in a row"
+  else:  # the spike that reached `max_consecutive` cleared the counter
+    run = ("the last of enough spikes in a row to restart the spike "
+           "history, which now warms up again on the new scale")
   return GradientExplosionError(
       f"Step {step}: {why}{_spike_layer(monitor, step)}. The guard skipped "
-      f"the step ({_plural(int(s.consecutive), 'spike')} in a row, "
-      f"{int(s.num_spikes)} in total).",
+      f"the step ({run}, {int(s.num_spikes)} in total).",
       step, {})
 
 

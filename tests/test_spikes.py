@@ -540,6 +540,27 @@ def test_check_raises_gradient_explosion_error_naming_norm_and_threshold():
   og.check(state)
 
 
+def test_check_says_when_a_run_of_spikes_restarts_the_history():
+  tx = og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2,
+                      max_consecutive=2)
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  state, step = tx.init(params), jax.jit(tx.update)
+  messages = []
+  for n in (1.0, 1.1, 50.0, 50.0):
+    _, state = step({"w": jnp.asarray([n, 0.0], jnp.float32)}, state, params)
+    try:
+      og.check(state)
+    except og.GradientExplosionError as e:
+      messages.append(str(e))
+  assert len(messages) == 2
+  assert messages[0].endswith("The guard skipped the step (1 spike in a row, "
+                              "1 in total)."), messages[0]
+  assert messages[1].endswith(
+      "The guard skipped the step (the last of enough spikes in a row to "
+      "restart the spike history, which now warms up again on the new "
+      "scale, 2 in total)."), messages[1]
+
+
 def test_check_names_a_loss_spike():
   step, params, state, _ = _spike_state(with_loss=True)
   g = {"Dense_0": {"kernel": jnp.asarray([1.0, 0.0], jnp.float32)}}
