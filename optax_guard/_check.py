@@ -89,21 +89,25 @@ def _spike_error(s: SkipSpikesState,
     return None
   step = int(s.last_spike_step)
   norm, limit = float(s.last_norm), float(s.norm_threshold)
-  if np.isfinite(norm) and norm > limit:
+  if not np.isfinite(norm):
+    why = f"the gradient norm is {norm} (the gradients hold NaN/Inf)"
+  elif norm > limit:
     why = (f"the gradient norm {norm:.4g} exceeded the spike threshold "
            f"{limit:.4g} (mean + sigma * std of the recent history)")
   else:
     why = (f"the loss exceeded the spike threshold "
-           f"{float(s.loss_threshold):.4g}, or the norm ({norm:.4g}) or the "
-           "loss was not finite")
-  if int(s.consecutive) > 0:
-    run = f"{_plural(int(s.consecutive), 'spike')} in a row"
-  else:  # the spike that reached `max_consecutive` cleared the counter
-    run = ("the last of enough spikes in a row to restart the spike "
-           "history, which now warms up again on the new scale")
+           f"{float(s.loss_threshold):.4g}, or was not finite")
+  run = int(s.consecutive)  # finite spikes in a row (NaN/Inf not counted)
+  if run == 0 or not np.isfinite(norm):
+    what = ""
+  elif int(s.norms.num_accepted) == 0:  # `max_consecutive` was reached
+    what = (f"{_plural(run, 'spike')} in a row, enough to restart the spike "
+            "history, which now warms up again on the new scale; ")
+  else:
+    what = f"{_plural(run, 'spike')} in a row, "
   return GradientExplosionError(
       f"Step {step}: {why}{_spike_layer(monitor, step)}. The guard skipped "
-      f"the step ({run}, {int(s.num_spikes)} in total).",
+      f"the step ({what}{int(s.num_spikes)} in total).",
       step, {})
 
 

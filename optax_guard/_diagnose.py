@@ -173,10 +173,10 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
           f"it returned {got}.")
     out = out[0]
   if isinstance(out, (tuple, list)):
+    hint = "" if has_aux else "; pass has_aux=True if it returns (loss, aux)"
     raise ValueError(
         "`loss_fn` must return a scalar loss, but it returned a "
-        f"{type(out).__name__} of {len(out)}; pass has_aux=True if it "
-        "returns (loss, aux).")
+        f"{type(out).__name__} of {len(out)}{hint}.")
   if not hasattr(out, "shape") or out.shape != ():
     raise ValueError(
         "`loss_fn` must return a scalar loss, but returned shape "
@@ -266,8 +266,10 @@ def first_uses(closed: Any, count: int
   first: dict[int, tuple[int, int | None]] = {}
   clock, scans = [0], [0]
 
-  def walk(jaxpr, leaf_of, scan):
-    for eqn in jaxpr.eqns:
+  def walk(jaxpr, leaf_of, scan, live=None):
+    for k, eqn in enumerate(jaxpr.eqns):
+      if live is not None and k not in live:
+        continue
       used = [leaf_of[v] for v in eqn.invars if _is_var(v) and v in leaf_of]
       if eqn.primitive.name in _ALIASES and len(used) == 1:
         leaf_of.update({o: used[0] for o in eqn.outvars})
@@ -287,8 +289,10 @@ def first_uses(closed: Any, count: int
       for leaf in used:
         first.setdefault(leaf, (clock[0], scan))
 
+  # Only what feeds the loss (the first output) counts: an `aux` output
+  # computed from the parameters before the forward pass is no use of them.
   walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:count])},
-       None)
+       None, _feeding(closed.jaxpr, closed.jaxpr.outvars[:1]))
   return ([first[i][0] if i in first else float("inf") for i in range(count)],
           [first[i][1] if i in first else None for i in range(count)])
 
@@ -317,6 +321,18 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
       else:
         keys.append(((use, 0, use, i), firsts[i] + j))
   return np.asarray([layer for _, layer in sorted(keys)], np.int64)
+
+
+def _feeding(jaxpr: Any, outvars: Any) -> set[int]:
+  """The indices of the equations of `jaxpr` that `outvars` depend on."""
+  needed = {v for v in outvars if _is_var(v)}
+  live = set()
+  for k in range(len(jaxpr.eqns) - 1, -1, -1):
+    eqn = jaxpr.eqns[k]
+    if any(v in needed for v in eqn.outvars):
+      live.add(k)
+      needed.update(v for v in eqn.invars if _is_var(v))
+  return live
 
 
 def _is_jaxpr(x: Any) -> bool:

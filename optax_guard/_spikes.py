@@ -98,22 +98,30 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
   """
   size = state.norms.values.shape[0]
   norm_threshold = window_threshold(state.norms, sigma, min_count)
-  spike = ~jnp.isfinite(norm) | (norm > norm_threshold)
+  finite = jnp.isfinite(norm)
+  spike = norm > norm_threshold
   loss_threshold = state.loss_threshold
   if loss is not None:
     loss_threshold = window_threshold(state.losses, sigma, min_count)
-    spike = spike | ~jnp.isfinite(loss) | (loss > loss_threshold)
+    finite = finite & jnp.isfinite(loss)
+    spike = spike | (loss > loss_threshold)
+  spike = spike | ~finite
   keep = ~spike
-  consecutive = jnp.where(spike, optax.safe_increment(state.consecutive), 0)
+  # Runs count finite spikes only: a NaN/Inf step says nothing about the
+  # scale, so it neither extends nor breaks a run (nor restarts the history).
+  consecutive = jnp.where(
+      finite, jnp.where(spike, optax.safe_increment(state.consecutive), 0),
+      state.consecutive)
   norms = window_push(state.norms, norm, keep)
   losses = state.losses
   if loss is not None:
     losses = window_push(losses, loss, keep)
   if max_consecutive is not None:
-    restart = consecutive >= max_consecutive
+    # The run's count stays until the next finite step (a warm-up step,
+    # taken) resets it, so that the state shows why the history is empty.
+    restart = finite & (consecutive >= max_consecutive)
     norms = _skip.select_tree(restart, window_init(size), norms)
     losses = _skip.select_tree(restart, window_init(size), losses)
-    consecutive = jnp.where(restart, 0, consecutive)
   return spike, state._replace(
       step=optax.safe_increment(state.step),
       skipped=spike,
@@ -162,9 +170,10 @@ def skip_spikes(
 
   Because a spike never enters the history, a lasting jump of the gradient
   norm (a new data mixture, layers unfrozen) would otherwise be skipped for
-  ever and training would stop. So after `max_consecutive` spikes in a row
-  (32 by default) the history is cleared and warms up again: the new scale
-  is learned instead (the steps of the new warm-up are taken, and
+  ever and training would stop. So after `max_consecutive` finite spikes in
+  a row (32 by default; a NaN/Inf step neither counts nor breaks the run)
+  the history is cleared and warms up again: the new scale is learned
+  instead (the finite steps of the new warm-up are taken, and
   `optim/num_spikes` keeps the count). Pass None to skip for ever.
 
   Args:
@@ -173,8 +182,8 @@ def skip_spikes(
     window: how many accepted values the history holds, `>= 2`.
     warmup_steps: accepted values needed before any step can be a spike;
       default `window // 2`.
-    max_consecutive: clear the history after this many spikes in a row,
-      `>= 1`; None never clears it (a lasting jump is then skipped for
+    max_consecutive: clear the history after this many finite spikes in a
+      row, `>= 1`; None never clears it (a lasting jump is then skipped for
       ever). Unlike `skip_nonfinite`'s, it never halts.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
 

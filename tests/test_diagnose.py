@@ -146,6 +146,35 @@ def test_errors_are_sentences():
   with pytest.raises(ValueError, match=r"^With has_aux=True, `loss_fn` must "
                      r"return a pair \(loss, aux\)"):
     og.diagnose(lambda p: jnp.sum(p["w"]), {"w": jnp.ones(2)}, has_aux=True)
+  with pytest.raises(ValueError, match=r"^`loss_fn` must return a scalar "
+                     r"loss, but it returned a tuple of 2\.$"):
+    og.diagnose(lambda p: ((jnp.sum(p["w"]), 1.0), {}), {"w": jnp.ones(2)},
+                has_aux=True)
+
+
+def test_an_aux_output_does_not_change_the_depth_order():
+  """An aux computed from every parameter before the forward pass (a
+  parameter norm) is no use of them: the order is the model's."""
+  names = ["e", "d", "c", "b", "a"]  # depth order, the reverse of the tree's
+  keys = jax.random.split(jax.random.key(1), len(names))
+  params = {n: 0.5 * jax.random.normal(k, (32, 32))
+            for n, k in zip(names, keys)}
+
+  def loss_fn(p, x):
+    for n in names:
+      x = jnp.sin(x @ p[n])
+    return jnp.mean(x ** 2)
+
+  def with_aux(p, x):
+    norm = sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))  # a, b, c, ...
+    return loss_fn(p, x), {"param_norm": norm}
+
+  x = jnp.ones((4, 32))
+  plain = og.diagnose(loss_fn, params, x)
+  aux = og.diagnose(with_aux, params, x, has_aux=True)
+  assert plain.layers == tuple(names)
+  assert aux.layers == plain.layers and aux.verdict == plain.verdict
+  np.testing.assert_array_equal(aux.grad_norms, plain.grad_norms)
 
 
 def test_has_aux_ignores_the_aux_output():

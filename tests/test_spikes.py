@@ -38,8 +38,9 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
                max_consecutive=None, ddof=0, spikes_enter_history=False):
   """Decisions and thresholds of the rule, step by step, in float64.
 
-  Returns (skip[T] bool, norm_threshold[T], loss_threshold[T]); a threshold
-  is +inf while fewer than `warmup` values have been accepted.
+  Returns (skip[T] bool, norm_threshold[T], loss_threshold[T], runs[T]); a
+  threshold is +inf while fewer than `warmup` values have been accepted;
+  `runs` is the count of finite spikes in a row after each step.
   `ddof` and `spikes_enter_history` give deliberately WRONG variants, used
   to show that the streams tell the right rule from near misses.
   """
@@ -47,6 +48,7 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
   hist_n, hist_l = [], []
   consecutive = 0
   skip = np.zeros(len(norms), bool)
+  runs = np.zeros(len(norms), np.int64)  # finite spikes in a row after t
   thr_n = np.full(len(norms), np.inf)
   thr_l = np.full(len(norms), np.inf)
 
@@ -63,7 +65,10 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
       thr_l[t] = threshold(hist_l)
       spike = spike or not np.isfinite(losses[t]) or losses[t] > thr_l[t]
     skip[t] = spike
-    if spike:
+    finite = np.isfinite(n) and (losses is None or np.isfinite(losses[t]))
+    if not finite:
+      pass  # a NaN/Inf step neither extends nor breaks a run of spikes
+    elif spike:
       consecutive += 1
     else:
       consecutive = 0
@@ -72,9 +77,11 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
       hist_n.append(n)
       if losses is not None:
         hist_l.append(losses[t])
-    if max_consecutive is not None and consecutive >= max_consecutive:
-      hist_n, hist_l, consecutive = [], [], 0
-  return skip, thr_n, thr_l
+    if max_consecutive is not None and finite and (
+        consecutive >= max_consecutive):
+      hist_n, hist_l = [], []  # the count stays until the next finite step
+    runs[t] = consecutive
+  return skip, thr_n, thr_l, runs
 
 
 def _margins(values, thresholds):
@@ -174,9 +181,9 @@ def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
   grads, fed = _grad_stream(norms)
   fed_loss = None if losses is None else losses.astype(np.float32).astype(
       np.float64)
-  skip, thr_n, thr_l = _reference(fed, fed_loss, sigma=sigma, window=window,
-                                  warmup=warmup,
-                                  max_consecutive=max_consecutive)
+  skip, thr_n, thr_l, runs = _reference(fed, fed_loss, sigma=sigma,
+                                        window=window, warmup=warmup,
+                                        max_consecutive=max_consecutive)
   # Precondition: no decision hangs on float32 rounding.
   assert _margins(fed, thr_n).min() > 2e-5
   if losses is not None:
@@ -228,7 +235,8 @@ def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(adam.mu[k])[-1], mu[k], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(adam.nu[k])[-1], nu[k], rtol=1e-5)
-  # 5. The counters.
+  # 5. The counters, the run of finite spikes at every step too.
+  np.testing.assert_array_equal(np.asarray(consecutive), runs)
   assert int(final.num_spikes) == int(skip.sum())
   assert int(final.step) == len(norms)
   assert int(final.last_spike_step) == int(np.flatnonzero(skip)[-1])
@@ -265,8 +273,8 @@ def test_norm_stream_matches_reference(sigma, window, warmup, defaults):
     # This stream tells the rule from near misses: sample std (ddof=1), or
     # letting spikes into the history, decide differently somewhere.
     for wrong in (dict(ddof=1), dict(spikes_enter_history=True)):
-      other, _, _ = _reference(fed, sigma=sigma, window=window, warmup=warmup,
-                               **wrong)
+      other = _reference(fed, sigma=sigma, window=window, warmup=warmup,
+                         **wrong)[0]
       assert np.any(other != skip), wrong
 
 
@@ -281,8 +289,8 @@ def test_loss_stream_matches_reference(sigma, window, warmup):
   for t in (140, 141, 250, 290, 310, 311, 312, 313):
     assert skip[t], t
   # and the loss alone decides some steps: without it they would be taken.
-  alone, _, _ = _reference(_grad_stream(norms)[1], sigma=sigma, window=window,
-                           warmup=warmup)
+  alone = _reference(_grad_stream(norms)[1], sigma=sigma, window=window,
+                     warmup=warmup)[0]
   assert np.any(skip & ~alone)
 
 
@@ -322,6 +330,20 @@ def test_by_default_a_regime_change_is_learned_after_32_spikes():
   # new warm-up of 64 (taken), then the rule runs on the new scale.
   assert np.all(skip[150:182]) and not np.any(skip[182:246])
   assert not np.any(skip[246:])
+
+
+@pytest.mark.standard_promotion
+def test_non_finite_steps_neither_count_nor_break_a_run_of_spikes():
+  rng = np.random.default_rng(7)
+  norms = _lognormal(rng, 120, 0.1)
+  norms[40:80] = np.nan        # 40 NaN steps: no restart at 3 in a row
+  norms[90:92] *= 20.0         # two finite spikes,
+  norms[92] = np.inf           # a non-finite step inside the run,
+  norms[93] *= 20.0            # and the third finite spike restarts
+  skip, _, _ = _check_stream(norms, None, sigma=4.0, window=16, warmup=8,
+                             max_consecutive=3)
+  assert np.all(skip[40:80]) and not np.any(skip[80:90])
+  assert np.all(skip[90:94]) and not np.any(skip[94:102])  # new warm-up
 
 
 @pytest.mark.standard_promotion
@@ -556,9 +578,16 @@ def test_check_says_when_a_run_of_spikes_restarts_the_history():
   assert messages[0].endswith("The guard skipped the step (1 spike in a row, "
                               "1 in total)."), messages[0]
   assert messages[1].endswith(
-      "The guard skipped the step (the last of enough spikes in a row to "
-      "restart the spike history, which now warms up again on the new "
-      "scale, 2 in total)."), messages[1]
+      "The guard skipped the step (2 spikes in a row, enough to restart the "
+      "spike history, which now warms up again on the new scale; 2 in "
+      "total)."), messages[1]
+  # A NaN step is skipped too, but is no run of spikes.
+  _, state = step({"w": jnp.asarray([np.nan, 0.0], jnp.float32)}, state,
+                  params)
+  with pytest.raises(og.GradientExplosionError, match=(
+      r"^Step 4: the gradient norm is nan \(the gradients hold NaN/Inf\)\. "
+      r"The guard skipped the step \(3 in total\)\.$")):
+    og.check(state)
 
 
 def test_check_names_a_loss_spike():
