@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete_number(value: Any) -> float | None:
+def concrete_number(value: Any) -> float | None:
   """Returns `value` as a float, None for a tracer, raises for a non-number."""
   if isinstance(value, jax.core.Tracer):
     return None
@@ -35,7 +35,7 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
                  strict: bool = False, maximum: float | None = None,
                  strict_max: bool = False) -> None:
   """Raises a `ValueError` unless `value` is a real number in the range."""
-  number = _concrete_number(value)
+  number = concrete_number(value)
   if number is None:
     return
   low_ok = number > minimum if strict else number >= minimum

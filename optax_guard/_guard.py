@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_guard import _args
@@ -104,8 +105,9 @@ def guard(
   traced more than once (see `skip_nonfinite`) and its update is written out
   once more (see the benchmark figures in the README). On the fast path the
   optimizer's output is not read back for NaN: guard-aware optimizers turn
-  finite gradients into finite updates (`og.adam` and `og.adamw` refuse
-  `eps = eps_root = 0`, which makes 0/0 of an all-zero gradient).
+  finite gradients into finite updates (`og.adam` and `og.adamw` refuse an
+  `eps` and `eps_root` that are, or round to, 0 in a parameter's dtype,
+  which would make 0/0 of an all-zero gradient).
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
@@ -159,8 +161,12 @@ def guard(
     _args.check_number("max_norm", max_norm)
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
-  _spikes.check_window(spike_window, spike_warmup_steps,
-                       ("spike_window", "spike_warmup_steps"))
+  unused_arrays = spike_sigma is None and any(
+      isinstance(v, (jax.Array, np.ndarray))
+      for v in (spike_window, spike_warmup_steps))
+  if not unused_arrays:  # `optax.inject_hyperparams` makes arrays of them
+    _spikes.check_window(spike_window, spike_warmup_steps,
+                         ("spike_window", "spike_warmup_steps"))
   _args.check_int("spike_max_consecutive", spike_max_consecutive, minimum=1,
                   allow_none=True, injectable=True)
   _args.check_int("max_consecutive", max_consecutive, minimum=1,

@@ -191,16 +191,21 @@ class MetricsLog:
     np.savez(path, **self.to_numpy())
 
   @classmethod
-  def load(cls, path: str | os.PathLike[str]) -> "MetricsLog":
+  def load(cls, path: str | os.PathLike[str], *, lag: int = 2,
+           on_row: Callable[[int, dict[str, np.ndarray]], Any] | None = None
+           ) -> "MetricsLog":
     """Reads a record written by `save`; `record` can then go on adding to it.
 
     Args:
       path: the `.npz` file.
+      lag: as for `MetricsLog`.
+      on_row: as for `MetricsLog`; it sees the steps recorded from now on
+        (the saved ones were streamed when they were recorded).
 
     Returns:
       A `MetricsLog` holding the saved steps.
     """
-    log = cls()
+    log = cls(lag=lag, on_row=on_row)
     with np.load(path) as data:
       if "step" not in data:
         raise ValueError(

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _metrics
 from optax_guard import _stats
 
 
@@ -210,21 +212,46 @@ class AdamState(AdamwState):
   __slots__ = ()
 
 
+def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
+  """Raises when Adam's denominator can be exactly 0 (0/0 = NaN).
+
+  With `eps = eps_root = 0`, or both rounding to 0 in a parameter's dtype
+  (optax's default 1e-8 is 0 in float16), an element whose gradients have
+  all been exactly zero gets NaN as its update. optax allows it; here it
+  would also slip past the guard, which does not read a guard-aware
+  optimizer's update back.
+  """
+  values = (_args.concrete_number(eps), _args.concrete_number(eps_root))
+  if None in values:  # traced (`optax.inject_hyperparams`): unknown here
+    return
+  if params is None:
+    if values == (0.0, 0.0):
+      raise ValueError(
+          "`eps` and `eps_root` are both 0, so an element whose gradients "
+          "have all been exactly zero (a dead unit, a padding embedding) gets "
+          "0/0 = NaN as its update; pass eps > 0 (optax's default is 1e-8) "
+          "or eps_root > 0.")
+    return
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.dtype(_metrics.unwrap(p).dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and not any(
+        np.asarray(v, dtype) for v in values):
+      tiny = float(jnp.finfo(dtype).smallest_subnormal)
+      raise ValueError(
+          f"`eps`={eps!r} and `eps_root`={eps_root!r} round to 0 in {dtype}, "
+          f"the dtype of the parameter {_metrics.path_name(path)!r}, so an "
+          "element whose gradients have all been exactly zero gets 0/0 = NaN "
+          f"as its update; pass eps >= {tiny:.3g} (the smallest {dtype} "
+          "above 0), or keep the parameters in float32 or bfloat16.")
+
+
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
                mask, nesterov, state_type) -> GuardAwareTransformation:
   for name, value in (("b1", b1), ("b2", b2)):
     _args.check_number(name, value, maximum=1.0)
   _args.check_number("eps", eps)
   _args.check_number("eps_root", eps_root)
-  if (isinstance(eps, (int, float)) and isinstance(eps_root, (int, float))
-      and eps == 0 and eps_root == 0):
-    # optax allows it; here it would also defeat the guard, which does not
-    # read a guard-aware optimizer's update back for NaN.
-    raise ValueError(
-        "`eps` and `eps_root` are both 0, so an element whose gradients have "
-        "all been exactly zero (a dead unit, a padding embedding) gets 0/0 = "
-        "NaN as its update; pass eps > 0 (optax's default is 1e-8) or "
-        "eps_root > 0.")
+  _check_denominator(eps, eps_root)
   if not callable(learning_rate):
     _args.check_number("learning_rate", learning_rate)
   if weight_decay is not None and not callable(weight_decay):
@@ -232,6 +259,7 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   mu_dtype = _args.float_dtype("mu_dtype", mu_dtype)
 
   def init_fn(params):
+    _check_denominator(eps, eps_root, params)
     return state_type(
         count=jnp.zeros((), jnp.int32),
         # zeros_like keeps each parameter's sharding and varying-axes type.

@@ -234,6 +234,19 @@ def test_bad_arguments(kwargs, match):
     og.guard(optax.sgd(0.1), **kwargs)
 
 
+def test_inject_hyperparams_with_spikes_off():
+  """`optax.inject_hyperparams` makes arrays of every int argument, the
+  unused `spike_window` default too: with spikes off that is fine."""
+  tx = optax.inject_hyperparams(og.guard, static_args=("inner",))(
+      inner=optax.sgd(0.1), spike_sigma=None, max_norm=1.0)
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  u, state = jax.jit(tx.update)({"w": jnp.full((2,), 3.0)}, tx.init(params),
+                                params)
+  np.testing.assert_allclose(u["w"], -0.1 * np.full(2, 3.0) / np.sqrt(18.0),
+                             rtol=1e-6)  # clipped to norm 1, times -0.1
+  assert int(og.metrics(state)["optim/num_clipped"]) == 1
+
+
 def test_inner_must_be_a_transformation():
   with pytest.raises(ValueError, match=r"`inner` must be an optax "
                      r"GradientTransformation \(with `init` and `update`\), "

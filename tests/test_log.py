@@ -139,6 +139,13 @@ def test_step_numbers_save_and_load(tmp_path):
   np.testing.assert_array_equal(out["step"], [10, 11, 20, 21])
   np.testing.assert_array_equal(out["grad/norm"][-1],
                                 og.metrics(states[3])["grad/norm"])
+  # A resumed log streams the steps recorded after the load.
+  rows = []
+  resumed = og.MetricsLog.load(path, lag=0,
+                               on_row=lambda n, m: rows.append(n))
+  resumed.record(states[3])
+  resumed.record(states[4])
+  assert rows == [21, 22]
 
 
 def test_load_rejects_other_files(tmp_path):

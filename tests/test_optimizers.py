@@ -830,6 +830,31 @@ def test_bad_arguments(factory, kwargs, message):
     factory(**kwargs)
 
 
+@pytest.mark.parametrize("eps", [np.float32(0), jnp.float32(0), np.zeros(())])
+def test_a_zero_eps_is_refused_in_any_scalar_type(eps):
+  with pytest.raises(ValueError, match=r"^`eps` and `eps_root` are both 0"):
+    og.adam(0.1, eps=eps)
+
+
+def test_an_eps_that_rounds_to_zero_in_float16_is_refused_at_init():
+  """1e-8 is 0 in float16: an all-zero gradient would give 0/0 there (as
+  in optax), and the guard does not read this optimizer's update back."""
+  half = {"Dense_0": {"kernel": jnp.zeros((2, 2), jnp.float16)}}
+  with pytest.raises(ValueError, match=re.escape(
+      "`eps`=1e-08 and `eps_root`=0.0 round to 0 in float16, the dtype of the "
+      "parameter 'Dense_0/kernel', so an element whose gradients have all "
+      "been exactly zero gets 0/0 = NaN as its update; pass eps >= 5.96e-08 "
+      "(the smallest float16 above 0), or keep the parameters in float32 or "
+      "bfloat16.")):
+    og.adamw(0.1).init(half)
+  # The same default is fine in bfloat16 (float32's exponent range), and a
+  # representable eps is fine in float16: its 0/0 is gone.
+  og.adamw(0.1).init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), half))
+  tx = og.adam(0.1, eps=1e-7)
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, half), tx.init(half))
+  assert np.all(np.asarray(u["Dense_0"]["kernel"]) == 0)
+
+
 def test_adamw_needs_params():
   params = _params()
   g = jax.tree.map(jnp.ones_like, params)
