@@ -67,7 +67,7 @@ class SkipSpikesState(NamedTuple):
   step: jax.Array             # i32[] updates seen.
   skipped: jax.Array          # bool[] the last step was skipped as a spike.
   num_spikes: jax.Array       # i32[] steps skipped as spikes so far.
-  consecutive: jax.Array      # i32[] spikes in a row, now.
+  consecutive: jax.Array      # i32[] finite spikes in a row, now.
   last_spike_step: jax.Array  # i32[] index of the last spike, -1 if none.
   norms: Window               # accepted global gradient norms.
   losses: Window              # accepted losses (when `loss=` is given).
