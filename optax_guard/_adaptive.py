@@ -254,17 +254,18 @@ def adaptive_grad_clip(
       clip = jnp.isfinite(gn) & (gn > limit)
       factor = jnp.where(clip, limit / jnp.where(clip, gn, 1.0), 1.0)
       out.append((g.astype(jnp.float32) * factor).astype(g.dtype))
-      before.append(gn.reshape(-1))
-      after.append(jnp.where(clip, limit, gn).reshape(-1))
+      # Each leaf's norm first: its unit norms may be sharded (an Explicit
+      # mesh), and arrays of different shardings cannot be concatenated.
+      before.append(_stats.combine_norms(gn.reshape(-1)))
+      after.append(_stats.combine_norms(jnp.where(clip, limit, gn).reshape(-1)))
       fractions.append(jnp.sum(clip, dtype=jnp.int32))
     clipped_units = (jnp.stack(fractions) if fractions
                      else jnp.zeros((0,), jnp.int32))
     total = jnp.sum(clipped_units)
-    cat = lambda xs: (jnp.concatenate(xs) if xs
-                      else jnp.zeros((0,), jnp.float32))
+    stack = lambda xs: (jnp.stack(xs) if xs else jnp.zeros((0,), jnp.float32))
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(
-        grad_norm=_stats.combine_norms(cat(before)),
-        clipped_norm=_stats.combine_norms(cat(after)),
+        grad_norm=_stats.combine_norms(stack(before)),
+        clipped_norm=_stats.combine_norms(stack(after)),
         frac_clipped=_metrics.PerLayer(
             clipped_units.astype(jnp.float32) /
             jnp.asarray(np.maximum(units_of, 1), jnp.float32), names),

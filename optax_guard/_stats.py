@@ -39,6 +39,7 @@ of the typing lives in `varying_axes`, the reduction in `per_leaf`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -82,6 +83,24 @@ def varying_axes(x: Any) -> frozenset[str]:
   if manual is not None:
     return frozenset(manual.varying)
   return frozenset(getattr(aval, "vma", ()))
+
+
+def sharding_spec(x: Any) -> Any:
+  """How `x`'s type shards it over Explicit mesh axes (a `PartitionSpec`).
+
+  Under `jit` on a mesh of Explicit axes (`jax.make_mesh`'s default) the
+  sharding is part of the type, and arrays of different shardings cannot be
+  stacked or concatenated; elsewhere the spec names no axis.
+  """
+  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """`x`, resharded to replicated where its type shards it (see above)."""
+  spec = sharding_spec(x)
+  if spec is None or all(axis is None for axis in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
 def is_typed(axes: tuple[str, ...]) -> bool:
@@ -154,7 +173,7 @@ def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
     if stacked[i]:
       key = ("stacked", i, over(like[i]))
     elif x.size <= _STACK_BELOW:
-      key = (x.shape, x.dtype, over(like[i]))
+      key = (x.shape, x.dtype, sharding_spec(x), over(like[i]))
     else:
       key = ("alone", i, over(like[i]))
     groups.setdefault(key, []).append(i)
@@ -177,7 +196,8 @@ def reduce_blocks(blocks: Blocks, reduce_block: Any, axis_name: AxisName,
   by_typing: dict[tuple[str, ...], tuple[list[Any], list[int]]] = {}
   for block, index, axes in zip(blocks.arrays, blocks.index, blocks.axes):
     parts, order = by_typing.setdefault(axes, ([], []))
-    parts.append(reduce_block(block, index))
+    # Replicated, so that blocks of different shardings concatenate.
+    parts.append(jax.tree.map(replicated, reduce_block(block, index)))
     order.extend(index.tolist())
   reduce = {"sum": lax.psum, "mean": lax.pmean, "max": pmax}[op]
   concatenate = lambda parts: jax.tree.map(lambda *p: jnp.concatenate(p),
@@ -523,7 +543,7 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
     # A plain sum of squares: the reduction XLA:CPU vectorises (~8x faster
     # than the variadic one of the full pass).
     x = block.astype(jnp.float32)
-    size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
+    size = jnp.full((block.shape[0],), math.prod(block.shape[1:]), jnp.float32)
     return jnp.sum(x * x, axis=_rest(block)), size
 
   sumsq, sizes = reduce_blocks(blocks, plain_pass, axis_name, "sum")
@@ -605,7 +625,7 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
     if count_above is not None:
       terms.append(jnp.where(jnp.abs(x) > count_above, 1.0, 0.0))
     reduced = sum_terms(terms, _rest(block))
-    size = jnp.full((block.shape[0],), block[0].size, jnp.float32)
+    size = jnp.full((block.shape[0],), math.prod(block.shape[1:]), jnp.float32)
     return (*reduced, size)
 
   # Sizes ride with the sums so that a sharded leaf's global size comes out.
@@ -645,7 +665,8 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
 
   def histogram(block, _):
     a, axes = _magnitude(block), _rest(block)
-    count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
+    # Replicated counts: a stacked leaf may be sharded along its layers.
+    count = lambda m: replicated(jnp.sum(m, axis=axes, dtype=jnp.int32))
     finite = jnp.isfinite(a)
     # The zero bucket is what the decades leave of the finite elements: XLA
     # may flush a subnormal to zero in one comparison and not in another,

@@ -596,6 +596,77 @@ def test_jit_named_sharding_nonfinite_in_one_shard(bad):
     assert float(m["grad/clip_scale"]) == 1.0, where
 
 
+def _explicit_mesh():
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is None:  # jax without Explicit axes: nothing to test
+    pytest.skip("this jax has no Explicit mesh axes")
+  return jax.make_mesh((NUM_DEVICES,), ("d",),
+                       axis_types=(axis_type.Explicit,))
+
+
+@pytest.mark.standard_promotion  # optax.adamw mixes Python floats and int32
+@pytest.mark.parametrize("make", [
+    lambda: og.guard(og.adamw(1e-2), histogram=True, zscore=True,
+                     stacked=("blocks",)),
+    lambda: og.guard(optax.adamw(1e-2), stacked=("blocks",)),
+    lambda: optax.chain(og.adaptive_grad_clip(0.05), og.autoclip(),
+                        og.zclip(), og.zero_nonfinite(),
+                        og.clip_by_layer_norm(1.0), og.sgd(0.1)),
+], ids=["guard fast path", "guard generic path", "clipping chain"])
+def test_jit_explicit_mesh_leaves_of_one_shape_sharded_differently(make):
+  # On a mesh of Explicit axes (`jax.make_mesh`'s default) the sharding is
+  # part of each array's type: two biases of one shape, one sharded and one
+  # replicated, and layers stacked along a sharded leading axis, cannot be
+  # stacked or concatenated as they are.
+  mesh = _explicit_mesh()
+  rng = np.random.default_rng(12)
+  params = {
+      "kernel": rng.normal(size=(4, 16)).astype(np.float32),  # tensor parallel
+      "bias_a": rng.normal(size=(16,)).astype(np.float32),
+      "bias_b": rng.normal(size=(16,)).astype(np.float32),
+      "blocks": {"kernel": rng.normal(size=(8, 4, 4)).astype(np.float32)},
+  }
+  specs = {"kernel": P(None, "d"), "bias_a": P("d"), "bias_b": P(),
+           "blocks": {"kernel": P("d", None, None)}}
+  grads = [jax.tree.map(lambda p: (rng.normal(size=p.shape) * 0.3).astype(
+      np.float32), params) for _ in range(3)]
+  grads[1]["bias_a"][5] = np.nan  # on device 2 only.
+  put = lambda tree: jax.tree.map(lambda x, s: _put(mesh, x, s), tree, specs)
+  tx = make()
+
+  def run(params, grads, put):
+    state = tx.init(put(params))
+    step = jax.jit(lambda g, s, p: (lambda u, s: (
+        optax.apply_updates(p, u), s, og.metrics(s)))(*tx.update(g, s, p)))
+    p, metrics = put(params), []
+    for g in grads:
+      p, state, m = step(put(g), state, p)
+      metrics.append(jax.device_get(m))
+    return jax.device_get(p), metrics
+
+  with jax.set_mesh(mesh):
+    p_sharded, m_sharded = run(params, grads, put)
+  p_single, m_single = run(params, grads, lambda tree: tree)
+  for got, want in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for step, (got, want) in enumerate(zip(m_sharded, m_single)):
+    assert set(got) == set(want)
+    for name in got:
+      np.testing.assert_allclose(np.asarray(got[name], np.float64),
+                                 np.asarray(want[name], np.float64),
+                                 rtol=1e-5, err_msg=f"{name} at step {step}")
+  if "optim/skipped" in m_sharded[0]:  # a guard: its monitor sees the input
+    m = m_sharded[0]
+    np.testing.assert_allclose(m["grad/norm/bias_b"],
+                               _np_norm(grads[0]["bias_b"]), rtol=RTOL)
+    for layer in range(8):
+      np.testing.assert_allclose(
+          m[f"grad/norm/blocks/kernel/{layer}"],
+          _np_norm(grads[0]["blocks"]["kernel"][layer]), rtol=RTOL)
+    assert int(m_sharded[1]["grad/nonfinite/bias_a"]) == 1
+    assert bool(m_sharded[1]["optim/skipped"])
+
+
 # -------------------------------- 6. monitor with histograms under shard_map
 
 
