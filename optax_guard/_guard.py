@@ -284,9 +284,12 @@ def guard(
     if skip_nonfinite:
       new = new._replace(nonfinite=nonfinite_state)
       if spike_sigma is not None:
-        # As in the chain: the spike history does not see a non-finite step.
-        spikes_state = _skip.select_tree(keep_finite, spikes_state,
-                                         state.spikes)
+        # As in the chain, the spike history does not see a non-finite step;
+        # unlike it, the step counter does, so that `last_spike_step` is the
+        # training step (in the chain, the steps that reached `skip_spikes`).
+        spikes_state = _skip.select_tree(
+            keep_finite, spikes_state,
+            state.spikes._replace(step=spikes_state.step))
     if spike_sigma is not None:
       new = new._replace(spikes=spikes_state)
     if max_norm is not None:

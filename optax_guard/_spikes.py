@@ -68,7 +68,9 @@ class SkipSpikesState(NamedTuple):
   skipped: jax.Array          # bool[] the last step was skipped as a spike.
   num_spikes: jax.Array       # i32[] steps skipped as spikes so far.
   consecutive: jax.Array      # i32[] finite spikes in a row, now.
-  last_spike_step: jax.Array  # i32[] index of the last spike, -1 if none.
+  last_spike_step: jax.Array  # i32[] `step` of the last spike, -1 if none
+  # (in `guard`, the training step; inside a `skip_nonfinite`, which hides
+  # its non-finite steps from it, the steps that reached `skip_spikes`).
   norms: Window               # accepted global gradient norms.
   losses: Window              # accepted losses (when `loss=` is given).
   norm_threshold: jax.Array   # f32[] threshold of the last step (Inf: warm-up).

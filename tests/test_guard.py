@@ -103,6 +103,32 @@ def test_guard_equals_the_chain_of_its_pieces(with_loss):
   assert ("grad/spike_layer" in m1) == zscore
   assert skipped_nan == 2  # steps 12 and 25
   assert skipped_spike == 3  # steps 20, 21 and 33
+  # The guard names the training step of the last spike; in the chain,
+  # `skip_nonfinite` hides its two NaN/Inf steps from `skip_spikes`.
+  assert int(m1["optim/last_spike_step"]) == 33
+  assert int(m2["optim/last_spike_step"]) == 33 - 2
+
+
+@pytest.mark.parametrize("inner", [og.sgd(0.1), optax.sgd(0.1)],
+                         ids=["fast", "generic"])
+def test_check_names_the_training_step_of_a_spike_after_nan_steps(inner):
+  tx = og.guard(inner, zscore=True, zscore_decay=0.5, spike_sigma=3.0,
+                spike_window=8, spike_warmup_steps=4)
+  params = {"a": jnp.zeros((4,), jnp.float32), "b": jnp.zeros((4,), jnp.float32)}
+  state, step = tx.init(params), jax.jit(tx.update)
+  rng = np.random.default_rng(3)
+  for i in range(12):
+    g = {n: jnp.asarray(rng.normal(size=4) * 0.1, jnp.float32) for n in "ab"}
+    if i in (3, 5):
+      g["a"] = g["a"].at[0].set(jnp.nan)
+    if i == 11:
+      g["b"] = g["b"] * 1000.0
+    _, state = step(g, state, params)
+  with pytest.raises(og.GradientExplosionError) as error:
+    og.check(state)
+  assert error.value.step == 11
+  assert str(error.value).startswith("Step 11: the gradient norm ")
+  assert "moved most against its own history: b (z-score" in str(error.value)
 
 
 @pytest.mark.parametrize("inner", [og.sgd(0.1), optax.sgd(0.1)],
