@@ -26,8 +26,12 @@ def concrete_number(value: Any) -> float | None:
   if isinstance(value, numbers.Real):
     return float(value)
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-    if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
-      return float(np.asarray(value))
+    # jnp's dtype tree knows bfloat16 (as `optax.inject_hyperparams` casts
+    # float hyperparameters to bf16 parameters' dtype); numpy's does not.
+    dtype = np.asarray(value).dtype
+    if np.ndim(value) == 0 and (jnp.issubdtype(dtype, jnp.floating) or
+                                jnp.issubdtype(dtype, jnp.integer)):
+      return float(np.asarray(value, np.float64))
   return float("nan")
 
 
@@ -45,9 +49,16 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
     low = f"{'>' if strict else '>='} {minimum:g}"
     high = ("" if maximum is None else
             f" and {'<' if strict_max else '<='} {maximum:g}")
+    hint = ""
+    dtype = getattr(value, "dtype", None)
+    if (dtype is not None and jnp.issubdtype(dtype, jnp.floating) and
+        jnp.dtype(dtype).itemsize < 4):
+      hint = (f" It is a {jnp.dtype(value.dtype).name} value: under "
+              "`optax.inject_hyperparams`, which casts float hyperparameters "
+              "to the parameters' dtype, pass `hyperparam_dtype=jnp.float32`.")
     raise ValueError(
         f"`{name}` must be a finite real number {low}{high}, but got "
-        f"{value!r}.")
+        f"{value!r}.{hint}")
 
 
 def check_int(name: str, value: Any, *, minimum: int,

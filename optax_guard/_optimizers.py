@@ -248,7 +248,8 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
                mask, nesterov, state_type) -> GuardAwareTransformation:
   for name, value in (("b1", b1), ("b2", b2)):
-    _args.check_number(name, value, maximum=1.0)
+    # At 1 the bias correction `1 - b**t` is 0, and every update 0/0 = NaN.
+    _args.check_number(name, value, maximum=1.0, strict_max=True)
   _args.check_number("eps", eps)
   _args.check_number("eps_root", eps_root)
   _check_denominator(eps, eps_root)

@@ -453,6 +453,36 @@ def test_inject_hyperparams_every_default_like_optax():
       _assert_close(optax.tree.get(s1, key), optax.tree.get(s2, key), key)
 
 
+def test_inject_hyperparams_with_bfloat16_params():
+  """`optax.inject_hyperparams` casts float hyperparameters to bf16 params'
+  dtype: a value that stays valid there is accepted (a bf16 array is a
+  number), one that rounds out of range (b2 = 0.999 -> 1.0, which makes
+  every update 0/0) is refused at init with the way out."""
+  params = {"w": jnp.ones((4,), jnp.bfloat16)}
+  grads = {"w": jnp.full((4,), 0.5, jnp.bfloat16)}
+  guarded = optax.inject_hyperparams(og.guard, static_args=("spike_window",))(
+      og.sgd(0.5), max_norm=0.25)
+  updates, _ = jax.jit(guarded.update)(grads, guarded.init(params), params)
+  # Clipped to norm 0.25 (elements 0.125), then -0.5 * g.
+  np.testing.assert_array_equal(np.asarray(updates["w"], np.float32),
+                                np.full((4,), -0.0625, np.float32))
+  with pytest.raises(ValueError, match=(
+      r"`b2` must be a finite real number >= 0 and < 1, but got "
+      r"Array\(1, dtype=bfloat16\)\. It is a bfloat16 value: under "
+      r"`optax.inject_hyperparams`.*pass `hyperparam_dtype=jnp.float32`\.")):
+    optax.inject_hyperparams(og.adamw)(learning_rate=1e-3).init(params)
+  injected = optax.inject_hyperparams(og.adamw, hyperparam_dtype=F32)(
+      learning_rate=1e-3)
+  injected.init(params)
+
+
+@pytest.mark.parametrize("name", ["b1", "b2"])
+def test_a_moment_decay_of_one_is_refused(name):
+  with pytest.raises(ValueError, match=(
+      f"`{name}` must be a finite real number >= 0 and < 1, but got 1.0.")):
+    og.adamw(1e-3, **{name: 1.0})
+
+
 # =========================== 4. guard: fast path == generic path
 
 
