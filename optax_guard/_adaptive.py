@@ -224,6 +224,7 @@ def adaptive_grad_clip(
     _args.require_params(params, "adaptive_grad_clip")
     names = state.frac_clipped.names
     _metrics.check_layers(updates, names, "adaptive_grad_clip")
+    _metrics.check_same_tree(updates, params, "adaptive_grad_clip")
     axes = _stats.axis_names(axis_name)
     g_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = treedef.flatten_up_to(params)

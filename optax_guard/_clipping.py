@@ -55,7 +55,7 @@ def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
 class ClipByGlobalNormState(NamedTuple):
   """State of `clip_by_global_norm`."""
   grad_norm: jax.Array    # f32[] global norm before clipping, last step.
-  scale: jax.Array        # f32[] factor applied at the last step (1 = none).
+  clip_scale: jax.Array   # f32[] factor applied at the last step (1 = none).
   clipped_norm: jax.Array  # f32[] global norm after clipping, last step.
   num_clipped: jax.Array  # i32[] steps clipped so far.
   nonfinite: jax.Array    # bool[] the last step's gradients were not finite.
@@ -64,7 +64,7 @@ class ClipByGlobalNormState(NamedTuple):
     return {
         "grad/norm": self.grad_norm,
         "grad/norm_clipped": self.clipped_norm,
-        "grad/clip_scale": self.scale,
+        "grad/clip_scale": self.clip_scale,
         "optim/num_clipped": self.num_clipped,
     }
 
@@ -73,7 +73,7 @@ def global_clip_init() -> ClipByGlobalNormState:
   """A `ClipByGlobalNormState` before any step."""
   return ClipByGlobalNormState(
       grad_norm=jnp.zeros((), jnp.float32),
-      scale=jnp.ones((), jnp.float32),
+      clip_scale=jnp.ones((), jnp.float32),
       clipped_norm=jnp.zeros((), jnp.float32),
       num_clipped=jnp.zeros((), jnp.int32),
       nonfinite=jnp.zeros((), jnp.bool_))
@@ -85,7 +85,7 @@ def record_global_clip(state: ClipByGlobalNormState, norm: jax.Array,
   """The new state of a clip that saw `norm` and applied `factors`."""
   a, b = factors
   return ClipByGlobalNormState(
-      grad_norm=norm, scale=a * b, clipped_norm=(norm * a) * b,
+      grad_norm=norm, clip_scale=a * b, clipped_norm=(norm * a) * b,
       num_clipped=_stats.count_if(a < 1.0, state.num_clipped),
       nonfinite=~jnp.isfinite(norm))
 

@@ -108,20 +108,18 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
 
   def init_fn(params):
     _mask_leaves(mask, params, factory)  # a bad mask fails here
-    return state_type(count=jnp.zeros((), jnp.int32),
+    return state_type(step=jnp.zeros((), jnp.int32),
                       rate=jnp.zeros((), jnp.float32),
                       penalty=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _args.require_params(params, factory)
+    _metrics.check_same_tree(updates, params, factory)
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
-    if len(p_leaves) != len(u_leaves):
-      _metrics.check_layers(updates, _metrics.layer_names(params),
-                            factory)
     flags = _mask_leaves(mask, params, factory)
-    r = jnp.asarray(rate(state.count) if callable(rate) else rate,
+    r = jnp.asarray(rate(state.step) if callable(rate) else rate,
                     jnp.float32)
     out, chosen = [], []
     for u, p, flag in zip(u_leaves, p_leaves, flags):
@@ -142,14 +140,14 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = 0.5 * r * jnp.square(norm)
     return jax.tree.unflatten(treedef, out), state_type(
-        count=optax.safe_increment(state.count), rate=r, penalty=penalty)
+        step=optax.safe_increment(state.step), rate=r, penalty=penalty)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class AddDecayedWeightsState(NamedTuple):
   """State of `add_decayed_weights`."""
-  count: jax.Array    # i32[] steps taken (the schedule's argument).
+  step: jax.Array     # i32[] steps taken (the schedule's argument).
   rate: jax.Array     # f32[] the decay rate of the last step.
   penalty: jax.Array  # f32[] rate/2 * ||W||^2 over the decayed leaves.
 
@@ -163,7 +161,7 @@ class AddL2PenaltyState(AddDecayedWeightsState):
 
 class AddL1PenaltyState(NamedTuple):
   """State of `add_l1_penalty`."""
-  count: jax.Array    # i32[] steps taken (the schedule's argument).
+  step: jax.Array     # i32[] steps taken (the schedule's argument).
   rate: jax.Array     # f32[] the penalty rate of the last step.
   penalty: jax.Array  # f32[] rate * ||W||_1 over the penalised leaves.
 

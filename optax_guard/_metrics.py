@@ -126,10 +126,11 @@ def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
 
 def check_layers(tree: Any, names: tuple[str, ...], factory: str,
                  stacked: Stacked = None,
-                 naming: Callable[[Any], tuple[str, ...]] | None = None
-                 ) -> None:
+                 naming: Callable[[Any], tuple[str, ...]] | None = None,
+                 *, names_from: str = "was initialised with") -> None:
   """Raises when `tree` has not the layers the state was initialised with
-  (`naming`: how entries are named, if not `layer_names`)."""
+  (`naming`: how entries are named, if not `layer_names`; `names_from`: where
+  `names` came from, for the message)."""
   got = tuple(naming(tree) if naming is not None
               else layer_names(tree, stacked))
   # Names, not only their number: the per-layer values are labelled by the
@@ -146,9 +147,23 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
   else:
     what = "updates with the same layers in another order"
   raise ValueError(
-      f"`{factory}` was initialised with {len(names)} parameter layers but "
+      f"`{factory}` {names_from} {len(names)} parameter layers but "
       f"got {what}; the trees must match. Only in the parameters: "
       f"{missing or 'none'}; only in the updates: {extra or 'none'}.")
+
+
+def check_same_tree(updates: Any, params: Any, factory: str) -> None:
+  """Raises unless `updates` and `params` have the same layers and shapes
+  (their leaves are paired by position). Static: free per step."""
+  names = layer_names(params)
+  check_layers(updates, names, factory, names_from="was called with")
+  for name, u, p in zip(names, jax.tree.leaves(updates),
+                        jax.tree.leaves(params)):
+    if np.shape(u) != np.shape(unwrap(p)):
+      raise ValueError(
+          f"`{factory}` got an update of shape {np.shape(u)} for the "
+          f"parameter {name!r} of shape {np.shape(unwrap(p))}; each update "
+          "must have its parameter's shape.")
 
 
 # How layers are summed into named groups: a function from a layer name

@@ -268,7 +268,7 @@ def test_autoclip_matches_the_paper_step_by_step(percentile, window):
                                      window=window)(norms))
   thresholds, scales = _autoclip_reference(norms, percentile, window)
   np.testing.assert_allclose(s.threshold, thresholds, rtol=2e-6)
-  np.testing.assert_allclose(s.clip.scale, scales, rtol=2e-6)
+  np.testing.assert_allclose(s.clip.clip_scale, scales, rtol=2e-6)
   finite = np.isfinite(norms)
   np.testing.assert_allclose(_applied_norm(u)[finite],
                              (norms * scales)[finite], rtol=2e-6)
@@ -285,7 +285,7 @@ def test_autoclip_first_steps_and_all_zero_gradients():
   state = tx.init(zeros)
   assert float(state.threshold) == np.inf
   g, state = tx.update(zeros, state)  # step 0, all zero
-  assert float(state.threshold) == 0.0 and float(state.clip.scale) == 1.0
+  assert float(state.threshold) == 0.0 and float(state.clip.clip_scale) == 1.0
   np.testing.assert_array_equal(g["w"], 0.0)
   g, state = tx.update({"w": jnp.array([3.0, 4.0, 0.0])}, state)
   # history [0, 5]: its 10th percentile is 0.5
@@ -385,7 +385,7 @@ def test_zclip_matches_the_paper_step_by_step(mode, alpha, z_thresh, warmup,
                                 ref["spike"])
   assert ref["spike"].sum() >= 10  # the planted spikes are found
   np.testing.assert_allclose(s.threshold, ref["threshold"], rtol=1e-5)
-  np.testing.assert_allclose(s.clip.scale, ref["scale"], rtol=1e-5)
+  np.testing.assert_allclose(s.clip.clip_scale, ref["scale"], rtol=1e-5)
   np.testing.assert_allclose(s.zscore, ref["z"], rtol=1e-4, atol=1e-5)
   started = ~np.isnan(ref["mean"])
   np.testing.assert_allclose(s.mean[started], ref["mean"][started],

@@ -152,7 +152,7 @@ def test_nonfinite_element_passes_unscaled_and_is_recorded(bad):
   assert not np.isfinite(got["a"][1])
   assert bool(state.nonfinite)
   assert not np.isfinite(og.metrics(state)["grad/norm"])
-  assert int(state.num_clipped) == 0 and float(state.scale) == 1.0
+  assert int(state.num_clipped) == 0 and float(state.clip_scale) == 1.0
 
 
 def test_layer_norm_against_numpy():

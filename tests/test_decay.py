@@ -164,7 +164,7 @@ def test_schedules_follow_the_step():
       jax.tree.map(lambda u, gg, dd: np.testing.assert_allclose(
           u, gg + rate * dd, rtol=1e-6, atol=1e-7), out, g, d)
       np.testing.assert_allclose(state.rate, rate, atol=1e-7)
-    assert int(state.count) == 6
+    assert int(state.step) == 6
 
 
 def test_mask_as_tree_callable_and_none():
@@ -213,6 +213,23 @@ def test_errors():
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
                        r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)
+    # Updates are paired with parameters by position: trees must match.
+    state = tx.init(params)
+    renamed = {("Other_0" if k == "Embed_0" else k): v
+               for k, v in params.items()}
+    with pytest.raises(ValueError, match=rf"`{name}` was called with 6 "
+                       r"parameter layers but got updates with other layers; "
+                       r"the trees must match\. Only in the parameters: "
+                       r"\['Embed_0/embedding'\]; only in the updates: "
+                       r"\['Other_0/embedding'\]\."):
+      tx.update(renamed, state, params)
+    wrong = jax.tree.map(lambda x: x, params)
+    wrong["Dense_0"]["bias"] = jnp.zeros((3, 4), jnp.float32)  # broadcasts
+    with pytest.raises(ValueError, match=(
+        rf"`{name}` got an update of shape \(3, 4\) for the parameter "
+        r"'Dense_0/bias' of shape \(4,\); each update must have its "
+        r"parameter's shape\.")):
+      tx.update(wrong, state, params)
 
 
 def test_penalty_value_under_shard_map_counts_a_sharded_kernel_once_per_shard():

@@ -140,7 +140,7 @@ def test_shard_map_clip_global_norm_counts_replicated_bias_once(clip_fraction):
 
   assert isinstance(state, og.ClipByGlobalNormState)
   np.testing.assert_allclose(float(state.grad_norm), true_norm, rtol=RTOL)
-  np.testing.assert_allclose(float(state.scale), scale, rtol=RTOL)
+  np.testing.assert_allclose(float(state.clip_scale), scale, rtol=RTOL)
   assert int(state.num_clipped) == (1 if scale < 1.0 else 0)
   assert not bool(state.nonfinite)
   np.testing.assert_allclose(np.asarray(clipped["kernel"]),
@@ -454,7 +454,7 @@ def test_pmap_one_device_nonfinite_is_seen_by_all(bad):
   assert np.all(np.asarray(s_clip.nonfinite))
   assert np.all(~np.isfinite(np.asarray(s_clip.grad_norm)))
   # A non-finite norm is left to the non-finite defences: no clipping.
-  np.testing.assert_array_equal(np.asarray(s_clip.scale),
+  np.testing.assert_array_equal(np.asarray(s_clip.clip_scale),
                                 np.ones(NUM_DEVICES, np.float32))
 
 

@@ -233,12 +233,13 @@ def test_signatures_match_optax():
       assert ours[key].default == theirs[key].default, (name, key)
 
 
+@pytest.mark.standard_promotion  # optax's reduce_on_plateau mixes dtypes
 def test_optax_tree_get_reads_our_states():
   params = _params()
   g = jax.tree.map(jnp.ones_like, params)
 
-  def one_step(tx):
-    return jax.jit(tx.update)(g, tx.init(params), params)[1]
+  def one_step(tx, **extra):
+    return jax.jit(tx.update)(g, tx.init(params), params, **extra)[1]
 
   state = one_step(og.adamw(1e-2))
   assert int(optax.tree.get(state, "count")) == 1
@@ -247,10 +248,16 @@ def test_optax_tree_get_reads_our_states():
   state = one_step(og.sgd(0.1, momentum=0.9))
   assert int(optax.tree.get(state, "count")) == 1
   chex.assert_trees_all_equal(optax.tree.get(state, "trace"), state.trace)
-  # Inside a chain.
-  state = one_step(optax.chain(og.clip_by_global_norm(1.0), og.adam(1e-2)))
+  # Inside a chain, beside every other piece: no field of theirs clashes
+  # with optax's `count` or with `reduce_on_plateau`'s `scale`.
+  pieces = (og.monitor(), og.clip_by_global_norm(1.0),
+            og.add_decayed_weights(0.1), og.add_l1_penalty(0.1))
+  state = one_step(optax.chain(*pieces, og.adam(1e-2)))
   assert int(optax.tree.get(state, "count")) == 1
-  chex.assert_trees_all_equal(optax.tree.get(state, "mu"), state[1].mu)
+  chex.assert_trees_all_equal(optax.tree.get(state, "mu"), state[-1].mu)
+  state = one_step(optax.chain(*pieces, optax.contrib.reduce_on_plateau()),
+                   value=jnp.float32(1.0))
+  assert float(optax.tree.get(state, "scale")) == 1.0
 
 
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
@@ -834,9 +841,9 @@ def test_fast_path_needs_no_parameter_sized_temporary(name):
     (og.sgd, {"learning_rate": -0.5},
      "`learning_rate` must be a finite real number >= 0, but got -0.5."),
     (og.adamw, {"learning_rate": 0.1, "b1": 1.5},
-     "`b1` must be a finite real number >= 0 and <= 1, but got 1.5."),
+     "`b1` must be a finite real number >= 0 and < 1, but got 1.5."),
     (og.adam, {"learning_rate": 0.1, "b2": -0.1},
-     "`b2` must be a finite real number >= 0 and <= 1, but got -0.1."),
+     "`b2` must be a finite real number >= 0 and < 1, but got -0.1."),
     (og.adamw, {"learning_rate": 0.1, "eps": -1e-8},
      "`eps` must be a finite real number >= 0, but got -1e-08."),
     (og.adam, {"learning_rate": 0.1, "eps": 0.0},
