@@ -34,6 +34,7 @@ def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
   under `pmap`, where nothing is typed, the devices agree on the largest loss
   (the worst device decides, as for every statistic there).
   """
+  _stats.check_varying_covered(loss, axis_name, "loss (`loss=`)")
   return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
 
 

@@ -105,7 +105,15 @@ def replicated(x: jax.Array) -> jax.Array:
 
 def is_typed(axes: tuple[str, ...]) -> bool:
   """Whether values are typed with their varying axes here (shard_map)."""
-  return all(a in varying_axes(lax.axis_index(a)) for a in axes)
+  try:
+    return all(a in varying_axes(lax.axis_index(a)) for a in axes)
+  except NameError:  # JAX's "unbound axis name", which names axis_index
+    raise ValueError(
+        f"axis_name={axes[0] if len(axes) == 1 else axes!r} names a mesh "
+        "axis that is not bound where the update runs: pass axis_name only "
+        "inside `jax.shard_map` or `jax.pmap` over those axes; under plain "
+        "`jax.jit` with sharded arrays leave axis_name=None (the statistics "
+        "are then global by construction).") from None
 
 
 def pmax(values: Any, axes: tuple[str, ...]) -> Any:
@@ -316,19 +324,21 @@ def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
   return jnp.where(flag, optax.safe_increment(counter), counter)
 
 
-def check_varying_covered(tree: Any, axis_name: AxisName) -> None:
-  """Raises when a leaf varies along a mesh axis that `axis_name` omits."""
+def check_varying_covered(tree: Any, axis_name: AxisName,
+                          what: str = "gradient leaf") -> None:
+  """Raises when a leaf varies along a mesh axis that `axis_name` omits
+  (`what`: the kind of leaf, for the message; a bare array is named by it)."""
   axes = set(axis_names(axis_name))
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   for path, leaf in paths:
     missing = sorted(varying_axes(leaf) - axes)
     if missing:
-      name = _metrics.path_name(path)
+      name = f"{what} {_metrics.path_name(path)!r}" if path else what
       raise ValueError(
-          f"The gradient leaf {name!r} varies along mesh axes "
-          f"{missing} that axis_name={axis_name!r} does not name, so its "
-          "statistics would differ from device to device; pass every mesh "
-          "axis the gradients vary along, e.g. "
+          f"The {name} varies along mesh axes {missing} that "
+          f"axis_name={axis_name!r} does not name, so its statistics (and "
+          "the decisions taken on them) would differ from device to device; "
+          "pass every mesh axis it varies along, e.g. "
           f"axis_name={tuple(sorted(axes | set(missing)))!r}.")
 
 

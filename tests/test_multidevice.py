@@ -414,6 +414,48 @@ def test_2d_mesh_axis_name_missing_model_axis_raises(make):
   assert "('data', 'model')" in message  # the suggested fix
 
 
+def test_a_loss_varying_along_an_axis_that_axis_name_omits_raises():
+  # Replicated parameters give invariant gradients, but a loss computed on a
+  # batch sharded over both axes varies along both: averaged over "data"
+  # only, the devices of each "model" index would decide apart.
+  mesh = _mesh2d()
+  tx = og.guard(og.sgd(0.1), axis_name="data")
+  params = {"w": jnp.ones((4,), jnp.float32)}
+
+  def step(p, batch):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean((batch @ p) ** 2))(p)
+    grads = lax.pmean(grads, ("data", "model"))
+    return tx.update(grads, tx.init(p), p, loss=loss)[0]
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh,
+                             in_specs=(P(), P("data", "model")),
+                             out_specs=P()))
+  batch = _put(mesh, np.ones((8, 8), np.float32), P("data", "model"))
+  with pytest.raises(ValueError, match=(
+      r"The loss \(`loss=`\) varies along mesh axes \['model'\] that "
+      r"axis_name='data' does not name, so its statistics \(and the "
+      r"decisions taken on them\) would differ from device to device; pass "
+      r"every mesh axis it varies along, e.g\. "
+      r"axis_name=\('data', 'model'\)\.")):
+    fn(_put(mesh, params["w"], P()), batch)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: og.clip_by_global_norm(1.0, axis_name="data"),
+    lambda: og.guard(og.adamw(1e-3), axis_name=("data", "model")),
+], ids=["clip", "guard"])
+def test_axis_name_outside_shard_map_or_pmap_is_a_clear_error(make):
+  tx = make()
+  params = {"w": jnp.ones((4,), jnp.float32)}
+  with pytest.raises(ValueError, match=(
+      r"axis_name=.* names a mesh axis that is not bound where the update "
+      r"runs: pass axis_name only inside `jax.shard_map` or `jax.pmap` over "
+      r"those axes; under plain `jax.jit` with sharded arrays leave "
+      r"axis_name=None")):
+    jax.jit(tx.update)(params, tx.init(params), params)
+
+
 # ------------------------------------------------------------------ 4. pmap
 
 
