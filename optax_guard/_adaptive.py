@@ -19,6 +19,7 @@ import optax
 from optax_guard import _args
 from optax_guard import _clipping
 from optax_guard import _metrics
+from optax_guard import _skip
 from optax_guard import _spikes
 from optax_guard import _stats
 
@@ -390,17 +391,17 @@ class ZclipState(NamedTuple):
   clip: _clipping.ClipByGlobalNormState  # what the last step saw and did.
   warmup: _spikes.Window  # the first `warmup_steps` finite norms.
   mean: jax.Array         # f32[] EMA of the (clipped) norm, after warm-up.
-  var: jax.Array          # f32[] EMA of its squared deviation.
+  std: jax.Array          # f32[] square root of the EMA of its squared
+                          # deviation (kept as a root: no overflow).
   zscore: jax.Array       # f32[] the last step's z-score (0 in warm-up).
   threshold: jax.Array    # f32[] norm above which the last step was clipped.
   num_spikes: jax.Array   # i32[] steps whose z-score exceeded `z_thresh`.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
-    xp = _metrics.array_module(self.var)
     return {**self.clip._og_metrics(),
             "grad/clip_threshold": self.threshold,
             "grad/norm_ema": self.mean,
-            "grad/norm_ema_std": xp.sqrt(self.var),
+            "grad/norm_ema_std": self.std,
             "grad/zscore": self.zscore,
             "optim/num_spikes": self.num_spikes}
 
@@ -416,6 +417,12 @@ def zclip(
   code. Warm-up: the first `warmup_steps` finite global norms are collected
   (not clipped, except by `max_norm`); then the mean :math:`\mu` and the
   (population) variance :math:`\sigma^2` of those norms start the EMAs.
+  One departure: when those norms are all equal (all zero, as while the
+  gradients are masked), they give no spread to measure against, and the
+  authors' code would clip every later, larger norm down to their mean for
+  good (to zero after an all-zero warm-up); here the warm-up starts again
+  instead. The statistics are kept in float32 without overflow: a finite
+  norm up to float32's largest leaves them finite (the authors use float64).
   Afterwards, for each norm :math:`g`, with
   :math:`z = (g - \mu) / (\sigma + 10^{-6})`:
 
@@ -481,7 +488,7 @@ def zclip(
     zero = lambda: jnp.zeros((), jnp.float32)
     return ZclipState(clip=_clipping.global_clip_init(),
                       warmup=_spikes.window_init(warmup_steps),
-                      mean=zero(), var=zero(), zscore=zero(),
+                      mean=zero(), std=zero(), zscore=zero(),
                       threshold=jnp.full((), jnp.inf, jnp.float32),
                       num_spikes=jnp.zeros((), jnp.int32))
 
@@ -494,7 +501,7 @@ def zclip(
     ready = state.warmup.num_accepted >= warmup_steps
 
     # After warm-up: the z-score test against the EMAs.
-    std = jnp.sqrt(state.var)
+    std = state.std
     z = (norm - state.mean) / (std + _ZCLIP_EPS)
     if mode == "percentile":
       threshold = state.mean + zt * std
@@ -508,17 +515,27 @@ def zclip(
     spike = ready & finite & spike
     seen = jnp.where(spike, target, norm)  # what the EMAs learn from
     mean = a * state.mean + (1.0 - a) * seen
-    var = a * state.var + (1.0 - a) * jnp.square(seen - mean)
+    # sqrt(a * std**2 + (1 - a) * (seen - mean)**2), without squaring: a
+    # finite norm above ~1.8e19 would make the variance Inf for good.
+    std = jnp.hypot(jnp.sqrt(a) * std, jnp.sqrt(1.0 - a) * (seen - mean))
     learn = ready & finite
     mean = jnp.where(learn, mean, state.mean)
-    var = jnp.where(learn, var, state.var)
+    std = jnp.where(learn, std, state.std)
 
-    # During warm-up: collect, and start the EMAs when the window is full.
+    # During warm-up: collect, and start the EMAs when the window is full,
+    # unless its norms are all equal (see the docstring): then warm up again.
     warmup = _spikes.window_push(state.warmup, norm, ~ready & finite)
-    start = ~ready & (warmup.num_accepted >= warmup_steps)
-    first = jnp.mean(warmup.values)
+    full = ~ready & (warmup.num_accepted >= warmup_steps)
+    first = jnp.sum(warmup.values / warmup_steps)  # no overflow in the sum
+    deviations = warmup.values - first
+    top = jnp.max(jnp.abs(deviations))
+    spread = jnp.where(top > 0, top * jnp.sqrt(jnp.mean(jnp.square(
+        deviations / jnp.where(top > 0, top, 1.0)))), 0.0)
+    start = full & (spread > 0)
+    warmup = _skip.select_tree(full & ~start,
+                               _spikes.window_init(warmup_steps), warmup)
     mean = jnp.where(start, first, mean)
-    var = jnp.where(start, jnp.mean(jnp.square(warmup.values - first)), var)
+    std = jnp.where(start, spread, std)
 
     limit = jnp.where(spike, target, jnp.inf)
     threshold = jnp.where(ready, threshold, jnp.inf)
@@ -527,7 +544,7 @@ def zclip(
       threshold = jnp.minimum(threshold, f32(max_norm))
     updates, clip = _clip_to(updates, norm, limit, state.clip)
     return updates, ZclipState(
-        clip=clip, warmup=warmup, mean=mean, var=var,
+        clip=clip, warmup=warmup, mean=mean, std=std,
         zscore=jnp.where(ready & finite, z, 0.0), threshold=threshold,
         num_spikes=_stats.count_if(spike, state.num_spikes))
 

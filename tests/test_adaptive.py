@@ -390,7 +390,8 @@ def test_zclip_matches_the_paper_step_by_step(mode, alpha, z_thresh, warmup,
   started = ~np.isnan(ref["mean"])
   np.testing.assert_allclose(s.mean[started], ref["mean"][started],
                              rtol=1e-5)
-  np.testing.assert_allclose(s.var[started], ref["var"][started], rtol=1e-4)
+  np.testing.assert_allclose(s.std[started], np.sqrt(ref["var"][started]),
+                             rtol=1e-4)
   finite = np.isfinite(norms)
   np.testing.assert_allclose(_applied_norm(u)[finite],
                              (norms * ref["scale"])[finite], rtol=1e-5)
@@ -413,19 +414,56 @@ def test_zclip_modes_differ_as_the_paper_says():
   np.testing.assert_allclose(cut["percentile"], 1.5 + 2 * 0.5, rtol=1e-6)
 
 
-def test_zclip_step_zero_all_zero_gradients_and_nan_steps():
-  tx = og.zclip(warmup_steps=3)
+def test_zclip_an_all_zero_warm_up_starts_again_instead_of_zeroing_for_good():
+  # The authors' rule would start the EMAs at mean 0, std 0 and clip every
+  # later norm to 0 (z = g / 1e-6) for good; here the warm-up starts again.
+  tx = og.zclip(warmup_steps=3, alpha=0.5)
   zeros = {"w": jnp.zeros(2)}
   state = tx.init(zeros)
-  for _ in range(5):  # warm-up on zeros, then zeros again
-    g, state = tx.update(zeros, state)
+  step = jax.jit(tx.update)
+  for _ in range(5):  # 3 zeros end a warm-up of no spread: 2 more collected
+    g, state = step(zeros, state)
     np.testing.assert_array_equal(g["w"], 0.0)
-  assert float(state.mean) == 0.0 and float(state.var) == 0.0
-  assert float(state.zscore) == 0.0
+  assert int(state.warmup.num_accepted) == 2
+  assert float(state.threshold) == np.inf and int(state.num_spikes) == 0
+  # Two real gradients: the window (0, 0 and 3) has a spread; the EMAs start.
+  g, state = step({"w": jnp.array([3.0, 0.0])}, state)
+  np.testing.assert_array_equal(g["w"], [3.0, 0.0])
+  np.testing.assert_allclose(float(state.mean), 1.0)
+  np.testing.assert_allclose(float(state.std), math.sqrt(2.0), rtol=1e-6)
+  g, state = step({"w": jnp.array([2.0, 0.0])}, state)  # z = 0.71: kept
+  np.testing.assert_array_equal(g["w"], [2.0, 0.0])
+
+
+def test_zclip_a_huge_finite_norm_in_warm_up_does_not_switch_it_off():
+  # A norm of 1e20 squares to Inf in float32: a variance kept as such would
+  # stay Inf and no spike would ever be clipped again.
+  norms = np.asarray([1.0, 1.5, 1e20] + [1.0 + 0.1 * (i % 3)
+                                         for i in range(T - 4)] + [1e6],
+                     np.float32)
+  s, u = jax.device_get(_scan_runner(og.zclip, alpha=0.5, z_thresh=2.5,
+                                     mode="reciprocal", warmup_steps=3)(norms))
+  ref = _zclip_reference(norms, alpha=0.5, z_thresh=2.5, mode="reciprocal",
+                         warmup=3)
+  assert np.all(np.isfinite(s.std)) and ref["spike"][-1]
+  np.testing.assert_allclose(s.std[2:], np.sqrt(ref["var"][2:]), rtol=1e-4)
+  np.testing.assert_allclose(s.clip.clip_scale, ref["scale"], rtol=1e-4)
+  assert _applied_norm(u)[-1] < 2.0  # the 1e6 spike is cut to ~mu
+
+
+def test_zclip_step_zero_gradients_and_nan_steps():
+  tx = og.zclip(warmup_steps=3)
+  norms = ({"w": jnp.array([0.0, 1.0])}, {"w": jnp.array([0.0, 2.0])},
+           {"w": jnp.array([0.0, 1.0])}, {"w": jnp.zeros(2)})
+  state = tx.init(norms[0])
+  for g in norms:  # warm-up, then an all-zero gradient (z < 0: kept)
+    out, state = tx.update(g, state)
+    np.testing.assert_array_equal(out["w"], g["w"])
+  assert float(state.zscore) < 0
   assert np.isfinite(float(state.threshold))
   before = state
   g, state = tx.update({"w": jnp.array([NAN, 1.0])}, state)
-  for field in ("warmup", "mean", "var", "num_spikes"):
+  for field in ("warmup", "mean", "std", "num_spikes"):
     jax.tree.map(np.testing.assert_array_equal, getattr(state, field),
                  getattr(before, field))
   assert bool(state.clip.nonfinite) and g["w"][1] == 1.0
@@ -437,7 +475,7 @@ def test_zclip_a_nan_during_warm_up_is_not_collected():
   for n in (1.0, NAN, 3.0):
     _, state = tx.update({"w": jnp.array([n])}, state)
   np.testing.assert_allclose(float(state.mean), 2.0)
-  np.testing.assert_allclose(float(state.var), 1.0)
+  np.testing.assert_allclose(float(state.std), 1.0)
 
 
 def test_zclip_errors():
