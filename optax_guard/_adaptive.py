@@ -46,8 +46,12 @@ def default_unit_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The axes that index the units of a Flax parameter (see `adaptive_grad_clip`)."""
   if len(shape) <= 1:
     return ()  # a scalar, bias or normalisation scale is one unit
-  if len(shape) == 3 and _QKV & set(name.split("/")[:-1]):
-    return (1, 2)  # attention q/k/v projection [features, heads, head_dim]
+  parts = name.split("/")
+  if len(shape) == 3 and len(parts) >= 2 and parts[-2] in _QKV:
+    # The kernel of a q/k/v projection of Flax's attention, `.../query/kernel`
+    # [features, heads, head_dim] (an ancestor named `value` alone, as in
+    # `value/Conv_0/kernel`, says nothing).
+    return (1, 2)
   return (len(shape) - 1,)  # Dense [in, out], Conv [..., in, out], out-proj
 
 
@@ -61,8 +65,13 @@ def _resolve_unit_axes(params: Any, unit_axes: UnitAxes
     given = [None if unit_axes is None else unit_axes(n, s)
              for n, s in zip(names, shapes)]
   else:
+    # Inside `optax.masked` the parameters left out are `MaskedNode`s: the
+    # tree of the whole model still matches, and their entries are dropped.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    entries, outline = jax.tree.flatten(params, is_leaf=masked)
     try:
-      given = treedef.flatten_up_to(unit_axes)
+      given = [axes for axes, x in zip(outline.flatten_up_to(unit_axes),
+                                       entries) if not masked(x)]
     except (ValueError, TypeError) as e:
       raise ValueError(
           "`unit_axes` must be a callable `(name, shape) -> axes` or a tree "
@@ -147,9 +156,10 @@ def adaptive_grad_clip(
     with several input axes such as an attention output projection
     `[heads, head_dim, features]`, an embedding `[vocab, features]` and a
     `(1, N)` kernel: the last axis (one unit per output feature or channel);
-  * a 3-D kernel inside a module named `query`, `key` or `value` (Flax's
-    attention projections, DenseGeneral `[features, heads, head_dim]`): the
-    last two axes (one unit per head and head feature).
+  * a 3-D kernel of a module named `query`, `key` or `value` (Flax's
+    attention projections `.../query/kernel`, DenseGeneral
+    `[features, heads, head_dim]`): the last two axes (one unit per head and
+    head feature).
 
   The NFNets reference code and `optax.adaptive_grad_clip` reduce every 3-D
   kernel over axis 0 (right for q/k/v, wrong for a Conv1D `[width, in, out]`,

@@ -51,6 +51,7 @@ LAYOUTS = {
     "attn/query/kernel": ((8, 2, 4), (0,)),        # [features, heads, dim]
     "attn/key/kernel": ((8, 2, 4), (0,)),
     "attn/value/kernel": ((8, 2, 4), (0,)),
+    "value/Conv_0/kernel": ((3, 4, 6), (0, 1)),    # a Conv1D in a value head
     "attn/out/kernel": ((2, 4, 8), (0, 1)),        # [heads, dim, features]
     "Dense_in1/kernel": ((1, 7), (0,)),            # (1, N): N units
     "LayerNorm_0/scale": ((5,), (0,)),
@@ -154,6 +155,15 @@ def test_agc_unit_axes_overrides_by_callable_and_by_tree():
     out, _ = tx.update(grads, tx.init(params), params)
     for name, value in _flat(out).items():
       np.testing.assert_allclose(value, want[name], rtol=2e-6)
+  # Inside `optax.masked` (as the docstring recommends for AGC), a tree of
+  # the whole model's axes still applies to the leaves the mask keeps.
+  tx = optax.masked(og.adaptive_grad_clip(0.1, unit_axes=by_tree),
+                    {"scan": {"kernel": True}, "Dense_0": {"kernel": False}})
+  out, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(out["scan"]["kernel"], want["scan/kernel"],
+                             rtol=2e-6)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"],
+                                grads["Dense_0"]["kernel"])
 
 
 def test_agc_leaves_a_nonfinite_unit_for_the_nonfinite_defences():
