@@ -156,19 +156,28 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            MonitorState: _monitor_error}
 
 
+def _members(statistics: list[Any]) -> list[list[Any]]:
+  """`statistics` once per member of a leading axis that every state has
+  (a `pmap`ped state, or a `vmap`ped ensemble read outside the map), or
+  once as it is."""
+  sizes = {np.shape(_metrics.unwrap(jax.tree_util.tree_leaves(s)[0]))[0]
+           if _metrics.is_replicated(s) else None for s in statistics}
+  if len(sizes) != 1 or None in sizes:
+    return [statistics]
+  return [[jax.tree.map(lambda x, i=i: x[i], s) for s in statistics]
+          for i in range(sizes.pop())]
+
+
 def _states(statistics: list[Any]) -> list[tuple[Any, Any]]:
   """The checked states among `statistics` (`_metrics.statistics`' list, on
-  the host), with `guard`'s parts taken out of its state, each paired with
-  the monitor whose z-scores may name a spike's layer: its own guard's, else
-  the nearest one before it in the chain (None if it has none)."""
-  # A pmap-replicated state: the replicas agree on the decisions (with
-  # `axis_name`), read the first.
-  first = lambda s: (jax.tree.map(lambda x: x[0], s)
-                     if _metrics.is_replicated(s) else s)
+  the host, one member), with `guard`'s parts taken out of its state, each
+  paired with the monitor whose z-scores may name a spike's layer: its own
+  guard's, else the nearest one before it in the chain (None if it has
+  none)."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
   pairs, nearest = [], None
-  for s in map(first, statistics):
+  for s in statistics:
     if isinstance(s, GuardState):
       own = scoring(s.monitor)
       pairs += [(p, own) for p in (s.nonfinite, s.spikes, s.monitor)
@@ -192,7 +201,10 @@ def check(opt_state: Any) -> None:
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
   monitor records per-layer z-scores (`zscore=True`). Non-finite problems
-  are reported before spikes. Warns when `opt_state` holds no optax_guard
+  are reported before spikes. A state with a leading axis on every leaf (a
+  `pmap`ped state, or an ensemble trained under `vmap`) is checked member by
+  member; where the members differ, the message names the first bad one.
+  Warns when `opt_state` holds no optax_guard
   state at all (nothing to check: a plain optax state, or a checkpoint
   restored without a target).
 
@@ -232,7 +244,21 @@ def check(opt_state: Any) -> None:
         "og.skip_spikes) in the optimizer, and restore a checkpoint into the "
         "abstract state (Orbax without a target gives plain dicts).",
         stacklevel=2)
-  states = _states(_metrics.to_host(found))
+  members = _members(_metrics.to_host(found))
+  errors = [_first_error(_states(member)) for member in members]
+  bad = [(i, e) for i, e in enumerate(errors) if e is not None]
+  if not bad:
+    return
+  i, error = bad[0]
+  if len({str(e) for e in errors}) > 1:  # members differ (not pmap replicas)
+    error = type(error)(
+        f"Member {i} of the state's leading axis ({len(members)} members, "
+        f"{len(bad)} of them bad): {error}", error.step, error.layers)
+  raise error
+
+
+def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
+  """The error to raise for one member's checked states, or None."""
   if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [(s, m) for s, m in states if not (
@@ -240,6 +266,5 @@ def check(opt_state: Any) -> None:
   errors = [e for e in (
       _spike_error(s, m) if isinstance(s, SkipSpikesState)
       else _CHECKS[type(s)](s) for s, m in states) if e is not None]
-  if errors:
-    errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
-    raise errors[0]
+  errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
+  return errors[0] if errors else None

@@ -636,6 +636,32 @@ def test_check_names_bad_layers_in_numeric_order():
       ("Dense_11/kernel", 1)]
 
 
+def test_check_looks_at_every_member_of_a_vmapped_ensemble():
+  """Three models trained at once under `vmap`: member 1's NaN is reported
+  and named (a pmap replica reads the same message with no prefix)."""
+  params = {"w": np.ones((3, 2), np.float32)}  # 3 members of shape (2,)
+  tx = og.guard(og.sgd(0.1))
+  states = jax.vmap(tx.init)(params)
+  grads = {"w": np.full((3, 2), 0.5, np.float32)}
+  grads["w"][1, 0] = np.nan
+  step = jax.jit(jax.vmap(tx.update))
+  _, states = step(grads, states, params)
+  skipped = og.metrics(states)["optim/skipped"]
+  np.testing.assert_array_equal(skipped, [False, True, False])
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(states)
+  assert str(info.value).startswith(
+      "Member 1 of the state's leading axis (3 members, 1 of them bad): "
+      "Step 0: non-finite gradients; first bad layers: w (1 NaN/Inf)."), (
+          str(info.value))
+  assert info.value.step == 0 and info.value.layers == {"w": 1}
+  # Every member bad alike (as pmap replicas are): no member is named.
+  grads["w"][:, 0] = np.nan
+  _, states = step(grads, jax.vmap(tx.init)(params), params)
+  with pytest.raises(og.NonFiniteGradientError, match=r"^Step 0: "):
+    og.check(states)
+
+
 def test_check_names_the_loss():
   params = _params()
   tx, step = _cached("sgd")
