@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -382,6 +383,13 @@ def metrics(opt_state: Any) -> dict[str, Any]:
     The user guide's "Metric names" table.
   """
   states = statistics(opt_state)
+  if not states and jax.tree_util.tree_leaves(opt_state):
+    warnings.warn(
+        "og.metrics found no optax_guard state in `opt_state`: put og.guard "
+        "(or og.monitor, og.clip_by_global_norm, ...) in the optimizer, and "
+        "pass the state itself (with Flax nnx, `optimizer.opt_state`: "
+        "`nnx.state(optimizer)` and a checkpoint restored without a target "
+        "hold plain mappings instead of the states).", stacklevel=2)
   if not is_traced(states):
     states = to_host(states)  # the statistics only, in one transfer
   return named(states)

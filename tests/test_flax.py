@@ -100,6 +100,12 @@ def test_nnx_optimizer_round_trip_with_loss():
   recorded = log.to_numpy()
   for name, value in og.metrics(optimizer.opt_state).items():
     np.testing.assert_array_equal(recorded[name], [value], err_msg=name)
+  # `nnx.state(optimizer)` holds the states as plain mappings: nothing to
+  # read there, and og.metrics says so rather than returning {} silently.
+  with pytest.warns(UserWarning, match=(
+      r"^og\.metrics found no optax_guard state in `opt_state`.*with Flax "
+      r"nnx, `optimizer\.opt_state`")):
+    assert og.metrics(nnx.state(optimizer)) == {}
 
 
 def test_orbax_restore_against_init(tmp_path):
