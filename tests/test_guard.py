@@ -321,3 +321,21 @@ def test_generic_path_keeps_state_buffers_in_place(make, large, monkeypatch):
   if large:
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 3 * param_bytes, (temp, param_bytes)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+def test_inside_multisteps_a_nan_micro_batch_is_dropped_as_documented():
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  tx = optax.MultiSteps(og.guard(og.sgd(0.1), spike_sigma=None),
+                        every_k_schedule=2,
+                        should_skip_update_fn=optax.skip_not_finite)
+  state, step = tx.init(params), jax.jit(tx.update)
+  for i in range(10):
+    g = {"w": jnp.full((3,), 0.5, jnp.float32)}
+    if i == 2:
+      g = {"w": jnp.array([jnp.nan, 0.5, 0.5], jnp.float32)}
+    updates, state = step(g, state, params)
+    params = optax.apply_updates(params, updates)
+  # 9 finite micro-batches: 4 emitted steps of -0.1 * 0.5 (clip inactive).
+  np.testing.assert_allclose(params["w"], 1.0 - 4 * 0.05, rtol=1e-6)
+  assert int(og.metrics(state)["optim/num_skipped"]) == 0
