@@ -59,8 +59,13 @@ def _describe(layers: dict[str, int]) -> str:
   named = ", ".join(f"{n} ({c} NaN/Inf)" for n, c in
                     list(layers.items())[:_MAX_LAYERS])
   more = len(layers) - _MAX_LAYERS
-  return f"; first bad layers: {named}" + (f" and {more} more" if more > 0
-                                             else "")
+  if more <= 0:
+    return f"; first bad layers: {named}"
+  # The last too: a NaN made in the backward pass spreads to every layer
+  # before it, so where it started is often the last bad layer, not the first.
+  last, count = list(layers.items())[-1]
+  return (f"; first bad layers: {named} and {more} more, the last being "
+          f"{last} ({count} NaN/Inf)")
 
 
 def _plural(n: int, word: str) -> str:
