@@ -383,16 +383,45 @@ def metrics(opt_state: Any) -> dict[str, Any]:
     The user guide's "Metric names" table.
   """
   states = statistics(opt_state)
-  if not states and jax.tree_util.tree_leaves(opt_state):
+  if not states and _holds_unwrapped_states(opt_state):
     warnings.warn(
-        "og.metrics found no optax_guard state in `opt_state`: put og.guard "
-        "(or og.monitor, og.clip_by_global_norm, ...) in the optimizer, and "
-        "pass the state itself (with Flax nnx, `optimizer.opt_state`: "
-        "`nnx.state(optimizer)` and a checkpoint restored without a target "
-        "hold plain mappings instead of the states).", stacklevel=2)
+        "og.metrics found optax_guard states turned into plain mappings in "
+        "`opt_state`, which say nothing about what their numbers are, and "
+        "reads nothing from them: pass the state itself (with Flax nnx, "
+        "`optimizer.opt_state`, not `nnx.state(optimizer)`; restore a "
+        "checkpoint into `jax.eval_shape(tx.init, params)`, not without a "
+        "target).", stacklevel=2)
   if not is_traced(states):
     states = to_host(states)  # the statistics only, in one transfer
   return named(states)
+
+
+def _holds_unwrapped_states(tree: Any) -> bool:
+  """Whether `tree` holds a mapping keyed like the fields of an optax_guard
+  state (what `nnx.state` and a target-less Orbax restore make of one)."""
+  def subclasses(cls):
+    for sub in cls.__subclasses__():
+      yield sub
+      yield from subclasses(sub)
+  field_sets = [frozenset(cls._fields) for cls in subclasses(tuple)
+                if cls.__module__.startswith("optax_guard.") and
+                hasattr(cls, "_og_metrics") and hasattr(cls, "_fields")]
+  found = []
+
+  def visit(node):
+    if hasattr(node, "keys") and hasattr(node, "items"):
+      keys = {str(k) for k in node.keys()}
+      if any(keys <= fields and len(keys) >= max(2, len(fields) // 2)
+             for fields in field_sets):
+        found.append(node)
+      for _, child in node.items():
+        visit(child)
+    elif isinstance(node, (list, tuple)):
+      for child in node:
+        visit(child)
+
+  visit(tree)
+  return bool(found)
 
 
 def statistics(opt_state: Any) -> list[Any]:

@@ -1,6 +1,7 @@
 """Round trips through Flax linen `TrainState`, nnx `Optimizer` and Orbax."""
 
 import subprocess
+import warnings
 import sys
 
 import jax
@@ -103,9 +104,13 @@ def test_nnx_optimizer_round_trip_with_loss():
   # `nnx.state(optimizer)` holds the states as plain mappings: nothing to
   # read there, and og.metrics says so rather than returning {} silently.
   with pytest.warns(UserWarning, match=(
-      r"^og\.metrics found no optax_guard state in `opt_state`.*with Flax "
-      r"nnx, `optimizer\.opt_state`")):
+      r"^og\.metrics found optax_guard states turned into plain mappings in "
+      r"`opt_state`.*with Flax nnx, `optimizer\.opt_state`, not "
+      r"`nnx\.state\(optimizer\)`")):
     assert og.metrics(nnx.state(optimizer)) == {}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an optimizer without statistics: quiet
+    assert og.metrics(optax.adam(1e-3).init({"w": jnp.ones(2)})) == {}
 
 
 def test_orbax_restore_against_init(tmp_path):
