@@ -232,8 +232,8 @@ def monitor(
   `param/norm`, `param/norm/<layer>`, `param/nonfinite`, `loss/value`,
   `loss/ema`, `loss/nonfinite` (loss entries read 0 until a loss is given),
   and with `histogram=True` `<k>/hist/<layer>`: counts over the buckets of
-  `optax_guard.HIST_BUCKETS` (zero, one per decade of magnitude from 1e-10 to
-  1e4, the outer two open-ended, NaN, Inf).
+  `optax_guard.HIST_BUCKETS` (zero, subnormals included; one per decade of
+  magnitude from 1e-10 to 1e4, the outer two open-ended; NaN; Inf).
 
   Args:
     per_layer: record per-layer entries (else only the global ones).
