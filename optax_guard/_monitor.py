@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 from optax_guard import _args
@@ -117,16 +118,23 @@ class MonitorState(NamedTuple):
       out.update(_metrics.expand(f"{p}{k}/zscore", self.zscores.zscores))
       out[f"{p}{k}/spike_layer"] = self.zscores.spike_layer
     if k == "update":
-      xp = _metrics.array_module(_metrics.unwrap(self.norm))
-      out[f"{p}update/ratio"] = (_metrics.unwrap(self.norm) / xp.maximum(
-          _metrics.unwrap(self.param_norm), _TINY))
+      out[f"{p}update/ratio"] = _ratio(self.norm, self.param_norm)
       if self.layer_norms is not None:
         ratio = _metrics.PerLayer(
-            _metrics.unwrap(self.layer_norms.values) / xp.maximum(
-                _metrics.unwrap(self.param_layer_norms.values), _TINY),
+            _ratio(self.layer_norms.values, self.param_layer_norms.values),
             self.layer_norms.names)
         out.update(_metrics.expand(f"{p}update/ratio", ratio))
     return out
+
+
+def _ratio(num: Any, den: Any) -> Any:
+  """`num / den`: Inf where `den` is 0 (0 where both are), on the device or
+  the host (NumPy, without an overflow warning for a huge ratio)."""
+  num, den = _metrics.unwrap(num), _metrics.unwrap(den)
+  xp = _metrics.array_module(num)
+  with np.errstate(over="ignore"):
+    quotient = num / xp.where(den > 0, den, 1.0)
+  return xp.where(den > 0, quotient, xp.where(num > 0, np.inf, 0.0))
 
 
 def after_params_read(updates: Any, state: MonitorState) -> Any:
@@ -171,6 +179,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
       frac_above_1=entries(frac, state.frac_above_1),
       nonfinite=entries(stats.nonfinite, state.nonfinite))
   if params is not None:
+    _metrics.check_same_tree(updates, params, "monitor")
     pstats = _stats.tree_stats(params, axis_name=axis_name,
                                stacked=layout.stacked, groups=layout.groups)
     changes.update(
@@ -225,7 +234,8 @@ def monitor(
   `loss=` (or `value=`) extra argument, the loss, its EMA and how many losses
   were not finite. Placed last in a chain with `kind="update"`, it measures
   the final updates and adds `update/ratio/<layer>`, the update norm over the
-  parameter norm of each layer.
+  parameter norm of each layer (Inf where that is 0: a zero-initialised bias
+  at its first step, or no `params` given; 0 where both are).
 
   Metrics (`<k>` is `kind`): `<k>/norm`, `<k>/norm/<layer>`,
   `<k>/frac_above_1/<layer>`, `<k>/nonfinite`, `<k>/nonfinite/<layer>`,

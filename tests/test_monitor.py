@@ -1,5 +1,7 @@
 """`monitor` and `metrics` against numpy references."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,35 @@ def test_update_kind_records_ratio():
                                np.linalg.norm(u[name]) / np.linalg.norm(p[name]),
                                rtol=1e-5)
   assert "grad/norm" not in m
+
+
+def test_update_ratio_of_a_zero_parameter_is_inf_without_a_warning():
+  # A zero-initialised bias at its first step, beside an ordinary kernel.
+  params = {"bias": jnp.zeros((3,)), "kernel": jnp.ones((2, 2))}
+  updates = {"bias": jnp.full((3,), 4.0), "kernel": jnp.full((2, 2), 0.5)}
+  tx = og.monitor(kind="update")
+  state = jax.jit(tx.update)(updates, tx.init(params), params)[1]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # numpy on the host: no overflow warning
+    m = og.metrics(state)
+  assert m["update/ratio/bias"] == np.inf
+  np.testing.assert_allclose(m["update/ratio/kernel"], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(m["update/ratio"], np.sqrt(48 + 1) / 2.0,
+                             rtol=1e-6)
+  zero = {"bias": jnp.zeros((3,)), "kernel": jnp.zeros((2, 2))}
+  state = jax.jit(tx.update)(zero, tx.init(params), params)[1]
+  assert og.metrics(state)["update/ratio/bias"] == 0.0  # 0 / 0
+
+
+def test_params_that_do_not_match_the_updates_are_an_error():
+  updates = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = og.monitor()
+  state = tx.init(updates)
+  with pytest.raises(ValueError, match=(
+      r"`monitor` was called with 2 parameter layers but got updates with "
+      r"other layers; the trees must match\. Only in the parameters: "
+      r"\['c'\]; only in the updates: \['b'\]\.")):
+    tx.update(updates, state, {"a": jnp.ones(2), "c": jnp.ones(3)})
 
 
 def test_histogram_against_numpy():
