@@ -266,18 +266,19 @@ def adaptive_grad_clip(
       clip = jnp.isfinite(gn) & (gn > limit)
       factor = jnp.where(clip, limit / jnp.where(clip, gn, 1.0), 1.0)
       out.append((g.astype(jnp.float32) * factor).astype(g.dtype))
-      # Each leaf's norm first: its unit norms may be sharded (an Explicit
-      # mesh), and arrays of different shardings cannot be concatenated.
-      before.append(_stats.combine_norms(gn.reshape(-1)))
-      after.append(_stats.combine_norms(jnp.where(clip, limit, gn).reshape(-1)))
+      # Replicated: unit norms sharded differently (an Explicit mesh) cannot
+      # be concatenated as they are.
+      before.append(_stats.replicated(gn.reshape(-1)))
+      after.append(_stats.replicated(jnp.where(clip, limit, gn).reshape(-1)))
       fractions.append(jnp.sum(clip, dtype=jnp.int32))
     clipped_units = (jnp.stack(fractions) if fractions
                      else jnp.zeros((0,), jnp.int32))
     total = jnp.sum(clipped_units)
-    stack = lambda xs: (jnp.stack(xs) if xs else jnp.zeros((0,), jnp.float32))
+    cat = lambda xs: (jnp.concatenate(xs) if xs
+                      else jnp.zeros((0,), jnp.float32))
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(
-        grad_norm=_stats.combine_norms(stack(before)),
-        clipped_norm=_stats.combine_norms(stack(after)),
+        grad_norm=_stats.combine_norms(cat(before)),
+        clipped_norm=_stats.combine_norms(cat(after)),
         frac_clipped=_metrics.PerLayer(
             clipped_units.astype(jnp.float32) /
             jnp.asarray(np.maximum(units_of, 1), jnp.float32), names),
@@ -537,11 +538,9 @@ def zclip(
     warmup = _spikes.window_push(state.warmup, norm, ~ready & finite)
     full = ~ready & (warmup.num_accepted >= warmup_steps)
     first = jnp.sum(warmup.values / warmup_steps)  # no overflow in the sum
-    deviations = warmup.values - first
-    top = jnp.max(jnp.abs(deviations))
-    spread = jnp.where(top > 0, top * jnp.sqrt(jnp.mean(jnp.square(
-        deviations / jnp.where(top > 0, top, 1.0)))), 0.0)
-    start = full & (spread > 0)
+    spread = _stats.combine_norms(warmup.values - first) / np.sqrt(
+        np.float32(warmup_steps))
+    start = full & (jnp.max(warmup.values) > jnp.min(warmup.values))
     warmup = _skip.select_tree(full & ~start,
                                _spikes.window_init(warmup_steps), warmup)
     mean = jnp.where(start, first, mean)
