@@ -85,22 +85,38 @@ def varying_axes(x: Any) -> frozenset[str]:
   return frozenset(getattr(aval, "vma", ()))
 
 
-def sharding_spec(x: Any) -> Any:
-  """How `x`'s type shards it over Explicit mesh axes (a `PartitionSpec`).
+def sharding_spec(x: Any) -> tuple[Any, ...] | None:
+  """The mesh axes of Explicit type that shard each dimension of `x`, or
+  None where there are none.
 
   Under `jit` on a mesh of Explicit axes (`jax.make_mesh`'s default) the
   sharding is part of the type, and arrays of different shardings cannot be
-  stacked or concatenated; elsewhere the spec names no axis.
+  stacked or concatenated. (Auto axes are left to XLA: nothing to do.)
   """
-  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+  explicit_type = getattr(getattr(jax.sharding, "AxisType", None),
+                          "Explicit", None)
+  if spec is None or mesh is None or explicit_type is None:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  def explicit(entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    kept = tuple(n for n in names if n is not None and
+                 types.get(n) == explicit_type)
+    return kept or None
+  dims = tuple(explicit(entry) for entry in spec)
+  return dims if any(dims) else None
 
 
 def replicated(x: jax.Array) -> jax.Array:
-  """`x`, resharded to replicated where its type shards it (see above)."""
-  spec = sharding_spec(x)
-  if spec is None or all(axis is None for axis in spec):
+  """`x`, resharded to replicated where its type shards it over Explicit
+  mesh axes (see `sharding_spec`)."""
+  if sharding_spec(x) is None:
     return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  mesh = jax.typeof(x).sharding.mesh
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def is_typed(axes: tuple[str, ...]) -> bool:
