@@ -2,7 +2,7 @@
 
 Every transformation of the package measures gradients through `tree_stats`,
 which reads each block once (each larger leaf alone, small leaves of one
-shape stacked, which keeps the compiled program small). The full pass is one
+shape, dtype and sharding stacked, which keeps the compiled program small). The full pass is one
 variadic reduction per block: three sums of squares, two rescaled by powers
 of two so that norms are right where squares overflow or underflow
 (elements above ~1.8e19, large bf16 values), the count of NaN/Inf elements,
@@ -160,7 +160,8 @@ _STACK_BELOW = 1 << 15
 
 class Blocks(NamedTuple):
   """Leaves grouped for measuring: each small leaf stacked with the others of
-  its shape, dtype and typing, each larger leaf alone."""
+  its shape, dtype, sharding (`sharding_spec`) and typing, each larger leaf
+  alone."""
   arrays: list[jax.Array]          # [k, ...] per block.
   index: list[np.ndarray]          # the k leaf indices of each block.
   axes: list[tuple[str, ...]]      # the mesh axes each block is summed over.
