@@ -94,25 +94,34 @@ def _spike_error(s: SkipSpikesState,
     return None
   step = int(s.last_spike_step)
   norm, limit = float(s.last_norm), float(s.norm_threshold)
-  if not np.isfinite(norm):
-    why = f"the gradient norm is {norm} (the gradients hold NaN/Inf)"
+  loss = float(s.last_loss)
+  finite = np.isfinite(norm) and np.isfinite(loss)
+  if np.isnan(norm):
+    why = "the gradient norm is nan (the gradients hold NaN)"
+  elif not np.isfinite(norm):
+    why = ("the gradient norm is inf (the gradients hold Inf, or their norm "
+           "is beyond float32's range)")
+  elif not np.isfinite(loss):
+    why = f"the loss is {loss}"
   elif norm > limit:
     why = (f"the gradient norm {norm:.4g} exceeded the spike threshold "
            f"{limit:.4g} (mean + sigma * std of the recent history)")
   else:
-    why = (f"the loss exceeded the spike threshold "
-           f"{float(s.loss_threshold):.4g}, or was not finite")
+    why = (f"the loss {loss:.4g} exceeded the spike threshold "
+           f"{float(s.loss_threshold):.4g}")
   run = int(s.consecutive)  # finite spikes in a row (NaN/Inf not counted)
-  if run == 0 or not np.isfinite(norm):
+  if run == 0 or not finite:
     what = ""
   elif int(s.norms.num_accepted) == 0:  # `max_consecutive` was reached
     what = (f"{_plural(run, 'spike')} in a row, enough to restart the spike "
             "history, which now warms up again on the new scale; ")
   else:
     what = f"{_plural(run, 'spike')} in a row, "
-  return GradientExplosionError(
-      f"Step {step}: {why}{_spike_layer(monitor, step)}. The guard skipped "
-      f"the step ({what}{int(s.num_spikes)} in total).",
+  # A NaN/Inf step is a non-finite problem, whichever part skipped it.
+  error = GradientExplosionError if finite else NonFiniteGradientError
+  return error(
+      f"Step {step}: {why}{_spike_layer(monitor, step) if finite else ''}. "
+      f"The guard skipped the step ({what}{int(s.num_spikes)} in total).",
       step, {})
 
 
@@ -136,18 +145,20 @@ def _measured_last(s: MonitorState) -> bool:
   return int(s.step) >= 1 and (int(s.step) - 1) % s.naming.every == 0
 
 
-def _monitor_error(s: MonitorState) -> GuardError | None:
+def _monitor_error(s: MonitorState, skipped: str = "") -> GuardError | None:
+  """`skipped`: what skipped a non-finite step, if something did."""
   step = int(s.step) - 1
   if not _measured_last(s):  # what it holds is older than the last step
     return None
   layers = _bad_layers(s.nonfinite)
   if int(s.num_nonfinite) > 0:
     kind = "gradients" if s.naming.kind == "grad" else "updates"
+    action = skipped or (
+        "Nothing in this chain skips such a step unless a `skip_nonfinite` "
+        "or `guard` stands around the optimizer.")
     return NonFiniteGradientError(
         f"Step {step}: the {kind} hold {int(s.num_nonfinite)} NaN/Inf "
-        f"elements{_describe(layers)}. Nothing in this chain skips such a "
-        "step unless a `skip_nonfinite` or `guard` stands around the "
-        "optimizer.", step, layers)
+        f"elements{_describe(layers)}. {action}", step, layers)
   if int(s.param_nonfinite) > 0:
     return NonFiniteGradientError(
         f"Step {step}: the parameters hold {int(s.param_nonfinite)} NaN/Inf "
@@ -243,18 +254,23 @@ def check(opt_state: Any) -> None:
   # The statistics only: no wrapped optimizer's moments cross to the host.
   found = _metrics.statistics(opt_state)
   if not found:
+    hint = ("pass the state itself (with Flax nnx, `optimizer.opt_state`, "
+            "not `nnx.state(optimizer)`), and restore a checkpoint into "
+            "`jax.eval_shape(tx.init, params)` (Orbax without a target gives "
+            "plain mappings)" if _metrics.holds_unwrapped_states(opt_state)
+            else "put og.guard (or og.monitor, og.skip_nonfinite, "
+            "og.skip_spikes) in the optimizer")
     warnings.warn(
         "og.check found no optax_guard state in `opt_state`, so it checks "
-        "nothing: put og.guard (or og.monitor, og.skip_nonfinite, "
-        "og.skip_spikes) in the optimizer, and restore a checkpoint into the "
-        "abstract state (Orbax without a target gives plain dicts).",
-        stacklevel=2)
+        f"nothing: {hint}.", stacklevel=2)
   members = _members(_metrics.to_host(found))
   errors = [_first_error(_states(member)) for member in members]
   bad = [(i, e) for i, e in enumerate(errors) if e is not None]
   if not bad:
     return
-  i, error = bad[0]
+  # Non-finite problems first, as within one member.
+  i, error = min(bad, key=lambda b: (isinstance(b[1], GradientExplosionError),
+                                     b[0]))
   if len({str(e) for e in errors}) > 1:  # members differ (not pmap replicas)
     error = type(error)(
         f"Member {i} of the state's leading axis ({len(members)} members, "
@@ -268,8 +284,19 @@ def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
     # A skipper reports non-finite steps itself, saying what it did.
     states = [(s, m) for s, m in states if not (
         isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
+  # Without one, a spike test skips a NaN/Inf step too: the monitor then
+  # names the layers, and says so.
+  by_spikes = [s for s, _ in states if isinstance(s, SkipSpikesState) and
+               bool(s.skipped) and not np.isfinite(float(s.last_norm))]
+  skipped = ""
+  if by_spikes and any(isinstance(s, MonitorState) and
+                       int(s.num_nonfinite) > 0 for s, _ in states):
+    skipped = (f"The guard skipped the step (its spike test skips a NaN/Inf "
+               f"norm; {int(by_spikes[0].num_spikes)} skipped in total).")
+    states = [(s, m) for s, m in states if not any(s is b for b in by_spikes)]
   errors = [e for e in (
       _spike_error(s, m) if isinstance(s, SkipSpikesState)
+      else _monitor_error(s, skipped) if isinstance(s, MonitorState)
       else _CHECKS[type(s)](s) for s, m in states) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
   return errors[0] if errors else None

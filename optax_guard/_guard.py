@@ -105,9 +105,14 @@ def guard(
   traced more than once (see `skip_nonfinite`) and its update is written out
   once more (see the benchmark figures in the README). On the fast path the
   optimizer's output is not read back for NaN: guard-aware optimizers turn
-  finite gradients into finite updates (`og.adam` and `og.adamw` refuse an
-  `eps` and `eps_root` that are, or round to, 0 in a parameter's dtype,
-  which would make 0/0 of an all-zero gradient).
+  clipped, finite gradients into finite updates (`og.adam` and `og.adamw`
+  refuse an `eps` and `eps_root` that are, or round to, 0 in a parameter's
+  dtype, which would make 0/0 of an all-zero gradient). With the clip off
+  (`max_norm=None`), gradient elements near the top of the parameters'
+  float range can overflow a momentum trace (`og.sgd`) to Inf, which the
+  fast path then applies, or Adam's second moment (above ~1.8e19 in
+  float32; as in optax, that element's update is then 0 for good): keep a
+  clip, or take the generic path, which reads the update back.
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.

@@ -383,7 +383,7 @@ def metrics(opt_state: Any) -> dict[str, Any]:
     The user guide's "Metric names" table.
   """
   states = statistics(opt_state)
-  if not states and _holds_unwrapped_states(opt_state):
+  if not states and holds_unwrapped_states(opt_state):
     warnings.warn(
         "og.metrics found optax_guard states turned into plain mappings in "
         "`opt_state`, which say nothing about what their numbers are, and "
@@ -396,16 +396,22 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   return named(states)
 
 
-def _holds_unwrapped_states(tree: Any) -> bool:
-  """Whether `tree` holds a mapping keyed like the fields of an optax_guard
-  state (what `nnx.state` and a target-less Orbax restore make of one)."""
+@functools.cache
+def _state_fields() -> tuple[frozenset[str], ...]:
+  """The field names of every optax_guard state with metrics."""
   def subclasses(cls):
     for sub in cls.__subclasses__():
       yield sub
       yield from subclasses(sub)
-  field_sets = [frozenset(cls._fields) for cls in subclasses(tuple)
-                if cls.__module__.startswith("optax_guard.") and
-                hasattr(cls, "_og_metrics") and hasattr(cls, "_fields")]
+  return tuple(frozenset(cls._fields) for cls in subclasses(tuple)
+               if cls.__module__.startswith("optax_guard.") and
+               hasattr(cls, "_og_metrics") and hasattr(cls, "_fields"))
+
+
+def holds_unwrapped_states(tree: Any) -> bool:
+  """Whether `tree` holds a mapping keyed like the fields of an optax_guard
+  state (what `nnx.state` and a target-less Orbax restore make of one)."""
+  field_sets = _state_fields()
   found = []
 
   def visit(node):

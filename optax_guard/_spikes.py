@@ -76,6 +76,7 @@ class SkipSpikesState(NamedTuple):
   norm_threshold: jax.Array   # f32[] threshold of the last step (Inf: warm-up).
   loss_threshold: jax.Array   # f32[] the same for the loss.
   last_norm: jax.Array        # f32[] the last step's global gradient norm.
+  last_loss: jax.Array        # f32[] the last step's loss (0 without one).
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {
@@ -132,7 +133,8 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
       last_spike_step=jnp.where(spike, state.step, state.last_spike_step),
       norms=norms, losses=losses,
       norm_threshold=norm_threshold, loss_threshold=loss_threshold,
-      last_norm=norm)
+      last_norm=norm,
+      last_loss=state.last_loss if loss is None else loss)
 
 
 def skip_spikes(
@@ -228,7 +230,8 @@ def skip_spikes(
         consecutive=i32(0), last_spike_step=i32(-1),
         norms=window_init(window), losses=window_init(window),
         norm_threshold=inf(), loss_threshold=inf(),
-        last_norm=jnp.zeros((), jnp.float32))
+        last_norm=jnp.zeros((), jnp.float32),
+        last_loss=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm

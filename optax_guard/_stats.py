@@ -121,15 +121,21 @@ def replicated(x: jax.Array) -> jax.Array:
 
 def is_typed(axes: tuple[str, ...]) -> bool:
   """Whether values are typed with their varying axes here (shard_map)."""
-  try:
-    return all(a in varying_axes(lax.axis_index(a)) for a in axes)
-  except NameError:  # JAX's "unbound axis name", which names axis_index
+  typed, unbound = [], []
+  for a in axes:
+    try:
+      typed.append(a in varying_axes(lax.axis_index(a)))
+    except NameError:  # JAX's "unbound axis name", which names axis_index
+      unbound.append(a)
+  if unbound:
+    given = axes[0] if len(axes) == 1 else axes
     raise ValueError(
-        f"axis_name={axes[0] if len(axes) == 1 else axes!r} names a mesh "
-        "axis that is not bound where the update runs: pass axis_name only "
-        "inside `jax.shard_map` or `jax.pmap` over those axes; under plain "
-        "`jax.jit` with sharded arrays leave axis_name=None (the statistics "
-        "are then global by construction).") from None
+        f"axis_name={given!r} names mesh axes {unbound} that are not bound "
+        "where the update runs: pass axis_name only inside `jax.shard_map` "
+        "or `jax.pmap` over those axes; under plain `jax.jit` with sharded "
+        "arrays leave axis_name=None (the statistics are then global by "
+        "construction).")
+  return all(typed)
 
 
 def pmax(values: Any, axes: tuple[str, ...]) -> Any:

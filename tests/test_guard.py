@@ -339,3 +339,19 @@ def test_inside_multisteps_a_nan_micro_batch_is_dropped_as_documented():
   # 9 finite micro-batches: 4 emitted steps of -0.1 * 0.5 (clip inactive).
   np.testing.assert_allclose(params["w"], 1.0 - 4 * 0.05, rtol=1e-6)
   assert int(og.metrics(state)["optim/num_skipped"]) == 0
+
+
+def test_check_when_the_spike_test_skipped_a_nan_step():
+  """Without `skip_nonfinite`, the spike test skips a NaN step: og.check
+  says the guard skipped it, naming the layers (not "nothing skips it")."""
+  tx = og.guard(og.sgd(0.1), skip_nonfinite=False)
+  params = {"a": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  grads = {"a": jnp.asarray([np.nan, 1.0], jnp.float32),
+           "b": jnp.ones((2,), jnp.float32)}
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["a"], 0.0)
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"^Step 0: the gradients hold 1 NaN/Inf elements; first bad layers: "
+      r"a \(1 NaN/Inf\)\. The guard skipped the step \(its spike test "
+      r"skips a NaN/Inf norm; 1 skipped in total\)\.$")):
+    og.check(state)

@@ -449,10 +449,10 @@ def test_axis_name_outside_shard_map_or_pmap_is_a_clear_error(make):
   tx = make()
   params = {"w": jnp.ones((4,), jnp.float32)}
   with pytest.raises(ValueError, match=(
-      r"axis_name=.* names a mesh axis that is not bound where the update "
-      r"runs: pass axis_name only inside `jax.shard_map` or `jax.pmap` over "
-      r"those axes; under plain `jax.jit` with sharded arrays leave "
-      r"axis_name=None")):
+      r"axis_name=.* names mesh axes \[.*'data'.*\] that are not bound "
+      r"where the update runs: pass axis_name only inside `jax.shard_map` or "
+      r"`jax.pmap` over those axes; under plain `jax.jit` with sharded arrays "
+      r"leave axis_name=None")):
     jax.jit(tx.update)(params, tx.init(params), params)
 
 

@@ -574,10 +574,20 @@ def test_check_quiet_on_good_states():
 def test_check_warns_when_the_state_holds_nothing_to_check():
   params = _params()
   for state in (optax.adam(0.1).init(params),  # no optax_guard part
-                {"mu": params, "count": np.int32(0)}):  # a target-less restore
+                {"mu": params, "count": np.int32(0)}):
     with pytest.warns(UserWarning, match=r"^og\.check found no optax_guard "
-                      r"state in `opt_state`, so it checks nothing"):
+                      r"state in `opt_state`, so it checks nothing: put "
+                      r"og\.guard"):
       og.check(state)
+  # A guard's state turned into plain mappings (a target-less restore).
+  tx = og.guard(optax.sgd(0.1))
+  state = tx.init(params)
+  flat = {"inner_state": (), **{name: dict(part._asdict())
+                                for name, part in state._asdict().items()
+                                if name != "inner_state" and part is not None}}
+  with pytest.warns(UserWarning, match=r"so it checks nothing: pass the "
+                    r"state itself .*`jax\.eval_shape\(tx\.init, params\)`"):
+    og.check(flat)
 
 
 def test_check_message_names_step_layers_counts_and_action():

@@ -581,13 +581,43 @@ def test_check_says_when_a_run_of_spikes_restarts_the_history():
       "The guard skipped the step (2 spikes in a row, enough to restart the "
       "spike history, which now warms up again on the new scale; 2 in "
       "total)."), messages[1]
-  # A NaN step is skipped too, but is no run of spikes.
+  # A NaN step is skipped too, but is no run of spikes, and no explosion:
+  # a user who rolls back on NonFiniteGradientError must see it.
   _, state = step({"w": jnp.asarray([np.nan, 0.0], jnp.float32)}, state,
                   params)
-  with pytest.raises(og.GradientExplosionError, match=(
-      r"^Step 4: the gradient norm is nan \(the gradients hold NaN/Inf\)\. "
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"^Step 4: the gradient norm is nan \(the gradients hold NaN\)\. "
       r"The guard skipped the step \(3 in total\)\.$")):
     og.check(state)
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_check_words_what_a_spike_test_skipped():
+  tx = og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2)
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  step = jax.jit(tx.update)
+  cases = [
+      # finite elements whose norm is beyond float32: no NaN/Inf in them
+      ({"w": jnp.asarray([3e38, 3e38], jnp.float32)}, 1.0,
+       og.NonFiniteGradientError,
+       r"^Step 2: the gradient norm is inf \(the gradients hold Inf, or "
+       r"their norm is beyond float32's range\)\. The guard skipped the "
+       r"step \(1 in total\)\.$"),
+      ({"w": jnp.asarray([1.0, 0.0], jnp.float32)}, np.nan,
+       og.NonFiniteGradientError,
+       r"^Step 2: the loss is nan\. The guard skipped the step"),
+      ({"w": jnp.asarray([1.0, 0.0], jnp.float32)}, 50.0,
+       og.GradientExplosionError,
+       r"^Step 2: the loss 50 exceeded the spike threshold 1\b"),
+  ]
+  for grads, loss, error, message in cases:
+    state = tx.init(params)
+    for _ in range(2):  # warm-up: norm 1, loss 1
+      _, state = step({"w": jnp.asarray([1.0, 0.0], jnp.float32)}, state,
+                      params, loss=jnp.float32(1.0))
+    _, state = step(grads, state, params, loss=jnp.float32(loss))
+    with pytest.raises(error, match=message):
+      og.check(state)
 
 
 def test_check_names_a_loss_spike():
