@@ -81,6 +81,7 @@ class MetricsLog:
     self._steps: list[int] = []
     self._columns: dict[str, list[np.ndarray]] = {}
     self._next_step = 0
+    self._structure: Any = None  # of the first state recorded
 
   def __len__(self) -> int:
     """The number of steps recorded."""
@@ -105,6 +106,17 @@ class MetricsLog:
           "MetricsLog.record found no optax_guard statistics in the "
           "optimizer state; record the state of an optimizer that contains "
           "og.guard, og.monitor or another optax_guard transformation.")
+    # The metric names are static: a state of another structure holds other
+    # metrics (said now, not `lag` steps later when the row is fetched).
+    structure = jax.tree.structure(states)
+    if self._structure is not None and structure != self._structure:
+      self._check_new_structure(states)
+    if self._structure is None:
+      self._structure = structure
+    if step is not None and int(step) < self._next_step:
+      raise ValueError(
+          f"MetricsLog.record got step={int(step)}, but steps must increase: "
+          f"the next step is at least {self._next_step}.")
     step = self._next_step if step is None else int(step)
     self._next_step = step + 1
     # A replicated multi-host statistic is copied from its local copy: the
@@ -122,16 +134,30 @@ class MetricsLog:
     while self._pending:
       self._fetch_oldest()
 
-  def _fetch_oldest(self) -> None:
-    step, states = self._pending.popleft()
-    row = _metrics.named(_metrics.to_host(states))
-    if self._steps and set(row) != set(self._columns):
-      added = sorted(set(row) - set(self._columns))[:3]
-      gone = sorted(set(self._columns) - set(row))[:3]
+  def _check_new_structure(self, states: Any) -> None:
+    """Raises (from `record`) if `states` holds other metrics than the
+    recorded ones; a mere change of structure (a new tree around the same
+    statistics) passes and becomes the structure compared with."""
+    columns = set(self._columns) or set(
+        _metrics.named(self._pending[0][1]) if self._pending else ())
+    self._check_names(set(_metrics.named(states)), columns, self._next_step)
+    self._structure = jax.tree.structure(states)
+
+  @staticmethod
+  def _check_names(got: set[str], before: set[str], step: int) -> None:
+    if before and got != before:
+      added = sorted(got - before)[:3]
+      gone = sorted(before - got)[:3]
       raise ValueError(
           f"The optimizer state recorded at step {step} holds other metrics "
           f"than the steps before it (new: {added or 'none'}; missing: "
           f"{gone or 'none'}); use one MetricsLog per optimizer.")
+
+  def _fetch_oldest(self) -> None:
+    step, states = self._pending.popleft()
+    row = _metrics.named(_metrics.to_host(states))
+    if self._steps:
+      self._check_names(set(row), set(self._columns), step)
     self._steps.append(step)
     row = {name: np.asarray(value) for name, value in row.items()}
     for name, value in row.items():
@@ -197,7 +223,7 @@ class MetricsLog:
     """Reads a record written by `save`; `record` can then go on adding to it.
 
     Args:
-      path: the `.npz` file.
+      path: the `.npz` file (the `.npz` may be left out, as for `save`).
       lag: as for `MetricsLog`.
       on_row: as for `MetricsLog`; it sees the steps recorded from now on
         (the saved ones were streamed when they were recorded).
@@ -206,6 +232,8 @@ class MetricsLog:
       A `MetricsLog` holding the saved steps.
     """
     log = cls(lag=lag, on_row=on_row)
+    if not os.path.exists(path) and os.path.exists(f"{os.fspath(path)}.npz"):
+      path = f"{os.fspath(path)}.npz"  # as `save` (NumPy) named it
     with np.load(path) as data:
       if "step" not in data:
         raise ValueError(

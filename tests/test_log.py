@@ -146,6 +146,10 @@ def test_step_numbers_save_and_load(tmp_path):
   resumed.record(states[3])
   resumed.record(states[4])
   assert rows == [21, 22]
+  # Saved without the suffix (NumPy adds `.npz`): loaded the same way.
+  log.save(tmp_path / "bare")
+  np.testing.assert_array_equal(
+      og.MetricsLog.load(tmp_path / "bare").to_numpy()["step"], [10, 11, 20])
 
 
 def test_load_rejects_other_files(tmp_path):
@@ -212,11 +216,20 @@ def test_errors_are_sentences():
 
   with pytest.raises(ValueError, match="call it after the step, outside jit"):
     inside(tx.init({"w": jnp.ones(2)}))
-  other = og.MetricsLog(lag=0)
-  other.record(tx.init(params))
-  with pytest.raises(ValueError, match="holds other metrics than the steps "
-                     "before it"):
-    other.record(og.monitor().init(params))
+  for lag in (0, 2):  # said at once, not `lag` steps later
+    other = og.MetricsLog(lag=lag)
+    other.record(tx.init(params))
+    with pytest.raises(ValueError, match=(
+        r"^The optimizer state recorded at step 1 holds other metrics than "
+        r"the steps before it \(new: .*; missing: .*\); use one MetricsLog "
+        r"per optimizer\.$")):
+      other.record(og.monitor().init(params))
+    other.record(tx.init(params))  # the log goes on
+    assert len(other) == 2
+  with pytest.raises(ValueError, match=(
+      r"^MetricsLog\.record got step=1, but steps must increase: the next "
+      r"step is at least 2\.$")):
+    other.record(tx.init(params), step=1)
 
 
 def test_host_state_and_sharded_state():
