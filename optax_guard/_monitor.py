@@ -186,17 +186,6 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
         param_norm=pstats.global_norm,
         param_layer_norms=entries(pstats.norms, state.param_layer_norms),
         param_nonfinite=jnp.sum(pstats.nonfinite))
-  if loss is not None:
-    finite = jnp.isfinite(loss)
-    raw = jnp.where(finite, loss_ema_decay * state.loss_ema_raw +
-                    (1.0 - loss_ema_decay) * loss, state.loss_ema_raw)
-    steps = _stats.count_if(finite, state.loss_steps)
-    debias = 1.0 - jnp.power(jnp.float32(loss_ema_decay),
-                            steps.astype(jnp.float32))
-    changes.update(
-        loss=loss, loss_ema_raw=raw, loss_steps=steps,
-        loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
-        loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
   if zscore_decay is not None:
     changes.update(zscores=update_zscores(
         state.zscores, stats.norms, jnp.all(jnp.isfinite(stats.norms)),
@@ -206,7 +195,27 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
         _stats.log_histograms(updates, axis_name=axis_name,
                               stacked=layout.stacked, groups=layout.groups),
         state.histograms.names))
-  return state._replace(**changes)
+  return record_loss(state._replace(**changes), loss, loss_ema_decay)
+
+
+def record_loss(state: MonitorState, loss: jax.Array | None,
+                decay: float) -> MonitorState:
+  """The loss entries after a step with `loss` (unchanged without one).
+
+  A few scalars: the monitor updates them on every step, also on those that
+  `every` leaves unmeasured, so that no NaN loss goes uncounted.
+  """
+  if loss is None:
+    return state
+  finite = jnp.isfinite(loss)
+  raw = jnp.where(finite, decay * state.loss_ema_raw + (1.0 - decay) * loss,
+                  state.loss_ema_raw)
+  steps = _stats.count_if(finite, state.loss_steps)
+  debias = 1.0 - jnp.power(jnp.float32(decay), steps.astype(jnp.float32))
+  return state._replace(
+      loss=loss, loss_ema_raw=raw, loss_steps=steps,
+      loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
+      loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
 
 
 def monitor(
@@ -250,7 +259,8 @@ def monitor(
     histogram: record per-layer log-magnitude histograms (extra passes;
       recorded also when `per_layer=False`).
     every: measure on every `every`-th step only; the decision is taken on the
-      device (`lax.cond`) and the state keeps the last measured values.
+      device (`lax.cond`) and the state keeps the last measured values
+      (the loss entries, a few scalars, follow every step).
     kind: `"grad"` before the optimizer, `"update"` when last in the chain.
     prefix: prepended to every metric name, e.g. `"post_clip/"`.
     loss_ema_decay: decay of the loss EMA, in `[0, 1)`.
@@ -344,9 +354,10 @@ def monitor(
     if every == 1:
       new_state = measure(updates, state, params, loss)
     else:
-      new_state = lax.cond(state.step % every == 0,
-                           lambda: measure(updates, state, params, loss),
-                           lambda: state)
+      new_state = record_loss(
+          lax.cond(state.step % every == 0,
+                   lambda: measure(updates, state, params, None),
+                   lambda: state), loss, loss_ema_decay)
     if params is not None:
       updates = after_params_read(updates, new_state)
     return updates, new_state._replace(

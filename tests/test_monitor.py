@@ -210,6 +210,20 @@ def test_every_gates_on_device_without_retrace():
   assert traces == 1
 
 
+def test_every_still_follows_the_loss_on_every_step():
+  """The loss entries are scalars: an unmeasured step's NaN loss is counted
+  and its finite losses enter the EMA (here decay 0.5, closed form)."""
+  tx = og.monitor(every=3, loss_ema_decay=0.5)
+  grads = _tree(0)
+  state, step = tx.init(grads), jax.jit(tx.update)
+  for loss in (4.0, np.nan, 2.0, 1.0):  # measured at steps 0 and 3 only
+    state = step(grads, state, loss=jnp.float32(loss))[1]
+  m = og.metrics(state)
+  assert int(m["loss/nonfinite"]) == 1 and float(m["loss/value"]) == 1.0
+  raw = ((0.5 * 4.0) * 0.5 + 0.5 * 2.0) * 0.5 + 0.5 * 1.0  # 3 finite losses
+  np.testing.assert_allclose(m["loss/ema"], raw / (1 - 0.5**3), rtol=1e-6)
+
+
 @pytest.mark.parametrize("histogram", [False, True])
 def test_per_layer_off_keeps_globals_only(histogram):
   tx = og.monitor(per_layer=False, histogram=histogram)
