@@ -42,9 +42,12 @@ def window_threshold(window: Window, sigma: Any,
   n = jnp.minimum(window.num_accepted, size)
   valid = jnp.arange(size) < n
   nf = jnp.maximum(n, 1).astype(jnp.float32)
-  mean = jnp.sum(jnp.where(valid, window.values, 0.0)) / nf
-  var = jnp.sum(jnp.where(valid, jnp.square(window.values - mean), 0.0)) / nf
-  threshold = mean + jnp.asarray(sigma, jnp.float32) * jnp.sqrt(var)
+  # Without squaring or summing past float32's range: an accepted norm of
+  # ~2e19 would otherwise make the threshold Inf while it stays in the window.
+  mean = jnp.sum(jnp.where(valid, window.values / nf, 0.0))
+  std = _stats.combine_norms(
+      jnp.where(valid, window.values - mean, 0.0)) / jnp.sqrt(nf)
+  threshold = mean + jnp.asarray(sigma, jnp.float32) * std
   return jnp.where(n >= min_count, threshold, jnp.inf)
 
 

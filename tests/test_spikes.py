@@ -25,6 +25,7 @@ import optax
 import pytest
 
 import optax_guard as og
+from optax_guard import _spikes
 
 T = 400
 SHAPES = {"a": (3, 4), "b": (5,)}
@@ -695,3 +696,15 @@ def test_max_consecutive_may_be_an_injected_array():
     skipped.append(bool(state.inner_state.skipped))
   # Two 50x spikes clear the history; the third 50x is the new warm-up.
   assert skipped == [False, False, True, True, False]
+
+
+def test_threshold_of_a_window_holding_a_huge_norm_is_finite():
+  """A norm of 2e19 squares past float32's range: the spread is taken
+  without squaring, and matches float64."""
+  window = _spikes.window_init(8)
+  values = [1.0, 1.1, 0.9, 2e19, 1.0]
+  for v in values:
+    window = _spikes.window_push(window, jnp.float32(v), jnp.bool_(True))
+  got = float(jax.jit(lambda w: _spikes.window_threshold(w, 3.0, 4))(window))
+  want = np.mean(values) + 3.0 * np.std(values)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
