@@ -21,6 +21,25 @@ from optax_guard import _stats
 _device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
+class _Column:
+  """One metric over the steps: a NumPy array grown by doubling (a 0-d
+  array per value would cost ~100 bytes of Python object per 4 of data)."""
+
+  def __init__(self, values: np.ndarray):
+    self._data, self._size = values, len(values)
+
+  def append(self, value: np.ndarray) -> None:
+    if self._size == len(self._data):
+      grown = np.empty((max(16, 2 * self._size),) + value.shape, value.dtype)
+      grown[:self._size] = self._data[:self._size]
+      self._data = grown
+    self._data[self._size] = value
+    self._size += 1
+
+  def array(self) -> np.ndarray:
+    return self._data[:self._size].copy()
+
+
 class MetricsLog:
   """Records `og.metrics` after every step, with no per-step host sync.
 
@@ -79,7 +98,7 @@ class MetricsLog:
     self._on_row = on_row
     self._pending: collections.deque[tuple[int, Any]] = collections.deque()
     self._steps: list[int] = []
-    self._columns: dict[str, list[np.ndarray]] = {}
+    self._columns: dict[str, _Column] = {}
     self._next_step = 0
     self._structure: Any = None  # of the first state recorded
 
@@ -161,7 +180,10 @@ class MetricsLog:
     self._steps.append(step)
     row = {name: np.asarray(value) for name, value in row.items()}
     for name, value in row.items():
-      self._columns.setdefault(name, []).append(value)
+      if name not in self._columns:
+        self._columns[name] = _Column(np.empty((0,) + value.shape,
+                                               value.dtype))
+      self._columns[name].append(value)
     if self._on_row is not None:
       self._on_row(step, row)
 
@@ -174,8 +196,8 @@ class MetricsLog:
     """
     self.flush()
     out = {"step": np.asarray(self._steps, np.int64)}
-    out.update({name: np.stack(values)
-                for name, values in self._columns.items()})
+    out.update({name: column.array()
+                for name, column in self._columns.items()})
     return out
 
   def to_pandas(self) -> Any:
@@ -241,6 +263,6 @@ class MetricsLog:
             "it has no 'step' array.")
       log._steps = [int(s) for s in data["step"]]
       log._next_step = log._steps[-1] + 1 if log._steps else 0
-      log._columns = {name: list(data[name]) for name in data.files
+      log._columns = {name: _Column(data[name]) for name in data.files
                       if name != "step"}
     return log

@@ -34,6 +34,26 @@ def _run(record, donate=True):
     record(state)
 
 
+def test_many_steps_keep_every_value():
+  """Columns grow in place (past their first capacities):
+  every step's values come back, histograms (vectors) included."""
+  log, reference = og.MetricsLog(lag=3), []
+
+  def record(state):
+    log.record(state)
+    reference.append(og.metrics(state))
+
+  for _ in range(7):  # 7 x 7 steps: past capacities 16 and 32
+    _run(record, donate=False)
+  out = log.to_numpy()
+  assert len(out["step"]) == len(reference) == 7 * len(_GRADS)
+  for name in reference[0]:
+    np.testing.assert_array_equal(
+        out[name], np.stack([m[name] for m in reference]), err_msg=name)
+  out["grad/norm"][0] = -1.0  # a copy: the log is not changed through it
+  assert log.to_numpy()["grad/norm"][0] == reference[0]["grad/norm"]
+
+
 def test_record_equals_metrics_of_each_step_with_donated_state():
   log = og.MetricsLog()
   _run(log.record)                      # the state is donated at each step
