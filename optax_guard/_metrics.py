@@ -411,23 +411,14 @@ def _state_fields() -> tuple[frozenset[str], ...]:
 def holds_unwrapped_states(tree: Any) -> bool:
   """Whether `tree` holds a mapping keyed like the fields of an optax_guard
   state (what `nnx.state` and a target-less Orbax restore make of one)."""
-  field_sets = _state_fields()
-  found = []
-
-  def visit(node):
-    if hasattr(node, "keys") and hasattr(node, "items"):
-      keys = {str(k) for k in node.keys()}
-      if any(keys <= fields and len(keys) >= max(2, len(fields) // 2)
-             for fields in field_sets):
-        found.append(node)
-      for _, child in node.items():
-        visit(child)
-    elif isinstance(node, (list, tuple)):
-      for child in node:
-        visit(child)
-
-  visit(tree)
-  return bool(found)
+  if hasattr(tree, "keys") and hasattr(tree, "items"):
+    keys = {str(k) for k in tree.keys()}
+    return any(keys <= fields and len(keys) >= max(2, len(fields) // 2)
+               for fields in _state_fields()) or any(
+                   holds_unwrapped_states(child) for _, child in tree.items())
+  if isinstance(tree, (list, tuple)):
+    return any(holds_unwrapped_states(child) for child in tree)
+  return False
 
 
 def statistics(opt_state: Any) -> list[Any]:

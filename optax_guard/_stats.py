@@ -2,11 +2,11 @@
 
 Every transformation of the package measures gradients through `tree_stats`,
 which reads each block once (each larger leaf alone, small leaves of one
-shape, dtype and sharding stacked, which keeps the compiled program small). The full pass is one
-variadic reduction per block: three sums of squares, two rescaled by powers
-of two so that norms are right where squares overflow or underflow
-(elements above ~1.8e19, large bf16 values), the count of NaN/Inf elements,
-and the count of elements above a threshold. How it runs depends on the
+shape, dtype and sharding stacked, which keeps the compiled program small).
+The full pass is one variadic reduction per block: three sums of squares,
+two rescaled by powers of two so that norms are right where squares overflow
+or underflow (elements above ~1.8e19, large bf16 values), the count of
+NaN/Inf elements, and the count of elements above a threshold. How it runs depends on the
 backend (`lax.platform_dependent`, decided when the step is compiled):
 
 * On GPU/TPU every block takes the full pass: a variadic reduction is one
@@ -714,15 +714,14 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     # Subnormals count as zero: XLA may flush them to zero in one comparison
     # and not in another (twice counted), but `a < tiny` holds either way.
     a = jnp.where(a < np.finfo(np.float32).tiny, 0.0, a)
-    # Replicated counts: a stacked leaf may be sharded along its layers.
-    count = lambda m: replicated(jnp.sum(m, axis=axes, dtype=jnp.int32))
+    count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
     finite = jnp.isfinite(a)
     # The zero bucket is what the decades leave of the finite elements.
     nonzero = finite & (a > 0)
-    # at_least[j]: finite non-zero elements with |x| >= edges[j].
-    at_least = jnp.stack([count(nonzero)] +
-                         [count(finite & (a >= e)) for e in edges] +
-                         [jnp.zeros((block.shape[0],), jnp.int32)], 1)
+    # at_least[j]: finite non-zero elements with |x| >= edges[j] (the zeros
+    # are like the counts: a stacked leaf may be sharded along its layers).
+    at_least = [count(nonzero)] + [count(finite & (a >= e)) for e in edges]
+    at_least = jnp.stack(at_least + [jnp.zeros_like(at_least[0])], 1)
     decades = at_least[:, :-1] - at_least[:, 1:]
     zero = count(finite) - at_least[:, 0]
     return jnp.concatenate([zero[:, None], decades,
