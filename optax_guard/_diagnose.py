@@ -23,19 +23,21 @@ _ADVICE = {
         "og.check names the layer."),
     "exploding": (
         "Gradient norms grow {growth:.3g}x per layer toward the input "
-        "({total:.3g}x over the depth). Clip them (og.guard, "
-        "og.clip_by_global_norm, or og.adaptive_grad_clip for deep networks "
-        "without normalisation), lower the learning rate, or initialise "
-        "with smaller weights; normalisation layers and residual "
+        "({total:.3g}x over the depth, fitted over the {kind}). Clip them "
+        "(og.guard, og.clip_by_global_norm, or og.adaptive_grad_clip for "
+        "deep networks without normalisation), lower the learning rate, or "
+        "initialise with smaller weights; normalisation layers and residual "
         "connections keep the growth down."),
     "vanishing": (
         "Gradient norms shrink {growth:.3g}x per layer toward the input "
-        "({total:.3g}x over the depth): the first layers barely learn. Use "
-        "residual connections, normalisation layers, non-saturating "
-        "activations (ReLU, GELU) or a variance-preserving initialisation."),
+        "({total:.3g}x over the depth, fitted over the {kind}): the first "
+        "layers barely learn. Use residual connections, normalisation "
+        "layers, non-saturating activations (ReLU, GELU) or a "
+        "variance-preserving initialisation."),
     "healthy": (
         "No sign of exploding or vanishing gradients: the gradient norms "
-        "change {total:.3g}x over the depth."),
+        "change less than {ratio:.3g}x over the depth (at most {total:.3g}x, "
+        "fitted over the {kind})."),
 }
 
 _DEAD = (
@@ -43,6 +45,12 @@ _DEAD = (
     "not: those layers learn nothing (dead ReLUs, a stop_gradient or a "
     "branch the loss does not reach). Check the activations and the graph; "
     "a leaky activation or a smaller learning rate revives dead units.")
+
+_ZERO = (
+    "Every gradient is exactly zero: nothing learns. The loss does not "
+    "reach the parameters (a stop_gradient, a constant loss, an integer "
+    "cast) or every unit is dead (ReLUs that never fire); check the graph "
+    "and the activations.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,6 +69,9 @@ class Diagnosis:
       matrices over depth); above 1 gradients grow as they flow back, below
       1 they shrink. NaN when fewer than two layers have a finite non-zero
       norm.
+    bias_growth: the same fit over the one-dimensional leaves (biases and
+      norm scales), whose gradients carry the backward signal itself; NaN
+      when fewer than two of them have a finite non-zero norm.
     verdict: one of `"non-finite"`, `"exploding"`, `"vanishing"`,
       `"healthy"`.
     advice: what to do about it, in a sentence or three.
@@ -82,6 +93,7 @@ class Diagnosis:
   param_norms: np.ndarray
   nonfinite: np.ndarray
   growth: float
+  bias_growth: float
   verdict: str
   advice: str
 
@@ -107,18 +119,31 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
 
   Depth order is the order in which the forward pass first uses each
   parameter (read from `loss_fn`'s jaxpr, looking inside nested `jit`,
-  `remat` and `scan`), so it follows the model, not the names. The trend is
+  `remat`, `scan` and `cond`), so it follows the model, not
+  the names. The trend is
   a least-squares fit of the log gradient norms over depth, taken over the
   weight matrices (leaves of two or more dimensions; all leaves when there
   are fewer than two), whose norms are comparable from layer to layer
   (biases and norm scales are not). The layers of a stacked leaf
   (`stacked`, for `nn.scan`) follow each other in the order of its leading
-  axis.
+  axis; stacked leaves that one `scan` slices go layer by layer together.
+
+  The same fit is taken over the one-dimensional leaves (biases and norm
+  scales): their gradients are the backward signal itself (summed over the
+  batch, or weighted by normalised activations), so they show a growth that
+  the weights' gradients hide when activations change over depth the other
+  way (a ReLU network initialised too large: activations grow toward the
+  output, backward signals toward the input, and the weights' gradients,
+  their product, stay flat). Of the two fits, the one further from flat
+  decides.
 
   Verdict: `"non-finite"` when the loss or a gradient holds NaN/Inf;
-  otherwise `"exploding"` when the fitted norm grows by at least `ratio`
-  from the output side to the input side, `"vanishing"` when it shrinks by
-  at least `ratio`, and `"healthy"` in between.
+  otherwise `"vanishing"` when a weight's gradient is exactly zero while a
+  layer after it has a non-zero one (dead units, a cut graph), or when
+  every gradient is zero; otherwise `"exploding"` when the fitted norm
+  grows by at least `ratio` from the output side to the input side,
+  `"vanishing"` when it shrinks by at least `ratio`, and `"healthy"` in
+  between.
 
   Args:
     loss_fn: `loss_fn(params, *args)` returning a scalar loss.
@@ -203,21 +228,30 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   ndims = np.repeat([np.ndim(x) - flag for x, flag in zip(leaves, flags)],
                     counts)[order]
   matrices = [i for i, ndim in enumerate(ndims) if ndim >= 2]
+  vectors = [i for i, ndim in enumerate(ndims) if ndim == 1]
   fit = matrices if len(matrices) >= 2 else list(range(len(order)))
   growth, total = _trend(grad_norms[fit])
-  # A layer with an exactly zero gradient before one with a non-zero one
-  # (dead units, a cut graph) learns nothing: the fit cannot see it.
-  fitted = grad_norms[fit]
-  dead = [names[order[i]] for k, i in enumerate(fit)
-          if fitted[k] == 0 and np.any(fitted[k + 1:] > 0)]
+  # Biases and norm scales carry the backward signal itself: where the
+  # weights' gradients stay flat because activations and backward signals
+  # change in opposite directions over depth, theirs still show it.
+  bias_growth, bias_total = _trend(grad_norms[vectors])
+  # A weight with an exactly zero gradient before any layer with a non-zero
+  # one (dead units, a cut graph) learns nothing: the fit cannot see it.
+  dead = [names[order[i]] for i in fit
+          if grad_norms[i] == 0 and np.any(grad_norms[i + 1:] > 0)]
   loss = float(loss)
+  # The trend that strays furthest from flat decides, the weights' on a tie.
+  trend = "weight matrices" if fit is matrices else "layers"
+  shown = (growth, total)
+  if abs(np.log(bias_total)) > abs(np.log(total)):
+    trend, shown = "biases and norm scales", (bias_growth, bias_total)
   if not np.isfinite(loss) or nonfinite.any():
     verdict = "non-finite"
-  elif dead:
+  elif dead or not np.any(grad_norms > 0):
     verdict = "vanishing"
-  elif total >= ratio:
+  elif shown[1] >= ratio:
     verdict = "exploding"
-  elif total <= 1.0 / ratio:
+  elif shown[1] <= 1.0 / ratio:
     verdict = "vanishing"
   else:
     verdict = "healthy"
@@ -226,17 +260,20 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   if bad:
     where = " in " + ", ".join(bad[:3]) + (
         f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
-  if dead:
-    advice = _DEAD.format(layers=", ".join(dead[:3]) + (
+  advice = _ADVICE[verdict].format(
+      where=where, kind=trend, growth=max(shown[0], 1.0 / shown[0]),
+      total=max(shown[1], 1.0 / shown[1]), ratio=ratio)
+  if verdict == "vanishing" and not np.any(grad_norms > 0):
+    advice = _ZERO
+  elif dead:
+    dead_text = _DEAD.format(layers=", ".join(dead[:3]) + (
         f" and {len(dead) - 3} more" if len(dead) > 3 else ""))
-  else:
-    advice = _ADVICE[verdict].format(
-        where=where, growth=growth if growth >= 1 else 1.0 / growth,
-        total=total)
+    advice = dead_text if verdict == "vanishing" else f"{advice} {dead_text}"
   return Diagnosis(
       loss=loss, layers=tuple(names[i] for i in order),
       grad_norms=grad_norms, param_norms=np.asarray(pstats.norms)[order],
-      nonfinite=nonfinite, growth=growth, verdict=verdict, advice=advice)
+      nonfinite=nonfinite, growth=growth, bias_growth=bias_growth,
+      verdict=verdict, advice=advice)
 
 
 def _trend(norms: np.ndarray) -> tuple[float, float]:
@@ -264,6 +301,7 @@ def first_uses(closed: Any, count: int
   the jaxpr `closed` (the parameter leaves), and inside which `scan` (an
   id, or None), following nested calls. A leaf never used gets `inf`."""
   first: dict[int, tuple[int, int | None]] = {}
+  xs_scan: dict[int, int] = {}  # the outermost scan that slices each leaf
   clock, scans = [0], [0]
 
   def walk(jaxpr, leaf_of, scan, live=None):
@@ -274,16 +312,20 @@ def first_uses(closed: Any, count: int
       if eqn.primitive.name in _ALIASES and len(used) == 1:
         leaf_of.update({o: used[0] for o in eqn.outvars})
         continue
-      inner = [getattr(j, "jaxpr", j) for j in eqn.params.values()
-               if _is_jaxpr(j)]
-      inner = [j for j in inner if len(j.invars) == len(eqn.invars)]
-      if inner:  # a call (jit, remat, scan, custom_jvp): follow the operands
+      calls = _calls(eqn)
+      if calls:  # jit, remat, scan, cond: follow the operands
+        inner_scan = scan
         if eqn.primitive.name == "scan":
           scans[0] += 1
-          scan = scans[0]
-        for sub in inner:
-          walk(sub, {s: leaf_of[o] for o, s in zip(eqn.invars, sub.invars)
-                     if _is_var(o) and o in leaf_of}, scan)
+          inner_scan = scans[0]
+          sliced = eqn.invars[eqn.params["num_consts"] +
+                              eqn.params["num_carry"]:]
+          for v in sliced:
+            if _is_var(v) and v in leaf_of:
+              xs_scan.setdefault(leaf_of[v], inner_scan)
+        for sub, operands in calls:
+          walk(sub, {s: leaf_of[o] for o, s in zip(operands, sub.invars)
+                     if _is_var(o) and o in leaf_of}, inner_scan)
         continue
       clock[0] += 1
       for leaf in used:
@@ -293,8 +335,20 @@ def first_uses(closed: Any, count: int
   # computed from the parameters before the forward pass is no use of them.
   walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:count])},
        None, _feeding(closed.jaxpr, closed.jaxpr.outvars[:1]))
+  # A stacked leaf belongs to the scan that slices it into layers, even when
+  # a nested scan inside that one is where it is first used.
   return ([first[i][0] if i in first else float("inf") for i in range(count)],
-          [first[i][1] if i in first else None for i in range(count)])
+          [xs_scan.get(i, first[i][1] if i in first else None)
+           for i in range(count)])
+
+
+def _calls(eqn: Any) -> list[tuple[Any, list[Any]]]:
+  """The jaxprs an equation calls, each with the operands its inputs take."""
+  params = eqn.params
+  if eqn.primitive.name == "cond":       # operands: the index, then these
+    return [(b.jaxpr, eqn.invars[1:]) for b in params["branches"]]
+  subs = [getattr(j, "jaxpr", j) for j in params.values() if _is_jaxpr(j)]
+  return [(j, eqn.invars) for j in subs if len(j.invars) == len(eqn.invars)]
 
 
 def layer_order(closed: Any, counts: list[int], stacked: list[bool]

@@ -134,7 +134,8 @@ def _ratio(num: Any, den: Any) -> Any:
   xp = _metrics.array_module(num)
   with np.errstate(over="ignore"):
     quotient = num / xp.where(den > 0, den, 1.0)
-  return xp.where(den > 0, quotient, xp.where(num > 0, np.inf, 0.0))
+  return xp.where(den > 0, quotient,
+                  xp.where(num > 0, np.inf, 0.0)).astype(quotient.dtype)
 
 
 def after_params_read(updates: Any, state: MonitorState) -> Any:

@@ -223,7 +223,8 @@ class ZeroNonfiniteState(NamedTuple):
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {
-        "grad/nonfinite_zeroed": _metrics.unwrap(self.replaced.values).sum(),
+        "grad/nonfinite_zeroed": _metrics.unwrap(self.replaced.values).sum(
+            dtype=jnp.int32),
         **_metrics.expand("grad/nonfinite_zeroed", self.replaced),
         "optim/num_zeroed_steps": self.num_steps,
     }

@@ -85,11 +85,16 @@ def gradient_norm_penalty(
     result as `radius` :math:`r \to 0` (error :math:`O(r)`; exact for a
     quadratic loss).
 
-  A zero gradient has a zero penalty gradient in both methods.
+  A zero gradient has a zero penalty gradient in both methods. The
+  finite-difference probe is taken in the parameters' dtype: with bfloat16
+  or float16 parameters a small `radius` is mostly rounded away (on a tanh
+  MLP in bfloat16 the penalty's gradient was 31% off at `radius=0.01`, 5% at
+  0.05, against 1.5% for the exact method), so take `radius >= 0.05` there,
+  or the exact method.
 
   Args:
-    loss_fn: `loss_fn(params, *args) -> loss` (or `(loss, aux)` with
-      `has_aux`), differentiable in `params`.
+    loss_fn: `loss_fn(params, *args, **kwargs) -> loss` (or `(loss, aux)`
+      with `has_aux`), differentiable in `params`.
     strength: :math:`\lambda`, a float `>= 0`.
     method: `"exact"` or `"finite_difference"`.
     squared: penalise :math:`\|\nabla L\|^2` instead of :math:`\|\nabla L\|`.
@@ -98,8 +103,8 @@ def gradient_norm_penalty(
     has_aux: whether `loss_fn` returns `(loss, aux)`.
 
   Returns:
-    A function `(params, *args) -> (loss, grads)` (`((loss, aux), grads)`
-    with `has_aux`).
+    A function `(params, *args, **kwargs) -> (loss, grads)` (`((loss, aux),
+    grads)` with `has_aux`).
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -125,9 +130,9 @@ def gradient_norm_penalty(
   _args.check_choice("method", method, PENALTY_METHODS)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-  def exact(params, *args):
+  def exact(params, *args, **kwargs):
     def penalised(p):
-      value, grads = grad_fn(p, *args)
+      value, grads = grad_fn(p, *args, **kwargs)
       norm = _safe_norm(grads)
       penalty = jnp.square(norm) if squared else norm
       loss = value[0] if has_aux else value
@@ -136,13 +141,13 @@ def gradient_norm_penalty(
     (_, value), grads = jax.value_and_grad(penalised, has_aux=True)(params)
     return value, grads
 
-  def finite_difference(params, *args):
-    value, grads = grad_fn(params, *args)
+  def finite_difference(params, *args, **kwargs):
+    value, grads = grad_fn(params, *args, **kwargs)
     norm = _safe_norm(grads)
     step = _fd_direction(grads, norm)
     probe_at = jax.tree.map(lambda p, n: p + jnp.asarray(radius, p.dtype) * n,
                             params, step)
-    _, probe = grad_fn(probe_at, *args)
+    _, probe = grad_fn(probe_at, *args, **kwargs)
     return value, _fd_combine(grads, probe, norm, strength, radius, squared)
 
   return exact if method == "exact" else finite_difference
@@ -233,8 +238,8 @@ def add_gradient_norm_penalty(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def input_gradient_penalty(fn: Callable[[jax.Array], jax.Array],
-                           inputs: jax.Array, *,
+def input_gradient_penalty(fn: Callable[[Any], jax.Array],
+                           inputs: Any, *,
                            target: float = 0.0) -> jax.Array:
   r"""Mean over a batch of :math:`(\|\nabla_x f(x)\| - \text{target})^2`.
 
@@ -249,13 +254,17 @@ def input_gradient_penalty(fn: Callable[[jax.Array], jax.Array],
   `fn` maps a batch `[B, ...]` to one score per example `[B]` (or `[B, 1]`),
   each score depending on its own example only (no batch normalisation
   across the batch); the per-example gradients are then those of the sum.
+  The batch may be a tree of float arrays (an image and a one-hot label, for
+  a conditional critic): each example's gradient norm is then taken over
+  all its leaves.
   The result is differentiable w.r.t. whatever `fn` closes over (the
   critic's parameters), by double backprop; a zero input gradient has a zero
   penalty gradient.
 
   Args:
     fn: the critic, `[B, ...] -> [B]`.
-    inputs: the batch at which to take the gradients, `[B, ...]`.
+    inputs: the batch at which to take the gradients, `[B, ...]`, or a tree
+      of such arrays with the same `B`.
     target: the norm the gradients are pulled toward, a float `>= 0`.
 
   Returns:
@@ -282,7 +291,25 @@ def input_gradient_penalty(fn: Callable[[jax.Array], jax.Array],
     (https://arxiv.org/abs/1801.04406).
   """
   _args.check_number("target", target)
+  leaves = jax.tree.leaves(inputs)
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if not leaves or len(sizes) != 1 or None in sizes:
+    raise ValueError(
+        "`inputs` must be a batch: an array, or a tree of arrays, whose "
+        "leaves all have the same leading (batch) axis; got leading sizes "
+        f"{sorted(sizes, key=str)} over {len(leaves)} leaves.")
+  (batch,) = sizes
+  if batch == 0:
+    raise ValueError("`inputs` holds an empty batch (leading axis 0): there "
+                     "is no example to take the penalty's mean over.")
+  scores = jax.eval_shape(fn, inputs)
+  if getattr(scores, "shape", None) not in ((batch,), (batch, 1)):
+    raise ValueError(
+        f"`fn` must map a batch of {batch} to one score per example, of "
+        f"shape ({batch},) or ({batch}, 1), but it returned "
+        f"{getattr(scores, 'shape', type(scores).__name__)}.")
   grads = jax.grad(lambda x: jnp.sum(fn(x)))(inputs)
-  flat = grads.reshape(grads.shape[0], -1).astype(jnp.float32)
-  norms = _safe_sqrt(jnp.sum(jnp.square(flat), axis=1))
+  sumsq = sum(jnp.sum(jnp.square(g.reshape(batch, -1).astype(jnp.float32)),
+                      axis=1) for g in jax.tree.leaves(grads))
+  norms = _safe_sqrt(sumsq)
   return jnp.mean(jnp.square(norms - jnp.asarray(target, jnp.float32)))

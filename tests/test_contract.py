@@ -276,6 +276,23 @@ def _assert_holds_state(tree, name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_metrics_read_on_the_host_have_the_dtypes_of_metrics_under_jit(name):
+  tx = _make(name)
+  params = _params()
+  grads = _grads(0)
+  grads["head"] = grads["head"].at[0].set(jnp.nan)   # every counter counts
+  state = tx.init(params)
+  for g in (_grads(1), grads):
+    _, state = jax.jit(tx.update)(g, state, params)
+  on_device = jax.jit(og.metrics)(state)
+  on_host = og.metrics(jax.device_get(state))
+  assert on_host.keys() == on_device.keys()
+  for key, value in on_host.items():
+    assert np.asarray(value).dtype == on_device[key].dtype, key
+    assert np.shape(value) == on_device[key].shape, key
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_metric_names_follow_the_convention(name):
   # Eager on purpose: the one test here that runs every update op by op.
   tx = _make(name)

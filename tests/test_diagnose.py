@@ -246,3 +246,131 @@ def test_zero_gradient_before_a_live_layer_is_vanishing():
   assert d.verdict == "vanishing"
   assert d.advice.startswith("The gradients of a are exactly zero while "
                              "later layers' are not")
+
+
+def _relu_mlp_loss(depth):
+  def loss_fn(params, x):
+    for i in range(depth):
+      x = jax.nn.relu(x @ params[f"l{i:02d}"]["w"] + params[f"l{i:02d}"]["b"])
+    return jnp.mean((x @ params["head"]["w"] + params["head"]["b"] - 1) ** 2)
+  return loss_fn
+
+
+def _relu_mlp(depth, width, scale, bias):
+  keys = jax.random.split(jax.random.key(0), depth + 1)
+  params = {f"l{i:02d}": {
+      "w": scale * jax.random.normal(keys[i], (width, width)) / np.sqrt(width),
+      "b": jnp.full((width,), bias)} for i in range(depth)}
+  params["head"] = {"w": jax.random.normal(keys[-1], (width, 1)),
+                    "b": jnp.zeros((1,))}
+  return params
+
+
+def test_growth_hidden_from_the_weights_is_read_from_the_biases():
+  # ReLU initialised 4x too large: activations grow toward the output and
+  # backward signals toward the input, so the kernels' gradients (their
+  # product) stay flat while the biases' (the backward signal) explode.
+  loss_fn, params = _relu_mlp_loss(12), _relu_mlp(12, 32, 4.0, 0.0)
+  x = jax.random.normal(jax.random.key(1), (16, 32))
+  d = og.diagnose(loss_fn, params, x)
+  grads = jax.grad(loss_fn)(params, x)
+  names = [f"l{i:02d}" for i in range(12)] + ["head"]
+  assert d.layers == sum(((f"{n}/w", f"{n}/b") for n in names), ())
+  w = np.array([np.linalg.norm(grads[n]["w"]) for n in names])
+  b = np.array([np.linalg.norm(grads[n]["b"]) for n in names])
+  w_growth, w_total = _np_growth(w)
+  b_growth, b_total = _np_growth(b)
+  np.testing.assert_allclose([d.growth, d.bias_growth], [w_growth, b_growth],
+                             rtol=1e-4)
+  assert w_total < 100 <= b_total          # the weights alone hide it
+  assert d.verdict == "exploding"
+  assert d.advice.startswith(
+      f"Gradient norms grow {b_growth:.3g}x per layer toward the input "
+      f"({b_total:.3g}x over the depth, fitted over the biases and norm "
+      "scales).")
+
+
+def test_every_weight_dead_is_vanishing_and_no_gradient_at_all_is_said():
+  loss_fn, params = _relu_mlp_loss(4), _relu_mlp(4, 16, 1.0, -100.0)
+  x = jax.random.normal(jax.random.key(1), (8, 16))
+  d = og.diagnose(loss_fn, params, x)
+  # Every unit is dead: only the head's bias has a gradient, 2 * (0 - 1).
+  np.testing.assert_allclose(d.grad_norms, [0.0] * 9 + [2.0])
+  assert d.verdict == "vanishing"
+  assert d.advice.startswith("The gradients of l00/w, l01/w, l02/w and 2 "
+                             "more are exactly zero while later layers'")
+  nothing = og.diagnose(lambda p: jnp.sum(lax.stop_gradient(p["a"])),
+                        {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))})
+  assert nothing.verdict == "vanishing"
+  assert nothing.advice.startswith("Every gradient is exactly zero")
+
+
+def test_non_finite_advice_comes_first_beside_a_dead_layer():
+  def loss_fn(params):
+    return (jnp.sum(jnp.maximum(params["a"], 2.0) @ params["b"]) +
+            jnp.log(params["c"] - 1.0).sum())
+
+  params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones(())}
+  d = og.diagnose(loss_fn, params)
+  assert d.verdict == "non-finite"
+  assert d.advice.startswith("The loss or the gradients hold NaN/Inf in c.")
+  assert "The gradients of a are exactly zero" in d.advice
+
+
+def test_vanishing_advice_gives_the_shrink_over_the_depth():
+  scales, params = np.array([1.0, 10.0, 100.0, 1000.0]), _params()
+  d = og.diagnose(_weighted_loss(scales), params, jnp.float32(0.5))
+  growth, total = _np_growth(
+      scales * np.sqrt([params[n].size for n in _ORDER]))   # closed form
+  assert d.advice.startswith(
+      f"Gradient norms shrink {1 / growth:.3g}x per layer toward the input "
+      f"({1 / total:.3g}x over the depth, fitted over the weight matrices)")
+
+
+def _tanh_chain(h, w):
+  return jnp.tanh(h @ w)
+
+
+def test_depth_order_past_a_scan_and_through_nested_scans():
+  k = jax.random.split(jax.random.key(0), 2)
+  params = {"dec": 0.5 * jax.random.normal(k[0], (3, 4, 4)),
+            "enc": 0.5 * jax.random.normal(k[1], (3, 4, 4))}
+
+  def after_scan(p, x):   # a stacked leaf used by a loop after a scan
+    h, _ = lax.scan(lambda h, w: (_tanh_chain(h, w), None), x, p["enc"])
+    for i in range(3):
+      h = _tanh_chain(h, p["dec"][i])
+    return jnp.sum(h ** 2)
+
+  d = og.diagnose(after_scan, params, jnp.ones((2, 4)),
+                  stacked=("enc", "dec"))
+  assert d.layers == ("enc/0", "enc/1", "enc/2", "dec/0", "dec/1", "dec/2")
+
+  def nested(p, x):       # `dec` first used inside a scan within the layer
+    def layer(h, ws):
+      h = _tanh_chain(h, ws[0])
+      h, _ = lax.scan(lambda c, _: (_tanh_chain(c, ws[1]), None), h, None,
+                      length=2)
+      return h, None
+    return jnp.sum(lax.scan(layer, x, (p["enc"], p["dec"]))[0] ** 2)
+
+  d = og.diagnose(nested, params, jnp.ones((2, 4)), stacked=("enc", "dec"))
+  assert d.layers == ("enc/0", "dec/0", "enc/1", "dec/1", "enc/2", "dec/2")
+
+
+def test_depth_order_follows_cond():
+  names = [f"z{9 - i}" for i in range(6)]   # used z9 first: not by name
+  keys = jax.random.split(jax.random.key(0), 6)
+  params = {n: 0.5 * jax.random.normal(k, (4, 4)) for n, k in zip(names, keys)}
+
+  def forward(p, x):
+    for n in names:
+      x = jnp.tanh(x @ p[n])
+    return jnp.mean(x ** 2)
+
+  def in_cond(p, x, flag):
+    return lax.cond(flag, lambda: forward(p, x), lambda: forward(p, 2 * x))
+
+  x = jnp.ones((2, 4))
+  assert og.diagnose(in_cond, params, x, jnp.bool_(True)).layers == tuple(
+      names)

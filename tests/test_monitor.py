@@ -144,6 +144,10 @@ def test_update_ratio_of_a_zero_parameter_is_inf_without_a_warning():
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # numpy on the host: no overflow warning
     m = og.metrics(state)
+    host = og.metrics(jax.device_get(state))
+  for key in ("update/ratio", "update/ratio/bias", "update/ratio/kernel"):
+    assert host[key].dtype == m[key].dtype == np.float32, key
+    assert host[key] == m[key], key
   assert m["update/ratio/bias"] == np.inf
   np.testing.assert_allclose(m["update/ratio/kernel"], 0.5, rtol=1e-6)
   np.testing.assert_allclose(m["update/ratio"], np.sqrt(48 + 1) / 2.0,

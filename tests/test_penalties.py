@@ -204,3 +204,45 @@ def test_input_gradient_penalty_per_example_on_a_quadratic_critic():
       og.input_gradient_penalty(score, images),
       np.mean(np.sum((2 * images.astype(np.float64)) ** 2, axis=(1, 2, 3))),
       rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_keyword_arguments_reach_the_loss(method):
+  loss_fn, params, a, g = _quadratic(3)
+  fn = og.gradient_norm_penalty(
+      lambda p, *, scale: scale * loss_fn(p), STRENGTH, method=method,
+      squared=True)
+  loss, grads = fn(params, scale=jnp.float32(1.0))   # as jax.value_and_grad
+  np.testing.assert_allclose(loss, loss_fn(params), rtol=1e-6)
+  np.testing.assert_allclose(grads["t"], g + 2 * STRENGTH * a @ g, rtol=2e-4)
+
+
+def test_input_gradient_penalty_on_a_tree_of_inputs():
+  """D(x, y) = w.x + v.y: each example's input gradient is (w, v), whose
+  norm is sqrt(||w||^2 + ||v||^2)."""
+  rng = np.random.default_rng(7)
+  w, v = rng.normal(size=3).astype(np.float32), rng.normal(size=2).astype(
+      np.float32)
+  batch = {"image": rng.normal(size=(5, 3)).astype(np.float32),
+           "label": np.eye(2, dtype=np.float32)[[0, 1, 1, 0, 1]]}
+  critic = lambda b: b["image"] @ w + b["label"] @ v
+  norm = np.sqrt(np.sum(w.astype(np.float64) ** 2) + np.sum(v ** 2.0))
+  np.testing.assert_allclose(
+      og.input_gradient_penalty(critic, batch, target=1.0), (norm - 1) ** 2,
+      rtol=1e-5)
+
+
+def test_input_gradient_penalty_refuses_what_it_cannot_average():
+  x = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match=r"`fn` must map a batch of 4 to one "
+                     r"score per example, of shape \(4,\) or \(4, 1\), but it "
+                     r"returned \(4, 2\)\."):
+    og.input_gradient_penalty(lambda x: x[:, :2], x)
+  with pytest.raises(ValueError, match=r"`inputs` holds an empty batch "
+                     r"\(leading axis 0\): there is no example"):
+    og.input_gradient_penalty(lambda x: x[:, 0], jnp.ones((0, 3)))
+  with pytest.raises(ValueError, match=r"`inputs` must be a batch: an array, "
+                     r"or a tree of arrays, whose leaves all have the same "
+                     r"leading \(batch\) axis; got leading sizes \[3, 4\]"):
+    og.input_gradient_penalty(lambda b: b["a"][:, 0],
+                              {"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))})
