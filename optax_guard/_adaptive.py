@@ -265,7 +265,7 @@ def adaptive_grad_clip(
                                 jnp.asarray(eps, jnp.float32))
       clip = jnp.isfinite(gn) & (gn > limit)
       factor = jnp.where(clip, limit / jnp.where(clip, gn, 1.0), 1.0)
-      out.append((g.astype(jnp.float32) * factor).astype(g.dtype))
+      out.append(_stats.scale_leaf(g, factor))
       # Replicated: unit norms sharded differently (an Explicit mesh) cannot
       # be concatenated as they are.
       before.append(_stats.replicated(gn.reshape(-1)))
@@ -273,7 +273,7 @@ def adaptive_grad_clip(
       fractions.append(jnp.sum(clip, dtype=jnp.int32))
     clipped_units = (jnp.stack(fractions) if fractions
                      else jnp.zeros((0,), jnp.int32))
-    total = jnp.sum(clipped_units)
+    total = jnp.sum(clipped_units, dtype=jnp.int32)
     cat = lambda xs: (jnp.concatenate(xs) if xs
                       else jnp.zeros((0,), jnp.float32))
     return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(

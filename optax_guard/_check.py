@@ -42,6 +42,17 @@ def _numbers_as_numbers(name: str) -> tuple[Any, ...]:
                for part in re.split(r"(\d+)", name))
 
 
+def _model_order(name: str) -> tuple[Any, ...]:
+  """Sort key in the model's layer order as far as names tell it: numbers
+  as numbers, and the layers of a stacked leaf (`blocks/kernel/3`) by their
+  index first, so that block 2's kernel and bias come before block 9's."""
+  head, sep, index = name.rpartition("/")
+  if sep and index.isdigit():
+    root, _, leaf = head.partition("/")
+    return (_numbers_as_numbers(root), int(index), _numbers_as_numbers(leaf))
+  return (_numbers_as_numbers(name), -1, ())
+
+
 def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
   """The layers holding NaN/Inf, with their counts, in the model's layer
   order as far as names tell it: the tree orders `Dense_10` before
@@ -50,7 +61,7 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
     return {}
   values = np.asarray(counts.values)
   bad = [(name, int(c)) for name, c in zip(counts.names, values) if c > 0]
-  return dict(sorted(bad, key=lambda item: _numbers_as_numbers(item[0])))
+  return dict(sorted(bad, key=lambda item: _model_order(item[0])))
 
 
 def _describe(layers: dict[str, int]) -> str:
@@ -254,10 +265,8 @@ def check(opt_state: Any) -> None:
   # The statistics only: no wrapped optimizer's moments cross to the host.
   found = _metrics.statistics(opt_state)
   if not found:
-    hint = ("pass the state itself (with Flax nnx, `optimizer.opt_state`, "
-            "not `nnx.state(optimizer)`), and restore a checkpoint into "
-            "`jax.eval_shape(tx.init, params)` (Orbax without a target gives "
-            "plain mappings)" if _metrics.holds_unwrapped_states(opt_state)
+    hint = (_metrics.PASS_THE_STATE
+            if _metrics.holds_unwrapped_states(opt_state)
             else "put og.guard (or og.monitor, og.skip_nonfinite, "
             "og.skip_spikes) in the optimizer")
     warnings.warn(

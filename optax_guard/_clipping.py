@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_guard import _args
@@ -41,15 +42,9 @@ def clip_factors(norm: jax.Array, max_norm: Any
 
 
 def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
-  """Multiplies each leaf by `a` then `b`, in float32, keeping its dtype."""
+  """Multiplies each leaf by `a` then `b` (`_stats.scale_leaf`)."""
   a, b = _stats.computed_once(factors)  # not once per leaf's kernel
-
-  def scale(g):
-    if not jnp.issubdtype(g.dtype, jnp.floating):
-      return g * (a * b).astype(g.dtype)
-    return ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
-
-  return jax.tree.map(scale, tree)
+  return jax.tree.map(lambda g: _stats.scale_leaf(g, a, b), tree)
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -165,17 +160,23 @@ class ClipByLayerNormState(NamedTuple):
 
 
 def clip_by_layer_norm(
-    max_norm: float, *, axis_name: _stats.AxisName = None
+    max_norm: float, *, axis_name: _stats.AxisName = None,
+    stacked: _metrics.Stacked = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each layer (parameter leaf) to its own maximum L2 norm.
 
   Each leaf `g` whose norm `n` exceeds `max_norm` becomes `g * max_norm / n`;
   the others pass unchanged. Norms are measured in float32, overflow-safe; a
   leaf holding NaN or Inf is left unscaled for the non-finite defences.
+  A stacked leaf (`nn.scan`) is clipped layer by layer along its leading
+  axis.
 
   Args:
     max_norm: the largest allowed norm of each leaf, a float `>= 0`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
+    stacked: the leaves whose leading axis stacks layers, as in
+      `og.monitor`: each layer is clipped to its own norm and has its own
+      `grad/norm/<leaf>/<i>`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -196,23 +197,36 @@ def clip_by_layer_norm(
   """
   _args.check_number("max_norm", max_norm)
   _stats.check_axis_name(axis_name)
+  layers = _metrics.Layers(stacked)
 
   def init_fn(params):
     return ClipByLayerNormState(
-        layer_norms=_metrics.per_layer_zeros(_metrics.layer_names(params),
+        layer_norms=_metrics.per_layer_zeros(layers.names(params),
                                              jnp.float32),
         layers_clipped=jnp.zeros((), jnp.int32),
         num_clipped=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _metrics.check_layers(updates, state.layer_norms.names,
-                          "clip_by_layer_norm")
-    norms = _stats.tree_stats(updates, axis_name=axis_name).norms
+    layers.check(updates, state.layer_norms.names, "clip_by_layer_norm")
+    flags = layers.of(updates).stacked
+    norms = _stats.tree_stats(updates, axis_name=axis_name,
+                              stacked=flags).norms
     a, b = clip_factors(norms, max_norm)
     leaves, treedef = jax.tree.flatten(updates)
-    clipped = jax.tree.unflatten(
-        treedef, [scale_tree(g, (a[i], b[i])) for i, g in enumerate(leaves)])
+    flags = flags or [False] * len(leaves)
+    first = np.cumsum([0] + [g.shape[0] if flag else 1
+                             for g, flag in zip(leaves, flags)])
+    out = []
+    for i, (g, flag) in enumerate(zip(leaves, flags)):
+      if flag:  # one factor per layer, along the leading axis
+        rows = slice(first[i], first[i + 1])
+        shape = (g.shape[0],) + (1,) * (g.ndim - 1)
+        out.append(_stats.scale_leaf(g, a[rows].reshape(shape),
+                                     b[rows].reshape(shape)))
+      else:
+        out.append(scale_tree(g, (a[first[i]], b[first[i]])))
+    clipped = jax.tree.unflatten(treedef, out)
     layers_clipped = jnp.sum(a < 1.0, dtype=jnp.int32)
     return clipped, ClipByLayerNormState(
         layer_norms=_metrics.PerLayer(norms, state.layer_norms.names),

@@ -132,7 +132,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     if l1:
       total = jnp.sum(_stats.per_leaf(
           chosen, lambda block, _: jnp.sum(
-              jnp.abs(block.astype(jnp.float32)),
+              _stats.magnitude(block),
               axis=tuple(range(1, block.ndim))), axis_name, "sum")
                       ) if chosen else jnp.zeros((), jnp.float32)
       penalty = r * total

@@ -107,7 +107,11 @@ def guard(
   optimizer's output is not read back for NaN: guard-aware optimizers turn
   clipped, finite gradients into finite updates (`og.adam` and `og.adamw`
   refuse an `eps` and `eps_root` that are, or round to, 0 in a parameter's
-  dtype, which would make 0/0 of an all-zero gradient). With the clip off
+  dtype, which would make 0/0 of an all-zero gradient). A tree with a
+  float16 leaf takes the generic path whatever the optimizer: in float16's
+  range (65504) a finite gradient can make an infinite Adam step (where the
+  second moment underflows) or momentum trace, and only the generic path
+  reads the update back. With the clip off
   (`max_norm=None`), gradient elements near the top of the parameters'
   float range can overflow a momentum trace (`og.sgd`) to Inf, which the
   fast path then applies, or Adam's second moment (above ~1.8e19 in
@@ -188,7 +192,6 @@ def guard(
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)
-  fast = _skip.is_guard_aware(inner)
   # The pieces, built with the same checks as when used alone.
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
@@ -216,6 +219,9 @@ def guard(
         for name, part in parts.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
+    fast = _skip.takes_decision(inner, updates)
+    if skip_nonfinite:  # the monitor checks its own, when it keeps layers
+      layers.check(updates, state.nonfinite.last_bad_counts.names, "guard")
     layout = layers.of(updates)
     stats = _stats.tree_stats(updates, axis_name=axis_name,
                               count_above=1.0 if monitor else None,

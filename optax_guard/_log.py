@@ -121,6 +121,11 @@ class MetricsLog:
           "returned, but got traced values; call it after the step, outside "
           "jit.")
     if not jax.tree_util.tree_leaves(states):
+      if _metrics.holds_unwrapped_states(opt_state):
+        raise ValueError(
+            "MetricsLog.record found optax_guard states turned into plain "
+            "mappings, which say nothing about what their numbers are: "
+            f"{_metrics.PASS_THE_STATE}.")
       raise ValueError(
           "MetricsLog.record found no optax_guard statistics in the "
           "optimizer state; record the state of an optimizer that contains "
@@ -128,7 +133,8 @@ class MetricsLog:
     # The metric names are static: a state of another structure holds other
     # metrics (said now, not `lag` steps later when the row is fetched).
     structure = jax.tree.structure(states)
-    if self._structure is not None and structure != self._structure:
+    if ((self._structure is not None and structure != self._structure) or
+        (self._structure is None and self._columns)):  # after `load`
       self._check_new_structure(states)
     if self._structure is None:
       self._structure = structure

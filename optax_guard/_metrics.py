@@ -330,13 +330,29 @@ def _state_metrics(state: Any) -> dict[str, Any]:
 def _collect(states: list[Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for state in states:
-    for name, value in _state_metrics(state).items():
-      unique, k = name, 0
-      while unique in out:
+    named = _state_metrics(state)
+    naming = getattr(state, "naming", None)
+    depth = len([c for c in getattr(naming, "prefix", "").split("/") if c])
+    # One number for every name of this state that is taken already, so
+    # that a second monitor's total and its layers read alike.
+    taken = [name for name in named if name in out]
+    k = 0
+    if taken:
+      k = 1
+      while any(_repeat(name, k, depth) in out for name in taken):
         k += 1
-        unique = f"{name}.{k}"
-      out[unique] = value
+    out.update({_repeat(name, k, depth) if name in taken else name: value
+                for name, value in named.items()})
   return out
+
+
+def _repeat(name: str, k: int, depth: int) -> str:
+  """`name` as the `k`-th repeat: `.k` ends its metric part, before any
+  layer (`grad/norm.1/Dense_0/kernel`; `depth`: its prefix's parts)."""
+  parts = name.split("/")
+  end = min(depth + 2, len(parts)) - 1
+  parts[end] += f".{k}"
+  return "/".join(parts)
 
 
 def metrics(opt_state: Any) -> dict[str, Any]:
@@ -353,9 +369,10 @@ def metrics(opt_state: Any) -> dict[str, Any]:
 
   Naming rule for repeats: when two states record the same name (two monitors
   in one chain, say), the first in the tree's order (the earlier one in a
-  chain) keeps the plain name and later ones get `.1`, `.2`, ... appended, e.g.
-  `grad/norm` and `grad/norm.1`. Give a monitor a `prefix` to choose its names
-  yourself.
+  chain) keeps the plain name and a later one gets `.1`, `.2`, ... at the end
+  of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`
+  (one number for all of a state's repeated names). Give a monitor a `prefix`
+  to choose its names yourself.
 
   Inside a jitted step it returns device arrays (so a step can return them).
   Outside, it fetches the statistics (never the wrapped optimizer's moments)
@@ -387,10 +404,7 @@ def metrics(opt_state: Any) -> dict[str, Any]:
     warnings.warn(
         "og.metrics found optax_guard states turned into plain mappings in "
         "`opt_state`, which say nothing about what their numbers are, and "
-        "reads nothing from them: pass the state itself (with Flax nnx, "
-        "`optimizer.opt_state`, not `nnx.state(optimizer)`; restore a "
-        "checkpoint into `jax.eval_shape(tx.init, params)`, not without a "
-        "target).", stacklevel=2)
+        f"reads nothing from them: {PASS_THE_STATE}.", stacklevel=2)
   if not is_traced(states):
     states = to_host(states)  # the statistics only, in one transfer
   return named(states)
@@ -406,6 +420,13 @@ def _state_fields() -> tuple[frozenset[str], ...]:
   return tuple(frozenset(cls._fields) for cls in subclasses(tuple)
                if cls.__module__.startswith("optax_guard.") and
                hasattr(cls, "_og_metrics") and hasattr(cls, "_fields"))
+
+
+# What to do about states turned into plain mappings.
+PASS_THE_STATE = (
+    "pass the state itself (with Flax nnx, `optimizer.opt_state`, not "
+    "`nnx.state(optimizer)`; restore a checkpoint into "
+    "`jax.eval_shape(tx.init, params)`, not without a target)")
 
 
 def holds_unwrapped_states(tree: Any) -> bool:

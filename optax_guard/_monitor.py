@@ -175,7 +175,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
 
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
-      norm=stats.global_norm, num_nonfinite=jnp.sum(stats.nonfinite),
+      norm=stats.global_norm, num_nonfinite=jnp.sum(stats.nonfinite, dtype=jnp.int32),
       layer_norms=entries(stats.norms, state.layer_norms),
       frac_above_1=entries(frac, state.frac_above_1),
       nonfinite=entries(stats.nonfinite, state.nonfinite))
@@ -186,7 +186,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
     changes.update(
         param_norm=pstats.global_norm,
         param_layer_norms=entries(pstats.norms, state.param_layer_norms),
-        param_nonfinite=jnp.sum(pstats.nonfinite))
+        param_nonfinite=jnp.sum(pstats.nonfinite, dtype=jnp.int32))
   if zscore_decay is not None:
     changes.update(zscores=update_zscores(
         state.zscores, stats.norms, jnp.all(jnp.isfinite(stats.norms)),

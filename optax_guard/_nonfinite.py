@@ -124,10 +124,11 @@ def skip_nonfinite(
 
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`),
-  which costs nothing; its output is then not read back for NaN. Around any
-  other optimizer its `update` is traced twice: once for the update, which
-  is checked and returned, and once for the state, on the gradients made
-  zeros on a skip, so that XLA can update the state in place. On the CPU a
+  which costs nothing; its output is then not read back for NaN (unless a
+  leaf is float16, see `og.guard`). Around any other optimizer its `update`
+  is traced twice: once for the update, which is checked and returned, and
+  once for the state, on the gradients made zeros on a skip, so that XLA
+  can update the state in place. On the CPU a
   large update's NaN/Inf are counted per layer, on a bad step only, by a
   third run (a callback inside it would fire two or three times).
 
@@ -196,7 +197,7 @@ def skip_nonfinite(
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
-    if _skip.is_guard_aware(inner):
+    if _skip.takes_decision(inner, updates):
       # The fast path: the optimizer takes the decision in its own pass.
       keep, new_state = decide(
           state, stats=stats, loss_ok=loss_ok, inner_ok=jnp.ones((), jnp.bool_),

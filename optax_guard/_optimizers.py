@@ -106,9 +106,15 @@ def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
   return a.astype(wide) + b.astype(wide)
 
 
+def _abs_sq(g: jax.Array) -> jax.Array:
+  """`|g|**2`, real for a complex `g` (as optax's second moment)."""
+  return (g * jnp.conj(g)).real if jnp.iscomplexobj(g) else g**2
+
+
 def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
-  return 1.0 - jnp.power(jnp.asarray(decay, jnp.float32),
-                         count.astype(jnp.float32))
+  # In the default float dtype, as optax's: float64 under `jax_enable_x64`.
+  dtype = jnp.result_type(float)
+  return 1.0 - jnp.power(jnp.asarray(decay, dtype), count.astype(dtype))
 
 
 def _decision_args(guard_keep: Any, guard_scale: Any) -> Any:
@@ -140,8 +146,7 @@ def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
     return None, g
   keep, scale = decision
   if scale is not None:
-    a, b = scale
-    g = ((g.astype(jnp.float32) * a) * b).astype(g.dtype)
+    g = _stats.scale_leaf(g, *scale)
   return keep, jnp.where(keep, g, jnp.zeros_like(g))
 
 
@@ -162,7 +167,7 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   # computation only and XLA can overwrite them in place.
   m_dtype, v_dtype = m.dtype, v.dtype
   m_new = _ema(b1, g, m)
-  v_new = _ema(b2, g**2, v)
+  v_new = _ema(b2, _abs_sq(g), v)
   m_new = _keep(keep, m_new, m.astype(m_new.dtype))
   v_new = _keep(keep, v_new, v.astype(v_new.dtype))
   if nesterov:
@@ -196,6 +201,8 @@ def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
     t_out = t_new.astype(t.dtype)
   else:
     step = g
+  if not jnp.issubdtype(step.dtype, jnp.inexact):  # as optax: -lr * step
+    step = step.astype(jnp.result_type(float))
   u = jnp.asarray(-lr, dtype=step.dtype) * step
   return _keep(keep, u, jnp.zeros_like(u)), t_out
 
@@ -233,7 +240,7 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
           "or eps_root > 0.")
     return
   for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-    dtype = jnp.dtype(_metrics.unwrap(p).dtype)
+    dtype = jnp.result_type(_metrics.unwrap(p))
     if jnp.issubdtype(dtype, jnp.floating) and not any(
         np.asarray(v, dtype) for v in values):
       tiny = float(jnp.finfo(dtype).smallest_subnormal)
@@ -241,8 +248,10 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
           f"`eps`={eps!r} and `eps_root`={eps_root!r} round to 0 in {dtype}, "
           f"the dtype of the parameter {_metrics.path_name(path)!r}, so an "
           "element whose gradients have all been exactly zero gets 0/0 = NaN "
-          f"as its update; pass eps >= {tiny:.3g} (the smallest {dtype} "
-          "above 0), or keep the parameters in float32 or bfloat16.")
+          f"as its update; pass an eps that {dtype} holds (at least "
+          f"{tiny:.3g}; float16 training commonly takes 1e-4 or more, since "
+          "a smaller one lets Adam's quotient overflow), or keep the "
+          "parameters in float32 or bfloat16.")
 
 
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
@@ -318,6 +327,11 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   parameter that also takes the guard's keep/scale decision (see
   `GuardAwareTransformation`). Alone it is a drop-in replacement; inside
   `og.guard` a skipped step costs nothing and leaves the state bit-identical.
+  One difference by design: the state keeps its dtypes (`mu_dtype`, else
+  the parameters'), where optax's moments turn float32 after one step when
+  gradients or injected hyperparameters are float32 and the parameters
+  bfloat16 (which then also breaks optax's state under `lax.scan`); the
+  numbers then differ by the moments' rounding.
 
   Args:
     learning_rate: a float or an optax schedule of the step count.
@@ -405,11 +419,13 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   """SGD (with optional momentum) with optax's arguments, guard-aware.
 
   The same numbers as `optax.sgd` on every applied step; see
-  `GuardAwareTransformation` for the guard's protocol.
+  `GuardAwareTransformation` for the guard's protocol. The trace keeps its
+  dtype (`accumulator_dtype`, else the parameters'), as the moments of
+  `adamw` do.
 
   Args:
     learning_rate: a float or an optax schedule of the step count.
-    momentum: decay of the momentum trace; None for plain SGD.
+    momentum: decay of the momentum trace, in [-1, 1]; None for plain SGD.
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace (None: the parameters' dtype).
 
@@ -426,12 +442,14 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
 
   References:
     Sutskever et al., 2013, "On the importance of initialization and
-    momentum in deep learning"; optax's `sgd`.
+    momentum in deep learning"; Gidel et al., 2019, "Negative Momentum for
+    Improved Game Dynamics" (https://arxiv.org/abs/1807.04740); optax's
+    `sgd`.
   """
   if not callable(learning_rate):
     _args.check_number("learning_rate", learning_rate)
   if momentum is not None:
-    _args.check_number("momentum", momentum, maximum=1.0)
+    _args.check_number("momentum", momentum, minimum=-1.0, maximum=1.0)
 
   acc_dtype = _args.float_dtype("accumulator_dtype", accumulator_dtype)
 

@@ -51,6 +51,18 @@ def is_guard_aware(inner: Any) -> bool:
   return isinstance(inner, _optimizers.GuardAwareTransformation)
 
 
+def takes_decision(inner: Any, updates: Any) -> bool:
+  """Whether a skip on NaN/Inf may ride inside `inner`'s own pass, without
+  reading its update back: `inner` is guard-aware and no leaf is float16.
+
+  In float16's range (65504) finite, clipped gradients can still make an
+  infinite update: Adam's quotient where the second moment underflows, a
+  momentum trace. Those leaves take the read-back of the generic path.
+  """
+  return is_guard_aware(inner) and not any(
+      jnp.result_type(x) == jnp.float16 for x in jax.tree.leaves(updates))
+
+
 # On the CPU, above this many elements in an opaque optimizer's update, the
 # per-layer NaN/Inf counts of a bad step come from running it once more
 # rather than from the update itself, which XLA would then keep as a second

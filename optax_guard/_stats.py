@@ -39,6 +39,7 @@ of the typing lives in `varying_axes`, the reduction in `per_leaf`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -179,6 +180,12 @@ class Blocks(NamedTuple):
                   self.typed)
 
 
+def as_arrays(leaves: Sequence[Any]) -> list[Any]:
+  """The leaves, Python numbers among them as arrays (optax takes a tree of
+  floats as parameters)."""
+  return [x if hasattr(x, "shape") else jnp.asarray(x) for x in leaves]
+
+
 def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
               like: Sequence[Any] | None = None,
               stacked: Sequence[bool] | None = None) -> Blocks:
@@ -188,6 +195,7 @@ def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
   (`_metrics.stacked_flags`): it is a block as it is, and its layers are
   measured apart. Indices number the layers, in leaf order.
   """
+  leaves = as_arrays(leaves)
   like = leaves if like is None else like
   stacked = [False] * len(leaves) if stacked is None else stacked
   axes = axis_names(axis_name)
@@ -319,8 +327,14 @@ def computed_once(scalars: Any) -> Any:
   for x in leaves:
     if jnp.ndim(x) != 0:
       raise ValueError(f"computed_once takes scalars, got shape {jnp.shape(x)}.")
+  return treedef.unflatten(_once(tuple(map(jnp.asarray, leaves))))
+
+
+@jax.custom_jvp
+def _once(leaves: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """The identity on scalars, by a sort XLA will not copy (`computed_once`)."""
   positions = jnp.arange(2, dtype=jnp.int32)
-  pairs = [jnp.stack([x, x]) for x in map(jnp.asarray, leaves)]
+  pairs = [jnp.stack([x, x]) for x in leaves]
   sorted_pairs = lax.sort((positions, *pairs), num_keys=1)[1:]
   as_ints = [_as_integers(pair) for pair in sorted_pairs]
   lowest = tuple(np.zeros((), x.dtype) if x.dtype == jnp.bool_ else
@@ -329,9 +343,16 @@ def computed_once(scalars: Any) -> Any:
       (u | v) if u.dtype == jnp.bool_ else jnp.maximum(u, v)
       for u, v in zip(a, b))
   values = lax.reduce(tuple(as_ints), lowest, either, (0,))
-  return treedef.unflatten([
+  return tuple(
       v if v.dtype == pair.dtype else lax.bitcast_convert_type(v, pair.dtype)
-      for v, pair in zip(values, sorted_pairs)])
+      for v, pair in zip(values, sorted_pairs))
+
+
+@_once.defjvp
+def _once_jvp(primals, tangents):
+  # The identity's derivative: through integer bits, JAX's own would be 0,
+  # and `jax.grad` through a clip would treat its factor as a constant.
+  return _once(*primals), tangents[0]
 
 
 def _as_integers(x: jax.Array) -> jax.Array:
@@ -407,8 +428,23 @@ def combine_norms(norms: jax.Array) -> jax.Array:
       jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
 
 
-def _magnitude(x: jax.Array) -> jax.Array:
+def magnitude(x: jax.Array) -> jax.Array:
+  """`|x|` in float32 (the modulus of a complex `x`)."""
   return jnp.abs(x).astype(jnp.float32)
+
+
+def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
+               ) -> jax.Array:
+  """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and
+  float64 leaves keep their imaginary part and precision (`a`, `b`: float32
+  scalars)."""
+  if not jnp.issubdtype(g.dtype, jnp.inexact):
+    return g * (a if b is None else a * b).astype(g.dtype)
+  wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.float32
+  out = g.astype(wide) * a.astype(wide)
+  if b is not None:
+    out = out * b.astype(wide)
+  return out.astype(g.dtype)
 
 
 # The full pass sums three squares in one read: the plain one, and two
@@ -435,35 +471,57 @@ def sum_terms(terms: Sequence[jax.Array], axes: tuple[int, ...]
   (2% low on a 20M-element vector); rows of a few thousand keep the error at
   float32 rounding. Each array keeps its dtype (counts as int32: exact).
   """
-  add = lambda a, b: tuple(u + v for u, v in zip(a, b))
-  zeros = tuple(jnp.zeros((), x.dtype) for x in terms)
   terms, axes = tuple(terms), tuple(sorted(axes))
   while axes:
     last, n = axes[-1], terms[0].shape[axes[-1]]
     if n <= _ROW:
       if len(axes) == 1:
-        return lax.reduce(terms, zeros, add, axes)
-      terms, axes = lax.reduce(terms, zeros, add, (last,)), axes[:-1]
+        return _add_up(terms, axes)
+      terms, axes = _add_up(terms, (last,)), axes[:-1]
       continue
     # Zeros pad the axis to whole rows (nothing to the sums or counts).
     rows = -(-n // _ROW)
     pad = [(0, 0)] * terms[0].ndim
     pad[last] = (0, rows * _ROW - n)
     shape = terms[0].shape[:last] + (rows, _ROW) + terms[0].shape[last + 1:]
-    terms = lax.reduce(tuple(jnp.pad(x, pad).reshape(shape) for x in terms),
-                       zeros, add, (last + 1,))
+    terms = _add_up(tuple(jnp.pad(x, pad).reshape(shape) for x in terms),
+                    (last + 1,))
   return terms
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _add_up(terms: tuple[jax.Array, ...], axes: tuple[int, ...]
+            ) -> tuple[jax.Array, ...]:
+  """One variadic sum of `terms` over `axes`."""
+  zeros = tuple(jnp.zeros((), x.dtype) for x in terms)
+  return lax.reduce(terms, zeros,
+                    lambda a, b: tuple(u + v for u, v in zip(a, b)), axes)
+
+
+@_add_up.defjvp
+def _add_up_jvp(axes, primals, tangents):
+  # A sum is linear: the tangent is the sum of the tangents (JAX's own rule
+  # for a variadic reduction fails on the counts' integer operands, so that
+  # `jax.grad` through a clip or a monitor crashed). Counts have none.
+  (terms,), (dterms,) = primals, tangents
+  out = _add_up(terms, axes)
+  return out, tuple(
+      jnp.sum(d, axis=axes) if jnp.issubdtype(x.dtype, jnp.inexact)
+      else np.zeros(o.shape, jax.dtypes.float0)
+      for x, d, o in zip(terms, dterms, out))
 
 
 def square_terms(x: jax.Array) -> list[jax.Array]:
   """The three squares whose sums `pick_norm` turns into a norm, in float32
-  (`x` of any real float dtype)."""
+  (`x` of any float or complex dtype; a complex one by its modulus)."""
   # `x` and the scales pass through a barrier: where XLA sees that `x` is a
   # broadcast scalar (the gradient of an unused parameter is a constant zero
   # in the same step), its simplifier rewrites `(x * c)**2` as
   # `x**2 * c**2`, and `c**2` (2**160, 2**-160) is not a float32: 0 * inf
   # made the norm NaN and the guard skip every step. The conversion to
   # float32 comes after the barrier, so that it stays fused in the reduction.
+  if jnp.iscomplexobj(x):
+    x = magnitude(x)
   x, down, up = lax.optimization_barrier(
       (x, jnp.float32(_DOWN), jnp.float32(_UP)))
   x = x.astype(jnp.float32)
@@ -473,10 +531,14 @@ def square_terms(x: jax.Array) -> list[jax.Array]:
 def pick_norm(sumsq: jax.Array, big: jax.Array, small: jax.Array,
               sizes: Any) -> jax.Array:
   """The right norm from the sums of `square_terms` over `sizes` elements."""
+  overflow = ~jnp.isfinite(sumsq)
+  underflow = sumsq < sizes * _UNDERFLOW_FLOOR
+  # The square roots not picked see 1, not 0: the derivative of sqrt at 0
+  # (Inf) times the zero cotangent of a branch not taken is NaN.
+  root = lambda x, picked: jnp.sqrt(jnp.where(picked, x, 1.0))
   return jnp.where(
-      ~jnp.isfinite(sumsq), jnp.sqrt(big) / _DOWN,
-      jnp.where(sumsq < sizes * _UNDERFLOW_FLOOR, jnp.sqrt(small) / _UP,
-                jnp.sqrt(sumsq)))
+      overflow, root(big, overflow) / _DOWN,
+      jnp.where(underflow, root(small, underflow) / _UP, jnp.sqrt(sumsq)))
 
 
 def tree_stats(tree: Any, *, axis_name: AxisName = None,
@@ -509,7 +571,7 @@ def any_nonfinite(tree: Any, *, axis_name: AxisName = None,
   elements above ~1.8e19). The counts, where needed, are taken apart.
   """
   check_varying_covered(tree, axis_name)
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = as_arrays(jax.tree_util.tree_leaves(tree))
   if not leaves:
     return jnp.zeros((), jnp.bool_)
 
@@ -566,7 +628,7 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
     return TreeStats(leafwise[:, 0], lax.pmax(local.nonfinite, axes),
                      leafwise[:, 1], count, rows[-1])
 
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = as_arrays(jax.tree_util.tree_leaves(tree))
   if not leaves:
     empty = jnp.zeros((0,), jnp.float32)
     ints = empty.astype(jnp.int32)
@@ -666,10 +728,9 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
   def one_pass(block, _):
     # One variadic reduction: XLA reads the block once for all the sums
     # (separate `jnp.sum`s may each re-read it and materialise their inputs).
-    x = block.astype(jnp.float32)
-    if jnp.iscomplexobj(block):
-      x = _magnitude(block)
-    terms = square_terms(x if jnp.iscomplexobj(block) else block) + [
+    x = magnitude(block) if jnp.iscomplexobj(block) else block.astype(
+        jnp.float32)
+    terms = square_terms(block) + [
         (~jnp.isfinite(x)).astype(jnp.int32)]
     if count_above is not None:
       terms.append((jnp.abs(x) > count_above).astype(jnp.int32))
@@ -704,13 +765,13 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
                    groups: np.ndarray | None = None) -> jax.Array:
   """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins
   (`[G, ...]`, summed over each group's layers, with `groups`)."""
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = as_arrays(jax.tree_util.tree_leaves(tree))
   if not leaves:
     return jnp.zeros((0, len(HIST_BUCKETS)), jnp.int32)
   edges = [10.0**k for k in HIST_DECADES[1:]]
 
   def histogram(block, _):
-    a, axes = _magnitude(block), _rest(block)
+    a, axes = magnitude(block), _rest(block)
     # Subnormals count as zero: XLA may flush them to zero in one comparison
     # and not in another (twice counted), but `a < tiny` holds either way.
     a = jnp.where(a < np.finfo(np.float32).tiny, 0.0, a)

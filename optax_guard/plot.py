@@ -118,7 +118,7 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
 def layer_heatmap(record: Any, *, metric: str = "grad/norm",
                   log: bool | None = None, ax: Any = None) -> Any:
   """Per-layer `metric` over the steps: layers down, steps across, log10
-  colour (NaN/Inf and zeros blank), or linear for z-scores.
+  colour (zeros blank), or linear for z-scores; NaN/Inf cells black.
 
   Args:
     record: an `og.MetricsLog` or its `to_numpy()` dict, with per-layer
@@ -127,8 +127,7 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
       `"grad/zscore"` (`zscore=True`: which layer moved against its own
       history).
     log: colour by log10 of the values; by default, yes except for a
-      z-score, which is drawn as it is on a scale centred on 0 (NaN/Inf
-      blank).
+      z-score, which is drawn as it is on a scale centred on 0.
     ax: the matplotlib `Axes` to draw on; a new figure's when None.
 
   Returns:
@@ -166,10 +165,14 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
   if not log:  # symmetric about 0, so that 0 is the middle colour
     top = np.nanmax(np.abs(shown), initial=0.0) or 1.0
     scale = dict(cmap="RdBu_r", vmin=-top, vmax=top)
-  image = ax.imshow(shown, aspect="auto", interpolation="nearest",
-                    extent=(steps[0] - 0.5, steps[-1] + 0.5,
-                            len(names) - 0.5, -0.5) if len(steps) else None,
-                    **scale)
+  where = dict(aspect="auto", interpolation="nearest",
+               extent=(steps[0] - 0.5, steps[-1] + 0.5,
+                       len(names) - 0.5, -0.5) if len(steps) else None)
+  image = ax.imshow(shown, **where, **scale)
+  # NaN/Inf cells in black on top (a blank cell would read as a z-score of 0
+  # or a missing value, where it is the layer that went bad).
+  bad = np.where(~np.isfinite(values.astype(np.float64)), 0.0, np.nan)
+  ax.imshow(bad, cmap="gray", vmin=0.0, vmax=1.0, **where)
   ax.set_yticks(np.arange(len(names)))
   ax.set_yticklabels(names, fontsize="x-small")
   ax.set_xlabel("step")

@@ -355,3 +355,22 @@ def test_check_when_the_spike_test_skipped_a_nan_step():
       r"a \(1 NaN/Inf\)\. The guard skipped the step \(its spike test "
       r"skips a NaN/Inf norm; 1 skipped in total\)\.$")):
     og.check(state)
+
+
+@pytest.mark.parametrize("kwargs", [{"monitor": False}, {"per_layer": False}])
+def test_updates_with_other_layers_are_refused_without_the_monitor(kwargs):
+  """The NaN counts of a renamed layer would be filed under the old name."""
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  renamed = {"a": jnp.ones(3), "c": jnp.full(2, jnp.nan)}
+  tx = og.guard(optax.sgd(0.1), **kwargs)
+  with pytest.raises(ValueError, match=re.escape(
+      "`guard` was initialised with 2 parameter layers but got updates with "
+      "other layers; the trees must match. Only in the parameters: ['b']; "
+      "only in the updates: ['c'].")):
+    tx.update(renamed, tx.init(params))
+  tx = og.guard(optax.sgd(0.1), stacked=("s",), **kwargs)
+  with pytest.raises(ValueError, match=re.escape(
+      "`guard` was initialised with 2 parameter layers but got updates with "
+      "3; the trees must match. Only in the parameters: none; only in the "
+      "updates: ['s/2'].")):
+    tx.update({"s": jnp.ones((3, 3))}, tx.init({"s": jnp.ones((2, 3))}))

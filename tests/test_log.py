@@ -1,5 +1,6 @@
 """`MetricsLog` against the per-step read-out and closed-form norms."""
 
+import re
 import sys
 import types
 
@@ -166,6 +167,12 @@ def test_step_numbers_save_and_load(tmp_path):
   resumed.record(states[3])
   resumed.record(states[4])
   assert rows == [21, 22]
+  # A loaded log refuses a state of other metrics when it is recorded.
+  other = og.MetricsLog.load(path, lag=2)
+  with pytest.raises(ValueError, match=(
+      r"^The optimizer state recorded at step 21 holds other metrics than "
+      r"the steps before it")):
+    other.record(og.monitor().init({"w": jnp.ones(2)}))
   # Saved without the suffix (NumPy adds `.npz`): loaded the same way.
   log.save(tmp_path / "bare")
   np.testing.assert_array_equal(
@@ -228,6 +235,18 @@ def test_errors_are_sentences():
                      "the optimizer state"):
     log.record(optax.adam(0.1).init(params))
   tx = _tx()
+
+  def as_mappings(state):  # what `nnx.state(optimizer)` leaves of a state
+    if hasattr(state, "_asdict"):
+      return {k: as_mappings(v) for k, v in state._asdict().items()}
+    return state
+
+  with pytest.raises(ValueError, match=re.escape(
+      "MetricsLog.record found optax_guard states turned into plain "
+      "mappings, which say nothing about what their numbers are: pass the "
+      "state itself (with Flax nnx, `optimizer.opt_state`, not "
+      "`nnx.state(optimizer)`;")):
+    log.record(as_mappings(tx.init(params)))
 
   @jax.jit
   def inside(state):

@@ -255,12 +255,15 @@ def test_two_monitors_do_not_collide():
   _, state = tx.update(grads, tx.init(grads))
   m = og.metrics(state)
   # In chain order: the first monitor keeps the plain name, the clip's
-  # pre-clip norm gets ".1", the second monitor ".2".
+  # pre-clip norm gets ".1", the second monitor ".2", its layers too.
   want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
                      for x in jax.tree.leaves(grads)))
   np.testing.assert_allclose(m["grad/norm"], want, rtol=1e-6)
   np.testing.assert_allclose(m["grad/norm.1"], want, rtol=1e-6)
   np.testing.assert_allclose(m["grad/norm.2"], 1.0, rtol=1e-6)
+  layers = [k for k in m if k.startswith("grad/norm/")]
+  assert layers and all(f"grad/norm.2/{k[10:]}" in m for k in layers)
+  assert not any(f"grad/norm.1/{k[10:]}" in m for k in layers)
   np.testing.assert_allclose(m["post/grad/norm"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(m["grad/norm_clipped"], 1.0, rtol=1e-6)
 
@@ -305,7 +308,7 @@ def test_metrics_names_nested_and_named_chain():
                                           "Dense_1": {"kernel": False}}))))
   _, state = tx.update(grads, tx.init(grads))
   m = og.metrics(state)
-  assert {"grad/norm", "grad/norm/Dense_0/kernel", "grad/norm/Dense_0/kernel.1",
+  assert {"grad/norm", "grad/norm/Dense_0/kernel", "grad/norm.1/Dense_0/kernel",
           "optim/layers_clipped", "grad/frac_clipped"} <= set(m)
 
 

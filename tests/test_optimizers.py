@@ -854,7 +854,7 @@ def test_fast_path_needs_no_parameter_sized_temporary(name):
     (og.adamw, {"learning_rate": 0.1, "weight_decay": -0.1},
      "`weight_decay` must be a finite real number >= 0, but got -0.1."),
     (og.sgd, {"learning_rate": 0.1, "momentum": 1.5},
-     "`momentum` must be a finite real number >= 0 and <= 1, but got 1.5."),
+     "`momentum` must be a finite real number >= -1 and <= 1, but got 1.5."),
     (og.adamw, {"learning_rate": 0.1, "mu_dtype": "foo"},
      "`mu_dtype` must be a floating-point (or complex) dtype such as "
      "jnp.bfloat16, or None, but got 'foo'."),
@@ -880,9 +880,10 @@ def test_an_eps_that_rounds_to_zero_in_float16_is_refused_at_init():
   with pytest.raises(ValueError, match=re.escape(
       "`eps`=1e-08 and `eps_root`=0.0 round to 0 in float16, the dtype of the "
       "parameter 'Dense_0/kernel', so an element whose gradients have all "
-      "been exactly zero gets 0/0 = NaN as its update; pass eps >= 5.96e-08 "
-      "(the smallest float16 above 0), or keep the parameters in float32 or "
-      "bfloat16.")):
+      "been exactly zero gets 0/0 = NaN as its update; pass an eps that "
+      "float16 holds (at least 5.96e-08; float16 training commonly takes 1e-4 "
+      "or more, since a smaller one lets Adam's quotient overflow), or keep "
+      "the parameters in float32 or bfloat16.")):
     og.adamw(0.1).init(half)
   # The same default is fine in bfloat16 (float32's exponent range), and a
   # representable eps is fine in float16: its 0/0 is gone.

@@ -72,7 +72,7 @@ def test_history_draws_norms_thresholds_and_skipped_steps():
 
 def test_layer_heatmap_is_log10_of_the_layer_norms():
   ax = og.plot.layer_heatmap(_log(), ax=_Recorder())
-  (image, kwargs), = ax.named("imshow")
+  (image, kwargs), (bad, bad_kwargs) = ax.named("imshow")
   g = np.asarray(_GRADS)
   layers = {"b": np.abs(2 * g) * np.sqrt(3), "w": np.abs(g) * np.sqrt(2)}
   names = ax.named("set_yticklabels")[0][0][0]
@@ -83,6 +83,12 @@ def test_layer_heatmap_is_log10_of_the_layer_norms():
   np.testing.assert_allclose(image[0], want, rtol=1e-6)
   assert np.isnan(image[0][:, [2, 4]]).all()
   assert kwargs["aspect"] == "auto"
+  # On top, black (0 in gray) on the NaN step only: a zero stays blank.
+  want_bad = np.full(want.shape, np.nan)
+  want_bad[:, 2] = 0.0
+  np.testing.assert_array_equal(bad[0], want_bad)
+  assert (bad_kwargs["cmap"], bad_kwargs["vmin"]) == ("gray", 0.0)
+  assert bad_kwargs["extent"] == kwargs["extent"]
   (_, colorbar), = ax.named("colorbar")
   assert colorbar["label"] == "log10 grad/norm"
 
@@ -96,12 +102,14 @@ def test_layer_heatmap_of_zscores_is_linear_and_centred():
     log.record(state)
   data = log.to_numpy()
   ax = og.plot.layer_heatmap(log, metric="grad/zscore", ax=_Recorder())
-  (image, kwargs), = ax.named("imshow")
+  (image, kwargs), (bad, _) = ax.named("imshow")
   names = ax.named("set_yticklabels")[0][0][0]
   want = np.stack([data[f"grad/zscore/{n}"] for n in names]).astype(float)
   want[~np.isfinite(want)] = np.nan       # the NaN step's +Inf
   np.testing.assert_allclose(image[0], want)
   assert np.isnan(image[0][names.index("w"), 5])
+  assert bad[0][names.index("w"), 5] == 0.0          # drawn black
+  assert np.isnan(np.delete(bad[0].ravel(), names.index("w") * 6 + 5)).all()
   top = np.nanmax(np.abs(want))
   assert top > 10  # the step of 30
   assert (kwargs["vmin"], kwargs["vmax"]) == (-top, top)

@@ -1,6 +1,8 @@
 """Per-layer statistics of stacked layers (`stacked=`, for `nn.scan`):
 against numpy, and against the same model with its layers unstacked."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -118,6 +120,25 @@ def test_skip_nonfinite_and_check_name_the_stacked_layer():
                    "Scan/kernel/2", "head")
 
 
+def test_check_lists_stacked_layers_by_block():
+  """Blocks 2 to 10 bad in the kernel, block 9 in the bias too: block 2 is
+  the first bad layer, not `blocks/bias/9` (which sorts first by path)."""
+  params = {"blocks": {"bias": jnp.ones((12, 4)),
+                       "kernel": jnp.ones((12, 4, 4))},
+            "head": jnp.ones(3)}
+  grads = {"blocks": {"bias": jnp.ones((12, 4)).at[9, 0].set(jnp.nan),
+                      "kernel": jnp.ones((12, 4, 4)).at[2:11, 0, 0].set(
+                          jnp.inf)},
+           "head": jnp.ones(3)}
+  tx = og.guard(optax.sgd(0.1), stacked=("blocks",))
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "first bad layers: blocks/kernel/2 (1 NaN/Inf), blocks/kernel/3 (1 "
+      "NaN/Inf), blocks/kernel/4 (1 NaN/Inf) and 7 more, the last being "
+      "blocks/kernel/10 (1 NaN/Inf).")):
+    og.check(state)
+
+
 def test_bfloat16_and_large_stacked_leaves():
   rng = np.random.default_rng(3)
   big = rng.normal(size=(2, 300, 200)).astype(np.float32)  # > 2**15 / layer
@@ -178,3 +199,27 @@ def test_errors_are_sentences():
     with pytest.raises(ValueError, match="The layer 'step' is marked as "
                        "stacked, but it has no leading axis to split"):
       tx.init({"step": jnp.zeros(shape), "w": jnp.ones((2, 2))})
+
+
+def test_clip_by_layer_norm_clips_each_stacked_layer_against_numpy():
+  """Block 0 (norm 0.2) stays as it is beside block 1 (norm 100): the whole
+  stack's norm would have scaled it by ~0.01."""
+  kernel = np.zeros((3, 4, 4), np.float32)
+  kernel[0, 0, 0], kernel[1, 0, 0], kernel[2] = 0.2, 100.0, 0.5
+  grads = {"blocks": {"kernel": jnp.asarray(kernel)}, "head": jnp.full(4, 3.0)}
+  tx = og.clip_by_layer_norm(1.0, stacked=("blocks",))
+  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  norms = np.sqrt(np.sum(kernel.astype(np.float64) ** 2, axis=(1, 2)))
+  want = kernel * np.minimum(1.0, 1.0 / norms)[:, None, None]
+  np.testing.assert_allclose(out["blocks"]["kernel"], want, rtol=1e-6)
+  np.testing.assert_allclose(out["head"], np.full(4, 0.5), rtol=1e-6)
+  m = og.metrics(state)
+  for i, n in enumerate(norms):
+    np.testing.assert_allclose(m[f"grad/norm/blocks/kernel/{i}"], n,
+                               rtol=1e-6)
+  assert int(m["optim/layers_clipped"]) == 3   # blocks 1, 2 and the head
+  with pytest.raises(ValueError, match=re.escape(
+      "`clip_by_layer_norm` was initialised with 4 parameter layers but got "
+      "updates with 3;")):
+    tx.update({"blocks": {"kernel": jnp.ones((2, 4, 4))},
+               "head": jnp.ones(4)}, state)

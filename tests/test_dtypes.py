@@ -1,0 +1,215 @@
+"""Parameter dtypes off the float32 road: complex, float16, float64 (64-bit
+mode, in a subprocess), integer leaves and Python floats, each against
+optax or NumPy."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+
+def _complex(shape, seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(scale * (rng.normal(size=shape) +
+                              1j * rng.normal(size=shape)), jnp.complex64)
+
+
+def _complex_params(seed=0):
+  return {"w": _complex((3, 4), seed, 0.5), "b": _complex((4,), seed + 1)}
+
+
+def _run(tx, params, grads_list, standard=False):
+  state = tx.init(params)
+  updates = []
+  for g in grads_list:
+    if standard:
+      with jax.numpy_dtype_promotion("standard"):
+        u, state = jax.jit(tx.update)(g, state, params)
+    else:
+      u, state = jax.jit(tx.update)(g, state, params)
+    params = jax.tree.map(lambda p, x: p + x, params, u)
+    updates.append(u)
+  return params, state, updates
+
+
+@pytest.mark.parametrize("build", [
+    lambda m: m.adam(0.05),
+    lambda m: m.adamw(0.05, weight_decay=0.1, mask=None),
+    lambda m: m.adam(0.05, nesterov=True, eps_root=1e-8),
+    lambda m: m.sgd(0.05, momentum=0.9, nesterov=True),
+], ids=["adam", "adamw", "adam_nesterov", "sgd_nesterov"])
+def test_complex_parameters_get_optax_numbers(build):
+  """optax's second moment is |g|^2 (real), not g**2 (complex)."""
+  params = _complex_params()
+  grads = [jax.tree.map(lambda p, i=i: _complex(p.shape, 10 + i), params)
+           for i in range(20)]
+  p1, s1, _ = _run(build(og), params, grads)
+  p2, s2, _ = _run(build(optax), params, grads, standard=True)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  for key in ("nu", "trace"):
+    ours = optax.tree.get(s1, key, None)
+    if ours is not None:
+      for a, b in zip(jax.tree.leaves(ours),
+                      jax.tree.leaves(optax.tree.get(s2, key))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("inner", ["og.sgd", "optax.sgd"])
+def test_complex_gradients_are_clipped_whole_by_the_guard(inner):
+  """A clipped complex gradient keeps its imaginary part: both paths equal
+  optax's chain of clip_by_global_norm and sgd."""
+  params = _complex_params()
+  grads = [jax.tree.map(lambda p, i=i: _complex(p.shape, 20 + i, 3.0),
+                        params) for i in range(3)]
+  tx = og.guard((og.sgd if inner == "og.sgd" else optax.sgd)(0.1),
+                max_norm=1.0, spike_sigma=None)
+  _, state, ours = _run(tx, params, grads, standard=inner == "optax.sgd")
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  _, _, want = _run(ref, params, grads, standard=True)
+  for u, w in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+    assert np.abs(np.imag(w)).max() > 0.01
+    np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-7)
+  norm = np.sqrt(sum(np.sum(np.abs(np.asarray(g)) ** 2)
+                     for g in jax.tree.leaves(grads[-1])))
+  np.testing.assert_allclose(og.metrics(state)["grad/norm"], norm, rtol=1e-5)
+
+
+def test_complex_adaptive_clipping_against_numpy():
+  params = _complex_params()
+  grads = jax.tree.map(lambda p: _complex(p.shape, 30, 2.0), params)
+  tx = og.adaptive_grad_clip(0.1)
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  for name, axes in (("w", (0,)), ("b", (0,))):  # columns; a vector is one
+    g = np.asarray(grads[name]).astype(np.complex128)
+    p = np.asarray(params[name]).astype(np.complex128)
+    gn = np.sqrt(np.sum(np.abs(g) ** 2, axis=axes, keepdims=True))
+    pn = np.maximum(np.sqrt(np.sum(np.abs(p) ** 2, axis=axes,
+                                   keepdims=True)), 1e-3)
+    want = np.where(gn > 0.1 * pn, g * (0.1 * pn / gn), g)
+    np.testing.assert_allclose(out[name], want, rtol=1e-5)
+  norm = np.sqrt(sum(np.sum(np.abs(np.asarray(g)) ** 2)
+                     for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(og.metrics(state)["grad/norm"], norm, rtol=1e-5)
+
+
+@pytest.mark.standard_promotion
+def test_python_float_parameters():
+  params = {"a": 0.5, "b": 2.0}
+  grads = {"a": 1.0, "b": -3.0}
+  for build in (lambda m: m.adam(0.1), lambda m: m.adamw(0.1),
+                lambda m: m.sgd(0.1, momentum=0.9)):
+    ours, ref = build(og), build(optax)
+    u1, _ = ours.update(grads, ours.init(params), params)
+    u2, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose([u1["a"], u1["b"]], [u2["a"], u2["b"]],
+                               rtol=1e-6)
+  tx = og.guard(og.adam(0.1))
+  tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.standard_promotion
+def test_integer_leaf_moves_like_optax_under_sgd():
+  params = {"i": jnp.array([5, -7, 100], jnp.int32)}
+  ours, _ = og.sgd(0.1).update(params, og.sgd(0.1).init(params))
+  ref, _ = optax.sgd(0.1).update(params, optax.sgd(0.1).init(params))
+  assert ours["i"].dtype == ref["i"].dtype
+  np.testing.assert_allclose(ours["i"], ref["i"])   # -0.1 * g, not 0
+  np.testing.assert_allclose(ours["i"], [-0.5, 0.7, -10.0], rtol=1e-6)
+
+
+@pytest.mark.standard_promotion
+def test_float16_adam_step_that_overflows_is_skipped_on_both_paths():
+  """In float16 a finite, clipped gradient of 5e-3 has a second moment that
+  underflows to 0 while the first moment does not: 5e-4 / 6e-8 overflows
+  65504. The guard reads the update back and skips, whatever the path."""
+  params = {"w": jnp.array([1.0, 1.0], jnp.float16)}
+  grads = {"w": jnp.array([5e-3, 0.5], jnp.float16)}
+  assert np.float16(0.001) * np.float16(5e-3) ** 2 == 0       # v underflows
+  for inner in (og.adam(1e-3, eps=6e-8), optax.adam(1e-3, eps=6e-8)):
+    tx = og.guard(inner, spike_sigma=None)
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(u["w"], [0, 0])
+    m = og.metrics(state)
+    assert int(m["optim/num_skipped"]) == 1 and bool(m["optim/skipped"])
+    tx = og.skip_nonfinite(inner)
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(u["w"], [0, 0])
+    assert int(og.metrics(state)["optim/num_skipped"]) == 1
+
+
+_X64_SCRIPT = r"""
+import jax, numpy as np, jax.numpy as jnp, optax, optax_guard as og
+assert jax.config.jax_enable_x64
+txs = {
+    "monitor": og.monitor(histogram=True, zscore=True),
+    "clip_by_global_norm": og.clip_by_global_norm(1e9),
+    "clip_by_layer_norm": og.clip_by_layer_norm(1e9),
+    "clip_by_value": og.clip_by_value(1e9),
+    "adaptive_grad_clip": og.adaptive_grad_clip(1e9),
+    "autoclip": og.autoclip(window=4),
+    "zclip": og.zclip(warmup_steps=2),
+    "zero_nonfinite": og.zero_nonfinite(),
+    "skip_nonfinite": og.skip_nonfinite(optax.sgd(0.1)),
+    "skip_spikes": og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2),
+    "add_decayed_weights": og.add_decayed_weights(0.1),
+    "add_l2_penalty": og.add_l2_penalty(0.1),
+    "add_l1_penalty": og.add_l1_penalty(0.1),
+    "guard(og.adamw)": og.guard(og.adamw(0.1), histogram=True, zscore=True),
+    "guard(optax.sgd)": og.guard(optax.sgd(0.1)),
+    "adam": og.adam(0.1),
+    "sgd": og.sgd(0.1, momentum=0.9),
+}
+never_clip = ("clip_by_global_norm", "clip_by_layer_norm", "clip_by_value",
+              "adaptive_grad_clip", "zero_nonfinite")
+for dtype in (jnp.float32, jnp.float64):
+  params = {"w": jnp.ones(3, dtype), "b": jnp.full((2, 2), 0.5, dtype)}
+  grads = {"w": jnp.array([1 / 3, 4.0, 0.0], dtype),
+           "b": jnp.full((2, 2), 0.1, dtype)}
+  for name, tx in txs.items():
+    traces = []
+    def update(g, s, p, tx=tx):
+      traces.append(1)
+      return tx.update(g, s, p, loss=jnp.asarray(1.0, dtype))
+    step = jax.jit(update)
+    state = init = tx.init(params)
+    for _ in range(4):
+      updates, state = step(grads, state, params)
+    assert len(traces) == 1, (name, dtype, len(traces))
+    assert jax.tree.structure(state) == jax.tree.structure(init), name
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(init)):
+      assert a.dtype == b.dtype and a.shape == b.shape, (name, dtype, a.dtype,
+                                                         b.dtype)
+    assert updates["w"].dtype == dtype, (name, updates["w"].dtype)
+    if name in never_clip:  # untouched, bit for bit: no float32 round trip
+      assert np.asarray(updates["w"]).tobytes() == np.asarray(
+          grads["w"]).tobytes(), (name, dtype, updates["w"])
+    if "monitor" in name or "guard" in name:
+      np.testing.assert_allclose(og.metrics(state)["grad/norm"],
+                                 np.sqrt(1 / 9 + 16 + 0.04), rtol=1e-6)
+  # Adam's first step in float64: -lr * g / (|g| + eps) after bias correction.
+  u, _ = og.adam(0.1).update(grads, og.adam(0.1).init(params))
+  g = np.asarray(grads["w"], np.float64)
+  want = -0.1 * g / (np.abs(g) + 1e-8)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-14
+  np.testing.assert_allclose(np.asarray(u["w"], np.float64), want, rtol=tol)
+print("ok")
+"""
+
+
+def test_float64_in_64_bit_mode_keeps_dtypes_precision_and_one_trace():
+  """With 64-bit mode on, Python floats are float64: every state keeps the
+  dtypes of its init and traces once, and float64 gradients are not
+  rounded through float32 on their way."""
+  env = {**os.environ, "JAX_ENABLE_X64": "1", "XLA_FLAGS": ""}
+  result = subprocess.run([sys.executable, "-c", _X64_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", (
+      result.stdout + result.stderr[-3000:])
