@@ -156,13 +156,15 @@ def _measured_last(s: MonitorState) -> bool:
   return int(s.step) >= 1 and (int(s.step) - 1) % s.naming.every == 0
 
 
-def _monitor_error(s: MonitorState, skipped: str = "") -> GuardError | None:
-  """`skipped`: what skipped a non-finite step, if something did."""
+def _monitor_error(s: MonitorState, skipped: str = "",
+                   loss_reported: bool = False) -> GuardError | None:
+  """`skipped`: what skipped a non-finite step, if something did;
+  `loss_reported`: a skip in the chain reports a bad loss itself."""
   step = int(s.step) - 1
-  if not _measured_last(s):  # what it holds is older than the last step
-    return None
+  # What it holds of the gradients may be older than the last step (`every`).
+  measured = _measured_last(s)
   layers = _bad_layers(s.nonfinite)
-  if int(s.num_nonfinite) > 0:
+  if measured and int(s.num_nonfinite) > 0:
     kind = "gradients" if s.naming.kind == "grad" else "updates"
     action = skipped or (
         "Nothing in this chain skips such a step unless a `skip_nonfinite` "
@@ -170,11 +172,16 @@ def _monitor_error(s: MonitorState, skipped: str = "") -> GuardError | None:
     return NonFiniteGradientError(
         f"Step {step}: the {kind} hold {int(s.num_nonfinite)} NaN/Inf "
         f"elements{_describe(layers)}. {action}", step, layers)
-  if int(s.param_nonfinite) > 0:
+  if measured and int(s.param_nonfinite) > 0:
     return NonFiniteGradientError(
         f"Step {step}: the parameters hold {int(s.param_nonfinite)} NaN/Inf "
         "elements; training cannot recover from this without a restore.",
         step, {})
+  if step >= 0 and not loss_reported and not np.isfinite(float(s.loss)):
+    return NonFiniteGradientError(
+        f"Step {step}: the loss is {float(s.loss)}. Nothing in this chain "
+        "skips such a step unless a `skip_nonfinite` or `guard` given "
+        "`loss=` stands around the optimizer.", step, {})
   return None
 
 
@@ -221,8 +228,8 @@ def check(opt_state: Any) -> None:
 
   Host side, after a step: fetches the statistics (one transfer, without any
   wrapped optimizer's moments) and looks at every guard state in it. Raises
-  `NonFiniteGradientError` when the last step's gradients, loss or update
-  held NaN/Inf (or the guard has halted), naming the step, the first layers
+  `NonFiniteGradientError` when the last step's gradients, loss, update or
+  parameters held NaN/Inf (or the guard has halted), naming the step, the first layers
   that went bad with their counts (in name order, numbers compared as
   numbers: `Dense_2` before `Dense_10`), and what the guard did; raises
   `GradientExplosionError` when the last step was skipped as a spike,
@@ -303,9 +310,12 @@ def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
     skipped = (f"The guard skipped the step (its spike test skips a NaN/Inf "
                f"norm; {int(by_spikes[0].num_spikes)} skipped in total).")
     states = [(s, m) for s, m in states if not any(s is b for b in by_spikes)]
+  loss_reported = any(isinstance(s, (SkipNonfiniteState, SkipSpikesState))
+                      for s, _ in states)
   errors = [e for e in (
       _spike_error(s, m) if isinstance(s, SkipSpikesState)
-      else _monitor_error(s, skipped) if isinstance(s, MonitorState)
+      else _monitor_error(s, skipped, loss_reported)
+      if isinstance(s, MonitorState)
       else _CHECKS[type(s)](s) for s, m in states) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
   return errors[0] if errors else None

@@ -57,8 +57,13 @@ def check_window(window: Any, warmup_steps: Any,
   caller's own names for them, e.g. `guard`'s `spike_window`)."""
   window_name, warmup_name = names
   _args.check_int(window_name, window, minimum=2)
-  _args.check_int(warmup_name, warmup_steps, minimum=1, allow_none=True)
-  if warmup_steps is not None and warmup_steps > window:
+  # The warm-up is only compared with a counter: `inject_hyperparams` may
+  # make it an array (a traced one is checked where it is concrete).
+  _args.check_int(warmup_name, warmup_steps, minimum=1, allow_none=True,
+                  injectable=True)
+  warmup = (None if warmup_steps is None else
+            _args.concrete_number(warmup_steps))
+  if warmup is not None and warmup > window:
     raise ValueError(
         f"`{warmup_name}` must be at most `{window_name}` ({window}), but "
         f"got {warmup_steps}.")

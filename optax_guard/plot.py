@@ -1,5 +1,5 @@
 """Plots of what the guard recorded (needs matplotlib: `pip install
-optax_guard[plot]`).
+matplotlib`, or the package's `plot` extra).
 
 Each function takes a `MetricsLog` (or its `to_numpy()` dict, or a
 `Diagnosis`), draws on the matplotlib `Axes` given as `ax` (a new figure's
@@ -38,8 +38,7 @@ def _axes(ax: Any) -> Any:
   except ImportError as e:
     raise ImportError(
         "optax_guard.plot needs matplotlib, which optax_guard does not "
-        "install; run `pip install optax_guard[plot]` (or pass your own "
-        "`ax`).") from e
+        "install; run `pip install matplotlib` (or pass your own `ax`).") from e
   return plt.subplots(figsize=(7, 4))[1]
 
 

@@ -1,5 +1,6 @@
 """`monitor` and `metrics` against numpy references."""
 
+import re
 import warnings
 
 import jax
@@ -500,6 +501,30 @@ def test_check_reads_a_monitor_only_for_the_steps_it_measured():
         og.check(state)
     else:
       og.check(state)
+
+
+def test_check_raises_on_a_nan_loss_seen_by_a_monitor_alone():
+  """Finite gradients, NaN loss: the monitor counts it and `og.check` says
+  it; with a skip in the chain, the skip reports it (with what it did)."""
+  params = {"w": jnp.ones(2)}
+  grads = {"w": jnp.ones(2)}
+  tx = optax.chain(og.monitor(every=3), optax.sgd(0.1))
+  state = tx.init(params)
+  for loss in (1.0, np.nan):   # step 1 is a step the monitor does not measure
+    _, state = tx.update(grads, state, params, loss=jnp.float32(loss))
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "Step 1: the loss is nan. Nothing in this chain skips such a step "
+      "unless a `skip_nonfinite` or `guard` given `loss=` stands around the "
+      "optimizer.")):
+    og.check(state)
+  _, state = tx.update(grads, state, params, loss=jnp.float32(2.0))
+  og.check(state)     # the next, finite loss
+  tx = optax.chain(og.monitor(), og.skip_nonfinite(optax.sgd(0.1)))
+  _, state = tx.update(grads, tx.init(params), params,
+                       loss=jnp.float32(np.inf))
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"^Step 0: non-finite loss"):
+    og.check(state)
 
 
 def _head_out_spikes_last(tx, params, steps, rng):

@@ -412,6 +412,28 @@ def test_inject_sigma():
   assert len(traces) == 1
 
 
+@pytest.mark.standard_promotion
+def test_inject_warmup_steps_without_static_args():
+  """The warm-up is only compared with a counter: injected, it may change
+  in the state (a warm-up of 4 catches the jump at step 4, one of 6 not)."""
+  make = optax.inject_hyperparams(og.skip_spikes,
+                                  static_args=("inner", "window"))
+  tx = make(inner=optax.sgd(0.1), window=8, warmup_steps=4)
+  params = {"w": jnp.zeros((1,), jnp.float32)}
+  step = jax.jit(lambda n, s: tx.update({"w": jnp.reshape(n, (1,))}, s,
+                                        params))
+  for warmup, caught in ((4, True), (6, False)):
+    state = tx.init(params)
+    state = state._replace(hyperparams={
+        **state.hyperparams, "warmup_steps": jnp.asarray(warmup, jnp.int32)})
+    for n in (1.0, 1.1, 0.9, 1.0, 100.0):
+      _, state = step(jnp.float32(n), state)
+    assert bool(state.inner_state.skipped) == caught, warmup
+  with pytest.raises(ValueError, match=r"`warmup_steps` must be at most "
+                     r"`window` \(8\), but got 9\."):
+    make(inner=optax.sgd(0.1), window=8, warmup_steps=9).init(params)
+
+
 def _nan_on_step(bad_step):
   """An optimizer that counts its steps and returns a NaN update on one."""
   def update(updates, count, params=None):
