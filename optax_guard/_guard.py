@@ -62,6 +62,7 @@ def guard(
     histogram: bool = False,
     zscore: bool = False,
     zscore_decay: float = 0.97,
+    loss_ema_decay: float = 0.9,
     axis_name: _stats.AxisName = None,
     stacked: _metrics.Stacked = None,
     groups: _metrics.Groups = None,
@@ -71,7 +72,8 @@ def guard(
   Equal, step for step, to the chain of the individual pieces::
 
     optax.chain(
-        og.monitor(per_layer=..., histogram=..., zscore=..., zscore_decay=...),
+        og.monitor(per_layer=..., histogram=..., zscore=..., zscore_decay=...,
+                   loss_ema_decay=...),
         og.skip_nonfinite(
             og.skip_spikes(
                 optax.chain(og.clip_by_global_norm(max_norm), inner),
@@ -140,6 +142,8 @@ def guard(
       against its own history, and the index of the largest (see
       `monitor`); `og.check` then names that layer when a spike is skipped.
     zscore_decay: decay of the per-layer EMAs behind the z-scores.
+    loss_ema_decay: decay of the monitor's loss EMA (`loss/ema`), in
+      `[0, 1)`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`), measured layer by layer in the per-layer metrics (see
@@ -196,6 +200,7 @@ def guard(
   parts = dict(
       monitor=_monitor.monitor(per_layer=per_layer, histogram=histogram,
                                zscore=zscore, zscore_decay=zscore_decay,
+                               loss_ema_decay=loss_ema_decay,
                                axis_name=axis_name, stacked=stacked,
                                groups=groups) if monitor else None,
       clip=(_clipping.clip_by_global_norm(max_norm, axis_name=axis_name)
@@ -234,7 +239,7 @@ def guard(
     if monitor:
       new = new._replace(monitor=_monitor.record(
           state.monitor, stats, updates, params, loss, per_layer=per_layer,
-          histogram=histogram, loss_ema_decay=0.9,
+          histogram=histogram, loss_ema_decay=loss_ema_decay,
           axis_name=axis_name, layers=layers,
           zscore_decay=zscore_decay if zscore else None)._replace(
               step=optax.safe_increment(state.monitor.step)))

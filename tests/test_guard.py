@@ -40,9 +40,9 @@ def _grad_stream():
   return stream
 
 
-def _pieces(inner, zscore=False, **kw):
+def _pieces(inner, zscore=False, loss_ema_decay=0.9, **kw):
   return optax.chain(
-      og.monitor(zscore=zscore),
+      og.monitor(zscore=zscore, loss_ema_decay=loss_ema_decay),
       og.skip_nonfinite(
           og.skip_spikes(optax.chain(og.clip_by_global_norm(kw["max_norm"]),
                                      inner),
@@ -75,10 +75,13 @@ def _run(tx, with_loss):
 @pytest.mark.standard_promotion  # traces optax.adam
 @pytest.mark.parametrize("with_loss", [False, True])
 def test_guard_equals_the_chain_of_its_pieces(with_loss):
-  # With the loss, also the per-layer z-scores (they do not use the loss).
-  zscore = with_loss
-  ours = _run(og.guard(optax.adam(1e-2), zscore=zscore, **KW), with_loss)
-  pieces = _run(_pieces(optax.adam(1e-2), zscore=zscore, **KW), with_loss)
+  # With the loss, also the per-layer z-scores (they do not use the loss)
+  # and a loss EMA decay of its own.
+  zscore, decay = with_loss, (0.5 if with_loss else 0.9)
+  ours = _run(og.guard(optax.adam(1e-2), zscore=zscore,
+                       loss_ema_decay=decay, **KW), with_loss)
+  pieces = _run(_pieces(optax.adam(1e-2), zscore=zscore,
+                        loss_ema_decay=decay, **KW), with_loss)
   skipped_nan = skipped_spike = 0
   for i, ((p1, s1), (p2, s2)) in enumerate(zip(ours, pieces)):
     chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-7)
@@ -93,7 +96,8 @@ def test_guard_equals_the_chain_of_its_pieces(with_loss):
         ("optim/num_clipped", "optim/num_clipped"),
         ("optim/halted", "optim/halted"),
         ("grad/spike_threshold", "grad/spike_threshold"),
-        ("grad/norm/head/kernel", "grad/norm/head/kernel")] + [
+        ("grad/norm/head/kernel", "grad/norm/head/kernel"),
+        ("loss/ema", "loss/ema"), ("loss/value", "loss/value")] + [
             (name, name) for name in m2 if "zscore" in name or
             name == "grad/spike_layer"]:
       np.testing.assert_allclose(m1[name], m2[piece_name], rtol=1e-6,
