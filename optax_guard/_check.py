@@ -45,11 +45,13 @@ def _numbers_as_numbers(name: str) -> tuple[Any, ...]:
 def _model_order(name: str) -> tuple[Any, ...]:
   """Sort key in the model's layer order as far as names tell it: numbers
   as numbers, and the layers of a stacked leaf (`blocks/kernel/3`) by their
-  index first, so that block 2's kernel and bias come before block 9's."""
+  index before the parameter's name, so that block 2's kernel and bias come
+  before block 9's."""
   head, sep, index = name.rpartition("/")
   if sep and index.isdigit():
-    root, _, leaf = head.partition("/")
-    return (_numbers_as_numbers(root), int(index), _numbers_as_numbers(leaf))
+    module, _, param = head.rpartition("/")
+    return (_numbers_as_numbers(module), int(index),
+            _numbers_as_numbers(param))
   return (_numbers_as_numbers(name), -1, ())
 
 

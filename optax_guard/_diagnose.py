@@ -318,10 +318,12 @@ def first_uses(closed: Any, count: int
         if eqn.primitive.name == "scan":
           scans[0] += 1
           inner_scan = scans[0]
-          sliced = eqn.invars[eqn.params["num_consts"] +
-                              eqn.params["num_carry"]:]
-          for v in sliced:
-            if _is_var(v) and v in leaf_of:
+          # The operands the scan slices (`xs`): a body input of another
+          # shape than its operand (jax 0.11 names no `num_consts`).
+          (body, operands), = calls
+          for v, s in zip(operands, body.invars):
+            if (_is_var(v) and v in leaf_of and
+                np.shape(v.aval) != np.shape(s.aval)):
               xs_scan.setdefault(leaf_of[v], inner_scan)
         for sub, operands in calls:
           walk(sub, {s: leaf_of[o] for o, s in zip(operands, sub.invars)

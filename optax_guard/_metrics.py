@@ -333,16 +333,18 @@ def _collect(states: list[Any]) -> dict[str, Any]:
     named = _state_metrics(state)
     naming = getattr(state, "naming", None)
     depth = len([c for c in getattr(naming, "prefix", "").split("/") if c])
-    # One number for every name of this state that is taken already, so
-    # that a second monitor's total and its layers read alike.
-    taken = [name for name in named if name in out]
+    # A metric whose name is taken is renamed whole, its total and its
+    # layers alike, all of the state's such metrics with one number.
+    metric = lambda name: "/".join(name.split("/")[:depth + 2])
+    taken = {metric(name) for name in named if name in out}
+    renamed = [name for name in named if metric(name) in taken]
     k = 0
-    if taken:
+    if renamed:
       k = 1
-      while any(_repeat(name, k, depth) in out for name in taken):
+      while any(_repeat(name, k, depth) in out for name in renamed):
         k += 1
-    out.update({_repeat(name, k, depth) if name in taken else name: value
-                for name, value in named.items()})
+    out.update({_repeat(name, k, depth) if metric(name) in taken else name:
+                value for name, value in named.items()})
   return out
 
 

@@ -175,7 +175,8 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
 
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
-      norm=stats.global_norm, num_nonfinite=jnp.sum(stats.nonfinite, dtype=jnp.int32),
+      norm=stats.global_norm,
+      num_nonfinite=jnp.sum(stats.nonfinite, dtype=jnp.int32),
       layer_norms=entries(stats.norms, state.layer_norms),
       frac_above_1=entries(frac, state.frac_above_1),
       nonfinite=entries(stats.nonfinite, state.nonfinite))

@@ -292,12 +292,16 @@ def input_gradient_penalty(fn: Callable[[Any], jax.Array],
   """
   _args.check_number("target", target)
   leaves = jax.tree.leaves(inputs)
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-  if not leaves or len(sizes) != 1 or None in sizes:
+  if any(jnp.ndim(x) == 0 for x in leaves):
+    raise ValueError(
+        "`inputs` must be a batch, `[B, ...]`, but a leaf of it is a scalar, "
+        "with no leading (batch) axis.")
+  sizes = {jnp.shape(x)[0] for x in leaves}
+  if not leaves or len(sizes) != 1:
     raise ValueError(
         "`inputs` must be a batch: an array, or a tree of arrays, whose "
         "leaves all have the same leading (batch) axis; got leading sizes "
-        f"{sorted(sizes, key=str)} over {len(leaves)} leaves.")
+        f"{sorted(sizes)} over {len(leaves)} leaves.")
   (batch,) = sizes
   if batch == 0:
     raise ValueError("`inputs` holds an empty batch (leading axis 0): there "

@@ -415,6 +415,7 @@ def _prescale(top: jax.Array) -> jax.Array:
   return jnp.where(top > 2.0**64, 2.0**-64, 1.0)
 
 
+@jax.custom_jvp
 def combine_norms(norms: jax.Array) -> jax.Array:
   """The L2 norm of a vector of norms, without overflow or underflow."""
   if norms.shape[0] == 0:
@@ -428,6 +429,22 @@ def combine_norms(norms: jax.Array) -> jax.Array:
       jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
 
 
+@combine_norms.defjvp
+def _combine_norms_jvp(primals, tangents):
+  (norms,), (dnorms,) = primals, tangents
+  total = combine_norms(norms)
+  return total, _dot_over(norms, dnorms, total)
+
+
+def _dot_over(x: jax.Array, dx: jax.Array, norm: jax.Array) -> jax.Array:
+  """The derivative of an L2 norm, `sum(x * dx) / norm`, taken as 0 where
+  the norm is 0 or not finite (where sqrt's own, Inf times a zero
+  cotangent, makes NaN of every derivative that meets it)."""
+  ok = (norm > 0) & jnp.isfinite(norm)
+  scaled = x / jnp.where(ok, norm, 1.0)
+  return jnp.where(ok, jnp.sum(scaled * dx), 0.0)
+
+
 def magnitude(x: jax.Array) -> jax.Array:
   """`|x|` in float32 (the modulus of a complex `x`)."""
   return jnp.abs(x).astype(jnp.float32)
@@ -437,7 +454,7 @@ def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
                ) -> jax.Array:
   """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and
   float64 leaves keep their imaginary part and precision (`a`, `b`: float32
-  scalars)."""
+  scalars, or arrays that broadcast against `g`)."""
   if not jnp.issubdtype(g.dtype, jnp.inexact):
     return g * (a if b is None else a * b).astype(g.dtype)
   wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.float32
@@ -498,17 +515,18 @@ def _add_up(terms: tuple[jax.Array, ...], axes: tuple[int, ...]
                     lambda a, b: tuple(u + v for u, v in zip(a, b)), axes)
 
 
-@_add_up.defjvp
+@functools.partial(_add_up.defjvp, symbolic_zeros=True)
 def _add_up_jvp(axes, primals, tangents):
   # A sum is linear: the tangent is the sum of the tangents (JAX's own rule
   # for a variadic reduction fails on the counts' integer operands, so that
-  # `jax.grad` through a clip or a monitor crashed). Counts have none.
+  # `jax.grad` through a clip or a monitor crashed). Counts have none: a
+  # symbolic zero keeps the varying-axes type of `shard_map`.
   (terms,), (dterms,) = primals, tangents
   out = _add_up(terms, axes)
+  zero = jax.custom_derivatives.SymbolicZero
   return out, tuple(
-      jnp.sum(d, axis=axes) if jnp.issubdtype(x.dtype, jnp.inexact)
-      else np.zeros(o.shape, jax.dtypes.float0)
-      for x, d, o in zip(terms, dterms, out))
+      zero(jax.typeof(o).to_tangent_aval()) if isinstance(d, zero)
+      else jnp.sum(d, axis=axes) for d, o in zip(dterms, out))
 
 
 def square_terms(x: jax.Array) -> list[jax.Array]:
@@ -594,6 +612,14 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
                 count_above: Any = None,
                 stacked: Sequence[bool] | None = None,
                 full: bool = False) -> TreeStats:
+  """Measures every leaf of `tree` (see `_layer_stats`)."""
+  return _layer_stats(tree, count_above, axis_name,
+                      None if stacked is None else tuple(stacked), full)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _layer_stats(tree: Any, count_above: Any, axis_name: AxisName,
+                 stacked: tuple[bool, ...] | None, full: bool) -> TreeStats:
   """Measures every leaf of `tree` (see module docstring).
 
   The common step costs one plain sum of squares per leaf; the full pass
@@ -617,8 +643,7 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
   if axes and not is_typed(axes):
     # Untyped (pmap): measure locally, then agree on the worst device, taking
     # the global norm as a whole so that it is one device's true norm.
-    local = layer_stats(tree, count_above=count_above, stacked=stacked,
-                        full=full)
+    local = _layer_stats(tree, count_above, None, stacked, full)
     rows = jnp.concatenate([jnp.stack([local.norms, local.sizes], axis=1
                                       ).reshape(-1), local.global_norm[None]])
     rows = pmax(rows, axes)
@@ -644,6 +669,48 @@ def layer_stats(tree: Any, *, axis_name: AxisName = None,
   return lax.platform_dependent(
       cpu=lambda: _decided_stats(blocks, axis_name, count_above),
       default=lambda: _full_stats(blocks, axis_name, count_above))
+
+
+@functools.partial(_layer_stats.defjvp, symbolic_zeros=True)
+def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
+  # The norms' derivatives, taken directly (`_dot_over`): through the
+  # statistics pass, a zero leaf, tiny elements or the rescaled squares of
+  # huge ones made NaN of every derivative of the tree (and the pass's
+  # `pmax` under `pmap` has none). Counts and sizes have none.
+  tree, count_above = primals
+  stats = _layer_stats(tree, count_above, axis_name, stacked, full)
+  zero = jax.custom_derivatives.SymbolicZero
+  leaves, treedef = jax.tree.flatten(tree)
+  dleaves = treedef.flatten_up_to(tangents[0])
+  dleaves = [jnp.zeros(d.aval.shape, d.aval.dtype) if isinstance(d, zero)
+             else d for d in dleaves]
+  leaves = as_arrays(leaves)
+  ok = (stats.norms > 0) & jnp.isfinite(stats.norms)
+  inverse = jnp.where(ok, 1.0 / jnp.where(ok, stats.norms, 1.0), 0.0)
+  flags = stacked or (False,) * len(leaves)
+  first = np.cumsum([0] + [x.shape[0] if flag else 1
+                           for x, flag in zip(leaves, flags)])
+  products = []
+  for i, (x, dx, flag) in enumerate(zip(leaves, dleaves, flags)):
+    if flag:
+      factor = inverse[first[i]:first[i + 1]].reshape(
+          (x.shape[0],) + (1,) * (x.ndim - 1))
+    else:
+      factor = inverse[first[i]]
+    # d|x| = Re(conj(x / |x|) dx), per element (x / |x| <= 1: no overflow),
+    # then summed per layer.
+    wide = x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+    unit = wide * factor
+    products.append(jnp.real(jnp.conj(unit) * dx.astype(wide.dtype)))
+  dnorms = reduce_blocks(
+      blocks_of(products, axis_name, like=leaves, stacked=stacked),
+      lambda block, _: jnp.sum(block, axis=_rest(block)), axis_name, "sum")
+  dglobal = _dot_over(stats.norms, dnorms, stats.global_norm)
+  like = lambda x: zero(jax.typeof(x).to_tangent_aval())
+  return stats, TreeStats(
+      dnorms, like(stats.nonfinite), like(stats.sizes),
+      None if stats.count_above is None else like(stats.count_above),
+      dglobal)
 
 
 def _decided_stats(blocks: Blocks, axis_name: AxisName,

@@ -85,3 +85,54 @@ def test_derivatives_equal_the_reference(name):
   d_g = jax.jit(jax.grad(lambda g: _loss_after(ours(0.1), g)))(GRADS)
   want_g = jax.grad(lambda g: _loss_after(ref(0.1), g))(GRADS)
   np.testing.assert_allclose(_flat(d_g), _flat(want_g), rtol=1e-4, atol=1e-6)
+
+
+def _weighted_sum(tree):
+  return sum(jnp.sum(x * jnp.arange(1.0, x.size + 1).reshape(x.shape))
+             for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("grads", [
+    {"a": jnp.array([3.0, 4.0]), "z": jnp.zeros(2)},         # a zero leaf
+    {"a": jnp.array([1e-20, 3e-20]), "b": jnp.array([2.0])},  # tiny squares
+    {"a": jnp.array([1e20, 1.0]), "b": jnp.array([0.5])},     # huge squares
+], ids=["zero_leaf", "tiny", "huge"])
+def test_norm_derivatives_stay_finite_where_optax_s_do(grads):
+  """Where the statistics pass takes a rare path (a zero leaf, squares that
+  underflow or overflow), its derivative is still the norm's."""
+  def clipped(tx, g):
+    return _weighted_sum(tx.update(g, tx.init(g))[0])
+
+  ours = jax.jit(jax.grad(lambda g: clipped(og.clip_by_global_norm(1.0),
+                                            g)))(grads)
+  want = jax.grad(lambda g: clipped(optax.clip_by_global_norm(1.0),
+                                    g))(grads)
+  np.testing.assert_allclose(_flat(ours), _flat(want), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_derivatives_under_shard_map_with_axis_name():
+  """A sharded leaf and a replicated one, clipped on their global norm:
+  the derivative equals optax's on the whole tree."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = {"w": jax.sharding.PartitionSpec("d"),
+          "b": jax.sharding.PartitionSpec()}
+  grads = {"w": jnp.arange(1.0, 17.0), "b": jnp.array([3.0, -2.0])}
+  weights = {"w": jnp.linspace(-1.0, 1.0, 16), "b": jnp.array([0.5, 2.0])}
+
+  def ours(g):
+    def inner(g, weights):
+      tx = og.clip_by_global_norm(1.0, axis_name="d")
+      u, _ = tx.update(g, tx.init(g))
+      local = jnp.sum(u["w"] * weights["w"])
+      return jax.lax.psum(local, "d") + jnp.sum(u["b"] * weights["b"])
+    return jax.shard_map(inner, mesh=mesh, in_specs=(spec, spec),
+                         out_specs=jax.sharding.PartitionSpec())(g, weights)
+
+  def reference(g):
+    u, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+    return sum(jnp.sum(u[k] * weights[k]) for k in u)
+
+  np.testing.assert_allclose(_flat(jax.jit(jax.grad(ours))(grads)),
+                             _flat(jax.grad(reference)(grads)), rtol=1e-5,
+                             atol=1e-7)

@@ -267,6 +267,14 @@ def test_two_monitors_do_not_collide():
   assert not any(f"grad/norm.1/{k[10:]}" in m for k in layers)
   np.testing.assert_allclose(m["post/grad/norm"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(m["grad/norm_clipped"], 1.0, rtol=1e-6)
+  # A monitor after a clip: its whole metric is renamed, layers included.
+  tx = optax.chain(og.clip_by_global_norm(1.0), og.monitor())
+  _, state = tx.update(grads, tx.init(grads))
+  m = og.metrics(state)
+  np.testing.assert_allclose(m["grad/norm"], want, rtol=1e-6)   # the clip's
+  np.testing.assert_allclose(m["grad/norm.1"], 1.0, rtol=1e-6)
+  assert layers and all(f"grad/norm.1/{k[10:]}" in m and k not in m
+                        for k in layers)
 
 
 def test_a_collection_and_a_layer_of_one_name_keep_apart():

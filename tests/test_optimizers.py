@@ -165,6 +165,8 @@ EQUIV = {
         LR, b1=0.95, eps_root=1e-8, nesterov=True), F32),
     "sgd_schedule": (lambda m: m.sgd(LR), F32),
     "sgd_momentum": (lambda m: m.sgd(0.05, momentum=0.9), F32),
+    "sgd_negative_momentum_nesterov": (lambda m: m.sgd(
+        0.05, momentum=-0.5, nesterov=True), F32),
     "sgd_nesterov_schedule": (lambda m: m.sgd(
         LR, momentum=0.9, nesterov=True), F32),
     # Mixed precision.
