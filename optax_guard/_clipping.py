@@ -278,7 +278,13 @@ def clip_by_value(
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    del params
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+      if jnp.iscomplexobj(_metrics.unwrap(p)):
+        raise ValueError(
+            "clip_by_value clips real values, but the parameter "
+            f"{_metrics.path_name(path)!r} is complex; clip complex "
+            "gradients by their norm (og.clip_by_global_norm, "
+            "og.clip_by_layer_norm), which keeps their phase.")
     return ClipByValueState(frac_clipped=jnp.zeros((), jnp.float32),
                             num_clipped=jnp.zeros((), jnp.int32))
 

@@ -467,11 +467,17 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     keep = None if decision is None else decision[0]
     static, traced = _split_hyper(lr=_value(learning_rate, state.count),
                                   momentum=momentum)
-    leaves, treedef = jax.tree.flatten(updates)
+    # A None gradient (a frozen parameter) stays None and keeps its trace,
+    # as in optax's sgd.
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda g: g is None)
     traces = (treedef.flatten_up_to(state.trace) if momentum is not None
               else [None] * len(leaves))
     out_u, out_t = [], []
     for g, t in zip(leaves, traces):
+      if g is None:
+        out_u.append(None)
+        out_t.append(t)
+        continue
       u, t_new = _sgd_leaf(g, t, decision, traced, static=static,
                            nesterov=nesterov)
       out_u.append(u)

@@ -3,6 +3,7 @@ mode, in a subprocess), integer leaves and Python floats, each against
 optax or NumPy."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,14 @@ def test_complex_adaptive_clipping_against_numpy():
   norm = np.sqrt(sum(np.sum(np.abs(np.asarray(g)) ** 2)
                      for g in jax.tree.leaves(grads)))
   np.testing.assert_allclose(og.metrics(state)["grad/norm"], norm, rtol=1e-5)
+
+
+def test_clip_by_value_refuses_complex_parameters_at_init():
+  with pytest.raises(ValueError, match=re.escape(
+      "clip_by_value clips real values, but the parameter 'b' is complex; "
+      "clip complex gradients by their norm (og.clip_by_global_norm, "
+      "og.clip_by_layer_norm), which keeps their phase.")):
+    og.clip_by_value(1.0).init({"a": jnp.ones(2), "b": _complex((2,), 0)})
 
 
 @pytest.mark.standard_promotion

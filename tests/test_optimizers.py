@@ -947,3 +947,21 @@ def test_skippers_take_the_fast_path_with_the_same_results(wrapper):
   counter = "optim/num_skipped" if wrapper == "skip_nonfinite" else (
       "optim/num_spikes")
   assert int(og.metrics(s1)[counter]) >= 1
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_with_momentum_takes_a_none_gradient_like_optax(nesterov):
+  params = {"a": jnp.ones(3), "frozen": jnp.ones(2)}
+  grads = {"a": jnp.array([1.0, 2.0, 3.0]), "frozen": None}
+  for_ours = og.sgd(0.1, momentum=0.9, nesterov=nesterov)
+  for_optax = optax.sgd(0.1, momentum=0.9, nesterov=nesterov)
+  s1, s2 = for_ours.init(params), for_optax.init(params)
+  for _ in range(3):
+    u1, s1 = for_ours.update(grads, s1, params)
+    u2, s2 = for_optax.update(grads, s2, params)
+  assert u1["frozen"] is None and u2["frozen"] is None
+  np.testing.assert_allclose(u1["a"], u2["a"], rtol=1e-6)
+  np.testing.assert_array_equal(s1.trace["frozen"], np.zeros(2))  # kept
+  np.testing.assert_allclose(s1.trace["a"], optax.tree.get(s2, "trace")["a"],
+                             rtol=1e-6)
