@@ -158,6 +158,11 @@ def _measured_last(s: MonitorState) -> bool:
   return int(s.step) >= 1 and (int(s.step) - 1) % s.naming.every == 0
 
 
+_NOTHING_SKIPS = ("Nothing in this chain skips such a step unless a "
+                  "`skip_nonfinite` or `guard`{given} stands around the "
+                  "optimizer.")
+
+
 def _monitor_error(s: MonitorState, skipped: str = "",
                    loss_reported: bool = False) -> GuardError | None:
   """`skipped`: what skipped a non-finite step, if something did;
@@ -168,9 +173,7 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   layers = _bad_layers(s.nonfinite)
   if measured and int(s.num_nonfinite) > 0:
     kind = "gradients" if s.naming.kind == "grad" else "updates"
-    action = skipped or (
-        "Nothing in this chain skips such a step unless a `skip_nonfinite` "
-        "or `guard` stands around the optimizer.")
+    action = skipped or _NOTHING_SKIPS.format(given="")
     return NonFiniteGradientError(
         f"Step {step}: the {kind} hold {int(s.num_nonfinite)} NaN/Inf "
         f"elements{_describe(layers)}. {action}", step, layers)
@@ -181,9 +184,8 @@ def _monitor_error(s: MonitorState, skipped: str = "",
         step, {})
   if step >= 0 and not loss_reported and not np.isfinite(float(s.loss)):
     return NonFiniteGradientError(
-        f"Step {step}: the loss is {float(s.loss)}. Nothing in this chain "
-        "skips such a step unless a `skip_nonfinite` or `guard` given "
-        "`loss=` stands around the optimizer.", step, {})
+        f"Step {step}: the loss is {float(s.loss)}. "
+        f"{_NOTHING_SKIPS.format(given=' given `loss=`')}", step, {})
   return None
 
 
@@ -231,9 +233,10 @@ def check(opt_state: Any) -> None:
   Host side, after a step: fetches the statistics (one transfer, without any
   wrapped optimizer's moments) and looks at every guard state in it. Raises
   `NonFiniteGradientError` when the last step's gradients, loss, update or
-  parameters held NaN/Inf (or the guard has halted), naming the step, the first layers
-  that went bad with their counts (in name order, numbers compared as
-  numbers: `Dense_2` before `Dense_10`), and what the guard did; raises
+  parameters held NaN/Inf (or the guard has halted), naming the step, the
+  first layers that went bad with their counts (in name order, numbers
+  compared as numbers: `Dense_2` before `Dense_10`; a stacked leaf's layers
+  block by block), and what the guard did; raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
   monitor records per-layer z-scores (`zscore=True`). Non-finite problems

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_guard import _args
@@ -214,19 +213,13 @@ def clip_by_layer_norm(
                               stacked=flags).norms
     a, b = clip_factors(norms, max_norm)
     leaves, treedef = jax.tree.flatten(updates)
-    flags = flags or [False] * len(leaves)
-    first = np.cumsum([0] + [g.shape[0] if flag else 1
-                             for g, flag in zip(leaves, flags)])
-    out = []
-    for i, (g, flag) in enumerate(zip(leaves, flags)):
-      if flag:  # one factor per layer, along the leading axis
-        rows = slice(first[i], first[i + 1])
-        shape = (g.shape[0],) + (1,) * (g.ndim - 1)
-        out.append(_stats.scale_leaf(g, a[rows].reshape(shape),
-                                     b[rows].reshape(shape)))
-      else:
-        out.append(scale_tree(g, (a[first[i]], b[first[i]])))
-    clipped = jax.tree.unflatten(treedef, out)
+    # A stacked leaf takes one factor per layer, along its leading axis.
+    clipped = jax.tree.unflatten(treedef, [
+        _stats.scale_leaf(g, a_i, b_i) if jnp.ndim(a_i)
+        else scale_tree(g, (a_i, b_i))
+        for g, a_i, b_i in zip(
+            leaves, _stats.layer_values_by_leaf(a, leaves, flags),
+            _stats.layer_values_by_leaf(b, leaves, flags))])
     layers_clipped = jnp.sum(a < 1.0, dtype=jnp.int32)
     return clipped, ClipByLayerNormState(
         layer_norms=_metrics.PerLayer(norms, state.layer_norms.names),

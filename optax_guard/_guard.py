@@ -113,12 +113,12 @@ def guard(
   float16 leaf takes the generic path whatever the optimizer: in float16's
   range (65504) a finite gradient can make an infinite Adam step (where the
   second moment underflows) or momentum trace, and only the generic path
-  reads the update back. With the clip off
-  (`max_norm=None`), gradient elements near the top of the parameters'
-  float range can overflow a momentum trace (`og.sgd`) to Inf, which the
-  fast path then applies, or Adam's second moment (above ~1.8e19 in
-  float32; as in optax, that element's update is then 0 for good): keep a
-  clip, or take the generic path, which reads the update back.
+  reads the update back. With the clip off (`max_norm=None`), gradient
+  elements near the top of the parameters' float range can overflow a
+  momentum trace (`og.sgd`) to Inf, which the fast path then applies, or
+  Adam's second moment (above ~1.8e19 in float32; as in optax, that
+  element's update is then 0 for good): keep a clip, or take the generic
+  path, which reads the update back.
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.

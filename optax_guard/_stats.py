@@ -6,8 +6,9 @@ shape, dtype and sharding stacked, which keeps the compiled program small).
 The full pass is one variadic reduction per block: three sums of squares,
 two rescaled by powers of two so that norms are right where squares overflow
 or underflow (elements above ~1.8e19, large bf16 values), the count of
-NaN/Inf elements, and the count of elements above a threshold. How it runs depends on the
-backend (`lax.platform_dependent`, decided when the step is compiled):
+NaN/Inf elements, and the count of elements above a threshold. How it runs
+depends on the backend (`lax.platform_dependent`, decided when the step is
+compiled):
 
 * On GPU/TPU every block takes the full pass: a variadic reduction is one
   memory-bound kernel there, and a `lax.cond` would cost a device-to-host
@@ -186,6 +187,28 @@ def as_arrays(leaves: Sequence[Any]) -> list[Any]:
   return [x if hasattr(x, "shape") else jnp.asarray(x) for x in leaves]
 
 
+def layer_starts(leaves: Sequence[Any],
+                 stacked: Sequence[bool] | None) -> np.ndarray:
+  """The index of each leaf's first layer, and the layer count after the
+  last (a stacked leaf holds one layer per entry of its leading axis)."""
+  stacked = stacked or (False,) * len(leaves)
+  return np.cumsum([0] + [np.shape(x)[0] if flag else 1
+                          for x, flag in zip(leaves, stacked)])
+
+
+def layer_values_by_leaf(values: jax.Array, leaves: Sequence[Any],
+                         stacked: Sequence[bool] | None) -> list[jax.Array]:
+  """A per-layer vector (`values[L]`) given to each leaf: a scalar, or for
+  a stacked leaf its layers' values shaped to broadcast along its leading
+  axis."""
+  stacked = stacked or (False,) * len(leaves)
+  starts = layer_starts(leaves, stacked)
+  return [values[starts[i]:starts[i + 1]].reshape(
+              (np.shape(x)[0],) + (1,) * (np.ndim(x) - 1)) if flag
+          else values[starts[i]]
+          for i, (x, flag) in enumerate(zip(leaves, stacked))]
+
+
 def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
               like: Sequence[Any] | None = None,
               stacked: Sequence[bool] | None = None) -> Blocks:
@@ -204,9 +227,7 @@ def blocks_of(leaves: Sequence[jax.Array], axis_name: AxisName,
   def over(leaf):  # the axes this leaf is summed over
     return tuple(a for a in axes if a in varying_axes(leaf)) if typed else ()
 
-  # The index of each leaf's first layer (a stacked leaf has several).
-  firsts = np.cumsum([0] + [x.shape[0] if flag else 1
-                            for x, flag in zip(leaves, stacked)])
+  firsts = layer_starts(leaves, stacked)
   groups: dict[Any, list[int]] = {}
   for i, x in enumerate(leaves):
     if stacked[i]:
@@ -687,16 +708,9 @@ def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
   leaves = as_arrays(leaves)
   ok = (stats.norms > 0) & jnp.isfinite(stats.norms)
   inverse = jnp.where(ok, 1.0 / jnp.where(ok, stats.norms, 1.0), 0.0)
-  flags = stacked or (False,) * len(leaves)
-  first = np.cumsum([0] + [x.shape[0] if flag else 1
-                           for x, flag in zip(leaves, flags)])
   products = []
-  for i, (x, dx, flag) in enumerate(zip(leaves, dleaves, flags)):
-    if flag:
-      factor = inverse[first[i]:first[i + 1]].reshape(
-          (x.shape[0],) + (1,) * (x.ndim - 1))
-    else:
-      factor = inverse[first[i]]
+  for x, dx, factor in zip(leaves, dleaves,
+                           layer_values_by_leaf(inverse, leaves, stacked)):
     # d|x| = Re(conj(x / |x|) dx), per element (x / |x| <= 1: no overflow),
     # then summed per layer.
     wide = x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
