@@ -47,6 +47,9 @@ def default_unit_axes(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if len(shape) <= 1:
     return ()  # a scalar, bias or normalisation scale is one unit
   parts = name.split("/")
+  if len(shape) == 2 and parts[-1] == "bias" and len(parts) >= 2 and (
+      parts[-2] in _QKV):
+    return ()  # a q/k/v bias [heads, head_dim] is a bias: one unit
   if len(shape) == 3 and len(parts) >= 2 and parts[-2] in _QKV:
     # The kernel of a q/k/v projection of Flax's attention, `.../query/kernel`
     # [features, heads, head_dim] (an ancestor named `value` alone, as in
@@ -145,13 +148,17 @@ def adaptive_grad_clip(
      \quad\text{if}\quad \frac{\|G_i\|}{\max(\|W_i\|, \epsilon)} > \lambda,
 
   with :math:`\lambda` = `clipping` and :math:`\epsilon` = `eps`, and leaves
-  the other units alone. Norms are computed in float32 and overflow-safe.
+  the other units alone. Norms are computed in float32 and overflow-safe; a
+  unit whose norm is not finite (it holds NaN/Inf, or its norm is beyond
+  float32's range, ~3.4e38) is left unscaled for the non-finite defences, as
+  in `clip_by_global_norm`.
 
   **Units, for Flax layouts.** A unit is indexed by the axes returned for
   each parameter; the norm is taken over all its other axes:
 
-  * scalars and vectors (biases, LayerNorm/BatchNorm scales): the whole leaf
-    is one unit;
+  * scalars and vectors (biases, LayerNorm/BatchNorm scales), and the
+    `[heads, head_dim]` bias of an attention projection named `query`,
+    `key` or `value`: the whole leaf is one unit;
   * Dense `[in, out]`, Conv 1-D/2-D/3-D `[*spatial, in, out]`, a DenseGeneral
     with several input axes such as an attention output projection
     `[heads, head_dim, features]`, an embedding `[vocab, features]` and a
@@ -264,8 +271,10 @@ def adaptive_grad_clip(
       limit = lam * jnp.maximum(_unit_norms(_metrics.unwrap(p), k),
                                 jnp.asarray(eps, jnp.float32))
       clip = jnp.isfinite(gn) & (gn > limit)
-      factor = jnp.where(clip, limit / jnp.where(clip, gn, 1.0), 1.0)
-      out.append(_stats.scale_leaf(g, factor))
+      # As the global clip's: a factor below float32's normal range (a
+      # norm 1e38 times the limit) is applied as two square roots, not
+      # flushed to 0.
+      out.append(_stats.scale_leaf(g, *_clipping.clip_factors(gn, limit)))
       # Replicated: unit norms sharded differently (an Explicit mesh) cannot
       # be concatenated as they are.
       before.append(_stats.replicated(gn.reshape(-1)))
@@ -394,7 +403,6 @@ def autoclip(
 # ZClip
 
 ZCLIP_MODES = ("reciprocal", "mean", "percentile")
-_ZCLIP_EPS = 1e-6  # the authors' `eps` in the z-score's denominator
 
 
 class ZclipState(NamedTuple):
@@ -420,7 +428,7 @@ class ZclipState(NamedTuple):
 def zclip(
     alpha: float = 0.97, z_thresh: float = 2.5, *, mode: str = "reciprocal",
     warmup_steps: int = 25, max_norm: float | None = None,
-    axis_name: _stats.AxisName = None,
+    eps: float = 1e-6, axis_name: _stats.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZClip: clips the global norm when its z-score against an EMA is high.
 
@@ -435,7 +443,7 @@ def zclip(
   instead. The statistics are kept in float32 without overflow: a finite
   norm up to float32's largest leaves them finite (the authors use float64).
   Afterwards, for each norm :math:`g`, with
-  :math:`z = (g - \mu) / (\sigma + 10^{-6})`:
+  :math:`z = (g - \mu) / (\sigma + \epsilon)`:
 
   * `mode="reciprocal"` (the paper's default, the code's
     `clip_option="adaptive_scaling"`): if :math:`z > z_{thr}`, clip to
@@ -459,8 +467,13 @@ def zclip(
     alpha: EMA smoothing factor, in `[0, 1)`.
     z_thresh: the z-score above which a norm is a spike, a float `> 0`.
     mode: `"reciprocal"`, `"mean"` or `"percentile"`, as above.
-    warmup_steps: finite norms collected before clipping starts, `>= 1`.
+    warmup_steps: finite norms collected before clipping starts, `>= 2`
+      (one norm has no spread to measure against).
     max_norm: an optional fixed ceiling on the global norm, `>= 0`.
+    eps: :math:`\epsilon`, added to :math:`\sigma` in the z-score (the
+      authors' `eps`), `> 0`. It is absolute: where the global norm is
+      near 1e-5 or below, it outweighs :math:`\sigma` and hides spikes;
+      give a smaller one there.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`;
       the statistics are then identical on every replica.
 
@@ -489,7 +502,13 @@ def zclip(
   _args.check_number("alpha", alpha, maximum=1.0, strict_max=True)
   _args.check_number("z_thresh", z_thresh, strict=True)
   _args.check_choice("mode", mode, ZCLIP_MODES)
-  _args.check_int("warmup_steps", warmup_steps, minimum=1)
+  if warmup_steps == 1 and not isinstance(warmup_steps, bool):
+    raise ValueError(
+        "`warmup_steps` must be at least 2: ZClip's warm-up measures the "
+        "spread of the norms it collects, and a single norm has none, so "
+        "with 1 the warm-up would start again at every step and never clip.")
+  _args.check_int("warmup_steps", warmup_steps, minimum=2)
+  _args.check_number("eps", eps, strict=True)
   if max_norm is not None:
     _args.check_number("max_norm", max_norm)
   _stats.check_axis_name(axis_name)
@@ -513,13 +532,13 @@ def zclip(
 
     # After warm-up: the z-score test against the EMAs.
     std = state.std
-    z = (norm - state.mean) / (std + _ZCLIP_EPS)
+    z = (norm - state.mean) / (std + f32(eps))
     if mode == "percentile":
       threshold = state.mean + zt * std
       spike = norm > threshold
       target = threshold
     else:
-      threshold = state.mean + zt * (std + _ZCLIP_EPS)
+      threshold = state.mean + zt * (std + f32(eps))
       spike = z > zt
       target = (state.mean + zt * std / (z / zt) if mode == "reciprocal"
                 else state.mean)

@@ -61,6 +61,14 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
         f"{value!r}.{hint}")
 
 
+# Said where a function argument arrives as something else: optax's
+# `inject_hyperparams` calls every callable argument as a schedule.
+INJECTED_FUNCTION = (
+    " If you passed a function through `optax.inject_hyperparams`, list it "
+    "in its `static_args`: optax calls a function argument as a schedule of "
+    "the step count and passes on what it returns.")
+
+
 def check_int(name: str, value: Any, *, minimum: int,
               allow_none: bool = False, injectable: bool = False) -> None:
   """Raises a `ValueError` unless `value` is an int >= minimum (or None).

@@ -189,9 +189,26 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   return None
 
 
+def _microbatch_error(s: _metrics.MicrobatchSkip) -> GuardError | None:
+  """optax.MultiSteps dropped the latest micro-batch."""
+  if not bool(s.skipped):
+    return None
+  step, micro = int(s.step), int(s.micro_step)
+  what = (f"Step {step}, micro-batch {micro}: optax.MultiSteps dropped the "
+          "micro-batch")
+  if s.nonfinite is not None and int(s.nonfinite) > 0:
+    return NonFiniteGradientError(
+        f"{what}, whose gradients hold {int(s.nonfinite)} NaN/Inf elements; "
+        "the step accumulates the other micro-batches.", step, {})
+  return GradientExplosionError(
+      f"{what}, which its `should_skip_update_fn` flagged; the step "
+      "accumulates the other micro-batches.", step, {})
+
+
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
-           MonitorState: _monitor_error}
+           MonitorState: _monitor_error,
+           _metrics.MicrobatchSkip: _microbatch_error}
 
 
 def _members(statistics: list[Any]) -> list[list[Any]]:

@@ -175,7 +175,9 @@ def clip_by_layer_norm(
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers, as in
       `og.monitor`: each layer is clipped to its own norm and has its own
-      `grad/norm/<leaf>/<i>`.
+      `grad/norm/<leaf>/<i>`. The stacked axis must not be sharded under
+      `shard_map`: each device would see only its own layers, and layer `i`
+      of every device would be measured (and clipped) as one.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a

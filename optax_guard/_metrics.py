@@ -17,6 +17,9 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from optax_guard import _args
 
 # The key in a parameter tree that holds the parameters themselves in Flax
 # linen's `{"params": ...}` collections; it adds nothing to a layer's name.
@@ -65,7 +68,7 @@ def check_stacked(stacked: Any) -> None:
   raise ValueError(
       "`stacked` must be None, a sequence of layer names or name prefixes "
       "(e.g. ('ScanBlock_0',)) or a function from a layer name to a bool, "
-      f"but got {stacked!r}.")
+      f"but got {stacked!r}.{_args.INJECTED_FUNCTION}")
 
 
 def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
@@ -178,7 +181,7 @@ def check_groups(groups: Any) -> None:
     raise ValueError(
         "`groups` must be None or a function from a layer name to the name "
         "of its group (e.g. lambda name: name.split('/')[0]), but got "
-        f"{groups!r}.")
+        f"{groups!r}.{_args.INJECTED_FUNCTION}")
 
 
 class Layout(NamedTuple):
@@ -290,6 +293,29 @@ def _is_guard_state(x: Any) -> bool:
   return hasattr(type(x), "_og_metrics")
 
 
+class MicrobatchSkip(NamedTuple):
+  """What `optax.MultiSteps`'s `should_skip_update_fn` decided at its latest
+  call, read from MultiSteps' own state (it keeps no count of its own)."""
+  skipped: Any               # bool[]: the latest micro-batch was dropped.
+  step: Any                  # i32[]: MultiSteps' `gradient_step`.
+  micro_step: Any            # i32[]: the dropped micro-batch's index in it.
+  nonfinite: Any = None      # its NaN/Inf count (`optax.skip_not_finite`).
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    out = {"optim/microbatch_skipped": self.skipped}
+    if self.nonfinite is not None:
+      out["grad/microbatch_nonfinite"] = self.nonfinite
+    return out
+
+
+def _microbatch_skip(state: optax.MultiStepsState) -> list[MicrobatchSkip]:
+  skip = state.skip_state
+  if not (isinstance(skip, dict) and "should_skip" in skip):
+    return []  # no `should_skip_update_fn`, or one of unknown output
+  return [MicrobatchSkip(skip["should_skip"], state.gradient_step,
+                         state.mini_step, skip.get("num_not_finite"))]
+
+
 def _guard_states(opt_state: Any) -> list[Any]:
   """Every guard state in tree order, a wrapper before its inner states.
 
@@ -297,7 +323,14 @@ def _guard_states(opt_state: Any) -> list[Any]:
   moments are not statistics and may be as large as the model).
   """
   found = []
-  for state in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_guard_state):
+  is_leaf = lambda x: (_is_guard_state(x) or
+                       isinstance(x, optax.MultiStepsState))
+  for state in jax.tree_util.tree_leaves(opt_state, is_leaf=is_leaf):
+    if isinstance(state, optax.MultiStepsState):
+      # Its accumulated gradients are as large as the model: not read.
+      found += _microbatch_skip(state)
+      found += _guard_states(state.inner_opt_state)
+      continue
     if not _is_guard_state(state):
       continue
     if hasattr(state, "inner_state"):
@@ -329,20 +362,22 @@ def _state_metrics(state: Any) -> dict[str, Any]:
 
 def _collect(states: list[Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
+  last_repeat: dict[str, int] = {}  # metric -> the highest `.k` given it
   for state in states:
     named = _state_metrics(state)
     naming = getattr(state, "naming", None)
     depth = len([c for c in getattr(naming, "prefix", "").split("/") if c])
     # A metric whose name is taken is renamed whole, its total and its
-    # layers alike, all of the state's such metrics with one number.
+    # layers alike, all of the state's such metrics with one number, higher
+    # than any given before to them (so that the numbers follow tree order).
     metric = lambda name: "/".join(name.split("/")[:depth + 2])
     taken = {metric(name) for name in named if name in out}
     renamed = [name for name in named if metric(name) in taken]
-    k = 0
     if renamed:
-      k = 1
+      k = 1 + max(last_repeat.get(m, 0) for m in taken)
       while any(_repeat(name, k, depth) in out for name in renamed):
         k += 1
+      last_repeat.update(dict.fromkeys(taken, k))
     out.update({_repeat(name, k, depth) if metric(name) in taken else name:
                 value for name, value in named.items()})
   return out
@@ -364,7 +399,10 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   nested in each other, a Flax nnx optimizer's state whose leaves are
   `Variable`s, a state fetched to the host) and gathers the statistics of every
   `optax_guard` state in it, under the names of the design (`grad/norm`,
-  `grad/norm/<layer>`, `optim/num_clipped`, ...).
+  `grad/norm/<layer>`, `optim/num_clipped`, ...). From an `optax.MultiSteps`
+  state it also reads the decision of its `should_skip_update_fn` at the
+  latest call (`optim/microbatch_skipped`; `grad/microbatch_nonfinite` with
+  `optax.skip_not_finite`).
 
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
   leaf) gives each metric one value per device, layers included.
@@ -373,7 +411,8 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   in one chain, say), the first in the tree's order (the earlier one in a
   chain) keeps the plain name and a later one gets `.1`, `.2`, ... at the end
   of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`
-  (one number for all of a state's repeated names). Give a monitor a `prefix`
+  (one number for all of a state's repeated names, above any number given
+  to those names before, so that a later state has the higher number). Give a monitor a `prefix`
   to choose its names yourself.
 
   Inside a jitted step it returns device arrays (so a step can return them).
@@ -421,7 +460,8 @@ def _state_fields() -> tuple[frozenset[str], ...]:
       yield from subclasses(sub)
   return tuple(frozenset(cls._fields) for cls in subclasses(tuple)
                if cls.__module__.startswith("optax_guard.") and
-               hasattr(cls, "_og_metrics") and hasattr(cls, "_fields"))
+               hasattr(cls, "_og_metrics") and hasattr(cls, "_fields") and
+               cls is not MicrobatchSkip)  # never stored: read from optax's
 
 
 # What to do about states turned into plain mappings.

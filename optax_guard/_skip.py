@@ -31,8 +31,9 @@ def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
   """The loss every device agrees on.
 
   Inside `shard_map` a per-device (varying) loss is averaged over the devices;
-  under `pmap`, where nothing is typed, the devices agree on the largest loss
-  (the worst device decides, as for every statistic there).
+  under `pmap`, where nothing is typed, the devices agree on the largest loss,
+  or on a non-finite one where any device has one (the worst device decides,
+  as for every statistic there).
   """
   _stats.check_varying_covered(loss, axis_name, "loss (`loss=`)")
   return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]

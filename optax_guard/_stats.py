@@ -72,6 +72,12 @@ def check_axis_name(axis_name: Any) -> None:
     raise ValueError(
         "`axis_name` must be None, a mesh axis name or a tuple of them, but "
         f"got {axis_name!r}.")
+  if not isinstance(axis_name, (str, type(None))):
+    twice = sorted({a for a in axis_name if list(axis_name).count(a) > 1})
+    if twice:
+      raise ValueError(
+          f"`axis_name` names the mesh axis {twice[0]!r} more than once "
+          f"({axis_name!r}); name each axis once.")
 
 
 def varying_axes(x: Any) -> frozenset[str]:
@@ -141,15 +147,20 @@ def is_typed(axes: tuple[str, ...]) -> bool:
 
 
 def pmax(values: Any, axes: tuple[str, ...]) -> Any:
-  """`lax.pmax` that keeps NaN (XLA's cross-device max on CPU drops it)."""
+  """`lax.pmax` in which any device's non-finite value stays non-finite:
+  NaN if a device has NaN (XLA's cross-device max on CPU drops it), else
+  +Inf if one has +Inf, else -Inf if one has -Inf (a loss of -Inf on one
+  device must not be outvoted by the others' finite ones), else the max."""
   if isinstance(values, tuple):  # columns (see `per_leaf`)
     return tuple(pmax(v, axes) for v in values)
   if not jnp.issubdtype(values.dtype, jnp.inexact):
     return lax.pmax(values, axes)
-  nan = jnp.isnan(values)
-  both = lax.pmax(jnp.stack([jnp.where(nan, jnp.inf, values),
-                             nan.astype(values.dtype)]), axes)
-  return jnp.where(both[1] > 0, jnp.nan, both[0])
+  nan, minus_inf = jnp.isnan(values), values == -jnp.inf
+  rows = lax.pmax(jnp.stack([jnp.where(nan, jnp.inf, values),
+                             nan.astype(values.dtype),
+                             minus_inf.astype(values.dtype)]), axes)
+  top = jnp.where((rows[2] > 0) & jnp.isfinite(rows[0]), -jnp.inf, rows[0])
+  return jnp.where(rows[1] > 0, jnp.nan, top)
 
 
 def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
@@ -394,6 +405,8 @@ def check_varying_covered(tree: Any, axis_name: AxisName,
   """Raises when a leaf varies along a mesh axis that `axis_name` omits
   (`what`: the kind of leaf, for the message; a bare array is named by it)."""
   axes = set(axis_names(axis_name))
+  if axes:  # an unbound axis is the first thing to say (and to fix)
+    is_typed(axis_names(axis_name))
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   for path, leaf in paths:
     missing = sorted(varying_axes(leaf) - axes)

@@ -51,6 +51,7 @@ LAYOUTS = {
     "attn/query/kernel": ((8, 2, 4), (0,)),        # [features, heads, dim]
     "attn/key/kernel": ((8, 2, 4), (0,)),
     "attn/value/kernel": ((8, 2, 4), (0,)),
+    "attn/query/bias": ((2, 4), (0, 1)),           # [heads, dim]: a bias
     "value/Conv_0/kernel": ((3, 4, 6), (0, 1)),    # a Conv1D in a value head
     "attn/out/kernel": ((2, 4, 8), (0, 1)),        # [heads, dim, features]
     "Dense_in1/kernel": ((1, 7), (0,)),            # (1, N): N units
@@ -175,6 +176,28 @@ def test_agc_leaves_a_nonfinite_unit_for_the_nonfinite_defences():
   np.testing.assert_allclose(np.linalg.norm(out["w"][:, 1]), math.sqrt(3),
                              rtol=1e-6)
   assert np.isnan(og.metrics(state)["grad/norm"])
+
+
+def test_agc_caps_a_huge_unit_instead_of_zeroing_it():
+  """A unit 1e37 times over its limit: the factor limit/norm is below
+  float32's normal range, and a unit of norm lambda * max(|W|, eps) must
+  come out (as from the global clip), not zeros."""
+  params = {"kernel": jnp.ones((2, 3), jnp.float32),
+            "bias": jnp.zeros((3,), jnp.float32)}
+  grads = {"kernel": jnp.asarray([[1e37, 1e-3, 1e-3], [0.0, 1e-3, 1e-3]]),
+           "bias": jnp.asarray([1e34, 0.0, 0.0])}
+  tx = og.adaptive_grad_clip(0.01)  # eps = 1e-3
+  out, state = tx.update(grads, tx.init(params), params)
+  # Written out: unit = column of the kernel, the whole bias; limits
+  # 0.01 * sqrt(2) and 0.01 * max(0, 1e-3); the direction is kept.
+  np.testing.assert_allclose(out["kernel"][:, 0], [0.01 * math.sqrt(2), 0.0],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(out["kernel"][:, 1:], grads["kernel"][:, 1:])
+  np.testing.assert_allclose(out["bias"], [1e-5, 0.0, 0.0], rtol=1e-6)
+  got = math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                      for x in jax.tree.leaves(out)))
+  np.testing.assert_allclose(og.metrics(state)["grad/norm_clipped"], got,
+                             rtol=1e-6)
 
 
 def test_agc_bf16_gradients_are_measured_in_float32():
@@ -327,13 +350,13 @@ def test_autoclip_errors():
 # =============================================================== ZClip
 
 
-def _zclip_reference(norms, *, alpha, z_thresh, mode, warmup, max_norm=None):
+def _zclip_reference(norms, *, alpha, z_thresh, mode, warmup, max_norm=None,
+                     eps=1e-6):
   """Kumar et al. 2025, Algorithm 1 and the authors' `ZClip.step`, float64.
 
   Returns per step: threshold above which the step is clipped, the scale
   applied, the z-score (0 in warm-up or for a non-finite norm), the EMAs.
   """
-  eps = 1e-6
   buffer, mean, var = [], None, None
   out = {k: [] for k in ("threshold", "scale", "z", "mean", "var", "spike")}
   for g in norms.astype(np.float64):
@@ -405,6 +428,23 @@ def test_zclip_matches_the_paper_step_by_step(mode, alpha, z_thresh, warmup,
   finite = np.isfinite(norms)
   np.testing.assert_allclose(_applied_norm(u)[finite],
                              (norms * ref["scale"])[finite], rtol=1e-5)
+
+
+def test_zclip_eps_is_absolute_and_tiny_norms_need_a_smaller_one():
+  """The same stream at 1e-9 of the scale: the default eps (1e-6) outweighs
+  the spread and misses the spikes, as in the authors' code; eps scaled
+  with the norms finds them again (both against the reference)."""
+  norms = _stream(5) * np.float32(1e-9)
+  found = {}
+  for eps in (1e-6, 1e-15):
+    s, _ = jax.device_get(_scan_runner(og.zclip, eps=eps)(norms))
+    ref = _zclip_reference(norms, alpha=0.97, z_thresh=2.5, mode="reciprocal",
+                           warmup=25, eps=eps)
+    spikes = np.diff(s.num_spikes, prepend=0)
+    np.testing.assert_array_equal(spikes, ref["spike"])
+    np.testing.assert_allclose(s.threshold, ref["threshold"], rtol=1e-5)
+    found[eps] = int(spikes.sum())
+  assert found[1e-6] == 0 and found[1e-15] >= 10
 
 
 def test_zclip_modes_differ_as_the_paper_says():
@@ -497,8 +537,17 @@ def test_zclip_errors():
                      r">= 0 and < 1, but got 1\.0\."):
     og.zclip(alpha=1.0)
   with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer "
-                     r">= 1, but got 0\."):
+                     r">= 2, but got 0\."):
     og.zclip(warmup_steps=0)
+  with pytest.raises(ValueError, match=r"^`warmup_steps` must be at least 2: "
+                     r"ZClip's warm-up measures the spread of the norms it "
+                     r"collects, and a single norm has none, so with 1 the "
+                     r"warm-up would start again at every step and never "
+                     r"clip\.$"):
+    og.zclip(warmup_steps=1)
+  with pytest.raises(ValueError, match=r"`eps` must be a finite real number "
+                     r"> 0, but got 0\.0\."):
+    og.zclip(eps=0.0)
   with pytest.raises(ValueError, match=r"`z_thresh` must be a finite real "
                      r"number > 0, but got -2\."):
     og.zclip(z_thresh=-2)

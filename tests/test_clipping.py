@@ -1,5 +1,7 @@
 """Clipping family against numpy references and optax's own clip."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,6 +248,12 @@ def test_bad_axis_name():
   with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
                      r"axis name or a tuple of them, but got 3\."):
     og.clip_by_global_norm(1.0, axis_name=3)
+  for make in (lambda a: og.clip_by_global_norm(1.0, axis_name=a),
+               lambda a: og.guard(og.sgd(0.1), axis_name=a)):
+    with pytest.raises(ValueError, match=re.escape(
+        "`axis_name` names the mesh axis 'd' more than once (['d', 'm', "
+        "'d']); name each axis once.")):
+      make(["d", "m", "d"])
 
 
 @pytest.mark.standard_promotion

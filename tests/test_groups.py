@@ -221,8 +221,21 @@ def test_bad_groups_are_sentences():
   with pytest.raises(ValueError, match=(
       r"^`groups` must be None or a function from a layer name to the name "
       r"of its group \(e\.g\. lambda name: name\.split\('/'\)\[0\]\), but "
-      r"got 'Dense_0'\.$")):
+      r"got 'Dense_0'\. If you passed a function through "
+      r"`optax.inject_hyperparams`, list it in its `static_args`")):
     og.guard(optax.sgd(0.1), groups="Dense_0")
+  # optax's inject_hyperparams calls a function argument as a schedule.
+  injected = optax.inject_hyperparams(og.guard, static_args=("spike_window",))
+  with pytest.raises(ValueError, match=(
+      r"but got 'all'\. If you passed a function through "
+      r"`optax.inject_hyperparams`, list it in its `static_args`: optax "
+      r"calls a function argument as a schedule")):
+    injected(og.sgd(0.1), groups=lambda name: "all").init(_tree(_arrays(0)))
+  tx = optax.inject_hyperparams(og.guard, static_args=("spike_window",
+                                                       "groups"))(
+      og.sgd(0.1), groups=lambda name: "all")
+  state = tx.init(_tree(_arrays(0)))
+  assert "grad/norm/all" in og.metrics(state)
   tx = og.monitor(groups=lambda name: len(name))
   with pytest.raises(ValueError, match=(
       r"^`groups` must return a string \(the group's name\) for every layer, "

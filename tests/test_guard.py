@@ -328,21 +328,39 @@ def test_generic_path_keeps_state_buffers_in_place(make, large, monkeypatch):
 
 
 @pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
-def test_inside_multisteps_a_nan_micro_batch_is_dropped_as_documented():
+def test_inside_multisteps_a_nan_micro_batch_is_dropped_and_reported():
   params = {"w": jnp.ones((3,), jnp.float32)}
   tx = optax.MultiSteps(og.guard(og.sgd(0.1), spike_sigma=None),
                         every_k_schedule=2,
                         should_skip_update_fn=optax.skip_not_finite)
   state, step = tx.init(params), jax.jit(tx.update)
+  log = og.MetricsLog()
   for i in range(10):
     g = {"w": jnp.full((3,), 0.5, jnp.float32)}
     if i == 2:
       g = {"w": jnp.array([jnp.nan, 0.5, 0.5], jnp.float32)}
     updates, state = step(g, state, params)
     params = optax.apply_updates(params, updates)
+    log.record(state)
+    if i == 2:  # the third call: the first micro-batch of step 1
+      with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+          "Step 1, micro-batch 0: optax.MultiSteps dropped the micro-batch, "
+          "whose gradients hold 1 NaN/Inf elements; the step accumulates "
+          "the other micro-batches.")):
+        og.check(state)
+    else:
+      og.check(state)
   # 9 finite micro-batches: 4 emitted steps of -0.1 * 0.5 (clip inactive).
   np.testing.assert_allclose(params["w"], 1.0 - 4 * 0.05, rtol=1e-6)
-  assert int(og.metrics(state)["optim/num_skipped"]) == 0
+  m = log.to_numpy()
+  assert int(m["optim/num_skipped"][-1]) == 0  # the guard never saw it
+  np.testing.assert_array_equal(m["optim/microbatch_skipped"],
+                                np.arange(10) == 2)
+  np.testing.assert_array_equal(m["grad/microbatch_nonfinite"],
+                                (np.arange(10) == 2).astype(np.int32))
+  # Without a `should_skip_update_fn` MultiSteps decides nothing to report.
+  plain = optax.MultiSteps(og.guard(og.sgd(0.1)), every_k_schedule=2)
+  assert not any("microbatch" in k for k in og.metrics(plain.init(params)))
 
 
 def test_check_when_the_spike_test_skipped_a_nan_step():

@@ -321,6 +321,27 @@ def test_metrics_names_nested_and_named_chain():
           "optim/layers_clipped", "grad/frac_clipped"} <= set(m)
 
 
+def test_repeated_names_are_numbered_in_chain_order():
+  """A later state's repeats get a higher number than any earlier state's,
+  even where a lower one is free for its own names."""
+  grads = _tree(0)
+  params = jax.tree.map(lambda g: g + 1.0, grads)
+  tx = optax.chain(og.monitor(), og.clip_by_global_norm(1.0), og.monitor(),
+                   optax.sgd(0.1), og.monitor(kind="update"))
+  _, state = tx.update(grads, tx.init(params), params)
+  m = og.metrics(state)
+  # The clip takes `grad/norm.1`; the second monitor is the second repeat
+  # of `grad/norm` and takes `.2` for all its names; the update monitor
+  # repeats only `param/norm`, after `.2`.
+  assert {"grad/norm.1", "grad/norm.2", "param/norm.2",
+          "param/norm.3"} <= set(m)
+  assert "param/norm.1" not in m and "grad/norm.3" not in m
+  want = np.sqrt(sum(np.sum(np.asarray(p) ** 2)
+                     for p in jax.tree.leaves(params)))
+  for name in ("param/norm", "param/norm.2", "param/norm.3"):
+    np.testing.assert_allclose(m[name], want, rtol=1e-6)
+
+
 def test_metrics_inside_jit_on_host_and_one_transfer():
   grads = _tree(0)
   tx = optax.chain(og.monitor(), og.clip_by_global_norm(1.0))

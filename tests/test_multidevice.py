@@ -8,6 +8,7 @@ written here in float64. The 8 CPU devices come from `conftest.py`.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -454,6 +455,20 @@ def test_axis_name_outside_shard_map_or_pmap_is_a_clear_error(make):
       r"`jax.pmap` over those axes; under plain `jax.jit` with sharded arrays "
       r"leave axis_name=None")):
     jax.jit(tx.update)(params, tx.init(params), params)
+
+
+def test_an_unbound_axis_name_inside_shard_map_is_named_first():
+  """Inside shard_map over `d`, axis_name='batch' is first of all unbound:
+  adding 'd' to it (what the varying check alone would suggest) would fail
+  again."""
+  mesh = _mesh1d()
+  tx = og.guard(og.adamw(1e-3), axis_name="batch")
+  fn = jax.jit(jax.shard_map(lambda g: tx.update(g, tx.init(g), g)[0],
+                             mesh=mesh, in_specs=(P("d"),), out_specs=P("d")))
+  with pytest.raises(ValueError, match=re.escape(
+      "axis_name='batch' names mesh axes ['batch'] that are not bound where "
+      "the update runs")):
+    fn(_put(mesh, np.ones((8, 2), np.float32), P("d")))
 
 
 # ------------------------------------------------------------------ 4. pmap

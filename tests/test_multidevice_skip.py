@@ -457,6 +457,31 @@ def test_pmap_not_averaged_one_device_nan_makes_all_skip():
                                 np.tile([0, 2], (N, 1)))
 
 
+@pytest.mark.parametrize("bad_loss", [-np.inf, np.inf, NAN])
+def test_pmap_a_nonfinite_loss_on_one_device_is_not_outvoted(bad_loss):
+  """Under `pmap` the devices agree on the worst loss: a -Inf on one device
+  (below every finite loss) must still make every device skip."""
+  tx = og.guard(og.sgd(0.1), axis_name="d", spike_sigma=None)
+  params = {"w": np.ones((3,), np.float32)}
+
+  def step(p, s, g, loss):
+    u, s = tx.update(g, s, p, loss=loss)
+    return optax.apply_updates(p, u), s
+
+  losses = np.ones(N, np.float32)
+  losses[3] = bad_loss
+  p, s = jax.pmap(step, axis_name="d")(
+      _replicate(params), _replicate(tx.init(params)),
+      _replicate({"w": np.full((3,), 0.5, np.float32)}), losses)
+  m = og.metrics(s)
+  np.testing.assert_array_equal(m["optim/skipped"], np.ones(N, bool))
+  np.testing.assert_array_equal(m["optim/last_bad_reason"], np.full(N, 3))
+  np.testing.assert_array_equal(m["loss/nonfinite"], np.ones(N))
+  np.testing.assert_array_equal(p["w"], np.ones((N, 3), np.float32))
+  # The agreed value is the non-finite one (NaN wins over any Inf).
+  np.testing.assert_array_equal(m["loss/value"], np.full(N, bad_loss))
+
+
 def test_pmap_averaged_gradients_keep_replicas_bit_identical():
   tx, step = _pmap_runner("adam")
   rng = np.random.default_rng(4)
