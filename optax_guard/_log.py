@@ -39,6 +39,9 @@ class _Column:
   def array(self) -> np.ndarray:
     return self._data[:self._size].copy()
 
+  def truncate(self, size: int) -> None:
+    self._size = min(self._size, size)
+
 
 class MetricsLog:
   """Records `og.metrics` after every step, with no per-step host sync.
@@ -158,6 +161,38 @@ class MetricsLog:
     `on_row`); for the end of training, when nothing more is recorded."""
     while self._pending:
       self._fetch_oldest()
+
+  def truncate(self, last_step: int) -> None:
+    """Forgets every record of a step after `last_step`.
+
+    For training resumed from a checkpoint older than the log: the steps
+    after the checkpoint are recorded again, and the log must not hold
+    them twice (`record` refuses a step number that goes back).
+
+    Args:
+      last_step: the last step to keep; -1 forgets every record.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_guard as og
+      >>> tx = og.clip_by_global_norm(1.0)
+      >>> state = tx.init({"w": jnp.ones(2)})
+      >>> log = og.MetricsLog()
+      >>> for _ in range(5):
+      ...   log.record(state)
+      >>> log.truncate(2)  # resume from the checkpoint taken at step 2
+      >>> log.record(state)
+      >>> print(log.to_numpy()["step"])
+      [0 1 2 3]
+    """
+    _args.check_int("last_step", last_step, minimum=-1)
+    self._pending = collections.deque(
+        (step, states) for step, states in self._pending
+        if step <= last_step)
+    keep = sum(step <= last_step for step in self._steps)
+    del self._steps[keep:]
+    for column in self._columns.values():
+      column.truncate(keep)
+    self._next_step = min(self._next_step, last_step + 1)
 
   def _check_new_structure(self, states: Any) -> None:
     """Raises (from `record`) if `states` holds other metrics than the

@@ -179,6 +179,48 @@ def test_step_numbers_save_and_load(tmp_path):
       og.MetricsLog.load(tmp_path / "bare").to_numpy()["step"], [10, 11, 20])
 
 
+def test_truncate_resumes_from_an_older_checkpoint(tmp_path):
+  """Saved at the last step, resumed from a checkpoint 3 steps back: after
+  `truncate`, the re-recorded steps give the uninterrupted log exactly."""
+  states = []
+  _run(states.append, donate=False)
+  whole = og.MetricsLog()
+  for s in states:
+    whole.record(s)
+  want = whole.to_numpy()
+  path = tmp_path / "log.npz"
+  whole.save(path)
+  resumed = og.MetricsLog.load(path, lag=2)
+  with pytest.raises(ValueError, match="steps must increase"):
+    resumed.record(states[4], step=4)
+  resumed.truncate(3)                       # the checkpoint of step 3
+  for s in states[4:]:
+    resumed.record(s)
+  got = resumed.to_numpy()
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  # Records still on the device are dropped too, and -1 forgets all.
+  live = og.MetricsLog(lag=5)
+  for s in states[:4]:
+    live.record(s)
+  live.truncate(1)
+  live.record(states[2])
+  np.testing.assert_array_equal(live.to_numpy()["step"], [0, 1, 2])
+  np.testing.assert_array_equal(live.to_numpy()["grad/norm"],
+                                want["grad/norm"][:3])
+  live.truncate(-1)
+  assert len(live) == 0 and list(live.to_numpy()["step"]) == []
+  live.record(states[0])
+  np.testing.assert_array_equal(live.to_numpy()["step"], [0])
+  # Truncating after the last step keeps everything.
+  live.truncate(10)
+  np.testing.assert_array_equal(live.to_numpy()["step"], [0])
+  with pytest.raises(ValueError, match=r"`last_step` must be an integer "
+                     r">= -1, but got -2\."):
+    live.truncate(-2)
+
+
 def test_load_rejects_other_files(tmp_path):
   path = tmp_path / "other.npz"
   np.savez(path, x=np.zeros(3))
