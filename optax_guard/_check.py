@@ -101,11 +101,18 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
       step, layers)
 
 
-def _spike_error(s: SkipSpikesState,
-                 monitor: MonitorState | None = None) -> GuardError | None:
+def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
+                 steps_seen: int = 0) -> GuardError | None:
+  """`steps_seen`: the most training steps a `skip_nonfinite` has seen."""
   if not bool(s.skipped):
     return None
   step = int(s.last_spike_step)
+  if steps_seen > int(s.step):
+    # Inside `skip_nonfinite`, which hides its skipped NaN/Inf steps from
+    # it, `skip_spikes` numbers only the steps that reached it; the spike
+    # skipped is the latest training step (after a NaN/Inf one, the non-
+    # finite error is raised instead).
+    step = steps_seen - 1
   norm, limit = float(s.last_norm), float(s.norm_threshold)
   loss = float(s.last_loss)
   finite = np.isfinite(norm) and np.isfinite(loss)
@@ -334,8 +341,10 @@ def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
     states = [(s, m) for s, m in states if not any(s is b for b in by_spikes)]
   loss_reported = any(isinstance(s, (SkipNonfiniteState, SkipSpikesState))
                       for s, _ in states)
+  steps_seen = max((int(s.step) for s, _ in states
+                    if isinstance(s, SkipNonfiniteState)), default=0)
   errors = [e for e in (
-      _spike_error(s, m) if isinstance(s, SkipSpikesState)
+      _spike_error(s, m, steps_seen) if isinstance(s, SkipSpikesState)
       else _monitor_error(s, skipped, loss_reported)
       if isinstance(s, MonitorState)
       else _CHECKS[type(s)](s) for s, m in states) if e is not None]

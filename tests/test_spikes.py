@@ -665,6 +665,43 @@ def test_check_reports_non_finite_before_spikes():
     og.check(state)
 
 
+def test_check_numbers_a_spike_by_the_training_step_inside_skip_nonfinite():
+  """`skip_nonfinite(skip_spikes(...))`: the NaN steps never reach the spike
+  test, whose own count lags; og.check still names the training step (and
+  the monitor's layer for it), as the guard does."""
+  params = {"a": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  tx = optax.chain(
+      og.monitor(zscore=True, zscore_decay=0.8),
+      og.skip_nonfinite(og.skip_spikes(optax.sgd(0.1), window=8,
+                                       warmup_steps=4)))
+  guard = og.guard(optax.sgd(0.1), max_norm=None, spike_window=8,
+                   spike_warmup_steps=4, zscore=True, zscore_decay=0.8)
+  step_chain, step_guard = jax.jit(tx.update), jax.jit(guard.update)
+  state, guarded = tx.init(params), guard.init(params)
+  ok = lambda k: {"a": jnp.full((2,), 1.0 + 0.01 * k, jnp.float32),
+                  "b": jnp.full((2,), 1.0 - 0.01 * k, jnp.float32)}
+  nan = {"a": jnp.asarray([np.nan, 1.0], jnp.float32),
+         "b": jnp.ones((2,), jnp.float32)}
+  spike = {"a": jnp.full((2,), 1e3, jnp.float32),
+           "b": jnp.ones((2,), jnp.float32)}
+  plan = ([ok(k) for k in range(6)] + [nan] + [ok(k) for k in range(6, 10)] +
+          [spike])
+  for g in plan:
+    _, state = step_chain(g, state, params)
+    _, guarded = step_guard(g, guarded, params)
+  # Step 11 (0-based, the NaN step 6 counted) spiked, in layer `a`.
+  messages = []
+  for s in (state, guarded):
+    with pytest.raises(og.GradientExplosionError) as e:
+      og.check(s)
+    assert e.value.step == 11
+    messages.append(str(e.value))
+  assert messages[0].startswith("Step 11: the gradient norm ")
+  assert "the layer that moved most against its own history: a " in (
+      messages[0])
+  assert messages[0] == messages[1]
+
+
 # ------------------------------------------------------------- arguments
 
 
