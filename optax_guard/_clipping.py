@@ -280,6 +280,11 @@ def clip_by_value(
             f"{_metrics.path_name(path)!r} is complex; clip complex "
             "gradients by their norm (og.clip_by_global_norm, "
             "og.clip_by_layer_norm), which keeps their phase.")
+      if jnp.result_type(_metrics.unwrap(p)) == jnp.bool_:
+        raise ValueError(
+            "clip_by_value clips numbers, but the parameter "
+            f"{_metrics.path_name(path)!r} is boolean; leave it out with "
+            "optax.masked (a boolean has no gradient to clip).")
     return ClipByValueState(frac_clipped=jnp.zeros((), jnp.float32),
                             num_clipped=jnp.zeros((), jnp.int32))
 

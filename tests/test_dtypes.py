@@ -101,12 +101,22 @@ def test_complex_adaptive_clipping_against_numpy():
   np.testing.assert_allclose(og.metrics(state)["grad/norm"], norm, rtol=1e-5)
 
 
-def test_clip_by_value_refuses_complex_parameters_at_init():
+def test_clip_by_value_refuses_complex_and_boolean_parameters_at_init():
   with pytest.raises(ValueError, match=re.escape(
       "clip_by_value clips real values, but the parameter 'b' is complex; "
       "clip complex gradients by their norm (og.clip_by_global_norm, "
       "og.clip_by_layer_norm), which keeps their phase.")):
     og.clip_by_value(1.0).init({"a": jnp.ones(2), "b": _complex((2,), 0)})
+  with pytest.raises(ValueError, match=re.escape(
+      "clip_by_value clips numbers, but the parameter 'flag' is boolean; "
+      "leave it out with optax.masked (a boolean has no gradient to clip).")):
+    og.clip_by_value(1.0).init({"a": jnp.ones(2), "flag": jnp.zeros(2, bool)})
+  # Masked out, it is fine.
+  tx = optax.masked(og.clip_by_value(1.0), {"a": True, "flag": False})
+  params = {"a": jnp.ones(2), "flag": jnp.zeros(2, bool)}
+  out, _ = tx.update({"a": jnp.full(2, 3.0), "flag": jnp.zeros(2, bool)},
+                     tx.init(params))
+  np.testing.assert_array_equal(out["a"], [1.0, 1.0])
 
 
 @pytest.mark.standard_promotion
