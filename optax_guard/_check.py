@@ -156,6 +156,8 @@ def _spike_layer(monitor: MonitorState | None, step: int) -> str:
     return ""
   name = monitor.zscores.zscores.names[index]
   z = float(np.asarray(monitor.zscores.zscores.values)[index])
+  if not z > 0:  # no layer rose against its history: none to name
+    return ""
   return (f"; the layer that moved most against its own history: {name} "
           f"(z-score {z:.3g})")
 

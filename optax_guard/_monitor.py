@@ -23,6 +23,9 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 # bounded amount (ZClip's rule) and a lasting change of level is still
 # followed.
 _ZSCORE_CLIP = 3.0
+# In the warm-up, before there is a spread to clip against, a norm enters
+# the history at most this many times the mean so far.
+_ZSCORE_WARMUP_CLIP = 10.0
 
 
 class LayerZscores(NamedTuple):
@@ -40,8 +43,10 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
 
   Before `ceil(1 / (1 - decay))` finite steps (the EMA's span) the z-scores
   read 0 and `spike_layer` -1. A non-finite layer norm has z-score +Inf; a
-  step with any non-finite norm leaves the history as it was. (`decay` may
-  be traced: `optax.inject_hyperparams`.)
+  step with any non-finite norm leaves the history as it was. A norm enters
+  the EMAs clipped (to `mean + 3 * spread`; in the warm-up, to 10 times
+  the mean after the first step), so that one huge step cannot swamp the
+  history. (`decay` may be traced: `optax.inject_hyperparams`.)
   """
   decay = jnp.asarray(decay, jnp.float32)
   ready = z.steps.astype(jnp.float32) >= jnp.ceil(1.0 / (1.0 - decay))
@@ -54,12 +59,15 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
                       jnp.inf)
   spike_layer = (jnp.where(ready, jnp.argmax(zscores), -1).astype(jnp.int32)
                  if norms.shape[0] else jnp.full((), -1, jnp.int32))
-  value = jnp.where(ready, jnp.minimum(norms, z.mean + _ZSCORE_CLIP * spread),
-                    norms)
   first = z.steps == 0
+  value = jnp.minimum(norms, jnp.where(
+      ready, z.mean + _ZSCORE_CLIP * spread,
+      jnp.where(first, jnp.inf, _ZSCORE_WARMUP_CLIP * z.mean)))
   delta = value - z.mean
   mean = jnp.where(first, value, z.mean + (1.0 - decay) * delta)
   var = jnp.where(first, 0.0, decay * (z.var + (1.0 - decay) * delta * delta))
+  # Finite even where a first step's huge norm squares beyond float32.
+  var = jnp.minimum(var, jnp.finfo(jnp.float32).max)
   return LayerZscores(
       _metrics.PerLayer(zscores, z.zscores.names), spike_layer,
       jnp.where(finite, mean, z.mean), jnp.where(finite, var, z.var),
@@ -269,8 +277,11 @@ def monitor(
     zscore: also record which layer spiked: `<k>/zscore/<layer>`, each
       layer's norm as a z-score against an EMA of its own history, and
       `<k>/spike_layer`, the index of the largest (in the order of the
-      per-layer entries; `og.check` names it). They read 0 and -1 during
-      the EMA's first `ceil(1 / (1 - zscore_decay))` finite steps.
+      per-layer entries; `og.check` names it, when its z-score is above
+      0). They read 0 and -1 during the EMA's first
+      `ceil(1 / (1 - zscore_decay))` finite steps. A norm enters the EMAs
+      clipped to 3 spreads above the mean (in those first steps, to 10
+      times the mean), so that one huge step cannot swamp the history.
     zscore_decay: decay of the per-layer EMAs of the mean and variance, in
       `(0, 1)`. A norm enters its layer's history clipped at 3 standard
       deviations above the mean, so one spike barely moves it.

@@ -28,8 +28,8 @@ def _grad_stream():
   stream = []
   for i in range(STEPS):
     scale = float(np.exp(rng.normal(0.0, 0.2)))
-    if i in (20, 21, 33):
-      scale *= 50.0  # spikes, after the warm-up of 8 accepted steps
+    if i in (6, 20, 21, 33):
+      scale *= 50.0  # spikes; step 6 comes after 5 accepted steps
     g = jax.tree.map(lambda p: jnp.asarray(
         rng.normal(size=p.shape) * scale, jnp.float32), params)
     if i == 12:
@@ -51,8 +51,10 @@ def _pieces(inner, zscore=False, loss_ema_decay=0.9, **kw):
           max_consecutive=kw["max_consecutive"]))
 
 
+# A warm-up other than the default `spike_window // 2` (8), so that step 6's
+# spike is tested only where `spike_warmup_steps` reaches the spike test.
 KW = dict(max_norm=2.0, spike_sigma=3.0, spike_window=16,
-          spike_warmup_steps=8, max_consecutive=5)
+          spike_warmup_steps=5, max_consecutive=5)
 
 
 def _run(tx, with_loss):
@@ -106,7 +108,7 @@ def test_guard_equals_the_chain_of_its_pieces(with_loss):
     skipped_spike = int(m1["optim/num_spikes"])
   assert ("grad/spike_layer" in m1) == zscore
   assert skipped_nan == 2  # steps 12 and 25
-  assert skipped_spike == 3  # steps 20, 21 and 33
+  assert skipped_spike == 4  # steps 6, 20, 21 and 33
   # The guard names the training step of the last spike; in the chain,
   # `skip_nonfinite` hides its two NaN/Inf steps from `skip_spikes`.
   assert int(m1["optim/last_spike_step"]) == 33

@@ -499,6 +499,11 @@ def test_pmap_averaged_gradients_keep_replicas_bit_identical():
     assert np.all(np.asarray(s.skipped) == expect)
     if expect:
       _same_bits((p, s.inner_state), (prev[0], prev[1].inner_state), "step")
+      # After the pmean every device holds the one NaN bias element; the
+      # devices agree on that count (the worst one), not on its sum.
+      assert s.last_bad_counts.names == ("bias", "kernel")
+      np.testing.assert_array_equal(np.asarray(s.last_bad_counts.values),
+                                    np.tile([1, 0], (N, 1)))
     prev = (p, s)
   assert int(np.asarray(s.inner_state[0].count)[0]) == 2
 
