@@ -198,9 +198,9 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   return None
 
 
-def _microbatch_error(s: _metrics.MicrobatchSkip) -> GuardError | None:
+def _microbatch_error(s: _metrics.MultiStepsView) -> GuardError | None:
   """optax.MultiSteps dropped the latest micro-batch."""
-  if not bool(s.skipped):
+  if s.skipped is None or not bool(s.skipped):
     return None
   step, micro = int(s.step), int(s.micro_step)
   what = (f"Step {step}, micro-batch {micro}: optax.MultiSteps dropped the "
@@ -217,7 +217,14 @@ def _microbatch_error(s: _metrics.MicrobatchSkip) -> GuardError | None:
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
            MonitorState: _monitor_error,
-           _metrics.MicrobatchSkip: _microbatch_error}
+           _metrics.MultiStepsView: _microbatch_error}
+
+# Said where a NaN/Inf is reported inside an optax.MultiSteps that drops
+# nothing: its accumulator keeps it (reset by multiplying by 0).
+_ACCUMULATED = (
+    " Inside optax.MultiSteps without a `should_skip_update_fn`, one NaN/Inf "
+    "micro-batch stays in its accumulator and every later step is skipped; "
+    "give it should_skip_update_fn=optax.skip_not_finite.")
 
 
 def _members(statistics: list[Any]) -> list[list[Any]]:
@@ -240,8 +247,13 @@ def _states(statistics: list[Any]) -> list[tuple[Any, Any]]:
   none)."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
-  pairs, nearest = [], None
+  pairs, nearest, stale = [], None, 0
   for s in statistics:
+    if stale:  # below a MultiSteps whose latest call completed no step
+      stale -= 1
+      continue
+    if isinstance(s, _metrics.MultiStepsView) and not bool(s.completed):
+      stale = s.num_inner  # they still hold the step reported before
     if isinstance(s, GuardState):
       own = scoring(s.monitor)
       pairs += [(p, own) for p in (s.nonfinite, s.spikes, s.monitor)
@@ -351,4 +363,11 @@ def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
       if isinstance(s, MonitorState)
       else _CHECKS[type(s)](s) for s, m in states) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
-  return errors[0] if errors else None
+  if not errors:
+    return None
+  error = errors[0]
+  if isinstance(error, NonFiniteGradientError) and any(
+      isinstance(s, _metrics.MultiStepsView) and s.skipped is None
+      for s, _ in states):
+    error = type(error)(f"{error}{_ACCUMULATED}", error.step, error.layers)
+  return error

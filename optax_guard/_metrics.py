@@ -293,27 +293,48 @@ def _is_guard_state(x: Any) -> bool:
   return hasattr(type(x), "_og_metrics")
 
 
-class MicrobatchSkip(NamedTuple):
-  """What `optax.MultiSteps`'s `should_skip_update_fn` decided at its latest
-  call, read from MultiSteps' own state (it keeps no count of its own)."""
-  skipped: Any               # bool[]: the latest micro-batch was dropped.
-  step: Any                  # i32[]: MultiSteps' `gradient_step`.
-  micro_step: Any            # i32[]: the dropped micro-batch's index in it.
-  nonfinite: Any = None      # its NaN/Inf count (`optax.skip_not_finite`).
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["completed", "skipped", "step", "micro_step", "nonfinite"],
+    meta_fields=["num_inner"])
+@dataclasses.dataclass(frozen=True)
+class MultiStepsView:
+  """What `optax.MultiSteps` did at its latest call, read from its state.
+
+  The states below it hold the last *completed* step: on a call that only
+  accumulates (or drops its micro-batch) they are the previous step's.
+  """
+  completed: Any           # bool[]: the latest call completed a step.
+  skipped: Any             # bool[]: it dropped its micro-batch (None: no
+                           # `should_skip_update_fn`).
+  step: Any                # i32[]: MultiSteps' `gradient_step`.
+  micro_step: Any          # i32[]: the micro-batch's index in the step.
+  nonfinite: Any = None    # its NaN/Inf count (`optax.skip_not_finite`).
+  num_inner: int = 0       # how many statistics states follow, below it.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
-    out = {"optim/microbatch_skipped": self.skipped}
+    out = {"optim/step_completed": self.completed}
+    if self.skipped is not None:
+      out["optim/microbatch_skipped"] = self.skipped
     if self.nonfinite is not None:
       out["grad/microbatch_nonfinite"] = self.nonfinite
     return out
 
 
-def _microbatch_skip(state: optax.MultiStepsState) -> list[MicrobatchSkip]:
+def _multisteps_view(state: optax.MultiStepsState,
+                     num_inner: int) -> MultiStepsView:
   skip = state.skip_state
-  if not (isinstance(skip, dict) and "should_skip" in skip):
-    return []  # no `should_skip_update_fn`, or one of unknown output
-  return [MicrobatchSkip(skip["should_skip"], state.gradient_step,
-                         state.mini_step, skip.get("num_not_finite"))]
+  known = isinstance(skip, dict) and "should_skip" in skip
+  skipped = skip["should_skip"] if known else None
+  # MultiSteps' own `has_updated`, less a dropped micro-batch (which leaves
+  # `mini_step` at 0 after a completed step).
+  completed = (state.mini_step == 0) & (state.gradient_step > 0)
+  if known:
+    completed = completed & ~skipped
+  return MultiStepsView(completed, skipped, state.gradient_step,
+                        state.mini_step,
+                        skip.get("num_not_finite") if known else None,
+                        num_inner)
 
 
 def _guard_states(opt_state: Any) -> list[Any]:
@@ -328,8 +349,8 @@ def _guard_states(opt_state: Any) -> list[Any]:
   for state in jax.tree_util.tree_leaves(opt_state, is_leaf=is_leaf):
     if isinstance(state, optax.MultiStepsState):
       # Its accumulated gradients are as large as the model: not read.
-      found += _microbatch_skip(state)
-      found += _guard_states(state.inner_opt_state)
+      inner = _guard_states(state.inner_opt_state)
+      found += [_multisteps_view(state, len(inner))] + inner
       continue
     if not _is_guard_state(state):
       continue
@@ -400,9 +421,11 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   `Variable`s, a state fetched to the host) and gathers the statistics of every
   `optax_guard` state in it, under the names of the design (`grad/norm`,
   `grad/norm/<layer>`, `optim/num_clipped`, ...). From an `optax.MultiSteps`
-  state it also reads the decision of its `should_skip_update_fn` at the
-  latest call (`optim/microbatch_skipped`; `grad/microbatch_nonfinite` with
-  `optax.skip_not_finite`).
+  state it also reads whether its latest call completed a step
+  (`optim/step_completed`; on the other calls the states below it still
+  hold the last completed step's statistics) and the decision of its
+  `should_skip_update_fn` (`optim/microbatch_skipped`;
+  `grad/microbatch_nonfinite` with `optax.skip_not_finite`).
 
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
   leaf) gives each metric one value per device, layers included.
@@ -460,8 +483,7 @@ def _state_fields() -> tuple[frozenset[str], ...]:
       yield from subclasses(sub)
   return tuple(frozenset(cls._fields) for cls in subclasses(tuple)
                if cls.__module__.startswith("optax_guard.") and
-               hasattr(cls, "_og_metrics") and hasattr(cls, "_fields") and
-               cls is not MicrobatchSkip)  # never stored: read from optax's
+               hasattr(cls, "_og_metrics") and hasattr(cls, "_fields"))
 
 
 # What to do about states turned into plain mappings.

@@ -360,9 +360,46 @@ def test_inside_multisteps_a_nan_micro_batch_is_dropped_and_reported():
                                 np.arange(10) == 2)
   np.testing.assert_array_equal(m["grad/microbatch_nonfinite"],
                                 (np.arange(10) == 2).astype(np.int32))
-  # Without a `should_skip_update_fn` MultiSteps decides nothing to report.
-  plain = optax.MultiSteps(og.guard(og.sgd(0.1)), every_k_schedule=2)
-  assert not any("microbatch" in k for k in og.metrics(plain.init(params)))
+  # Which calls completed a step: every second kept micro-batch.
+  completed, kept = [], 0
+  for i in range(10):
+    kept += i != 2
+    completed.append(i != 2 and kept % 2 == 0)
+  np.testing.assert_array_equal(m["optim/step_completed"], completed)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
+  """Between completed steps the guard's state is the last step's: og.check
+  reports its problem once, on the call that completed that step; without a
+  `should_skip_update_fn` it says why every later step is skipped."""
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  tx = optax.MultiSteps(og.guard(og.sgd(0.1), spike_sigma=None),
+                        every_k_schedule=3)
+  assert not any("microbatch" in k for k in og.metrics(tx.init(params)))
+  state, step = tx.init(params), jax.jit(tx.update)
+  raised = []
+  for i in range(9):
+    g = {"w": jnp.full((3,), 0.5, jnp.float32)}
+    if i == 4:  # the second micro-batch of step 1
+      g = {"w": jnp.array([0.5, jnp.nan, 0.5], jnp.float32)}
+    _, state = step(g, state, params)
+    try:
+      og.check(state)
+    except og.NonFiniteGradientError as e:
+      raised.append((i, str(e)))
+  # Steps 1 and 2 complete at calls 5 and 8; the NaN stays in optax's
+  # accumulator (reset by multiplying by 0), so both are skipped.
+  hint = ("Inside optax.MultiSteps without a `should_skip_update_fn`, one "
+          "NaN/Inf micro-batch stays in its accumulator and every later step "
+          "is skipped; give it should_skip_update_fn=optax.skip_not_finite.")
+  assert raised == [
+      (5, "Step 1: non-finite gradients; first bad layers: w (1 NaN/Inf). "
+          "The guard skipped the step (1 bad in a row, 1 skipped in total). "
+          + hint),
+      (8, "Step 2: non-finite gradients; first bad layers: w (1 NaN/Inf). "
+          "The guard skipped the step (2 bad in a row, 2 skipped in total). "
+          + hint)]
 
 
 def test_check_when_the_spike_test_skipped_a_nan_step():
