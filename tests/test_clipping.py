@@ -74,9 +74,26 @@ def test_low_precision_large_norm(dtype):
 
 def test_bf16_beyond_float32_square():
   g = {"w": jnp.asarray([3e30, 4e30], jnp.bfloat16)}
-  _, state = _clip(1.0, g)
-  want = np.sqrt(np.sum(np.asarray(g["w"], np.float64) ** 2))
+  got, state = _clip(1.0, g)
+  w = np.asarray(g["w"], np.float64)
+  want = np.sqrt(np.sum(w ** 2))
   np.testing.assert_allclose(state.grad_norm, want, rtol=1e-6)
+  # The factor 1/5e30 is applied as two square roots (beyond 2**100 times
+  # max_norm): the result is g / |g|, to bf16 rounding.
+  np.testing.assert_allclose(np.asarray(got["w"], np.float64), w / want,
+                             rtol=2**-8)
+
+
+def test_a_norm_far_beyond_max_norm_is_clipped_exactly():
+  """Norm 5e37 against max_norm 1: the factor 2e-38 is below float32's
+  normal range, so it is applied as two square roots, not flushed to 0."""
+  g = {"a": jnp.asarray([3e37, -4e37], jnp.float32),
+       "b": jnp.asarray([1.0, 2.0], jnp.float32)}
+  got, state = _clip(1.0, g)
+  np.testing.assert_allclose(state.grad_norm, 5e37, rtol=1e-6)
+  np.testing.assert_allclose(got["a"], [0.6, -0.8], rtol=1e-6)
+  np.testing.assert_allclose(got["b"], [2e-38, 4e-38], rtol=1e-5)
+  np.testing.assert_allclose(state.clipped_norm, 1.0, rtol=1e-6)
 
 
 def test_elements_above_1e19():

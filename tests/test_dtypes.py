@@ -130,8 +130,16 @@ def test_python_float_parameters():
     u2, _ = ref.update(grads, ref.init(params), params)
     np.testing.assert_allclose([u1["a"], u1["b"]], [u2["a"], u2["b"]],
                                rtol=1e-6)
-  tx = og.guard(og.adam(0.1))
-  tx.update(grads, tx.init(params), params)
+  # The guard measures them (|g| = sqrt(1 + 9), clipped to 1) and steps as
+  # optax's clip + adam would.
+  tx, ref = og.guard(og.adam(0.1)), optax.adam(0.1)
+  u1, state = tx.update(grads, tx.init(params), params)
+  clipped = {k: v / np.sqrt(10.0) for k, v in grads.items()}  # optax's clip
+  u2, _ = ref.update(clipped, ref.init(params), params)       # takes no floats
+  np.testing.assert_allclose([u1["a"], u1["b"]], [u2["a"], u2["b"]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(og.metrics(state)["grad/norm"], np.sqrt(10.0),
+                             rtol=1e-6)
 
 
 @pytest.mark.standard_promotion
