@@ -30,7 +30,9 @@ def _columns(record: Any) -> dict[str, np.ndarray]:
       f"{type(record).__name__}.")
 
 
-def _axes(ax: Any) -> Any:
+def _axes(ax: Any, rows: int = 0) -> Any:
+  """`ax`, or a new figure's: taller for many `rows` of labels, its layout
+  fitted to the labels (long layer names are not cut off)."""
   if ax is not None:
     return ax
   try:
@@ -39,7 +41,8 @@ def _axes(ax: Any) -> Any:
     raise ImportError(
         "optax_guard.plot needs matplotlib, which optax_guard does not "
         "install; run `pip install matplotlib` (or pass your own `ax`).") from e
-  return plt.subplots(figsize=(7, 4))[1]
+  return plt.subplots(figsize=(7, max(4.0, 1.5 + 0.15 * rows)),
+                      layout="constrained")[1]
 
 
 def _require(columns: dict[str, np.ndarray], name: str, hint: str) -> None:
@@ -67,7 +70,8 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   (dashed), the thresholds the spike skip or adaptive clip used
   (`grad/spike_threshold`, `grad/clip_threshold`, dotted), and a vertical
   line at every skipped step (`optim/skipped`), where a NaN/Inf norm cannot
-  be drawn.
+  be drawn and the clipped norm is left out (a skipped step's clip state is
+  the step's before).
 
   Args:
     record: an `og.MetricsLog` or its `to_numpy()` dict.
@@ -98,14 +102,18 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   ax = _axes(ax)
   steps = columns["step"]
   ax.semilogy(steps, columns[metric], label=metric)
+  skipped = np.asarray(columns.get("optim/skipped", np.zeros(len(steps))),
+                       bool)
   for name, style in ((metric + "_clipped", "--"),
                       ("grad/spike_threshold", ":"),
                       ("grad/clip_threshold", ":")):
     if name in columns and name != metric:
-      ax.semilogy(steps, columns[name], linestyle=style, label=name)
+      values = np.asarray(columns[name], np.float64)
+      if name == metric + "_clipped":
+        values = np.where(skipped, np.nan, values)
+      ax.semilogy(steps, values, linestyle=style, label=name)
   if "optim/skipped" in columns:
-    skipped = steps[np.asarray(columns["optim/skipped"], bool)]
-    for i, step in enumerate(skipped):
+    for i, step in enumerate(steps[skipped]):
       ax.axvline(step, color="red", alpha=0.3,
                  label="skipped step" if i == 0 else None)
   ax.set_xlabel("step")
@@ -158,7 +166,7 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
     if log:
       shown = np.log10(shown)
   shown[~np.isfinite(shown)] = np.nan
-  ax = _axes(ax)
+  ax = _axes(ax, rows=len(names))
   steps = columns["step"]
   scale = {}
   if not log:  # symmetric about 0, so that 0 is the middle colour

@@ -63,6 +63,8 @@ def test_history_draws_norms_thresholds_and_skipped_steps():
   np.testing.assert_allclose(lines[0][0][1], want, rtol=1e-6)
   np.testing.assert_allclose(lines[1][0][1][[0, 1, 3, 4]],
                              np.minimum(want, 1.0)[[0, 1, 3, 4]], rtol=1e-6)
+  # The skipped step's clip state is the step's before: not drawn.
+  assert np.isnan(lines[1][0][1][2])
   assert lines[1][1]["linestyle"] == "--"
   # The spike threshold written out: mean + 3 std (population) of the norms
   # accepted before each step, Inf until 2 are in (the guard's warm-up); a
@@ -195,3 +197,16 @@ def test_real_figures(tmp_path):
     path = tmp_path / f"{name}.png"
     ax.figure.savefig(path)
     assert path.stat().st_size > 1000, name
+  # A heatmap of many long layer names grows tall enough for its labels,
+  # which the layout keeps inside the figure.
+  many = {f"blocks/MultiHeadDotProductAttention_0/query/kernel/{i}":
+          np.ones(3) for i in range(36)}
+  ax = og.plot.layer_heatmap({"step": np.arange(3), **{
+      f"grad/norm/{k}": v for k, v in many.items()}})
+  ax.figure.savefig(tmp_path / "tall.png")
+  width, height = ax.figure.get_size_inches()
+  assert height >= 0.15 * 36
+  renderer = ax.figure.canvas.get_renderer()
+  left = min(t.get_window_extent(renderer).x0
+             for t in ax.get_yticklabels())
+  assert left >= 0, left
