@@ -90,11 +90,15 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
     return None
   step = int(s.last_bad_step)
   layers = _bad_layers(s.last_bad_counts)
-  what = (f"skipped the step ({int(s.consecutive)} bad in a row, "
-          f"{int(s.num_skipped)} skipped in total)")
+  counts = (f"{int(s.consecutive)} bad in a row, " if int(s.consecutive)
+            else "") + f"{int(s.num_skipped)} skipped in total"
   if bool(s.halted):
-    what += ("; it has halted and applies no further update until the "
-             "optimizer state is re-initialised")
+    # The state does not say whether `resume_after_halt` was given.
+    what = (f"has halted ({counts}): it applies no update until the "
+            "optimizer state is re-initialised, or, with "
+            "`resume_after_halt=True`, until a finite step")
+  else:
+    what = f"skipped the step ({counts})"
   reason = REASONS[int(s.last_bad_reason)]
   return NonFiniteGradientError(
       f"Step {step}: {reason}{_describe(layers)}. The guard {what}.",
@@ -184,13 +188,14 @@ def _monitor_error(s: MonitorState, skipped: str = "",
     kind = "gradients" if s.naming.kind == "grad" else "updates"
     action = skipped or _NOTHING_SKIPS.format(given="")
     return NonFiniteGradientError(
-        f"Step {step}: the {kind} hold {int(s.num_nonfinite)} NaN/Inf "
-        f"elements{_describe(layers)}. {action}", step, layers)
+        f"Step {step}: the {kind} hold "
+        f"{_plural(int(s.num_nonfinite), 'NaN/Inf element')}"
+        f"{_describe(layers)}. {action}", step, layers)
   if measured and int(s.param_nonfinite) > 0:
     return NonFiniteGradientError(
-        f"Step {step}: the parameters hold {int(s.param_nonfinite)} NaN/Inf "
-        "elements; training cannot recover from this without a restore.",
-        step, {})
+        f"Step {step}: the parameters hold "
+        f"{_plural(int(s.param_nonfinite), 'NaN/Inf element')}; training "
+        "cannot recover from this without a restore.", step, {})
   if step >= 0 and not loss_reported and not np.isfinite(float(s.loss)):
     return NonFiniteGradientError(
         f"Step {step}: the loss is {float(s.loss)}. "
@@ -207,7 +212,8 @@ def _microbatch_error(s: _metrics.MultiStepsView) -> GuardError | None:
           "micro-batch")
   if s.nonfinite is not None and int(s.nonfinite) > 0:
     return NonFiniteGradientError(
-        f"{what}, whose gradients hold {int(s.nonfinite)} NaN/Inf elements; "
+        f"{what}, whose gradients hold "
+        f"{_plural(int(s.nonfinite), 'NaN/Inf element')}; "
         "the step accumulates the other micro-batches.", step, {})
   return GradientExplosionError(
       f"{what}, which its `should_skip_update_fn` flagged; the step "

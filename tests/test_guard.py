@@ -347,7 +347,7 @@ def test_inside_multisteps_a_nan_micro_batch_is_dropped_and_reported():
     if i == 2:  # the third call: the first micro-batch of step 1
       with pytest.raises(og.NonFiniteGradientError, match=re.escape(
           "Step 1, micro-batch 0: optax.MultiSteps dropped the micro-batch, "
-          "whose gradients hold 1 NaN/Inf elements; the step accumulates "
+          "whose gradients hold 1 NaN/Inf element; the step accumulates "
           "the other micro-batches.")):
         og.check(state)
     else:
@@ -412,7 +412,7 @@ def test_check_when_the_spike_test_skipped_a_nan_step():
   updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["a"], 0.0)
   with pytest.raises(og.NonFiniteGradientError, match=(
-      r"^Step 0: the gradients hold 1 NaN/Inf elements; first bad layers: "
+      r"^Step 0: the gradients hold 1 NaN/Inf element; first bad layers: "
       r"a \(1 NaN/Inf\)\. The guard skipped the step \(its spike test "
       r"skips a NaN/Inf norm; 1 skipped in total\)\.$")):
     og.check(state)

@@ -453,13 +453,14 @@ def test_global_norm_overflow_from_finite_values_is_skipped(case):
 # --------------------------------------------------- halting and resuming
 
 
-def _halt_run(resume):
+def _halt_run(resume, steps=None):
+  """The pattern below, or its first `steps` steps."""
   params = _params()
   tx = og.skip_nonfinite(optax.adam(0.1), max_consecutive=3,
                          resume_after_halt=resume)
   step = _runner(tx)
   nan_grads, _ = _bad_case("nan_one_leaf")
-  pattern = "BGBBBGGBBBG"  # B: NaN gradients, G: finite gradients
+  pattern = "BGBBBGGBBBG"[:steps]  # B: NaN gradients, G: finite gradients
   state = tx.init(params)
   rows = []
   for i, c in enumerate(pattern):
@@ -500,10 +501,17 @@ def test_halts_after_max_consecutive_and_does_not_resume():
     og.check(state)
   assert str(info.value) == (
       f"Step {last_bad}: non-finite gradients"
-      f"{_layers_clause(_np_counts(nan_grads))}. The guard skipped the step "
-      f"({consec[-1]} bad in a row, {skipped[-1]} skipped in total); it has "
-      "halted and applies no further update until the optimizer state is "
-      "re-initialised.")
+      f"{_layers_clause(_np_counts(nan_grads))}. The guard has halted "
+      f"({skipped[-1]} skipped in total): it applies no update until the "
+      "optimizer state is re-initialised, or, with `resume_after_halt=True`, "
+      "until a finite step.")
+  assert consec[-1] == 0  # the last step was finite: no run to report
+  # On the step that halted it, the run is reported too.
+  rows, state = _halt_run(resume=False, steps=5)
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "The guard has halted (3 bad in a row, 4 skipped in total): it "
+      "applies no update")):
+    og.check(state)
   assert info.value.step == last_bad
 
 

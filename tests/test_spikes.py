@@ -740,7 +740,7 @@ def test_check_reports_non_finite_before_spikes():
   with pytest.raises(og.NonFiniteGradientError) as info:
     og.check(state)
   assert str(info.value) == (
-      "Step 0: the gradients hold 1 NaN/Inf elements; first bad layers: w (1 "
+      "Step 0: the gradients hold 1 NaN/Inf element; first bad layers: w (1 "
       "NaN/Inf). The guard skipped the step (its spike test skips a NaN/Inf "
       "norm; 1 skipped in total).")
   assert info.value.step == 0 and info.value.layers == {"w": 1}
