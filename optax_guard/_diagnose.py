@@ -143,7 +143,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   every gradient is zero; otherwise `"exploding"` when the fitted norm
   grows by at least `ratio` from the output side to the input side,
   `"vanishing"` when it shrinks by at least `ratio`, and `"healthy"` in
-  between.
+  between. The verdict is about how the gradients change with depth at
+  these parameters; it says nothing about the loss (a model whose weights
+  a bad step has damaged can be "healthy" at a high loss).
 
   Args:
     loss_fn: `loss_fn(params, *args)` returning a scalar loss.
