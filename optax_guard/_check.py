@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 import warnings
 
 import jax
@@ -225,12 +225,14 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            MonitorState: _monitor_error,
            _metrics.MultiStepsView: _microbatch_error}
 
-# Said where a NaN/Inf is reported inside an optax.MultiSteps that drops
-# nothing: its accumulator keeps it (reset by multiplying by 0).
+# Said where a NaN/Inf is reported inside an optax.MultiSteps whose skip
+# state is empty (no `should_skip_update_fn`, or one that keeps none):
+# its accumulator keeps a NaN (it is reset by multiplying it by 0).
 _ACCUMULATED = (
-    " Inside optax.MultiSteps without a `should_skip_update_fn`, one NaN/Inf "
-    "micro-batch stays in its accumulator and every later step is skipped; "
-    "give it should_skip_update_fn=optax.skip_not_finite.")
+    " Inside optax.MultiSteps, a NaN/Inf micro-batch that its "
+    "`should_skip_update_fn` does not drop stays in its accumulator, and "
+    "every later step is skipped: give it "
+    "should_skip_update_fn=optax.skip_not_finite.")
 
 
 def _members(statistics: list[Any]) -> list[list[Any]]:
@@ -245,30 +247,53 @@ def _members(statistics: list[Any]) -> list[list[Any]]:
           for i in range(sizes.pop())]
 
 
-def _states(statistics: list[Any]) -> list[tuple[Any, Any]]:
+class _Context(NamedTuple):
+  """Where a checked state sits: `monitor`, the one whose z-scores may name
+  a spike's layer; `steps_seen`, the steps seen by a `skip_nonfinite`
+  around or beside it (no optax.MultiSteps between them); `hint`, said
+  after its non-finite errors (see `_ACCUMULATED`)."""
+  monitor: Any = None
+  steps_seen: int = 0
+  hint: str = ""
+
+
+def _states(statistics: list[Any]) -> list[tuple[Any, _Context]]:
   """The checked states among `statistics` (`_metrics.statistics`' list, on
   the host, one member), with `guard`'s parts taken out of its state, each
-  paired with the monitor whose z-scores may name a spike's layer: its own
-  guard's, else the nearest one before it in the chain (None if it has
-  none)."""
+  with its `_Context`: its monitor is its own guard's, else the nearest one
+  before it in the chain (None if it has none). The states below an
+  `optax.MultiSteps` whose latest call completed no step are left out: they
+  still hold the step reported before."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
-  pairs, nearest, stale = [], None, 0
+  out, nearest = [], None
+  # The MultiSteps views the next states lie below, as [states left, view],
+  # and the steps a skip_nonfinite has seen at each level (outside them,
+  # then inside each).
+  views: list[list[Any]] = []
+  steps_seen = [0]
   for s in statistics:
-    if stale:  # below a MultiSteps whose latest call completed no step
-      stale -= 1
-      continue
-    if isinstance(s, _metrics.MultiStepsView) and not bool(s.completed):
-      stale = s.num_inner  # they still hold the step reported before
-    if isinstance(s, GuardState):
-      own = scoring(s.monitor)
-      pairs += [(p, own) for p in (s.nonfinite, s.spikes, s.monitor)
-                if p is not None]
-    elif type(s) in _CHECKS:
+    stale = any(not bool(v.completed) for _, v in views)
+    hint = _ACCUMULATED if any(not v.skip_fn for _, v in views) else ""
+    for level in views:
+      level[0] -= 1
+    if not stale:
+      parts = ((s.nonfinite, s.spikes, s.monitor) if isinstance(s, GuardState)
+               else (s,) if type(s) in _CHECKS else ())
+      own = scoring(s.monitor) if isinstance(s, GuardState) else None
       if isinstance(s, MonitorState):
         nearest = scoring(s) or nearest
-      pairs.append((s, nearest))
-  return pairs
+      for part in (p for p in parts if p is not None):
+        if isinstance(part, SkipNonfiniteState):
+          steps_seen[-1] = max(steps_seen[-1], int(part.step))
+        out.append((part, _Context(own or nearest, steps_seen[-1], hint)))
+    while views and views[-1][0] == 0:
+      views.pop()
+      steps_seen.pop()
+    if isinstance(s, _metrics.MultiStepsView) and s.num_inner:
+      views.append([s.num_inner, s])
+      steps_seen.append(0)
+  return out
 
 
 def check(opt_state: Any) -> None:
@@ -287,6 +312,10 @@ def check(opt_state: Any) -> None:
   are reported before spikes. A state with a leading axis on every leaf (a
   `pmap`ped state, or an ensemble trained under `vmap`) is checked member by
   member; where the members differ, the message names the first bad one.
+  Inside `optax.MultiSteps` the states below it are read only on the calls
+  that complete a step (so a bad step is reported once), and a micro-batch
+  that its `should_skip_update_fn` dropped raises too (as non-finite for
+  `optax.skip_not_finite`, else as an explosion).
   Warns when `opt_state` holds no optax_guard
   state at all (nothing to check: a plain optax state, or a checkpoint
   restored without a target).
@@ -343,11 +372,11 @@ def check(opt_state: Any) -> None:
   raise error
 
 
-def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
+def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
   if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
-    states = [(s, m) for s, m in states if not (
+    states = [(s, c) for s, c in states if not (
         isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
   # Without one, a spike test skips a NaN/Inf step too: the monitor then
   # names the layers, and says so.
@@ -358,22 +387,21 @@ def _first_error(states: list[tuple[Any, Any]]) -> GuardError | None:
                        int(s.num_nonfinite) > 0 for s, _ in states):
     skipped = (f"The guard skipped the step (its spike test skips a NaN/Inf "
                f"norm; {int(by_spikes[0].num_spikes)} skipped in total).")
-    states = [(s, m) for s, m in states if not any(s is b for b in by_spikes)]
+    states = [(s, c) for s, c in states if not any(s is b for b in by_spikes)]
   loss_reported = any(isinstance(s, (SkipNonfiniteState, SkipSpikesState))
                       for s, _ in states)
-  steps_seen = max((int(s.step) for s, _ in states
-                    if isinstance(s, SkipNonfiniteState)), default=0)
-  errors = [e for e in (
-      _spike_error(s, m, steps_seen) if isinstance(s, SkipSpikesState)
-      else _monitor_error(s, skipped, loss_reported)
-      if isinstance(s, MonitorState)
-      else _CHECKS[type(s)](s) for s, m in states) if e is not None]
+
+  def error_of(s: Any, context: _Context) -> GuardError | None:
+    if isinstance(s, SkipSpikesState):
+      error = _spike_error(s, context.monitor, context.steps_seen)
+    elif isinstance(s, MonitorState):
+      error = _monitor_error(s, skipped, loss_reported)
+    else:
+      error = _CHECKS[type(s)](s)
+    if isinstance(error, NonFiniteGradientError) and context.hint:
+      error = type(error)(f"{error}{context.hint}", error.step, error.layers)
+    return error
+
+  errors = [e for e in (error_of(s, c) for s, c in states) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
-  if not errors:
-    return None
-  error = errors[0]
-  if isinstance(error, NonFiniteGradientError) and any(
-      isinstance(s, _metrics.MultiStepsView) and s.skipped is None
-      for s, _ in states):
-    error = type(error)(f"{error}{_ACCUMULATED}", error.step, error.layers)
-  return error
+  return errors[0] if errors else None

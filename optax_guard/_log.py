@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import operator
 import os
 from typing import Any, Callable
 
@@ -169,8 +170,12 @@ class MetricsLog:
     after the checkpoint are recorded again, and the log must not hold
     them twice (`record` refuses a step number that goes back).
 
+    The rows already handed to `on_row` are not taken back: the steps
+    recorded again are handed to it again.
+
     Args:
-      last_step: the last step to keep; -1 forgets every record.
+      last_step: the last step to keep (an int, or an integer scalar such
+        as a checkpoint's step array); -1 forgets every record.
 
     Example:
       >>> import jax.numpy as jnp, optax_guard as og
@@ -184,7 +189,17 @@ class MetricsLog:
       >>> print(log.to_numpy()["step"])
       [0 1 2 3]
     """
-    _args.check_int("last_step", last_step, minimum=-1)
+    given = last_step
+    try:  # Python, NumPy and JAX integers; not bools or floats
+      if isinstance(given, (bool, np.bool_)):
+        raise TypeError
+      last_step = operator.index(given)
+    except TypeError:
+      last_step = None
+    if last_step is None or last_step < -1:
+      raise ValueError(
+          "`last_step` must be an integer >= -1 (the last step to keep), "
+          f"but got {given!r}.")
     self._pending = collections.deque(
         (step, states) for step, states in self._pending
         if step <= last_step)

@@ -295,22 +295,34 @@ def _is_guard_state(x: Any) -> bool:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["completed", "skipped", "step", "micro_step", "nonfinite"],
-    meta_fields=["num_inner"])
+    data_fields=["skipped", "step", "micro_step", "nonfinite"],
+    meta_fields=["num_inner", "skip_fn"])
 @dataclasses.dataclass(frozen=True)
 class MultiStepsView:
   """What `optax.MultiSteps` did at its latest call, read from its state.
 
-  The states below it hold the last *completed* step: on a call that only
+  The `num_inner` statistics states that follow it in `statistics(...)` lie
+  below it and hold the last *completed* step: on a call that only
   accumulates (or drops its micro-batch) they are the previous step's.
+  Whether a call dropped its micro-batch is known from the skip state of
+  optax's own `should_skip_update_fn`s (`optax.skip_not_finite`,
+  `optax.skip_large_updates`); from another's, a call that drops the first
+  micro-batch of a step reads as completing the step before.
   """
-  completed: Any           # bool[]: the latest call completed a step.
-  skipped: Any             # bool[]: it dropped its micro-batch (None: no
-                           # `should_skip_update_fn`).
+  skipped: Any             # bool[]: it dropped its micro-batch (None: not
+                           # known, see above).
   step: Any                # i32[]: MultiSteps' `gradient_step`.
   micro_step: Any          # i32[]: the micro-batch's index in the step.
   nonfinite: Any = None    # its NaN/Inf count (`optax.skip_not_finite`).
   num_inner: int = 0       # how many statistics states follow, below it.
+  skip_fn: bool = False    # it has a `should_skip_update_fn`.
+
+  @property
+  def completed(self) -> Any:
+    """bool[]: the latest call completed a step (MultiSteps' own
+    `has_updated`, less a dropped micro-batch)."""
+    done = (self.micro_step == 0) & (self.step > 0)
+    return done if self.skipped is None else done & ~self.skipped
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     out = {"optim/step_completed": self.completed}
@@ -325,16 +337,10 @@ def _multisteps_view(state: optax.MultiStepsState,
                      num_inner: int) -> MultiStepsView:
   skip = state.skip_state
   known = isinstance(skip, dict) and "should_skip" in skip
-  skipped = skip["should_skip"] if known else None
-  # MultiSteps' own `has_updated`, less a dropped micro-batch (which leaves
-  # `mini_step` at 0 after a completed step).
-  completed = (state.mini_step == 0) & (state.gradient_step > 0)
-  if known:
-    completed = completed & ~skipped
-  return MultiStepsView(completed, skipped, state.gradient_step,
-                        state.mini_step,
-                        skip.get("num_not_finite") if known else None,
-                        num_inner)
+  return MultiStepsView(
+      skip["should_skip"] if known else None, state.gradient_step,
+      state.mini_step, skip.get("num_not_finite") if known else None,
+      num_inner, skip_fn=not (isinstance(skip, tuple) and not skip))
 
 
 def _guard_states(opt_state: Any) -> list[Any]:
@@ -349,8 +355,9 @@ def _guard_states(opt_state: Any) -> list[Any]:
   for state in jax.tree_util.tree_leaves(opt_state, is_leaf=is_leaf):
     if isinstance(state, optax.MultiStepsState):
       # Its accumulated gradients are as large as the model: not read.
+      # Read only around an optax_guard transformation (alone, optax's).
       inner = _guard_states(state.inner_opt_state)
-      found += [_multisteps_view(state, len(inner))] + inner
+      found += [_multisteps_view(state, len(inner))] + inner if inner else []
       continue
     if not _is_guard_state(state):
       continue
@@ -435,8 +442,8 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   chain) keeps the plain name and a later one gets `.1`, `.2`, ... at the end
   of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`
   (one number for all of a state's repeated names, above any number given
-  to those names before, so that a later state has the higher number). Give a monitor a `prefix`
-  to choose its names yourself.
+  to those names before, so that a later state has the higher number).
+  Give a monitor a `prefix` to choose its names yourself.
 
   Inside a jitted step it returns device arrays (so a step can return them).
   Outside, it fetches the statistics (never the wrapped optimizer's moments)

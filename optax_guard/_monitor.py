@@ -45,8 +45,10 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   read 0 and `spike_layer` -1. A non-finite layer norm has z-score +Inf; a
   step with any non-finite norm leaves the history as it was. A norm enters
   the EMAs clipped (to `mean + 3 * spread`; in the warm-up, to 10 times
-  the mean after the first step), so that one huge step cannot swamp the
-  history. (`decay` may be traced: `optax.inject_hyperparams`.)
+  the mean), so that one huge step cannot swamp the history; a layer's
+  first norm, and its first non-zero one after norms of 0 (a layer
+  initialised to 0), starts its EMAs as it is. (`decay` may be traced:
+  `optax.inject_hyperparams`.)
   """
   decay = jnp.asarray(decay, jnp.float32)
   ready = z.steps.astype(jnp.float32) >= jnp.ceil(1.0 / (1.0 - decay))
@@ -59,10 +61,10 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
                       jnp.inf)
   spike_layer = (jnp.where(ready, jnp.argmax(zscores), -1).astype(jnp.int32)
                  if norms.shape[0] else jnp.full((), -1, jnp.int32))
-  first = z.steps == 0
+  first = (z.steps == 0) | (z.mean == 0)  # per layer
   value = jnp.minimum(norms, jnp.where(
-      ready, z.mean + _ZSCORE_CLIP * spread,
-      jnp.where(first, jnp.inf, _ZSCORE_WARMUP_CLIP * z.mean)))
+      first, jnp.inf, jnp.where(ready, z.mean + _ZSCORE_CLIP * spread,
+                                _ZSCORE_WARMUP_CLIP * z.mean)))
   delta = value - z.mean
   mean = jnp.where(first, value, z.mean + (1.0 - decay) * delta)
   var = jnp.where(first, 0.0, decay * (z.var + (1.0 - decay) * delta * delta))
@@ -279,12 +281,12 @@ def monitor(
       `<k>/spike_layer`, the index of the largest (in the order of the
       per-layer entries; `og.check` names it, when its z-score is above
       0). They read 0 and -1 during the EMA's first
-      `ceil(1 / (1 - zscore_decay))` finite steps. A norm enters the EMAs
-      clipped to 3 spreads above the mean (in those first steps, to 10
-      times the mean), so that one huge step cannot swamp the history.
+      `ceil(1 / (1 - zscore_decay))` finite steps. A norm enters its
+      layer's history clipped at 3 standard deviations above the mean (in
+      those first steps, at 10 times the mean; a layer's first non-zero
+      norm as it is), so that one spike barely moves it.
     zscore_decay: decay of the per-layer EMAs of the mean and variance, in
-      `(0, 1)`. A norm enters its layer's history clipped at 3 standard
-      deviations above the mean, so one spike barely moves it.
+      `(0, 1)`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`): their layer names, or prefixes of them such as

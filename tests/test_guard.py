@@ -390,9 +390,10 @@ def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
       raised.append((i, str(e)))
   # Steps 1 and 2 complete at calls 5 and 8; the NaN stays in optax's
   # accumulator (reset by multiplying by 0), so both are skipped.
-  hint = ("Inside optax.MultiSteps without a `should_skip_update_fn`, one "
-          "NaN/Inf micro-batch stays in its accumulator and every later step "
-          "is skipped; give it should_skip_update_fn=optax.skip_not_finite.")
+  hint = ("Inside optax.MultiSteps, a NaN/Inf micro-batch that its "
+          "`should_skip_update_fn` does not drop stays in its accumulator, "
+          "and every later step is skipped: give it "
+          "should_skip_update_fn=optax.skip_not_finite.")
   assert raised == [
       (5, "Step 1: non-finite gradients; first bad layers: w (1 NaN/Inf). "
           "The guard skipped the step (1 bad in a row, 1 skipped in total). "
@@ -400,6 +401,53 @@ def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
       (8, "Step 2: non-finite gradients; first bad layers: w (1 NaN/Inf). "
           "The guard skipped the step (2 bad in a row, 2 skipped in total). "
           + hint)]
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+def test_multisteps_is_read_only_around_an_optax_guard_part():
+  """A MultiSteps with nothing of ours inside is optax's alone: og.check
+  warns and MetricsLog refuses it, as for any plain optax state; around a
+  guard *outside* it, og.check says nothing about its accumulator."""
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  plain = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+  state = plain.init(params)
+  assert og.metrics(state) == {}
+  with pytest.warns(UserWarning, match="og.check found no optax_guard state"):
+    og.check(state)
+  with pytest.raises(ValueError, match="found no optax_guard statistics"):
+    og.MetricsLog().record(state)
+  outside = og.guard(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2)
+                     .gradient_transformation(), spike_sigma=None)
+  _, state = jax.jit(outside.update)(
+      {"w": jnp.array([jnp.nan, 0.5, 0.5], jnp.float32)},
+      outside.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError) as e:
+    og.check(state)
+  assert str(e.value) == (
+      "Step 0: non-finite gradients; first bad layers: w (1 NaN/Inf). The "
+      "guard skipped the step (1 bad in a row, 1 skipped in total).")
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+def test_a_spike_below_multisteps_is_numbered_by_its_own_steps():
+  """skip_nonfinite(MultiSteps(skip_spikes(...))): the outer wrapper counts
+  micro-batches, the spike test completed steps; og.check numbers the spike
+  as `optim/last_spike_step` does, not by the micro-batches."""
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  inner = optax.MultiSteps(
+      og.skip_spikes(optax.sgd(0.1), sigma=3.0, window=8, warmup_steps=4),
+      every_k_schedule=2).gradient_transformation()
+  tx = og.skip_nonfinite(inner)
+  state, step = tx.init(params), jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  for i in range(32):
+    scale = 1000.0 if i == 31 else 1.0  # the second micro-batch of step 15
+    _, state = step({"w": jnp.asarray(rng.normal(size=3) * scale,
+                                      jnp.float32)}, state, params)
+  assert int(og.metrics(state)["optim/last_spike_step"]) == 15
+  with pytest.raises(og.GradientExplosionError) as e:
+    og.check(state)
+  assert e.value.step == 15 and str(e.value).startswith("Step 15: ")
 
 
 def test_check_when_the_spike_test_skipped_a_nan_step():

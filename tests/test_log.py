@@ -216,9 +216,17 @@ def test_truncate_resumes_from_an_older_checkpoint(tmp_path):
   # Truncating after the last step keeps everything.
   live.truncate(10)
   np.testing.assert_array_equal(live.to_numpy()["step"], [0])
-  with pytest.raises(ValueError, match=r"`last_step` must be an integer "
-                     r">= -1, but got -2\."):
-    live.truncate(-2)
+  for bad in (-2, 1.0, True, "1"):
+    with pytest.raises(ValueError, match=re.escape(
+        "`last_step` must be an integer >= -1 (the last step to keep), but "
+        f"got {bad!r}.")):
+      live.truncate(bad)
+  # A checkpoint's step, as an array, is taken as it comes.
+  live.truncate(jnp.asarray(-1, jnp.int32))
+  assert len(live) == 0
+  live.record(states[0], step=np.int64(4))
+  live.truncate(np.int64(4))
+  np.testing.assert_array_equal(live.to_numpy()["step"], [4])
 
 
 def test_load_rejects_other_files(tmp_path):

@@ -411,9 +411,10 @@ def _np_zscores(norms, decay):
   float64: z-scores are 0 (and the spike layer -1) until ceil(1/(1-decay))
   finite steps are in the history; a norm enters it clipped at 3 spreads
   above the mean, the spread being the EMA standard deviation floored at a
-  thousandth of the mean (in the warm-up, after the first step, at 10 times
-  the mean); the variance saturates at float32's largest value; a
-  non-finite layer scores +Inf and its step leaves the history alone."""
+  thousandth of the mean (in the warm-up at 10 times the mean); a layer's
+  first norm, and its first after a mean of 0, starts its EMAs as it is;
+  the variance saturates at float32's largest value; a non-finite layer
+  scores +Inf and its step leaves the history alone."""
   warmup = int(np.ceil(1.0 / (1.0 - decay)))
   mean = var = None
   steps, out = 0, []
@@ -432,11 +433,14 @@ def _np_zscores(norms, decay):
     if steps == 0:
       mean, var = x.copy(), np.zeros_like(x)
     else:
-      value = np.minimum(x, mean + 3.0 * spread if ready else 10.0 * mean)
+      first = mean == 0
+      value = np.minimum(x, np.where(
+          first, np.inf, mean + 3.0 * spread if ready else 10.0 * mean))
       delta = value - mean
-      mean = mean + (1.0 - decay) * delta
-      var = np.minimum(decay * (var + (1.0 - decay) * delta * delta),
-                       np.finfo(np.float32).max)
+      mean = np.where(first, value, mean + (1.0 - decay) * delta)
+      var = np.where(first, 0.0, np.minimum(
+          decay * (var + (1.0 - decay) * delta * delta),
+          np.finfo(np.float32).max))
     steps += 1
   return out
 
@@ -455,6 +459,8 @@ def test_zscores_and_spike_layer_against_numpy():
         lambda p: jnp.asarray(rng.normal(size=p.shape) *
                               np.exp(rng.normal(0, 0.1)), jnp.float32),
         params)
+    if t < 3:  # a layer initialised to 0: its first gradients are 0
+      grads["Dense_0"]["kernel"] = jnp.zeros_like(grads["Dense_0"]["kernel"])
     if t == 2:  # a huge step in the warm-up, kept from swamping the history
       grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"] * 1e25
     if t == 12:  # the same layer spikes after the warm-up
@@ -476,6 +482,9 @@ def test_zscores_and_spike_layer_against_numpy():
   assert got[12][1] == names.index("Dense_1/kernel")
   assert got[12][0][names.index("Dense_1/kernel")] > 20
   assert np.all(np.isfinite(np.asarray(state.zscores.var)))
+  # The layer that started at 0 is measured like the others afterwards.
+  zero_start = names.index("Dense_0/kernel")
+  assert all(abs(z[zero_start]) < 10 for z, _ in got[5:12])
   assert got[20][1] == names.index("Dense_0/bias")
   assert got[20][0][names.index("Dense_0/bias")] == np.inf
 
