@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_guard import _args
@@ -79,6 +80,12 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
+  if isinstance(tree, (bool, np.bool_)):
+    raise ValueError(
+        f"The `mask` of `{factory}` must be a tree of bools like the "
+        f"parameters (or a prefix of it), a callable returning one, or None "
+        f"for every leaf, but it is the single bool {bool(tree)!r}."
+        f"{_args.INJECTED_FUNCTION}")
   try:
     # A flag stands for every leaf below it, so that a prefix of the
     # parameters' structure (`{"Dense_0": True, "head": False}`) works as
@@ -92,11 +99,11 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
         f"parameters or a prefix of it (or be a callable returning such a "
         f"tree), but it does not: {e}") from None
   for path_flag in flags:
-    if not isinstance(path_flag, bool):
+    if not isinstance(path_flag, (bool, np.bool_)):
       raise ValueError(
           f"The `mask` of `{factory}` must hold one Python bool per "
           f"parameter leaf, but got {path_flag!r}.")
-  return flags
+  return [bool(flag) for flag in flags]
 
 
 def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
@@ -119,8 +126,8 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
     flags = _mask_leaves(mask, params, factory)
-    r = jnp.asarray(rate(state.step) if callable(rate) else rate,
-                    jnp.float32)
+    raw_rate = rate(state.step) if callable(rate) else rate
+    r = jnp.asarray(raw_rate, jnp.float32)  # what the state records
     out, chosen = [], []
     for u, p, flag in zip(u_leaves, p_leaves, flags):
       if not flag:
@@ -128,7 +135,9 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
         continue
       chosen.append(p)
       d = jnp.sign(p) if l1 else p
-      out.append((u + r.astype(u.dtype) * d.astype(u.dtype)).astype(u.dtype))
+      # The rate in the leaf's own dtype, as optax does (exact in float64).
+      out.append((u + jnp.asarray(raw_rate, u.dtype) * d.astype(u.dtype)
+                  ).astype(u.dtype))
     if l1:
       total = jnp.sum(_stats.per_leaf(
           chosen, lambda block, _: jnp.sum(
@@ -158,6 +167,11 @@ class AddDecayedWeightsState(NamedTuple):
 class AddL2PenaltyState(AddDecayedWeightsState):
   """State of `add_l2_penalty`."""
 
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    # Its own name for the rate (as `add_l1_penalty`'s), so that a coupled
+    # penalty chained beside a decoupled decay reads apart from it.
+    return {"param/l2_rate": self.rate, "param/l2_penalty": self.penalty}
+
 
 class AddL1PenaltyState(NamedTuple):
   """State of `add_l1_penalty`."""
@@ -179,14 +193,15 @@ def add_decayed_weights(
   Put it after the optimizer's scaling and before the learning rate, as
   `optax.adamw` does internally, so that the decay is not rescaled by the
   adaptive denominators (Loshchilov & Hutter). With the same rate and mask it
-  gives `optax.add_decayed_weights`'s numbers; unlike it, it takes a schedule,
-  masks biases and normalisation scales by default, and records the rate and
-  the penalty `rate/2 * ||W||^2` it stands for.
+  gives `optax.add_decayed_weights`'s numbers (a schedule included); unlike
+  it, it masks biases and normalisation scales by default, and records the
+  rate and the penalty `rate/2 * ||W||^2` it stands for.
 
   Args:
     rate: the decay rate, a float `>= 0` or an optax schedule of the step.
     mask: which leaves to touch: a tree of bools like the parameters, or a
-      callable taking the parameters and returning one (as in optax). The
+      callable taking the parameters and returning one (as in optax; under
+      `optax.inject_hyperparams`, list a callable in `static_args`). The
       default, `og.decay_mask`, selects Flax kernels and embeddings and
       leaves biases and normalisation scales alone; None selects every
       leaf.
@@ -235,7 +250,7 @@ def add_l2_penalty(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,
-    with state `AddL2PenaltyState` (metrics `param/weight_decay`,
+    with state `AddL2PenaltyState` (metrics `param/l2_rate`,
     `param/l2_penalty`).
 
   Example:

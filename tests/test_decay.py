@@ -119,7 +119,9 @@ def test_l2_gradient_and_penalty_in_closed_form(factory):
   want = 0.5 * 0.3 * sum(np.sum(p * p) for p in _selected(params, DEFAULT))
   m = og.metrics(state)
   np.testing.assert_allclose(m["param/l2_penalty"], want, rtol=1e-6)
-  np.testing.assert_allclose(m["param/weight_decay"], 0.3)
+  rate_name = ("param/weight_decay" if factory is og.add_decayed_weights
+               else "param/l2_rate")
+  np.testing.assert_allclose(m[rate_name], 0.3)
 
 
 def test_l2_penalty_is_the_gradient_of_the_penalty():
@@ -181,6 +183,17 @@ def test_mask_as_tree_callable_and_none():
   np.testing.assert_allclose(out["v"], grads["v"] + params["v"], rtol=1e-6)
 
 
+def test_numpy_bools_in_a_mask_work_as_in_optax():
+  params, grads = _params(), _grads(1)
+  mask = lambda p: jax.tree.map(lambda x: np.prod(x.shape) > 8, p)  # np.bool_
+  ours = og.add_decayed_weights(0.5, mask=mask)
+  out, _ = ours.update(grads, ours.init(params), params)
+  for u, g, p in zip(jax.tree.leaves(out), jax.tree.leaves(grads),
+                     jax.tree.leaves(params)):
+    np.testing.assert_allclose(u, g + (0.5 * p if p.size > 8 else 0.0),
+                               rtol=1e-6)
+
+
 @pytest.mark.standard_promotion  # optax's own add_decayed_weights
 def test_a_prefix_mask_stands_for_every_leaf_below_it_as_in_optax():
   params, grads = _params(), _grads(1)
@@ -213,6 +226,16 @@ def test_errors():
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
                        r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)
+    # A single bool decays all or nothing: what optax's inject_hyperparams
+    # makes of a callable mask, which it calls with the step count.
+    with pytest.raises(ValueError, match=(
+        rf"^The `mask` of `{name}` must be a tree of bools like the "
+        r"parameters \(or a prefix of it\), a callable returning one, or "
+        r"None for every leaf, but it is the single bool False\. If you "
+        r"passed a function through `optax.inject_hyperparams`, list it in "
+        r"its `static_args`")):
+      injected = optax.inject_hyperparams(factory)(0.1, mask=og.decay_mask)
+      injected.update(_grads(0), injected.init(params), params)
     # Updates are paired with parameters by position: trees must match.
     state = tx.init(params)
     renamed = {("Other_0" if k == "Embed_0" else k): v

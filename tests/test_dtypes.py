@@ -227,6 +227,21 @@ for dtype in (jnp.float32, jnp.float64):
   want = -0.1 * g / (np.abs(g) + 1e-8)
   tol = 1e-6 if dtype == jnp.float32 else 1e-14
   np.testing.assert_allclose(np.asarray(u["w"], np.float64), want, rtol=tol)
+# Decay in float64: the rate is not rounded through float32 (optax's numbers).
+w = {"w": jnp.array([1.0, 3.0], jnp.float64)}
+u, _ = og.add_decayed_weights(0.1, mask=None).update(
+    jax.tree.map(jnp.zeros_like, w), og.add_decayed_weights(0.1).init(w), w)
+assert np.asarray(u["w"]).tolist() == [0.1 * 1.0, 0.1 * 3.0], u
+# The finite-difference penalty is exact on a quadratic L = 0.5 t.A.t - b.t:
+# its gradient is g + lam * A g / |g|, here to float64 rounding.
+a = np.array([[2.0, 0.5], [0.5, 1.0]]); b = np.array([1.0, -2.0])
+t = np.array([0.3, -0.7]); lam = 0.25
+loss = lambda t: 0.5 * t @ jnp.asarray(a) @ t - jnp.asarray(b) @ t
+_, got = og.gradient_norm_penalty(loss, lam, method="finite_difference",
+                                  radius=1e-3)(jnp.asarray(t))
+g = a @ t - b
+np.testing.assert_allclose(np.asarray(got), g + lam * a @ g /
+                           np.linalg.norm(g), rtol=1e-12)
 print("ok")
 """
 

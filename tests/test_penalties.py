@@ -206,6 +206,25 @@ def test_input_gradient_penalty_per_example_on_a_quadratic_critic():
       rtol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_input_gradient_penalty_is_not_finite_when_an_input_gradient_is_not(
+    bad):
+  """One example with a NaN/Inf input gradient makes the mean NaN/Inf (as
+  NumPy's), not a finite value that hides it; a zero gradient stays 0."""
+  x = np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]], np.float32)
+  scale = jnp.asarray([1.0, bad, 1.0], jnp.float32)
+  critic = lambda inputs: scale * jnp.sum(inputs ** 2, axis=1) / 2
+  grads = np.asarray(x, np.float64) * np.array([1.0, bad, 1.0])[:, None]
+  want = np.mean(np.linalg.norm(grads, axis=1) ** 2)
+  got = og.input_gradient_penalty(critic, x)
+  assert np.isnan(want) == np.isnan(got) and np.isinf(want) == np.isinf(got)
+  assert not np.isfinite(got), got
+  ok = og.input_gradient_penalty(lambda inputs: jnp.sum(inputs ** 2, axis=1)
+                                 / 2, x)
+  np.testing.assert_allclose(ok, np.mean(np.sum(x.astype(np.float64) ** 2,
+                                                axis=1)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["exact", "finite_difference"])
 def test_keyword_arguments_reach_the_loss(method):
   loss_fn, params, a, g = _quadratic(3)
