@@ -126,7 +126,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   are fewer than two), whose norms are comparable from layer to layer
   (biases and norm scales are not). The layers of a stacked leaf
   (`stacked`, for `nn.scan`) follow each other in the order of its leading
-  axis; stacked leaves that one `scan` slices go layer by layer together.
+  axis; stacked leaves that one `scan` slices go layer by layer together,
+  and so do stacked leaves with the same number of layers that no `scan`
+  slices (taken to be indexed layer by layer in a Python loop).
 
   The same fit is taken over the one-dimensional leaves (biases and norm
   scales): their gradients are the backward signal itself (summed over the
@@ -362,20 +364,23 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
 
   A leaf is placed by its first use. The layers of stacked leaves that a
   `scan` reads go layer by layer: all of layer 0's leaves (in their order of
-  use), then layer 1's, and so on.
+  use), then layer 1's, and so on. Stacked leaves that no scan reads (a
+  Python loop over the layers) are taken to go layer by layer the same way,
+  those with the same number of layers together.
   """
   uses, scan_of = first_uses(closed, len(counts))
-  start: dict[Any, float] = {}  # the first use within each scan
+  together = [scan_of[i] if scan_of[i] is not None else ("loop", counts[i])
+              for i in range(len(counts))]
+  start: dict[Any, float] = {}  # the first use within each group
   for i, flag in enumerate(stacked):
-    if flag and scan_of[i] is not None:
-      start[scan_of[i]] = min(start.get(scan_of[i], uses[i]), uses[i])
+    if flag:
+      start[together[i]] = min(start.get(together[i], uses[i]), uses[i])
   firsts = np.cumsum([0] + counts)
   keys = []
   for i, (flag, use) in enumerate(zip(stacked, uses)):
     for j in range(counts[i]):
       if flag:
-        group = start.get(scan_of[i], use)
-        keys.append(((group, j, use, i), firsts[i] + j))
+        keys.append(((start[together[i]], j, use, i), firsts[i] + j))
       else:
         keys.append(((use, 0, use, i), firsts[i] + j))
   return np.asarray([layer for _, layer in sorted(keys)], np.int64)

@@ -219,6 +219,40 @@ def test_stacked_layers_in_scan_order():
   np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
 
 
+def test_stacked_layers_indexed_in_a_python_loop_go_layer_by_layer():
+  """The same stacked blocks through a scan and through a Python loop that
+  indexes them: the same depth order, norms and growth."""
+  rng = np.random.default_rng(3)
+  params = {"blocks": {
+      name: jnp.asarray(rng.normal(size=(4, 8, 8)) * 1.2, jnp.float32)
+      for name in ("w1", "w2")}}
+  x = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+
+  def block(h, w1, w2):
+    return jnp.tanh(jnp.tanh(h @ w1) @ w2)
+
+  def scanned(p, x):
+    h, _ = lax.scan(lambda h, w: (block(h, w["w1"], w["w2"]), None), x,
+                    p["blocks"])
+    return jnp.mean(h ** 2)
+
+  def looped(p, x):
+    for i in range(4):
+      x = block(x, p["blocks"]["w1"][i], p["blocks"]["w2"][i])
+    return jnp.mean(x ** 2)
+
+  want = sum(((f"blocks/w1/{i}", f"blocks/w2/{i}") for i in range(4)), ())
+  grads = jax.grad(looped)(params, x)["blocks"]
+  norms = [np.linalg.norm(np.asarray(grads[n][i], np.float64))
+           for i in range(4) for n in ("w1", "w2")]
+  for loss_fn in (scanned, looped):
+    d = og.diagnose(loss_fn, params, x, stacked=("blocks",))
+    assert d.layers == want, loss_fn.__name__
+    np.testing.assert_allclose(d.grad_norms, norms, rtol=1e-5)
+    slope = np.polyfit(np.arange(8), np.log(norms), 1)[0]
+    np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
+
+
 def test_casts_are_not_uses_and_biases_do_not_stretch_the_fit():
   def loss_fn(params, x):
     p = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)  # mixed
