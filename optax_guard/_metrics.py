@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -243,6 +244,9 @@ class PerLayer:
   values: Any
   names: tuple[str, ...]
 
+  def __post_init__(self):
+    register_with_flax_serialization()
+
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=[], meta_fields=["kind", "prefix", "every"])
@@ -258,6 +262,40 @@ class Naming:
   kind: str = "grad"
   prefix: str = ""
   every: int = 1
+
+  def __post_init__(self):
+    register_with_flax_serialization()
+
+
+_flax_registered = False
+
+
+def register_with_flax_serialization() -> None:
+  """Lets `flax.serialization` save and restore `PerLayer` and `Naming`.
+
+  Linen users save a `TrainState` with `flax.serialization.to_bytes`, which
+  knows NamedTuples and dicts but no other pytree node: without this,
+  msgpack refuses every state with per-layer statistics. Flax stays an
+  optional dependency that importing optax_guard never imports, so this runs
+  whenever one of the two is made (init, update, and every unflatten) and
+  registers them once Flax has been imported.
+  """
+  global _flax_registered
+  serialization = sys.modules.get("flax.serialization")
+  if _flax_registered or serialization is None:
+    return
+  _flax_registered = True
+  serialization.register_serialization_state(
+      PerLayer,
+      lambda x: {"values": serialization.to_state_dict(x.values)},
+      lambda target, state: PerLayer(serialization.from_state_dict(
+          target.values, state["values"]), target.names))
+  # No data, so nothing to save: the target's own naming is restored.
+  serialization.register_serialization_state(
+      Naming, lambda x: {}, lambda target, state: target)
+
+
+register_with_flax_serialization()
 
 
 def per_layer_zeros(names: tuple[str, ...], dtype: Any,
