@@ -40,8 +40,31 @@ class _Column:
   def array(self) -> np.ndarray:
     return self._data[:self._size].copy()
 
+  @property
+  def row_shape(self) -> tuple[int, ...]:
+    return self._data.shape[1:]
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self._data.dtype
+
   def truncate(self, size: int) -> None:
     self._size = min(self._size, size)
+
+
+def _step_number(given: Any, name: str, *, minimum: int, allowed: str
+                 ) -> int:
+  """`given` as an int (Python, NumPy and JAX integers; not bools or
+  floats), refused in a sentence unless it is >= `minimum`."""
+  try:
+    if isinstance(given, (bool, np.bool_)):
+      raise TypeError
+    number = operator.index(given)
+  except TypeError:
+    number = None
+  if number is None or number < minimum:
+    raise ValueError(f"`{name}` must be {allowed}, but got {given!r}.")
+  return number
 
 
 class MetricsLog:
@@ -56,7 +79,8 @@ class MetricsLog:
   `lag` steps ahead of the device; raise `lag` to let it run further). Works with donated states (the copy
   survives the donation), Flax nnx optimizer states, sharded states (a
   replicated statistic is read from one local copy) and states already
-  fetched to the host.
+  fetched to the host. A `pmap`ped state is recorded with one value per
+  device in every metric; one log takes states of one device layout.
 
   Read the record with `to_numpy()` (one array per metric, steps first),
   `to_pandas()` (needs pandas, which this package does not install), or
@@ -104,7 +128,8 @@ class MetricsLog:
     self._steps: list[int] = []
     self._columns: dict[str, _Column] = {}
     self._next_step = 0
-    self._structure: Any = None  # of the first state recorded
+    self._structure: Any = None  # of the last state recorded
+    self._shapes: list[Any] = []  # and its leaves' shapes and dtypes
 
   def __len__(self) -> int:
     """The number of steps recorded."""
@@ -134,19 +159,22 @@ class MetricsLog:
           "MetricsLog.record found no optax_guard statistics in the "
           "optimizer state; record the state of an optimizer that contains "
           "og.guard, og.monitor or another optax_guard transformation.")
-    # The metric names are static: a state of another structure holds other
-    # metrics (said now, not `lag` steps later when the row is fetched).
+    # The metric names are static: a state of another structure, or with
+    # leaves of other shapes (another device layout), holds other columns
+    # (said now, not `lag` steps later when the row is fetched).
     structure = jax.tree.structure(states)
-    if ((self._structure is not None and structure != self._structure) or
+    shapes = [(np.shape(x), np.dtype(x.dtype))
+              for x in jax.tree_util.tree_leaves(states)]
+    if ((self._structure is not None and
+         (structure, shapes) != (self._structure, self._shapes)) or
         (self._structure is None and self._columns)):  # after `load`
       self._check_new_structure(states)
-    if self._structure is None:
-      self._structure = structure
-    if step is not None and int(step) < self._next_step:
-      raise ValueError(
-          f"MetricsLog.record got step={int(step)}, but steps must increase: "
-          f"the next step is at least {self._next_step}.")
-    step = self._next_step if step is None else int(step)
+    self._structure, self._shapes = structure, shapes
+    if step is not None:
+      step = _step_number(step, "step", minimum=self._next_step,
+                          allowed=f"an integer >= {self._next_step} (steps "
+                          f"must increase)")
+    step = self._next_step if step is None else step
     self._next_step = step + 1
     # A replicated multi-host statistic is copied from its local copy: the
     # record then needs no other process (any other needs them all).
@@ -189,17 +217,9 @@ class MetricsLog:
       >>> print(log.to_numpy()["step"])
       [0 1 2 3]
     """
-    given = last_step
-    try:  # Python, NumPy and JAX integers; not bools or floats
-      if isinstance(given, (bool, np.bool_)):
-        raise TypeError
-      last_step = operator.index(given)
-    except TypeError:
-      last_step = None
-    if last_step is None or last_step < -1:
-      raise ValueError(
-          "`last_step` must be an integer >= -1 (the last step to keep), "
-          f"but got {given!r}.")
+    last_step = _step_number(last_step, "last_step", minimum=-1,
+                             allowed="an integer >= -1 (the last step to "
+                             "keep)")
     self._pending = collections.deque(
         (step, states) for step, states in self._pending
         if step <= last_step)
@@ -211,12 +231,28 @@ class MetricsLog:
 
   def _check_new_structure(self, states: Any) -> None:
     """Raises (from `record`) if `states` holds other metrics than the
-    recorded ones; a mere change of structure (a new tree around the same
-    statistics) passes and becomes the structure compared with."""
-    columns = set(self._columns) or set(
-        _metrics.named(self._pending[0][1]) if self._pending else ())
-    self._check_names(set(_metrics.named(states)), columns, self._next_step)
-    self._structure = jax.tree.structure(states)
+    recorded ones, or of other shapes or dtypes; a mere change of structure
+    (a new tree around the same statistics) passes."""
+    def layout(named):
+      return {name: (np.shape(v), np.dtype(v.dtype))
+              for name, v in named.items()}
+    if self._columns:
+      before = {name: (c.row_shape, c.dtype)
+                for name, c in self._columns.items()}
+    else:
+      before = layout(_metrics.named(self._pending[0][1])
+                      if self._pending else {})
+    got = layout(_metrics.named(states))
+    self._check_names(set(got), set(before), self._next_step)
+    for name in sorted(set(before) & set(got)):
+      if got[name] != before[name]:
+        (shape, dtype), (was, was_dtype) = got[name], before[name]
+        raise ValueError(
+            f"The optimizer state recorded at step {self._next_step} holds "
+            f"{name!r} of shape {shape} ({dtype}), but the steps before it "
+            f"hold shape {was} ({was_dtype}); record states of one device "
+            f"layout in one MetricsLog (a `pmap`ped state has one value "
+            f"per device).")
 
   @staticmethod
   def _check_names(got: set[str], before: set[str], step: int) -> None:
@@ -233,13 +269,13 @@ class MetricsLog:
     row = _metrics.named(_metrics.to_host(states))
     if self._steps:
       self._check_names(set(row), set(self._columns), step)
-    self._steps.append(step)
     row = {name: np.asarray(value) for name, value in row.items()}
     for name, value in row.items():
       if name not in self._columns:
         self._columns[name] = _Column(np.empty((0,) + value.shape,
                                                value.dtype))
       self._columns[name].append(value)
+    self._steps.append(step)
     if self._on_row is not None:
       self._on_row(step, row)
 

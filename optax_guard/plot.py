@@ -22,12 +22,23 @@ __all__ = ("history", "layer_heatmap", "histograms", "diagnosis")
 
 def _columns(record: Any) -> dict[str, np.ndarray]:
   if isinstance(record, _log.MetricsLog):
-    return record.to_numpy()
-  if isinstance(record, dict) and "step" in record:
-    return {k: np.asarray(v) for k, v in record.items()}
-  raise TypeError(
-      "Expected an og.MetricsLog or the dict its to_numpy() returns, but got "
-      f"{type(record).__name__}.")
+    columns = record.to_numpy()
+  elif isinstance(record, dict) and "step" in record:
+    columns = {k: np.asarray(v) for k, v in record.items()}
+  else:
+    raise TypeError(
+        "Expected an og.MetricsLog or the dict its to_numpy() returns, but "
+        f"got {type(record).__name__}.")
+  # Every state records a scalar (its counters); a record from a `pmap`ped
+  # state has a device axis on every metric instead.
+  metrics = [v for k, v in columns.items() if k != "step"]
+  if metrics and all(np.ndim(v) >= 2 for v in metrics):
+    raise ValueError(
+        "The record holds one value per device for every metric: it was "
+        "recorded from a `pmap`ped state. Plot one device's: record "
+        "`jax.tree.map(lambda x: x[0], state)` (with `axis_name` given, "
+        "the devices hold the same statistics).")
+  return columns
 
 
 def _axes(ax: Any, rows: int = 0) -> Any:

@@ -323,9 +323,47 @@ def test_errors_are_sentences():
     other.record(tx.init(params))  # the log goes on
     assert len(other) == 2
   with pytest.raises(ValueError, match=(
-      r"^MetricsLog\.record got step=1, but steps must increase: the next "
-      r"step is at least 2\.$")):
+      r"^`step` must be an integer >= 2 \(steps must increase\), but got "
+      r"1\.$")):
     other.record(tx.init(params), step=1)
+  for bad in (2.7, True, "9"):  # not filed as 2, 1 or 9
+    with pytest.raises(ValueError, match=(
+        rf"^`step` must be an integer >= 2 \(steps must increase\), but got "
+        rf"{re.escape(repr(bad))}\.$")):
+      other.record(tx.init(params), step=bad)
+  other.record(tx.init(params), step=np.int64(5))
+  assert other.to_numpy()["step"].tolist() == [0, 1, 5]
+
+
+def test_a_state_of_another_device_layout_is_refused_when_recorded(tmp_path):
+  """A `pmap`ped state (one value per device) and a single-device one do not
+  share columns: said at `record`, also after `load`, and the log stays as
+  it was (no step filed without its values)."""
+  tx = _tx()
+  params = {"w": jnp.ones(2), "b": jnp.zeros(3)}
+  single = tx.init(params)
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * 8), params)
+  per_device = jax.pmap(tx.init)(stacked)
+  message = (r"^The optimizer state recorded at step 1 holds 'grad/clip_scale' of "
+             r"shape \(\) \(float32\), but the steps before it hold shape "
+             r"\(8,\) \(float32\); record states of one device layout in "
+             r"one MetricsLog \(a `pmap`ped state has one value per "
+             r"device\)\.$")
+  for lag in (0, 2):
+    log = og.MetricsLog(lag=lag)
+    log.record(per_device)
+    with pytest.raises(ValueError, match=message):
+      log.record(single)
+    log.record(per_device)
+    out = log.to_numpy()
+    assert out["step"].tolist() == [0, 1]
+    assert out["grad/norm"].shape == (2, 8)
+  log.save(tmp_path / "log")
+  loaded = og.MetricsLog.load(tmp_path / "log")
+  with pytest.raises(ValueError, match=message.replace("step 1", "step 2")):
+    loaded.record(single)
+  loaded.record(per_device)
+  assert loaded.to_numpy()["step"].tolist() == [0, 1, 2]
 
 
 def test_host_state_and_sharded_state():

@@ -177,6 +177,16 @@ def test_errors_are_sentences(monkeypatch):
     og.plot.history(_log(), metric="update/norm", ax=_Recorder())
   with pytest.raises(TypeError, match="Expected what og.diagnose returns"):
     og.plot.diagnosis({}, ax=_Recorder())
+  # A record of a `pmap`ped state: one value per device in every metric.
+  per_device = {k: (v if k == "step" else np.stack([v] * 8, axis=1))
+                for k, v in _log(histogram=True).to_numpy().items()}
+  for plot in (og.plot.history, og.plot.layer_heatmap, og.plot.histograms):
+    with pytest.raises(ValueError, match=(
+        r"^The record holds one value per device for every metric: it was "
+        r"recorded from a `pmap`ped state\. Plot one device's: record "
+        r"`jax\.tree\.map\(lambda x: x\[0\], state\)` \(with `axis_name` "
+        r"given, the devices hold the same statistics\)\.$")):
+      plot(per_device, ax=_Recorder())
   monkeypatch.setitem(sys.modules, "matplotlib", None)
   monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
   with pytest.raises(ImportError, match=r"needs matplotlib, which "
