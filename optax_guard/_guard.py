@@ -115,10 +115,11 @@ def guard(
   second moment underflows) or momentum trace, and only the generic path
   reads the update back. With the clip off (`max_norm=None`), gradient
   elements near the top of the parameters' float range can overflow a
-  momentum trace (`og.sgd`) to Inf, which the fast path then applies, or
-  Adam's second moment (above ~1.8e19 in float32; as in optax, that
-  element's update is then 0 for good): keep a clip, or take the generic
-  path, which reads the update back.
+  momentum trace (`og.sgd`) to Inf, which the fast path then applies at
+  every later step (the trace stays Inf), or Adam's second moment (above
+  ~1.8e19 in float32; as in optax, that element's update is then 0 for
+  good, with `nesterov=True` too, where optax's is NaN): keep a clip, or
+  take the generic path, which reads the update back.
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
@@ -185,6 +186,8 @@ def guard(
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True, injectable=True)
   _args.check_number("zscore_decay", zscore_decay, strict=True, maximum=1.0,
+                     strict_max=True)
+  _args.check_number("loss_ema_decay", loss_ema_decay, maximum=1.0,
                      strict_max=True)
   if not monitor:
     wanted = [name for name, on in (("zscore", zscore),

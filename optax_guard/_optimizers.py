@@ -179,6 +179,11 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   denominator = jnp.sqrt(v_hat + eps_root) + eps
   wide = _wider(m_hat.dtype, denominator.dtype)
   u = m_hat.astype(wide) / denominator.astype(wide)
+  if nesterov:
+    # `g / correction1` overflows where the second moment has overflowed
+    # too (an unclipped |g| above ~3.4e37 in float32): 0 there instead of
+    # Inf/Inf, as plain Adam's finite m / Inf gives.
+    u = jnp.where(jnp.isinf(denominator), jnp.zeros_like(u), u)
   if p is not None:  # weight decay applies to this leaf
     u = _sum(u, wd * p)
   u = jnp.asarray(-lr, dtype=u.dtype) * u

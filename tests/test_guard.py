@@ -255,6 +255,8 @@ def test_metric_names_of_the_guard():
      r"must be an integer >= 1 or None, but got 0\.$"),
     ({"monitor": False, "zscore_decay": 1.5}, r"^`zscore_decay` must be a "
      r"finite real number > 0 and < 1, but got 1\.5\.$"),
+    ({"monitor": False, "loss_ema_decay": 1.5}, r"^`loss_ema_decay` must be "
+     r"a finite real number >= 0 and < 1, but got 1\.5\.$"),
     ({"monitor": False, "zscore": True}, r"^`zscore=True` asks the monitor "
      r"for a signal, but `monitor=False` switches the monitor off; drop one "
      r"of the two\.$"),

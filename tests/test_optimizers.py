@@ -971,3 +971,21 @@ def test_sgd_with_momentum_takes_a_none_gradient_like_optax(nesterov):
   np.testing.assert_array_equal(s1.trace["frozen"], np.zeros(2))  # kept
   np.testing.assert_allclose(s1.trace["a"], optax.tree.get(s2, "trace")["a"],
                              rtol=1e-6)
+
+
+@pytest.mark.standard_promotion  # traces optax.adamw
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_an_overflowing_second_moment_gives_a_zero_update_not_nan(nesterov):
+  """Unclipped, an element near float32's top overflows Adam's second moment
+  (and NAdam's `g / (1 - b1)`): that element's update is 0, as plain Adam's
+  m / Inf gives, and the others equal optax's, alone and in a guard."""
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.array([1e38, 1.0, -2.0], jnp.float32)}
+  ref = optax.adamw(1e-3, weight_decay=0.0, nesterov=nesterov)
+  want, _ = ref.update(grads, ref.init(params), params)
+  ours = lambda: og.adamw(1e-3, weight_decay=0.0, nesterov=nesterov)
+  for tx in (ours(), og.guard(ours(), max_norm=None, spike_sigma=None)):
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert float(u["w"][0]) == 0.0, u
+    np.testing.assert_allclose(u["w"][1:], want["w"][1:], rtol=1e-6)
+  assert not bool(og.metrics(state)["optim/skipped"])
