@@ -69,7 +69,8 @@ def guard(
 ) -> optax.GradientTransformationExtraArgs:
   """Full protection around an optimizer: monitor, clip, skip NaN and spikes.
 
-  Equal, step for step, to the chain of the individual pieces::
+  Equal, step for step (to float32 rounding) and in every decision, to the
+  chain of the individual pieces::
 
     optax.chain(
         og.monitor(per_layer=..., histogram=..., zscore=..., zscore_decay=...,
