@@ -228,10 +228,11 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
   """Raises when Adam's denominator can be exactly 0 (0/0 = NaN).
 
   With `eps = eps_root = 0`, or both rounding to 0 in a parameter's dtype
-  (optax's default 1e-8 is 0 in float16), an element whose gradients have
-  all been exactly zero gets NaN as its update. optax allows it; here it
-  would also slip past the guard, which does not read a guard-aware
-  optimizer's update back.
+  (optax's default 1e-8 is 0 in float16), or to a subnormal number, which
+  XLA flushes to 0 on CPUs and GPUs, an element whose gradients have all
+  been exactly zero gets NaN as its update. optax allows it; here it would
+  also slip past the guard, which does not read a guard-aware optimizer's
+  update back.
   """
   values = (_args.concrete_number(eps), _args.concrete_number(eps_root))
   if None in values:  # traced (`optax.inject_hyperparams`): unknown here
@@ -246,12 +247,17 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
     return
   for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
     dtype = jnp.result_type(_metrics.unwrap(p))
-    if jnp.issubdtype(dtype, jnp.floating) and not any(
-        np.asarray(v, dtype) for v in values):
-      tiny = float(jnp.finfo(dtype).smallest_subnormal)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      continue
+    # The arithmetic runs in float32 at least, where XLA flushes subnormal
+    # numbers to 0: a value must be a normal number there.
+    tiny = float(jnp.finfo(_stats.at_least_float32(dtype)).tiny)
+    if not any(abs(float(np.asarray(v, dtype))) >= tiny for v in values):
+      tiny = max(tiny, float(jnp.finfo(dtype).smallest_subnormal))
       raise ValueError(
-          f"`eps`={eps!r} and `eps_root`={eps_root!r} round to 0 in {dtype}, "
-          f"the dtype of the parameter {_metrics.path_name(path)!r}, so an "
+          f"`eps`={eps!r} and `eps_root`={eps_root!r} round to 0 in {dtype} "
+          f"(or below {tiny:.3g}, which XLA flushes to 0), the dtype of "
+          f"the parameter {_metrics.path_name(path)!r}, so an "
           "element whose gradients have all been exactly zero gets 0/0 = NaN "
           f"as its update; pass an eps that {dtype} holds (at least "
           f"{tiny:.3g}; float16 training commonly takes 1e-4 or more, since "

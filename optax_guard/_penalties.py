@@ -39,7 +39,8 @@ def _safe_norm(tree: Any) -> jax.Array:
   finite-difference direction is a unit vector to the gradients' precision.
   """
   leaves = jax.tree.leaves(tree)
-  dtype = jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
+  dtype = max((_stats.at_least_float32(x.dtype) for x in leaves),
+              key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
   return _safe_sqrt(sum((jnp.sum(jnp.square(x.astype(dtype)))
                          for x in leaves), jnp.zeros((), dtype)))
 
@@ -47,9 +48,11 @@ def _safe_norm(tree: Any) -> jax.Array:
 def _fd_direction(grads: Any, norm: jax.Array) -> Any:
   """`g / ||g||` (zero for a zero gradient)."""
   inv = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
-  return jax.tree.map(
-      lambda g: (g.astype(jnp.promote_types(g.dtype, inv.dtype)) * inv
-                 ).astype(g.dtype), grads)
+  def scale(g):
+    dtype = max(_stats.at_least_float32(g.dtype), inv.dtype,
+                key=lambda d: d.itemsize)
+    return (g.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
+  return jax.tree.map(scale, grads)
 
 
 def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
@@ -59,7 +62,7 @@ def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
   In float32, or in the leaf's own precision where that is wider (float64).
   """
   def combine(g, q):
-    dtype = jnp.promote_types(g.dtype, jnp.float32)
+    dtype = _stats.at_least_float32(g.dtype)
     c = jnp.asarray(strength, dtype) / jnp.asarray(radius, dtype)
     if squared:
       c = c * 2 * norm.astype(dtype)

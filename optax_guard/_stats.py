@@ -484,6 +484,12 @@ def magnitude(x: jax.Array) -> jax.Array:
   return jnp.abs(x).astype(jnp.float32)
 
 
+def at_least_float32(dtype: Any) -> Any:
+  """The dtype a real float `dtype` is computed in: float32, or float64."""
+  return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64
+                   else jnp.float32)
+
+
 def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
                ) -> jax.Array:
   """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and

@@ -880,7 +880,8 @@ def test_an_eps_that_rounds_to_zero_in_float16_is_refused_at_init():
   in optax), and the guard does not read this optimizer's update back."""
   half = {"Dense_0": {"kernel": jnp.zeros((2, 2), jnp.float16)}}
   with pytest.raises(ValueError, match=re.escape(
-      "`eps`=1e-08 and `eps_root`=0.0 round to 0 in float16, the dtype of the "
+      "`eps`=1e-08 and `eps_root`=0.0 round to 0 in float16 (or below "
+      "5.96e-08, which XLA flushes to 0), the dtype of the "
       "parameter 'Dense_0/kernel', so an element whose gradients have all "
       "been exactly zero gets 0/0 = NaN as its update; pass an eps that "
       "float16 holds (at least 5.96e-08; float16 training commonly takes 1e-4 "
@@ -893,6 +894,25 @@ def test_an_eps_that_rounds_to_zero_in_float16_is_refused_at_init():
   tx = og.adam(0.1, eps=1e-7)
   u, _ = tx.update(jax.tree.map(jnp.zeros_like, half), tx.init(half))
   assert np.all(np.asarray(u["Dense_0"]["kernel"]) == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_subnormal_eps_is_refused_at_init(dtype):
+  """XLA flushes float32 subnormals to 0: an eps of 1e-40 would still give
+  0/0 = NaN for an all-zero gradient (checked here), so it is refused."""
+  params = {"w": jnp.zeros(2, dtype)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  flushed = jax.jit(lambda g: g / (jnp.sqrt(g * g) + jnp.float32(1e-40)))(
+      jnp.zeros(1, jnp.float32))
+  assert np.isnan(flushed[0])  # the premise: 1e-40 is 0 in XLA's arithmetic
+  with pytest.raises(ValueError, match=re.escape(
+      f"`eps`=1e-40 and `eps_root`=0.0 round to 0 in {jnp.dtype(dtype)} (or "
+      "below 1.18e-38, which XLA flushes to 0), the dtype of the parameter "
+      "'w', so an element")):
+    og.adam(0.1, eps=1e-40).init(params)
+  tx = og.adam(0.1, eps=1e-37)  # a normal float32 number: no 0/0
+  u, _ = jax.jit(tx.update)(zeros, tx.init(params))
+  np.testing.assert_array_equal(u["w"], [0, 0])
 
 
 def test_adamw_needs_params():
