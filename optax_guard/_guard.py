@@ -131,8 +131,8 @@ def guard(
     spike_sigma: spike threshold in standard deviations; None turns spike
       skipping off.
     spike_window: how many accepted norms (and losses) the history holds.
-    spike_warmup_steps: accepted steps before spikes are tested; default
-      `spike_window // 2`.
+    spike_warmup_steps: accepted steps before spikes are tested, `>= 2`;
+      default `max(2, spike_window // 2)`.
     spike_max_consecutive: after this many spikes in a row the spike
       history is cleared and warms up again, so that a lasting jump of the
       gradient norm is learned rather than skipped for ever; None never
@@ -219,8 +219,8 @@ def guard(
           warmup_steps=spike_warmup_steps,
           max_consecutive=spike_max_consecutive,
           axis_name=axis_name) if spike_sigma is not None else None)
-  min_count = (spike_window // 2 if spike_warmup_steps is None
-               else spike_warmup_steps)
+  min_count = (_spikes.min_count(spike_window, spike_warmup_steps)
+               if spike_sigma is not None else None)
 
   def init_fn(params):
     return GuardState(inner_state=inner.init(params), **{

@@ -35,8 +35,13 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
                                   window.num_accepted))
 
 
+def min_count(window: int, warmup_steps: Any) -> Any:
+  """The accepted values a history needs before it can call a spike."""
+  return max(2, window // 2) if warmup_steps is None else warmup_steps
+
+
 def window_threshold(window: Window, sigma: Any,
-                     min_count: int) -> jax.Array:
+                     min_count: Any) -> jax.Array:
   """f32[]: mean + sigma * std of the window, +Inf until it has `min_count`."""
   size = window.values.shape[0]
   n = jnp.minimum(window.num_accepted, size)
@@ -44,7 +49,11 @@ def window_threshold(window: Window, sigma: Any,
   nf = jnp.maximum(n, 1).astype(jnp.float32)
   # Without squaring or summing past float32's range: an accepted norm of
   # ~2e19 would otherwise make the threshold Inf while it stays in the window.
-  mean = jnp.sum(jnp.where(valid, window.values / nf, 0.0))
+  # The mean is taken around the first value, `p + sum(v/n - p/n)`: exact
+  # for equal values, whose threshold is then the value itself.
+  pivot = window.values[0]
+  mean = pivot + jnp.sum(jnp.where(valid, window.values / nf - pivot / nf,
+                                   0.0))
   std = _stats.combine_norms(
       jnp.where(valid, window.values - mean, 0.0)) / jnp.sqrt(nf)
   threshold = mean + jnp.asarray(sigma, jnp.float32) * std
@@ -59,7 +68,8 @@ def check_window(window: Any, warmup_steps: Any,
   _args.check_int(window_name, window, minimum=2)
   # The warm-up is only compared with a counter: `inject_hyperparams` may
   # make it an array (a traced one is checked where it is concrete).
-  _args.check_int(warmup_name, warmup_steps, minimum=1, allow_none=True,
+  # One value has no spread: a second one would be a spike if at all larger.
+  _args.check_int(warmup_name, warmup_steps, minimum=2, allow_none=True,
                   injectable=True)
   warmup = (None if warmup_steps is None else
             _args.concrete_number(warmup_steps))
@@ -123,7 +133,10 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
   consecutive = jnp.where(
       finite, jnp.where(spike, optax.safe_increment(state.consecutive), 0),
       state.consecutive)
-  norms = window_push(state.norms, norm, keep)
+  # A norm of exactly 0 (no gradient at all: a frozen phase, a batch of
+  # padding) says nothing about the scale; a run of them in the history
+  # would make every ordinary step after it a spike.
+  norms = window_push(state.norms, norm, keep & (norm > 0))
   losses = state.losses
   if loss is not None:
     losses = window_push(losses, loss, keep)
@@ -175,7 +188,12 @@ def skip_spikes(
 
   The statistic is the one of OLMo-core's `SkipStepOptimizer` (mean and
   standard deviation over a rolling window, sigma 6, inactive until the window
-  is half full), kept on device in a fixed ring buffer. A window forgets a
+  is half full), kept on device in a fixed ring buffer; the standard
+  deviation here is the population one (OLMo-core's is the sample one,
+  larger by `sqrt(n / (n - 1))`: a hair on a window of 128). A gradient
+  norm of exactly 0 (no gradient at all: a frozen phase, a batch of padding)
+  is accepted but does not enter the norm history, where a run of them would
+  make every ordinary step after it a spike. A window forgets a
   value `window` accepted steps later and is not dragged by old values as an
   EMA of the mean and variance is; Levanter and axlearn use EMAs, MaxText a
   fixed threshold on the norm.
@@ -192,8 +210,8 @@ def skip_spikes(
     inner: the transformation to protect (usually the whole optimizer).
     sigma: how many standard deviations above the mean make a spike, `> 0`.
     window: how many accepted values the history holds, `>= 2`.
-    warmup_steps: accepted values needed before any step can be a spike;
-      default `window // 2`.
+    warmup_steps: accepted values needed before any step can be a spike,
+      `>= 2`; default `max(2, window // 2)`.
     max_consecutive: clear the history after this many finite spikes in a
       row, `>= 1`; None never clears it (a lasting jump is then skipped for
       ever). Unlike `skip_nonfinite`'s, it never halts.
@@ -227,7 +245,7 @@ def skip_spikes(
                   allow_none=True, injectable=True)
   _stats.check_axis_name(axis_name)
   inner = _skip.check_inner(inner)
-  min_count = window // 2 if warmup_steps is None else warmup_steps
+  count = min_count(window, warmup_steps)
 
   def init_fn(params):
     i32 = lambda v: jnp.full((), v, jnp.int32)
@@ -247,7 +265,7 @@ def skip_spikes(
     if loss is not None:
       loss = _skip.global_loss(loss, axis_name)
     spike, new_state = decide(state, norm, loss, sigma=sigma,
-                              min_count=min_count,
+                              min_count=count,
                               max_consecutive=max_consecutive)
     keep = ~spike
     if _skip.is_guard_aware(inner):

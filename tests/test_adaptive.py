@@ -312,6 +312,24 @@ def test_autoclip_matches_the_paper_step_by_step(percentile, window):
     assert 0 < np.sum(scales < 1.0) < T  # both sides exercised
 
 
+@pytest.mark.parametrize("percentile,window", [(60.0, 26), (30.0, 11),
+                                               (36.0, 26), (72.0, 26)])
+def test_autoclip_a_whole_percentile_position_lands_on_its_value(percentile,
+                                                                  window):
+  """Where `q (n - 1) / 100` is a whole number, the threshold is that order
+  statistic exactly, however far the next one is (1e30 here)."""
+  low = int(percentile * (window - 1) / 100) + 1  # values at or below it
+  norms = np.array([1.0] * low + [1e30] * (window - low), np.float32)
+  tx = og.autoclip(percentile, window=window)
+  state = tx.init({"w": jnp.zeros(1)})
+  step = jax.jit(tx.update)
+  for n in norms:
+    g, state = step({"w": jnp.array([n])}, state)
+  assert float(state.threshold) == np.percentile(norms.astype(np.float64),
+                                                 percentile) == 1.0
+  np.testing.assert_allclose(g["w"], [1.0], rtol=1e-6)  # 1e30 cut to 1
+
+
 def test_autoclip_first_steps_and_all_zero_gradients():
   tx = og.autoclip(10.0, window=8)
   zeros = {"w": jnp.zeros(3)}

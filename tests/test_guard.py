@@ -240,8 +240,8 @@ def test_metric_names_of_the_guard():
     # The guard's own names, not skip_spikes' (`window`, `warmup_steps`).
     ({"spike_window": 1}, r"^`spike_window` must be an integer >= 2, but got "
      r"1\.$"),
-    ({"spike_warmup_steps": 0}, r"^`spike_warmup_steps` must be an integer "
-     r">= 1 or None, but got 0\.$"),
+    ({"spike_warmup_steps": 1}, r"^`spike_warmup_steps` must be an integer "
+     r">= 2 or None, but got 1\.$"),
     ({"spike_window": 4, "spike_warmup_steps": 5}, r"^`spike_warmup_steps` "
      r"must be at most `spike_window` \(4\), but got 5\.$"),
     ({"zscore_decay": 1.5}, r"^`zscore_decay` must be a finite real number "

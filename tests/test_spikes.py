@@ -45,7 +45,7 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
   `ddof` and `spikes_enter_history` give deliberately WRONG variants, used
   to show that the streams tell the right rule from near misses.
   """
-  warmup = window // 2 if warmup is None else warmup
+  warmup = max(2, window // 2) if warmup is None else warmup
   hist_n, hist_l = [], []
   consecutive = 0
   skip = np.zeros(len(norms), bool)
@@ -75,7 +75,8 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
       consecutive = 0
     if not spike or (spikes_enter_history and np.isfinite(n) and (
         losses is None or np.isfinite(losses[t]))):
-      hist_n.append(n)
+      if n != 0:  # a zero norm (no gradient) says nothing about the scale
+        hist_n.append(n)
       if losses is not None:
         hist_l.append(losses[t])
     if max_consecutive is not None and finite and (
@@ -800,8 +801,8 @@ _WINDOW = "`window` must be an integer >= 2, but got "
     ({"window": 1}, _WINDOW + "1."),
     ({"window": 0}, _WINDOW + "0."),
     ({"window": 8.0}, _WINDOW + "8.0."),
-    ({"warmup_steps": 0},
-     "`warmup_steps` must be an integer >= 1 or None, but got 0."),
+    ({"warmup_steps": 1},
+     "`warmup_steps` must be an integer >= 2 or None, but got 1."),
     ({"window": 8, "warmup_steps": 9},
      "`warmup_steps` must be at most `window` (8), but got 9."),
     ({"max_consecutive": 0},
@@ -851,3 +852,44 @@ def test_threshold_of_a_window_holding_a_huge_norm_is_finite():
   got = float(jax.jit(lambda w: _spikes.window_threshold(w, 3.0, 4))(window))
   want = np.mean(values) + 3.0 * np.std(values)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_zero_norms_do_not_enter_the_history():
+  """64 steps of exactly-zero gradients (a frozen phase) are accepted and
+  left out of the history: the ordinary steps after them warm it up, and a
+  spike among them is caught (the reference rule), not 32 ordinary steps."""
+  norms = [0.0] * 64 + [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 50.0, 1.0, 0.0, 1.0]
+  tx = og.skip_spikes(optax.sgd(0.1), warmup_steps=2)
+  params = {"w": jnp.zeros(2)}
+  step = jax.jit(tx.update)
+  state, skipped = tx.init(params), []
+  for n in norms:
+    _, state = step({"w": jnp.array([n, 0.0], jnp.float32)}, state, params)
+    skipped.append(bool(og.metrics(state)["optim/skipped"]))
+  want = _reference(np.asarray(norms), sigma=6.0, window=128,
+                    warmup=2, max_consecutive=32)[0]
+  assert skipped == want.tolist()
+  assert np.flatnonzero(want).tolist() == [70]  # only the 50x step
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+@pytest.mark.parametrize("sigma", [0.25, 0.5, 0.9])
+def test_a_value_at_the_bottom_of_its_window_is_not_a_spike(sigma):
+  """A window of six values v and one a float32 step above: the exact
+  threshold is above v for any sigma, so v is not a spike (the window's mean
+  must not round below its smallest value)."""
+  rng = np.random.default_rng(5)
+  params = {"w": jnp.zeros(1)}
+  tx = og.skip_spikes(optax.sgd(0.1), sigma=sigma, window=7, warmup_steps=7)
+  step = jax.jit(tx.update)
+  spikes = []
+  for v in rng.lognormal(size=60).astype(np.float32):
+    up = np.nextafter(v, np.float32(np.inf))
+    state = tx.init(params)
+    for n in [v] * 6 + [up, v]:
+      _, state = step({"w": jnp.array([n])}, state, params)
+    ref = np.array([v] * 6 + [up], np.float64)
+    assert v <= ref.mean() + sigma * ref.std()   # the premise, in float64
+    spikes.append(bool(og.metrics(state)["optim/skipped"]))
+  assert not any(spikes), np.flatnonzero(spikes)
