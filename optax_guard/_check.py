@@ -191,6 +191,13 @@ def _monitor_error(s: MonitorState, skipped: str = "",
         f"Step {step}: the {kind} hold "
         f"{_plural(int(s.num_nonfinite), 'NaN/Inf element')}"
         f"{_describe(layers)}. {action}", step, layers)
+  if measured and not np.isfinite(float(s.norm)):
+    kind = "gradients" if s.naming.kind == "grad" else "updates"
+    action = skipped or _NOTHING_SKIPS.format(given="")
+    return NonFiniteGradientError(
+        f"Step {step}: finite {kind} whose global norm overflows float32 "
+        f"(above ~3.4e38; a clip cannot scale them and passes them on). "
+        f"{action}", step, {})
   if measured and int(s.param_nonfinite) > 0:
     return NonFiniteGradientError(
         f"Step {step}: the parameters hold "

@@ -95,7 +95,10 @@ def clip_by_global_norm(
 
   * measures in float32 whatever the leaf dtype and survives overflow: bf16 or
     fp16 leaves with large norms, and elements above ~1e19 whose squares
-    overflow float32, still give the right finite norm;
+    overflow float32, still give the right finite norm (a norm above
+    float32's range itself, ~3.4e38, cannot be scaled in float32: those
+    finite updates pass on unscaled with `grad/norm` Inf, which `og.check`
+    reports and `skip_nonfinite` or `guard` skips);
   * multiplies by the scale instead of selecting between two trees, which XLA
     fuses into the consumer (about half the cost of optax's clip);
   * leaves the updates unscaled when they hold NaN or Inf (optax multiplies

@@ -101,6 +101,11 @@ def gradient_norm_penalty(
     result as `radius` :math:`r \to 0` (error :math:`O(r)`; exact for a
     quadratic loss).
 
+  It sees one device's parameters and loss: under `shard_map` that is right
+  for data parallelism with replicated parameters (each device penalises
+  its own batch's gradient), not for parameters sharded across devices,
+  whose norm it would take shard by shard.
+
   A zero gradient has a zero penalty gradient in both methods. The
   finite-difference probe is taken in the parameters' dtype. With bfloat16
   or float16 parameters it loses to rounding: the two gradients it

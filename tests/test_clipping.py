@@ -199,6 +199,28 @@ def test_nonfinite_element_passes_unscaled_and_is_recorded(bad):
   assert int(state.num_clipped) == 0 and float(state.clip_scale) == 1.0
 
 
+def test_a_norm_beyond_float32_passes_unscaled_and_check_says_so():
+  """Finite elements whose global norm is above float32's range (here
+  3e38 * sqrt(2)) cannot be scaled to `max_norm` in float32: the clip passes
+  them on, records the norm as Inf, and og.check names the overflow."""
+  grads = {"w": jnp.array([3e38, 3e38], jnp.float32)}
+  assert np.sqrt(2.0) * 3e38 > np.finfo(np.float32).max   # the premise
+  tx = optax.chain(og.monitor(), og.clip_by_global_norm(1.0), optax.sgd(0.1))
+  params = {"w": jnp.zeros(2)}
+  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_array_equal(  # unscaled, times -lr
+      u["w"], [np.float32(3e38) * np.float32(-0.1)] * 2)
+  m = og.metrics(state)
+  assert np.isinf(m["grad/norm"]) and float(m["grad/clip_scale"]) == 1.0
+  assert int(m["grad/nonfinite"]) == 0
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "Step 0: finite gradients whose global norm overflows float32 (above "
+      "~3.4e38; a clip cannot scale them and passes them on). Nothing in "
+      "this chain skips such a step unless a `skip_nonfinite` or `guard` "
+      "stands around the optimizer.")):
+    og.check(state)
+
+
 def test_layer_norm_against_numpy():
   grads = _random_tree(3, scale=2.0)
   max_norm = 3.0
