@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import importlib.abc
+import importlib.machinery
 import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
@@ -244,9 +246,6 @@ class PerLayer:
   values: Any
   names: tuple[str, ...]
 
-  def __post_init__(self):
-    register_with_flax_serialization()
-
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=[], meta_fields=["kind", "prefix", "every"])
@@ -263,28 +262,14 @@ class Naming:
   prefix: str = ""
   every: int = 1
 
-  def __post_init__(self):
-    register_with_flax_serialization()
 
-
-_flax_registered = False
-
-
-def register_with_flax_serialization() -> None:
+def _register_with_flax_serialization(serialization: Any) -> None:
   """Lets `flax.serialization` save and restore `PerLayer` and `Naming`.
 
   Linen users save a `TrainState` with `flax.serialization.to_bytes`, which
   knows NamedTuples and dicts but no other pytree node: without this,
-  msgpack refuses every state with per-layer statistics. Flax stays an
-  optional dependency that importing optax_guard never imports, so this runs
-  whenever one of the two is made (init, update, and every unflatten) and
-  registers them once Flax has been imported.
+  msgpack refuses every state with per-layer statistics.
   """
-  global _flax_registered
-  serialization = sys.modules.get("flax.serialization")
-  if _flax_registered or serialization is None:
-    return
-  _flax_registered = True
   serialization.register_serialization_state(
       PerLayer,
       lambda x: {"values": serialization.to_state_dict(x.values)},
@@ -295,7 +280,31 @@ def register_with_flax_serialization() -> None:
       Naming, lambda x: {}, lambda target, state: target)
 
 
-register_with_flax_serialization()
+class _WhenFlaxSerializationLoads(importlib.abc.MetaPathFinder):
+  """Registers our nodes with `flax.serialization` right after it is
+  imported: Flax is optional, and importing optax_guard never imports it."""
+
+  def find_spec(self, name, path, target=None):
+    del target
+    if name != "flax.serialization":
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None and spec.loader is not None:
+      run = spec.loader.exec_module
+
+      def exec_module(module):
+        run(module)
+        _register_with_flax_serialization(module)
+
+      spec.loader.exec_module = exec_module
+    return spec
+
+
+if "flax.serialization" in sys.modules:
+  _register_with_flax_serialization(sys.modules["flax.serialization"])
+else:
+  sys.meta_path.insert(0, _WhenFlaxSerializationLoads())
 
 
 def per_layer_zeros(names: tuple[str, ...], dtype: Any,

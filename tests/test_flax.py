@@ -102,6 +102,26 @@ def test_flax_serialization_round_trip_of_a_guarded_train_state(inner):
   assert int(m["optim/num_skipped"]) == 1 and int(m["optim/num_spikes"]) == 1
 
 
+def test_flax_serialization_imported_after_the_state_is_built():
+  """Flax imported only after optax_guard built a state (a notebook's
+  order): `to_bytes`/`from_bytes` still know our pytree nodes."""
+  code = (
+      "import sys, jax, jax.numpy as jnp, numpy as np, optax_guard as og\n"
+      "assert 'flax' not in sys.modules\n"
+      "tx = og.guard(og.adamw(0.1), zscore=True)\n"
+      "p = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}\n"
+      "s = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)[1]\n"
+      "from flax import serialization\n"
+      "r = serialization.from_bytes(tx.init(p), serialization.to_bytes(s))\n"
+      "assert jax.tree.structure(r) == jax.tree.structure(s)\n"
+      "assert all(np.array_equal(a, b) for a, b in\n"
+      "           zip(jax.tree.leaves(r), jax.tree.leaves(s)))\n"
+      "print('ok')\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300)
+  assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 class _NnxMlp(nnx.Module):
 
   def __init__(self, rngs):
