@@ -79,7 +79,7 @@ def _check(strength: Any, radius: Any) -> None:
 def gradient_norm_penalty(
     loss_fn: Callable[..., Any], strength: float, *,
     method: str = "exact", squared: bool = False, radius: float = 0.01,
-    has_aux: bool = False,
+    has_aux: bool = False, axis_name: _stats.AxisName = None,
 ) -> Callable[..., Any]:
   r"""Loss and gradients of `loss + strength * ||grad loss||`.
 
@@ -101,10 +101,12 @@ def gradient_norm_penalty(
     result as `radius` :math:`r \to 0` (error :math:`O(r)`; exact for a
     quadratic loss).
 
-  It sees one device's parameters and loss: under `shard_map` that is right
-  for data parallelism with replicated parameters (each device penalises
-  its own batch's gradient), not for parameters sharded across devices,
-  whose norm it would take shard by shard.
+  Under `shard_map` with parameters sharded across devices, pass their mesh
+  axes as `axis_name`: the norm is then the whole gradient's (each leaf's sum
+  of squares summed over the axes it varies along), the same on every
+  device, in float32. Without it each device takes the norm of what it
+  holds, which is right when the parameters are replicated (data
+  parallelism: each device penalises its own batch's gradient).
 
   A zero gradient has a zero penalty gradient in both methods. The
   finite-difference probe is taken in the parameters' dtype. With bfloat16
@@ -124,6 +126,8 @@ def gradient_norm_penalty(
     radius: :math:`r`, the finite-difference step, a float `> 0` (only used
       by `"finite_difference"`; Zhao et al. use 0.01 to 0.1).
     has_aux: whether `loss_fn` returns `(loss, aux)`.
+    axis_name: mesh axis name(s) over which the parameters are sharded
+      (inside `shard_map`), so that the norm is the whole gradient's.
 
   Returns:
     A function `(params, *args, **kwargs) -> (loss, grads)` (`((loss, aux),
@@ -151,12 +155,18 @@ def gradient_norm_penalty(
   """
   _check(strength, radius)
   _args.check_choice("method", method, PENALTY_METHODS)
+  _stats.check_axis_name(axis_name)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+  def norm_of(grads):
+    if axis_name is None:  # in float64 too, where the gradients are
+      return _safe_norm(grads)
+    return _stats.tree_stats(grads, axis_name=axis_name).global_norm
 
   def exact(params, *args, **kwargs):
     def penalised(p):
       value, grads = grad_fn(p, *args, **kwargs)
-      norm = _safe_norm(grads)
+      norm = norm_of(grads)
       penalty = jnp.square(norm) if squared else norm
       loss = value[0] if has_aux else value
       return loss + jnp.asarray(strength, penalty.dtype) * penalty, value
@@ -166,7 +176,7 @@ def gradient_norm_penalty(
 
   def finite_difference(params, *args, **kwargs):
     value, grads = grad_fn(params, *args, **kwargs)
-    norm = _safe_norm(grads)
+    norm = norm_of(grads)
     step = _fd_direction(grads, norm)
     probe_at = jax.tree.map(lambda p, n: p + jnp.asarray(radius, p.dtype) * n,
                             params, step)

@@ -265,3 +265,47 @@ def test_input_gradient_penalty_refuses_what_it_cannot_average():
                      r"leading \(batch\) axis; got leading sizes \[3, 4\]"):
     og.input_gradient_penalty(lambda b: b["a"][:, 0],
                               {"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))})
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
+  """L = sum(d w^2) / 2 over a kernel sharded across 8 devices (psummed)
+  plus a replicated bias's b^2 / 2: with `axis_name` every device's
+  penalised gradient is g + lambda H g / ||g|| of the WHOLE gradient
+  (closed form), as on one device; without it, each device's own norm."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("d",))
+  rng = np.random.default_rng(11)
+  d = rng.uniform(0.5, 2.0, size=16).astype(np.float32)  # H = diag(d, 1)
+  w = rng.normal(size=16).astype(np.float32)
+  b = rng.normal(size=3).astype(np.float32)
+  lam = 0.3
+
+  def loss(p, d_local):  # the bias's term is replicated: counted once
+    return (jax.lax.psum(jnp.sum(d_local * p["w"] ** 2) / 2, "d")
+            + jnp.sum(p["b"] ** 2) / 2)
+
+  g = np.concatenate([d * w, b]).astype(np.float64)     # the whole gradient
+  hg = np.concatenate([d * d * w, b]).astype(np.float64)
+  want = g + lam * hg / np.linalg.norm(g)
+  tol = 1e-5 if method == "exact" else 2e-3
+
+  def sharded(axis_name):
+    fn = og.gradient_norm_penalty(loss, lam, method=method, radius=1e-3,
+                                  axis_name=axis_name)
+    def run(w_shard, d_local, b):
+      grads = fn({"w": w_shard, "b": b}, d_local)[1]
+      return grads["w"], grads["b"][None]
+    step = jax.jit(jax.shard_map(run, mesh=mesh,
+                                 in_specs=(P("d"), P("d"), P()),
+                                 out_specs=(P("d"), P("d"))))
+    return step(jax.device_put(w, NamedSharding(mesh, P("d"))),
+                jax.device_put(d, NamedSharding(mesh, P("d"))),
+                jax.device_put(b, NamedSharding(mesh, P())))
+
+  got_w, got_b = sharded("d")
+  np.testing.assert_allclose(got_w, want[:16], rtol=tol)
+  for row in np.asarray(got_b):           # the same on every device
+    np.testing.assert_allclose(row, want[16:], rtol=tol)
+  local_w, _ = sharded(None)              # the premise: a shard's own norm
+  assert not np.allclose(local_w, want[:16], rtol=tol)
