@@ -93,6 +93,7 @@ class MonitorState(NamedTuple):
   num_nonfinite: jax.Array           # i32[] NaN/Inf elements of what passed.
   layer_norms: _metrics.PerLayer | None  # f32[L] norm of each layer.
   frac_above_1: _metrics.PerLayer | None  # f32[L] fraction of |x| > 1.
+  total_frac_above_1: jax.Array      # f32[] the same over every element.
   nonfinite: _metrics.PerLayer | None     # i32[L] NaN/Inf counts per layer.
   param_norm: jax.Array              # f32[] global parameter norm.
   param_layer_norms: _metrics.PerLayer | None  # f32[L] of each parameter.
@@ -113,6 +114,7 @@ class MonitorState(NamedTuple):
     out = {
         f"{p}{k}/norm": self.norm,
         **_metrics.expand(f"{p}{k}/norm", self.layer_norms),
+        f"{p}{k}/frac_above_1": self.total_frac_above_1,
         **_metrics.expand(f"{p}{k}/frac_above_1", frac),
         f"{p}{k}/nonfinite": self.num_nonfinite,
         **nonfinite,
@@ -189,6 +191,8 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
       num_nonfinite=jnp.sum(stats.nonfinite, dtype=jnp.int32),
       layer_norms=entries(stats.norms, state.layer_norms),
       frac_above_1=entries(frac, state.frac_above_1),
+      total_frac_above_1=(jnp.sum(stats.count_above.astype(jnp.float32)) /
+                          jnp.maximum(jnp.sum(stats.sizes), 1)),
       nonfinite=entries(stats.nonfinite, state.nonfinite))
   if params is not None:
     _metrics.check_same_tree(updates, params, "monitor")
@@ -259,7 +263,8 @@ def monitor(
   at its first step, or no `params` given; 0 where both are).
 
   Metrics (`<k>` is `kind`): `<k>/norm`, `<k>/norm/<layer>`,
-  `<k>/frac_above_1/<layer>`, `<k>/nonfinite`, `<k>/nonfinite/<layer>`,
+  `<k>/frac_above_1` (over every element), `<k>/frac_above_1/<layer>`,
+  `<k>/nonfinite`, `<k>/nonfinite/<layer>`,
   `param/norm`, `param/norm/<layer>`, `param/nonfinite`, `loss/value`,
   `loss/ema`, `loss/nonfinite` (loss entries read 0 until a loss is given),
   and with `histogram=True` `<k>/hist/<layer>`: counts over the buckets of
@@ -342,6 +347,7 @@ def monitor(
     return MonitorState(
         step=i32(), norm=f32(), num_nonfinite=i32(),
         layer_norms=entries(jnp.float32), frac_above_1=entries(jnp.float32),
+        total_frac_above_1=f32(),
         nonfinite=entries(jnp.int32), param_norm=f32(),
         param_layer_norms=entries(jnp.float32),
         param_nonfinite=i32(), loss=f32(), loss_ema=f32(),

@@ -51,6 +51,9 @@ def test_identity_and_signals_against_numpy():
                                np.linalg.norm(p[name]), rtol=1e-6)
     assert int(m[f"grad/nonfinite/{name}"]) == 0
   assert int(m["grad/nonfinite"]) == 0 and int(m["param/nonfinite"]) == 0
+  every = np.concatenate([x.ravel() for x in g.values()])
+  np.testing.assert_allclose(m["grad/frac_above_1"],
+                             np.mean(np.abs(every) > 1), rtol=1e-6)
 
 
 def _edge_grads():
@@ -88,6 +91,15 @@ def test_frac_above_1_at_the_threshold(keep):
     expected = np.mean(np.abs(np.asarray(x, np.float32)) > 1)
     np.testing.assert_allclose(m[f"grad/frac_above_1/{name}"], expected,
                                rtol=1e-6, err_msg=name)
+  every = np.concatenate([np.asarray(x, np.float32).ravel()
+                          for x in grads.values()])
+  np.testing.assert_allclose(m["grad/frac_above_1"],
+                             np.mean(np.abs(every) > 1), rtol=1e-6)
+  # Without per-layer entries the total stays.
+  tx = og.monitor(per_layer=False)
+  _, state = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_allclose(og.metrics(state)["grad/frac_above_1"],
+                             np.mean(np.abs(every) > 1), rtol=1e-6)
 
 
 def test_nonfinite_counts_per_layer():

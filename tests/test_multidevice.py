@@ -802,6 +802,10 @@ def test_shard_map_frac_above_1_in_one_shard(device):
   for name, g in [("kernel", kernel), ("bias", bias)]:
     np.testing.assert_allclose(float(m[f"grad/frac_above_1/{name}"]),
                                float(np.mean(np.abs(g) > 1.0)), rtol=RTOL)
+  # The total: the kernel counted once over its shards, the bias once.
+  above = np.sum(np.abs(kernel) > 1.0) + np.sum(np.abs(bias) > 1.0)
+  np.testing.assert_allclose(float(m["grad/frac_above_1"]),
+                             above / (kernel.size + bias.size), rtol=RTOL)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "nan_and_inf"])
