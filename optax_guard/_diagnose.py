@@ -128,7 +128,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   (`stacked`, for `nn.scan`) follow each other in the order of its leading
   axis; stacked leaves that one `scan` slices go layer by layer together,
   and so do stacked leaves with the same number of layers that no `scan`
-  slices (taken to be indexed layer by layer in a Python loop).
+  slices and that are in use at the same time (indexed layer by layer in
+  one Python loop).
 
   The same fit is taken over the one-dimensional leaves (biases and norm
   scales): their gradients are the backward signal itself (summed over the
@@ -300,11 +301,13 @@ _ALIASES = frozenset({"convert_element_type", "reshape", "transpose", "copy",
 
 
 def first_uses(closed: Any, count: int
-               ) -> tuple[list[float], list[int | None]]:
+               ) -> tuple[list[float], list[int | None], list[float]]:
   """When the forward pass first uses each of the first `count` inputs of
-  the jaxpr `closed` (the parameter leaves), and inside which `scan` (an
-  id, or None), following nested calls. A leaf never used gets `inf`."""
+  the jaxpr `closed` (the parameter leaves), inside which `scan` (an id, or
+  None), following nested calls, and when it last uses it. A leaf never
+  used gets `inf` (and `-inf` as its last use)."""
   first: dict[int, tuple[int, int | None]] = {}
+  last: dict[int, int] = {}
   xs_scan: dict[int, int] = {}  # the outermost scan that slices each leaf
   clock, scans = [0], [0]
 
@@ -336,6 +339,7 @@ def first_uses(closed: Any, count: int
       clock[0] += 1
       for leaf in used:
         first.setdefault(leaf, (clock[0], scan))
+        last[leaf] = clock[0]
 
   # Only what feeds the loss (the first output) counts: an `aux` output
   # computed from the parameters before the forward pass is no use of them.
@@ -345,7 +349,8 @@ def first_uses(closed: Any, count: int
   # a nested scan inside that one is where it is first used.
   return ([first[i][0] if i in first else float("inf") for i in range(count)],
           [xs_scan.get(i, first[i][1] if i in first else None)
-           for i in range(count)])
+           for i in range(count)],
+          [last.get(i, -float("inf")) for i in range(count)])
 
 
 def _calls(eqn: Any) -> list[tuple[Any, list[Any]]]:
@@ -365,12 +370,26 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
   A leaf is placed by its first use. The layers of stacked leaves that a
   `scan` reads go layer by layer: all of layer 0's leaves (in their order of
   use), then layer 1's, and so on. Stacked leaves that no scan reads (a
-  Python loop over the layers) are taken to go layer by layer the same way,
-  those with the same number of layers together.
+  Python loop over the layers) go layer by layer the same way when they have
+  the same number of layers and are in use at the same time (one's first use
+  before another's last): one loop reads them all, where two loops in a row
+  (an encoder's stack, then a decoder's) do not.
   """
-  uses, scan_of = first_uses(closed, len(counts))
-  together = [scan_of[i] if scan_of[i] is not None else ("loop", counts[i])
-              for i in range(len(counts))]
+  uses, scan_of, lasts = first_uses(closed, len(counts))
+  together: list[Any] = list(scan_of)
+  loops: list[tuple[int, float, Any]] = []  # (layers, last use, group)
+  for i in sorted(range(len(counts)), key=lambda i: uses[i]):
+    if not stacked[i] or scan_of[i] is not None:
+      continue
+    group = next((g for n, end, g in loops
+                  if n == counts[i] and uses[i] <= end), None)
+    if group is None:
+      group = ("loop", len(loops))
+      loops.append((counts[i], lasts[i], group))
+    else:
+      loops = [(n, max(end, lasts[i]) if g == group else end, g)
+               for n, end, g in loops]
+    together[i] = group
   start: dict[Any, float] = {}  # the first use within each group
   for i, flag in enumerate(stacked):
     if flag:

@@ -252,6 +252,19 @@ def test_stacked_layers_indexed_in_a_python_loop_go_layer_by_layer():
     slope = np.polyfit(np.arange(8), np.log(norms), 1)[0]
     np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
 
+  # Two stacks of the same depth in two loops, one after the other (an
+  # encoder, then a decoder): the first stack's layers, then the second's.
+  def two_loops(p, x):
+    for i in range(4):
+      x = jnp.tanh(x @ p["blocks"]["w1"][i])
+    for i in range(4):
+      x = jnp.tanh(x @ p["blocks"]["w2"][i])
+    return jnp.mean(x ** 2)
+
+  d = og.diagnose(two_loops, params, x, stacked=("blocks",))
+  assert d.layers == tuple(f"blocks/w1/{i}" for i in range(4)) + tuple(
+      f"blocks/w2/{i}" for i in range(4))
+
 
 def test_casts_are_not_uses_and_biases_do_not_stretch_the_fit():
   def loss_fn(params, x):
