@@ -4,6 +4,7 @@ Add every new public transformation to `CASES`; `test_every_factory_is_covered`
 fails until it is there.
 """
 
+import functools
 import inspect
 import re
 
@@ -83,7 +84,15 @@ def _grads(i):
       for k, x in zip(keys, leaves)])
 
 
+@functools.cache
 def _make(name):
+  """The factory's transformation, built once per module and shared.
+
+  A transformation is a pair of pure functions, so sharing it changes no
+  check; it lets `jax.jit(tx.update)` on the same argument signature (state,
+  step, host-metrics, extra-args and inject tests) reuse one trace and one
+  compiled program instead of compiling it again in each test.
+  """
   kwargs, _ = CASES[name]
   return _with_required_extra(name, getattr(og, name)(**kwargs))
 
@@ -223,7 +232,7 @@ def test_inject_hyperparams(name):
   factory = getattr(og, name)
   injected = _with_required_extra(name, optax.inject_hyperparams(
       factory, static_args=tuple(fixed))(**kwargs))
-  plain = _with_required_extra(name, factory(**kwargs))
+  plain = _make(name)  # == _with_required_extra(name, factory(**kwargs))
   params = _params()
   s_inj, s_plain = injected.init(params), plain.init(params)
   step, plain_step = jax.jit(injected.update), jax.jit(plain.update)
