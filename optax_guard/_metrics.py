@@ -268,16 +268,41 @@ def _register_with_flax_serialization(serialization: Any) -> None:
 
   Linen users save a `TrainState` with `flax.serialization.to_bytes`, which
   knows NamedTuples and dicts but no other pytree node: without this,
-  msgpack refuses every state with per-layer statistics.
+  msgpack refuses every state with per-layer statistics. A Flax whose API
+  has changed gets a warning, never a failed import.
   """
-  serialization.register_serialization_state(
-      PerLayer,
-      lambda x: {"values": serialization.to_state_dict(x.values)},
-      lambda target, state: PerLayer(serialization.from_state_dict(
-          target.values, state["values"]), target.names))
-  # No data, so nothing to save: the target's own naming is restored.
-  serialization.register_serialization_state(
-      Naming, lambda x: {}, lambda target, state: target)
+  try:
+    serialization.register_serialization_state(
+        PerLayer,
+        lambda x: {"values": serialization.to_state_dict(x.values)},
+        lambda target, state: PerLayer(serialization.from_state_dict(
+            target.values, state["values"]), target.names))
+    # No data, so nothing to save: the target's own naming is restored.
+    serialization.register_serialization_state(
+        Naming, lambda x: {}, lambda target, state: target)
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(
+        "optax_guard could not register its state types with "
+        f"flax.serialization ({e!r}); flax.serialization.to_bytes will refuse "
+        "states with per-layer statistics (Orbax is not affected).",
+        stacklevel=2)
+
+
+class _ThenRegister(importlib.abc.Loader):
+  """Runs `flax.serialization`'s own loader, then registers our nodes."""
+
+  def __init__(self, loader: Any):
+    self._loader = loader
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module):
+    self._loader.exec_module(module)
+    _register_with_flax_serialization(module)
+
+  def __getattr__(self, name):  # get_source, resource readers, ...
+    return getattr(self._loader, name)
 
 
 class _WhenFlaxSerializationLoads(importlib.abc.MetaPathFinder):
@@ -285,25 +310,19 @@ class _WhenFlaxSerializationLoads(importlib.abc.MetaPathFinder):
   imported: Flax is optional, and importing optax_guard never imports it."""
 
   def find_spec(self, name, path, target=None):
-    del target
     if name != "flax.serialization":
       return None
     sys.meta_path.remove(self)
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    spec = importlib.machinery.PathFinder.find_spec(name, path, target)
     if spec is not None and spec.loader is not None:
-      run = spec.loader.exec_module
-
-      def exec_module(module):
-        run(module)
-        _register_with_flax_serialization(module)
-
-      spec.loader.exec_module = exec_module
+      spec.loader = _ThenRegister(spec.loader)
     return spec
 
 
 if "flax.serialization" in sys.modules:
   _register_with_flax_serialization(sys.modules["flax.serialization"])
-else:
+elif not any(isinstance(f, _WhenFlaxSerializationLoads)
+             for f in sys.meta_path):
   sys.meta_path.insert(0, _WhenFlaxSerializationLoads())
 
 

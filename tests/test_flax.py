@@ -122,6 +122,54 @@ def test_flax_serialization_imported_after_the_state_is_built():
   assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+_FAKE_FLAX = {  # a stand-in Flax, served from a zip by one shared importer
+    "flax/__init__.py": "from flax import serialization, other\n",
+    "flax/other.py": "X = 1\n",
+    "flax/serialization.py": (
+        "registered = []\n"
+        "def register_serialization_state(ty, to, frm):\n"
+        "  registered.append(ty.__name__)\n"),
+}
+
+
+def test_the_flax_hook_wraps_only_flax_serialization(tmp_path):
+  """The import hook wraps the loader of `flax.serialization` alone: a zip
+  importer shared by every module of the package still imports the others,
+  and a Flax without the registration function gets a warning, not an
+  ImportError."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  archive = tmp_path / "fake_flax.zip"
+  with zipfile.ZipFile(archive, "w") as z:
+    for name, text in _FAKE_FLAX.items():
+      z.writestr(name, text)
+  broken = tmp_path / "broken"
+  (broken / "flax").mkdir(parents=True)
+  (broken / "flax" / "__init__.py").write_text("")
+  (broken / "flax" / "serialization.py").write_text("")
+  code = (
+      "import sys, warnings\n"
+      "sys.path.insert(0, sys.argv[1])\n"
+      "import optax_guard\n"
+      "with warnings.catch_warnings(record=True) as caught:\n"
+      "  warnings.simplefilter('always')\n"
+      "  import flax, flax.serialization\n"
+      "print(getattr(flax.serialization, 'registered', None),\n"
+      "      getattr(getattr(flax, 'other', None), 'X', None),\n"
+      "      [str(w.message)[:60] for w in caught])\n")
+  run = lambda where: subprocess.run(
+      [sys.executable, "-c", code, str(where)], capture_output=True,
+      text=True, timeout=300)
+  zipped = run(archive)
+  assert zipped.stdout.strip() == "['PerLayer', 'Naming'] 1 []", (
+      zipped.stdout + zipped.stderr[-2000:])
+  out = run(broken)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == (
+      "None None ['optax_guard could not register its state types with "
+      "flax.ser']"
+  ), out.stdout
+
+
 class _NnxMlp(nnx.Module):
 
   def __init__(self, rngs):
