@@ -136,7 +136,8 @@ def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
   run = int(s.consecutive)  # finite spikes in a row (NaN/Inf not counted)
   if run == 0 or not finite:
     what = ""
-  elif int(s.norms.num_accepted) == 0:  # `max_consecutive` was reached
+  elif (int(s.norms.num_accepted) == 0 and
+        int(s.losses.num_accepted) == 0):  # `max_consecutive` emptied both
     what = (f"{_plural(run, 'spike')} in a row, enough to restart the spike "
             "history, which now warms up again on the new scale; ")
   else:

@@ -84,7 +84,8 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
     raise ValueError(
         f"The `mask` of `{factory}` must be a tree of bools like the "
         f"parameters (or a prefix of it), a callable returning one, or None "
-        f"for every leaf, but it is the single bool {bool(tree)!r}."
+        f"for every leaf, but it is the single bool {bool(tree)!r}, which "
+        f"would touch every leaf or none (pass None, or a rate of 0)."
         f"{_args.INJECTED_FUNCTION}")
   try:
     # A flag stands for every leaf below it, so that a prefix of the

@@ -163,8 +163,7 @@ class MetricsLog:
     # leaves of other shapes (another device layout), holds other columns
     # (said now, not `lag` steps later when the row is fetched).
     structure = jax.tree.structure(states)
-    shapes = [(np.shape(x), np.dtype(x.dtype))
-              for x in jax.tree_util.tree_leaves(states)]
+    shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(states)]
     if ((self._structure is not None and
          (structure, shapes) != (self._structure, self._shapes)) or
         (self._structure is None and self._columns)):  # after `load`

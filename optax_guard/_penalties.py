@@ -101,10 +101,10 @@ def gradient_norm_penalty(
     result as `radius` :math:`r \to 0` (error :math:`O(r)`; exact for a
     quadratic loss).
 
-  Under `shard_map` with parameters sharded across devices, pass their mesh
-  axes as `axis_name`: the norm is then the whole gradient's (each leaf's sum
-  of squares summed over the axes it varies along), the same on every
-  device, in float32. Without it each device takes the norm of what it
+  Under `shard_map` (with its default `check_vma=True`) with parameters
+  sharded across devices, pass their mesh axes as `axis_name`: the norm is
+  then the whole gradient's (each leaf's sum of squares summed over the axes
+  it varies along), the same on every device, in float32. Without it each device takes the norm of what it
   holds, which is right when the parameters are replicated (data
   parallelism: each device penalises its own batch's gradient).
 
@@ -161,6 +161,13 @@ def gradient_norm_penalty(
   def norm_of(grads):
     if axis_name is None:  # in float64 too, where the gradients are
       return _safe_norm(grads)
+    if not _stats.is_typed(_stats.axis_names(axis_name)):
+      raise ValueError(
+          f"gradient_norm_penalty got axis_name={axis_name!r} where values "
+          "carry no sharding types (`pmap`, or `shard_map` with "
+          "check_vma=False), so it cannot tell sharded parameters from "
+          "replicated ones: use `shard_map` with its default check_vma=True, "
+          "or, with replicated parameters (`pmap`), leave axis_name=None.")
     return _stats.tree_stats(grads, axis_name=axis_name).global_norm
 
   def exact(params, *args, **kwargs):

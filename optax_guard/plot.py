@@ -29,10 +29,10 @@ def _columns(record: Any) -> dict[str, np.ndarray]:
     raise TypeError(
         "Expected an og.MetricsLog or the dict its to_numpy() returns, but "
         f"got {type(record).__name__}.")
-  # Every state records a scalar (its counters); a record from a `pmap`ped
-  # state has a device axis on every metric instead.
-  metrics = [v for k, v in columns.items() if k != "step"]
-  if metrics and all(np.ndim(v) >= 2 for v in metrics):
+  # Metrics without a layer part (`grad/norm`, `optim/skipped`) are one
+  # number per step; recorded from a `pmap`ped state, they have a device axis.
+  scalars = [v for k, v in columns.items() if k != "step" and k.count("/") == 1]
+  if scalars and all(np.ndim(v) >= 2 for v in scalars):
     raise ValueError(
         "The record holds one value per device for every metric: it was "
         "recorded from a `pmap`ped state. Plot one device's: record "

@@ -231,7 +231,8 @@ def test_errors():
     with pytest.raises(ValueError, match=(
         rf"^The `mask` of `{name}` must be a tree of bools like the "
         r"parameters \(or a prefix of it\), a callable returning one, or "
-        r"None for every leaf, but it is the single bool False\. If you "
+        r"None for every leaf, but it is the single bool False, which would "
+        r"touch every leaf or none \(pass None, or a rate of 0\)\. If you "
         r"passed a function through `optax.inject_hyperparams`, list it in "
         r"its `static_args`")):
       injected = optax.inject_hyperparams(factory)(0.1, mask=og.decay_mask)

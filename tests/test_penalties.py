@@ -309,3 +309,16 @@ def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
     np.testing.assert_allclose(row, want[16:], rtol=tol)
   local_w, _ = sharded(None)              # the premise: a shard's own norm
   assert not np.allclose(local_w, want[:16], rtol=tol)
+
+
+def test_axis_name_without_sharding_types_is_refused():
+  """Under `pmap` nothing says which parameters are sharded: refused."""
+  fn = og.gradient_norm_penalty(lambda w: jnp.sum(w ** 2) / 2, 0.1,
+                                axis_name="d")
+  with pytest.raises(ValueError, match=(
+      r"^gradient_norm_penalty got axis_name='d' where values carry no "
+      r"sharding types \(`pmap`, or `shard_map` with check_vma=False\), so "
+      r"it cannot tell sharded parameters from replicated ones: use "
+      r"`shard_map` with its default check_vma=True, or, with replicated "
+      r"parameters \(`pmap`\), leave axis_name=None\.")):
+    jax.pmap(lambda w: fn(w)[1], axis_name="d")(jnp.ones((8, 3)))

@@ -187,6 +187,10 @@ def test_errors_are_sentences(monkeypatch):
         r"`jax\.tree\.map\(lambda x: x\[0\], state\)` \(with `axis_name` "
         r"given, the devices hold the same statistics\)\.$")):
       plot(per_device, ax=_Recorder())
+  # A single-device record cut down to its per-layer columns is not one.
+  record = _log(histogram=True).to_numpy()
+  og.plot.histograms({k: v for k, v in record.items()
+                      if k == "step" or "/hist/" in k}, ax=_Recorder())
   monkeypatch.setitem(sys.modules, "matplotlib", None)
   monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
   with pytest.raises(ImportError, match=r"needs matplotlib, which "

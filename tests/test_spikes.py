@@ -893,3 +893,23 @@ def test_a_value_at_the_bottom_of_its_window_is_not_a_spike(sigma):
     assert v <= ref.mean() + sigma * ref.std()   # the premise, in float64
     spikes.append(bool(og.metrics(state)["optim/skipped"]))
   assert not any(spikes), np.flatnonzero(spikes)
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_check_after_zero_gradients_words_a_loss_spike_as_one_spike():
+  """Zero gradients keep the norm history empty while the losses fill
+  theirs: a loss spike then is one spike, not a restart of the history."""
+  params = {"w": jnp.zeros(2)}
+  for tx in (og.skip_spikes(optax.sgd(0.1), warmup_steps=2),
+             og.guard(og.sgd(0.1), spike_warmup_steps=2)):
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    for loss in [1.0, 1.1, 0.9, 1.05, 0.95, 100.0]:
+      _, state = step({"w": jnp.zeros(2)}, state, params,
+                      loss=jnp.float32(loss))
+    losses = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
+    limit = losses.mean() + 6 * losses.std()
+    with pytest.raises(og.GradientExplosionError, match=re.escape(
+        f"Step 5: the loss 100 exceeded the spike threshold {limit:.4g}. "
+        "The guard skipped the step (1 spike in a row, 1 in total).")):
+      og.check(state)
