@@ -185,16 +185,14 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   # What it holds of the gradients may be older than the last step (`every`).
   measured = _measured_last(s)
   layers = _bad_layers(s.nonfinite)
+  kind = "gradients" if s.naming.kind == "grad" else "updates"
+  action = skipped or _NOTHING_SKIPS.format(given="")
   if measured and int(s.num_nonfinite) > 0:
-    kind = "gradients" if s.naming.kind == "grad" else "updates"
-    action = skipped or _NOTHING_SKIPS.format(given="")
     return NonFiniteGradientError(
         f"Step {step}: the {kind} hold "
         f"{_plural(int(s.num_nonfinite), 'NaN/Inf element')}"
         f"{_describe(layers)}. {action}", step, layers)
   if measured and not np.isfinite(float(s.norm)):
-    kind = "gradients" if s.naming.kind == "grad" else "updates"
-    action = skipped or _NOTHING_SKIPS.format(given="")
     return NonFiniteGradientError(
         f"Step {step}: finite {kind} whose global norm overflows float32 "
         f"(above ~3.4e38; a clip cannot scale them and passes them on). "

@@ -104,9 +104,10 @@ def gradient_norm_penalty(
   Under `shard_map` (with its default `check_vma=True`) with parameters
   sharded across devices, pass their mesh axes as `axis_name`: the norm is
   then the whole gradient's (each leaf's sum of squares summed over the axes
-  it varies along), the same on every device, in float32. Without it each device takes the norm of what it
-  holds, which is right when the parameters are replicated (data
-  parallelism: each device penalises its own batch's gradient).
+  it varies along), the same on every device, in float32. Without it each
+  device takes the norm of what it holds, which is right when the
+  parameters are replicated (data parallelism: each device penalises its
+  own batch's gradient).
 
   A zero gradient has a zero penalty gradient in both methods. The
   finite-difference probe is taken in the parameters' dtype. With bfloat16
