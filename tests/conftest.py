@@ -1,6 +1,8 @@
 """Test set-up: 8 CPU devices and strict dtype promotion, before JAX starts."""
 
 import os
+import subprocess
+import tempfile
 
 # LLVM's optimisation level 0: the suite compiles ~2,000 small programs, and
 # code generation is most of each compile. It changes neither the optimized
@@ -21,6 +23,10 @@ def pytest_configure(config):
       "markers", "standard_promotion: run under JAX's standard dtype "
       "promotion, for tests that trace optax's own optimizers (optax's adam "
       "mixes Python floats with int32 counts, which strict promotion rejects)")
+  config.addinivalue_line(
+      "markers", "start_early(launch): start the test's subprocesses when the "
+      "session begins (`launch(Background)`; the test's `started` "
+      "fixture gives back what it returned)")
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +36,88 @@ def _dtype_promotion(request):
           else "strict")
   with jax.numpy_dtype_promotion(mode):
     yield
+
+
+# ------------------------------------------------ subprocesses started early
+#
+# A few tests run a whole Python process (64-bit mode, two JAX hosts, the
+# example scripts, a fresh import). This process keeps only about 1.3 of the
+# 2 cores busy while it compiles, so those subprocesses start together when
+# the session begins and run on what is left; each test then waits for its own.
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Background:
+  """A subprocess started in the background, its output kept in files (a
+  pipe that nobody reads until the end could fill and stall it)."""
+
+  def __init__(self, args, env=None):
+    env = dict(os.environ if env is None else env)  # this checkout first
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+    self._out = tempfile.TemporaryFile("w+")
+    self._err = tempfile.TemporaryFile("w+")
+    self._proc = subprocess.Popen(args, env=env, stdout=self._out,
+                                  stderr=self._err, text=True)
+    # The lowest priority: the tests of this process keep theirs, and this
+    # one takes the time their compiles leave idle. (Not `preexec_fn`: a
+    # fork that runs Python in a multithreaded JAX process can deadlock.)
+    if hasattr(os, "setpriority"):
+      try:
+        os.setpriority(os.PRIO_PROCESS, self._proc.pid, 19)
+      except OSError:  # already gone, or not permitted: run as it is
+        pass
+    _RUNNING.append(self)
+
+  def result(self, timeout=600) -> subprocess.CompletedProcess:
+    """Waits for the process and returns its exit status and output."""
+    try:
+      self._proc.wait(timeout)
+    finally:
+      self.kill()
+    self._out.seek(0)
+    self._err.seek(0)
+    return subprocess.CompletedProcess(self._proc.args, self._proc.returncode,
+                                       self._out.read(), self._err.read())
+
+  def kill(self):
+    if self._proc.poll() is None:
+      self._proc.kill()
+      self._proc.wait()
+
+  def close(self):
+    self.kill()
+    self._out.close()
+    self._err.close()
+
+
+_RUNNING = []  # every Background, killed when the session ends
+_STARTED = {}  # launch function -> what it returned
+
+
+def _start(launch):
+  if launch not in _STARTED:
+    _STARTED[launch] = launch(Background)
+  return _STARTED[launch]
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(items):
+  for item in items:
+    for marker in item.iter_markers("start_early"):
+      _start(marker.kwargs["launch"])
+
+
+def pytest_sessionfinish():
+  for background in _RUNNING:
+    background.close()
+
+
+@pytest.fixture
+def started(request):
+  """What the test's `start_early(launch=...)` marker started: `launch` is
+  called with `Background` when the session begins, and what it returned
+  comes here."""
+  return _start(request.node.get_closest_marker("start_early").kwargs["launch"])

@@ -4,7 +4,6 @@ optax or NumPy."""
 
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -246,12 +245,17 @@ print("ok")
 """
 
 
-def test_float64_in_64_bit_mode_keeps_dtypes_precision_and_one_trace():
+def _start_x64_script(background):
+  env = {**os.environ, "JAX_ENABLE_X64": "1",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  return background([sys.executable, "-c", _X64_SCRIPT], env=env)
+
+
+@pytest.mark.start_early(launch=_start_x64_script)
+def test_float64_in_64_bit_mode_keeps_dtypes_precision_and_one_trace(started):
   """With 64-bit mode on, Python floats are float64: every state keeps the
   dtypes of its init and traces once, and float64 gradients are not
   rounded through float32 on their way."""
-  env = {**os.environ, "JAX_ENABLE_X64": "1", "XLA_FLAGS": ""}
-  result = subprocess.run([sys.executable, "-c", _X64_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = started.result()
   assert result.returncode == 0 and result.stdout.strip() == "ok", (
       result.stdout + result.stderr[-3000:])

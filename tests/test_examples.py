@@ -1,6 +1,7 @@
 """The example scripts run and reach their verdicts (their own checks, with
 fewer steps): each exits 0 only if the failure it demonstrates happened and
-the cure worked."""
+the cure worked. They run as a user runs them, as scripts, started when the
+session begins (`start_early` in conftest.py)."""
 
 import importlib.util
 import pathlib
@@ -11,7 +12,8 @@ import pytest
 _EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-def _load(name):
+def _constants(name):
+  """The example's module, imported without running it (for its constants)."""
   spec = importlib.util.spec_from_file_location(name, _EXAMPLES / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # flax's dataclasses look their module up
@@ -19,19 +21,31 @@ def _load(name):
   return module
 
 
-@pytest.mark.standard_promotion  # flax's own layers mix dtypes
-def test_quickstart_unguarded_diverges_guarded_trains(capsys):
-  assert _load("quickstart").main(["--steps", "30", "--log-every", "10"]) == 0
-  out = capsys.readouterr().out
-  assert "og.check: Step " in out and "first bad layers: " in out
-  assert "PASS" in out
+def _script(name, *args):
+  return lambda background: background(
+      [sys.executable, str(_EXAMPLES / f"{name}.py"), *args])
 
 
-@pytest.mark.standard_promotion
-def test_which_layer_blames_the_corrupted_blocks(capsys):
-  example = _load("which_layer")
-  assert example.main(["--steps", str(example.NAN_STEP + 10)]) == 0
-  out = capsys.readouterr().out
+_WHICH_LAYER = _constants("which_layer")
+
+
+@pytest.mark.start_early(launch=_script("quickstart", "--steps", "30",
+                                 "--log-every", "10"))
+def test_quickstart_unguarded_diverges_guarded_trains(started):
+  result = started.result()
+  assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+  assert "og.check: Step " in result.stdout
+  assert "first bad layers: " in result.stdout
+  assert "PASS" in result.stdout
+
+
+@pytest.mark.start_early(launch=_script("which_layer", "--steps",
+                                 str(_WHICH_LAYER.NAN_STEP + 10)))
+def test_which_layer_blames_the_corrupted_blocks(started):
+  example = _WHICH_LAYER
+  result = started.result()
+  out = result.stdout
+  assert result.returncode == 0, (out + result.stderr)[-4000:]
   assert (f"step {example.SPIKE_STEP}: skipped: gradient norm" in out and
           f"the block that moved most: block_{example.SPIKE_BLOCK} " in out)
   assert (f"step {example.NAN_STEP}: skipped: non-finite gradients in "

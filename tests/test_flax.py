@@ -1,8 +1,9 @@
 """Round trips through Flax linen `TrainState`, nnx `Optimizer` and Orbax."""
 
-import subprocess
-import warnings
+import pathlib
 import sys
+import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,18 @@ from flax import nnx  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 
-def test_import_pulls_in_no_optional_dependency():
-  code = ("import sys, optax_guard; "
-          "bad = [m for m in ('flax', 'chex', 'matplotlib') if m in sys.modules]; "
-          "print(','.join(bad))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True).stdout.strip()
+_IMPORT_CHECK = (
+    "import sys, optax_guard; "
+    "bad = [m for m in ('flax', 'chex', 'matplotlib') if m in sys.modules]; "
+    "print(','.join(bad))")
+
+
+@pytest.mark.start_early(launch=lambda background: background(
+    [sys.executable, "-c", _IMPORT_CHECK]))
+def test_import_pulls_in_no_optional_dependency(started):
+  result = started.result()
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout.strip()
   assert out == "", f"importing optax_guard imported {out}"
 
 
@@ -102,23 +109,26 @@ def test_flax_serialization_round_trip_of_a_guarded_train_state(inner):
   assert int(m["optim/num_skipped"]) == 1 and int(m["optim/num_spikes"]) == 1
 
 
-def test_flax_serialization_imported_after_the_state_is_built():
+_FLAX_IMPORTED_AFTER = (
+    "import sys, jax, jax.numpy as jnp, numpy as np, optax_guard as og\n"
+    "assert 'flax' not in sys.modules\n"
+    "tx = og.guard(og.adamw(0.1), zscore=True)\n"
+    "p = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}\n"
+    "s = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)[1]\n"
+    "from flax import serialization\n"
+    "r = serialization.from_bytes(tx.init(p), serialization.to_bytes(s))\n"
+    "assert jax.tree.structure(r) == jax.tree.structure(s)\n"
+    "assert all(np.array_equal(a, b) for a, b in\n"
+    "           zip(jax.tree.leaves(r), jax.tree.leaves(s)))\n"
+    "print('ok')\n")
+
+
+@pytest.mark.start_early(launch=lambda background: background(
+    [sys.executable, "-c", _FLAX_IMPORTED_AFTER]))
+def test_flax_serialization_imported_after_the_state_is_built(started):
   """Flax imported only after optax_guard built a state (a notebook's
   order): `to_bytes`/`from_bytes` still know our pytree nodes."""
-  code = (
-      "import sys, jax, jax.numpy as jnp, numpy as np, optax_guard as og\n"
-      "assert 'flax' not in sys.modules\n"
-      "tx = og.guard(og.adamw(0.1), zscore=True)\n"
-      "p = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}\n"
-      "s = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)[1]\n"
-      "from flax import serialization\n"
-      "r = serialization.from_bytes(tx.init(p), serialization.to_bytes(s))\n"
-      "assert jax.tree.structure(r) == jax.tree.structure(s)\n"
-      "assert all(np.array_equal(a, b) for a, b in\n"
-      "           zip(jax.tree.leaves(r), jax.tree.leaves(s)))\n"
-      "print('ok')\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=300)
+  result = started.result(timeout=300)
   assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -132,42 +142,48 @@ _FAKE_FLAX = {  # a stand-in Flax, served from a zip by one shared importer
 }
 
 
-def test_the_flax_hook_wraps_only_flax_serialization(tmp_path):
+_FLAX_HOOK_CHECK = (
+    "import sys, warnings\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "import optax_guard\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "  warnings.simplefilter('always')\n"
+    "  import flax, flax.serialization\n"
+    "print(getattr(flax.serialization, 'registered', None),\n"
+    "      getattr(getattr(flax, 'other', None), 'X', None),\n"
+    "      [str(w.message)[:60] for w in caught])\n")
+
+
+def _start_fake_flaxes(background):
+  """A zipped stand-in Flax and a broken one, each imported after us."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(tempfile.mkdtemp(prefix="fake_flax"))
+  archive = root / "fake_flax.zip"
+  with zipfile.ZipFile(archive, "w") as z:
+    for name, text in _FAKE_FLAX.items():
+      z.writestr(name, text)
+  broken = root / "broken"
+  (broken / "flax").mkdir(parents=True)
+  (broken / "flax" / "__init__.py").write_text("")
+  (broken / "flax" / "serialization.py").write_text("")
+  return [background([sys.executable, "-c", _FLAX_HOOK_CHECK, str(where)])
+          for where in (archive, broken)]
+
+
+@pytest.mark.start_early(launch=_start_fake_flaxes)
+def test_the_flax_hook_wraps_only_flax_serialization(started):
   """The import hook wraps the loader of `flax.serialization` alone: a zip
   importer shared by every module of the package still imports the others,
   and a Flax without the registration function gets a warning, not an
   ImportError."""
-  import zipfile  # pylint: disable=g-import-not-at-top
-  archive = tmp_path / "fake_flax.zip"
-  with zipfile.ZipFile(archive, "w") as z:
-    for name, text in _FAKE_FLAX.items():
-      z.writestr(name, text)
-  broken = tmp_path / "broken"
-  (broken / "flax").mkdir(parents=True)
-  (broken / "flax" / "__init__.py").write_text("")
-  (broken / "flax" / "serialization.py").write_text("")
-  code = (
-      "import sys, warnings\n"
-      "sys.path.insert(0, sys.argv[1])\n"
-      "import optax_guard\n"
-      "with warnings.catch_warnings(record=True) as caught:\n"
-      "  warnings.simplefilter('always')\n"
-      "  import flax, flax.serialization\n"
-      "print(getattr(flax.serialization, 'registered', None),\n"
-      "      getattr(getattr(flax, 'other', None), 'X', None),\n"
-      "      [str(w.message)[:60] for w in caught])\n")
-  run = lambda where: subprocess.run(
-      [sys.executable, "-c", code, str(where)], capture_output=True,
-      text=True, timeout=300)
-  zipped = run(archive)
+  zipped, broken = (background.result(timeout=300) for background in started)
   assert zipped.stdout.strip() == "['PerLayer', 'Naming'] 1 []", (
       zipped.stdout + zipped.stderr[-2000:])
-  out = run(broken)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == (
+  assert broken.returncode == 0, broken.stderr[-2000:]
+  assert broken.stdout.strip() == (
       "None None ['optax_guard could not register its state types with "
       "flax.ser']"
-  ), out.stdout
+  ), broken.stdout
 
 
 class _NnxMlp(nnx.Module):

@@ -22,8 +22,8 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -180,41 +180,38 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(tmp_path) -> list[dict]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-  env["JAX_PLATFORMS"] = "cpu"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (root, env.get("PYTHONPATH")) if p)
+def _start_processes(background):
+  """Starts the two processes (when the session begins); returns each one
+  with the path of the JSON it will write."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
+  out_dir = tempfile.mkdtemp(prefix="multihost")
   port = _free_port()
-  outs = [str(tmp_path / f"process_{i}.json") for i in range(NUM_PROCESSES)]
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), str(i), str(port), outs[i]],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(NUM_PROCESSES)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
-  results = []
-  for path in outs:
-    with open(path) as f:
-      results.append(json.load(f))
-  return results
+  started = []
+  for i in range(NUM_PROCESSES):
+    out = os.path.join(out_dir, f"process_{i}.json")
+    started.append((background(
+        [sys.executable, os.path.abspath(__file__), str(i), str(port), out],
+        env=env), out))
+  return started
 
 
 import pytest  # noqa: E402  (the worker above needs no pytest)
 
+pytestmark = pytest.mark.start_early(launch=_start_processes)
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  return _launch(tmp_path_factory.mktemp("multihost"))
+
+@pytest.fixture
+def results(started):
+  done = [background.result(timeout=300) for background, _ in started]
+  for i, result in enumerate(done):
+    assert result.returncode == 0, (
+        f"process {i} failed:\n{(result.stdout + result.stderr)[-4000:]}")
+  out = []
+  for _, path in started:
+    with open(path) as f:
+      out.append(json.load(f))
+  return out
 
 
 def _np_norm(tree) -> float:
