@@ -105,6 +105,19 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
       step, layers)
 
 
+def _above(what: str, value: float, limit: float, mean: Any,
+           std: Any) -> str:
+  """Words for a spike: how far above its history `value` was."""
+  mean, std = float(mean), float(std)
+  if std > 0:
+    how_far = (f"{(value - mean) / std:.3g} standard deviations above its "
+               f"recent mean {mean:.4g}")
+  else:
+    how_far = f"its recent values were all {mean:.4g}"
+  return (f"the {what} {value:.4g} exceeded the spike threshold {limit:.4g} "
+          f"({how_far})")
+
+
 def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
                  steps_seen: int = 0) -> GuardError | None:
   """`steps_seen`: the most training steps a `skip_nonfinite` has seen."""
@@ -128,11 +141,10 @@ def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
   elif not np.isfinite(loss):
     why = f"the loss is {loss}"
   elif norm > limit:
-    why = (f"the gradient norm {norm:.4g} exceeded the spike threshold "
-           f"{limit:.4g} (mean + sigma * std of the recent history)")
+    why = _above("gradient norm", norm, limit, s.norm_mean, s.norm_std)
   else:
-    why = (f"the loss {loss:.4g} exceeded the spike threshold "
-           f"{float(s.loss_threshold):.4g}")
+    why = _above("loss", loss, float(s.loss_threshold), s.loss_mean,
+                 s.loss_std)
   run = int(s.consecutive)  # finite spikes in a row (NaN/Inf not counted)
   if run == 0 or not finite:
     what = ""

@@ -40,9 +40,16 @@ def min_count(window: int, warmup_steps: Any) -> Any:
   return max(2, window // 2) if warmup_steps is None else warmup_steps
 
 
-def window_threshold(window: Window, sigma: Any,
-                     min_count: Any) -> jax.Array:
-  """f32[]: mean + sigma * std of the window, +Inf until it has `min_count`."""
+class Baseline(NamedTuple):
+  """What a step is judged against: its history's mean and std, and the
+  threshold `mean + sigma * std` (+Inf until the history has `min_count`)."""
+  mean: jax.Array       # f32[]
+  std: jax.Array        # f32[] the population standard deviation.
+  threshold: jax.Array  # f32[]
+
+
+def window_baseline(window: Window, sigma: Any, min_count: Any) -> Baseline:
+  """The mean, std and threshold of the accepted values in `window`."""
   size = window.values.shape[0]
   n = jnp.minimum(window.num_accepted, size)
   valid = jnp.arange(size) < n
@@ -57,7 +64,7 @@ def window_threshold(window: Window, sigma: Any,
   std = _stats.combine_norms(
       jnp.where(valid, window.values - mean, 0.0)) / jnp.sqrt(nf)
   threshold = mean + jnp.asarray(sigma, jnp.float32) * std
-  return jnp.where(n >= min_count, threshold, jnp.inf)
+  return Baseline(mean, std, jnp.where(n >= min_count, threshold, jnp.inf))
 
 
 def check_window(window: Any, warmup_steps: Any,
@@ -93,6 +100,10 @@ class SkipSpikesState(NamedTuple):
   losses: Window              # accepted losses (when `loss=` is given).
   norm_threshold: jax.Array   # f32[] threshold of the last step (Inf: warm-up).
   loss_threshold: jax.Array   # f32[] the same for the loss.
+  norm_mean: jax.Array        # f32[] mean of the history the last step met.
+  norm_std: jax.Array         # f32[] its standard deviation.
+  loss_mean: jax.Array        # f32[] the same for the loss (0 without one).
+  loss_std: jax.Array         # f32[]
   last_norm: jax.Array        # f32[] the last step's global gradient norm.
   last_loss: jax.Array        # f32[] the last step's loss (0 without one).
 
@@ -103,7 +114,11 @@ class SkipSpikesState(NamedTuple):
         "optim/consecutive_spikes": self.consecutive,
         "optim/last_spike_step": self.last_spike_step,
         "grad/spike_threshold": self.norm_threshold,
+        "grad/spike_mean": self.norm_mean,
+        "grad/spike_std": self.norm_std,
         "loss/spike_threshold": self.loss_threshold,
+        "loss/spike_mean": self.loss_mean,
+        "loss/spike_std": self.loss_std,
     }
 
 
@@ -118,14 +133,14 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
     `(spike, state)`: `spike` is true when the step must be skipped.
   """
   size = state.norms.values.shape[0]
-  norm_threshold = window_threshold(state.norms, sigma, min_count)
+  norm_base = window_baseline(state.norms, sigma, min_count)
   finite = jnp.isfinite(norm)
-  spike = norm > norm_threshold
-  loss_threshold = state.loss_threshold
+  spike = norm > norm_base.threshold
+  loss_base = Baseline(state.loss_mean, state.loss_std, state.loss_threshold)
   if loss is not None:
-    loss_threshold = window_threshold(state.losses, sigma, min_count)
+    loss_base = window_baseline(state.losses, sigma, min_count)
     finite = finite & jnp.isfinite(loss)
-    spike = spike | (loss > loss_threshold)
+    spike = spike | (loss > loss_base.threshold)
   spike = spike | ~finite
   keep = ~spike
   # Runs count finite spikes only: a NaN/Inf step says nothing about the
@@ -153,8 +168,9 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
       consecutive=consecutive,
       last_spike_step=jnp.where(spike, state.step, state.last_spike_step),
       norms=norms, losses=losses,
-      norm_threshold=norm_threshold, loss_threshold=loss_threshold,
-      last_norm=norm,
+      norm_threshold=norm_base.threshold, norm_mean=norm_base.mean,
+      norm_std=norm_base.std, loss_threshold=loss_base.threshold,
+      loss_mean=loss_base.mean, loss_std=loss_base.std, last_norm=norm,
       last_loss=state.last_loss if loss is None else loss)
 
 
@@ -220,8 +236,11 @@ def skip_spikes(
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
     `SkipSpikesState` (metrics `optim/skipped`, `optim/num_spikes`,
-    `optim/consecutive_spikes`, `optim/last_spike_step`,
-    `grad/spike_threshold`, `loss/spike_threshold`).
+    `optim/consecutive_spikes`, `optim/last_spike_step`, and for the
+    gradient norm and the loss what the last step was judged against:
+    `grad/spike_threshold` = `grad/spike_mean` + sigma * `grad/spike_std`
+    of the history (the threshold is Inf while it warms up),
+    `loss/spike_threshold`, `loss/spike_mean`, `loss/spike_std`).
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -250,12 +269,14 @@ def skip_spikes(
   def init_fn(params):
     i32 = lambda v: jnp.full((), v, jnp.int32)
     inf = lambda: jnp.full((), jnp.inf, jnp.float32)  # one buffer per leaf
+    zero = lambda: jnp.zeros((), jnp.float32)
     return SkipSpikesState(
         inner_state=inner.init(params), step=i32(0),
         skipped=jnp.zeros((), jnp.bool_), num_spikes=i32(0),
         consecutive=i32(0), last_spike_step=i32(-1),
         norms=window_init(window), losses=window_init(window),
         norm_threshold=inf(), loss_threshold=inf(),
+        norm_mean=zero(), norm_std=zero(), loss_mean=zero(), loss_std=zero(),
         last_norm=jnp.zeros((), jnp.float32),
         last_loss=jnp.zeros((), jnp.float32))
 

@@ -525,8 +525,10 @@ def test_zscores_name_the_spiking_layer_in_check():
     og.check(state)
   assert str(e.value) == (
       f"Step 39: the gradient norm {float(m['grad/norm']):.4g} exceeded the "
-      f"spike threshold {float(m['grad/spike_threshold']):.4g} (mean + sigma "
-      "* std of the recent history); the layer that moved most against its "
+      f"spike threshold {float(m['grad/spike_threshold']):.4g} "
+      f"({(float(m['grad/norm']) - float(m['grad/spike_mean'])) / float(m['grad/spike_std']):.3g} "
+      "standard deviations above its recent mean "
+      f"{float(m['grad/spike_mean']):.4g}); the layer that moved most against its "
       f"own history: Dense_0/bias (z-score {z:.3g}). The guard skipped the "
       "step (1 spike in a row, 1 in total).")
   # The same run through the separate pieces names the layer too.

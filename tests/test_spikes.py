@@ -571,7 +571,9 @@ def test_skip_spikes_metrics_follow_the_history():
   state = tx.init(params)
   assert set(og.metrics(state)) == {
       "optim/skipped", "optim/num_spikes", "optim/consecutive_spikes",
-      "optim/last_spike_step", "grad/spike_threshold", "loss/spike_threshold"}
+      "optim/last_spike_step", "grad/spike_threshold", "grad/spike_mean",
+      "grad/spike_std", "loss/spike_threshold", "loss/spike_mean",
+      "loss/spike_std"}
   for t, (g, loss) in enumerate(zip(grads, fed_loss)):
     _, state = step(g, state, params, jnp.float32(loss))
     m = {k: v.item() for k, v in jax.device_get(og.metrics(state)).items()}
@@ -579,6 +581,15 @@ def test_skip_spikes_metrics_follow_the_history():
     assert m["optim/num_spikes"] == num_spikes[t], t
     assert m["optim/consecutive_spikes"] == runs[t], t
     assert m["optim/last_spike_step"] == last_spike[t], t
+    # What step t was judged against: the last `window` values accepted
+    # before it (population std; nothing accepted yet reads 0 and 0).
+    for signal, values in (("grad", fed), ("loss", fed_loss)):
+      history = values[:t][~skip[:t]][-window:]
+      mean, std = ((history.mean(), history.std()) if history.size else
+                   (0.0, 0.0))
+      np.testing.assert_allclose(
+          [m[f"{signal}/spike_mean"], m[f"{signal}/spike_std"]], [mean, std],
+          rtol=1e-5, atol=1e-7, err_msg=f"{t} {signal}")
     for name, want in (("grad/spike_threshold", thr_n[t]),
                        ("loss/spike_threshold", thr_l[t])):
       if np.isinf(want):
@@ -623,15 +634,19 @@ def test_check_raises_gradient_explosion_error_naming_norm_and_threshold():
   h32 = h.astype(np.float32).astype(np.float64)
   threshold = h32.mean() + 3.0 * h32.std()
   norm = math.hypot(30.0, 40.0)
+  z = (norm - h32.mean()) / h32.std()
   for s in (state, jax.device_get(state)):
     with pytest.raises(og.GradientExplosionError) as info:
       og.check(s)
     message = str(info.value)
     assert message == (
         f"Step 4: the gradient norm {norm:.4g} exceeded the spike threshold "
-        f"{threshold:.4g} (mean + sigma * std of the recent history). The "
-        "guard skipped the step (1 spike in a row, 1 in total)."), message
-    assert f"{threshold:.4g}" == "1.469"  # far from a rounding boundary
+        f"{threshold:.4g} ({z:.3g} standard deviations above its recent "
+        f"mean {h32.mean():.4g}). The guard skipped the step (1 spike in a "
+        "row, 1 in total)."), message
+    # Far from rounding boundaries:
+    assert (f"{threshold:.4g}", f"{z:.3g}", f"{h32.mean():.4g}") == (
+        "1.469", "331", "1.025")  # z = 331.13, mean = 1.0250000
     assert info.value.step == 4
     assert isinstance(info.value, og.GuardError)
   # A normal step after it: quiet again.
@@ -715,10 +730,14 @@ def test_check_names_a_loss_spike():
   assert 1.0 < norm_threshold  # the norm (1.0) alone is no spike
   with pytest.raises(og.GradientExplosionError) as info:
     og.check(state)
+  z = (50.0 - losses.mean()) / losses.std()
+  # Far from rounding boundaries (z = 427.98, mean = 2.1499999762):
+  assert (f"{z:.3g}", f"{losses.mean():.4g}") == ("428", "2.15")
   assert str(info.value) == (
       f"Step 4: the loss {50.0:.4g} exceeded the spike threshold "
-      f"{loss_threshold:.4g}. The guard skipped the step (1 spike in a row, "
-      "1 in total)."), str(info.value)
+      f"{loss_threshold:.4g} ({z:.3g} standard deviations above its recent "
+      f"mean {losses.mean():.4g}). The guard skipped the step (1 spike in a "
+      "row, 1 in total)."), str(info.value)
   assert info.value.step == 4 and info.value.layers == {}
   m = og.metrics(state)
   np.testing.assert_allclose(float(m["loss/spike_threshold"]), loss_threshold,
@@ -849,9 +868,10 @@ def test_threshold_of_a_window_holding_a_huge_norm_is_finite():
   values = [1.0, 1.1, 0.9, 2e19, 1.0]
   for v in values:
     window = _spikes.window_push(window, jnp.float32(v), jnp.bool_(True))
-  got = float(jax.jit(lambda w: _spikes.window_threshold(w, 3.0, 4))(window))
-  want = np.mean(values) + 3.0 * np.std(values)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  got = jax.jit(lambda w: _spikes.window_baseline(w, 3.0, 4))(window)
+  mean, std = np.mean(values), np.std(values)
+  np.testing.assert_allclose([got.mean, got.std, got.threshold],
+                             [mean, std, mean + 3.0 * std], rtol=1e-6)
 
 
 @pytest.mark.standard_promotion  # traces optax.sgd
@@ -909,7 +929,10 @@ def test_check_after_zero_gradients_words_a_loss_spike_as_one_spike():
                       loss=jnp.float32(loss))
     losses = np.array([1.0, 1.1, 0.9, 1.05, 0.95])
     limit = losses.mean() + 6 * losses.std()
+    z = (100.0 - losses.mean()) / losses.std()
     with pytest.raises(og.GradientExplosionError, match=re.escape(
-        f"Step 5: the loss 100 exceeded the spike threshold {limit:.4g}. "
-        "The guard skipped the step (1 spike in a row, 1 in total).")):
+        f"Step 5: the loss 100 exceeded the spike threshold {limit:.4g} "
+        f"({z:.3g} standard deviations above its recent mean "
+        f"{losses.mean():.4g}). The guard skipped the step (1 spike in a "
+        "row, 1 in total).")):
       og.check(state)
