@@ -355,6 +355,32 @@ def test_repeated_names_are_numbered_in_chain_order():
     np.testing.assert_allclose(m[name], want, rtol=1e-6)
 
 
+def test_a_total_is_never_another_states_layers_total():
+  """A state whose metric another state gave per layer is renamed: the
+  global clip's `grad/norm` (after the layer clip) is not the total of the
+  layer clip's `grad/norm/<layer>`, nor zclip's global `grad/zscore` one of
+  the monitor's per-layer z-scores."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  grads = {"a": jnp.full(2, 3.0), "b": jnp.full(2, 4.0)}
+  tx = optax.chain(og.clip_by_layer_norm(1.0), og.clip_by_global_norm(1.0),
+                   optax.sgd(0.1))
+  _, state = tx.update(grads, tx.init(params), params)
+  m = og.metrics(state)
+  assert "grad/norm" not in m
+  np.testing.assert_allclose(  # each layer's norm before its clip
+      [m["grad/norm/a"], m["grad/norm/b"]],
+      [np.hypot(3.0, 3.0), np.hypot(4.0, 4.0)], rtol=1e-6)
+  # After the layer clip each layer has norm 1: the global clip saw sqrt(2).
+  np.testing.assert_allclose(m["grad/norm.1"], np.sqrt(2.0), rtol=1e-6)
+  tx = optax.chain(og.monitor(zscore=True), og.zclip(warmup_steps=2),
+                   optax.sgd(0.1))
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(grads, state, params)
+  zscores = sorted(k for k in og.metrics(state) if "zscore" in k)
+  assert zscores == ["grad/zscore.1", "grad/zscore/a", "grad/zscore/b"]
+
+
 def test_metrics_inside_jit_on_host_and_one_transfer():
   grads = _tree(0)
   tx = optax.chain(og.monitor(), og.clip_by_global_norm(1.0))
