@@ -9,6 +9,7 @@ your own `ax` to place a plot in a larger figure.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,8 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   Draws `metric` (a solid line), `<metric>_clipped` when a clip recorded it
   (dashed), the thresholds the spike skip or adaptive clip used
   (`grad/spike_threshold`, `grad/clip_threshold`, dotted), and a vertical
-  line at every skipped step (`optim/skipped`), where a NaN/Inf norm cannot
+  line at every skipped step (`optim/skipped`, and `optim/skipped.1`, ... of
+  the skippers inside it), where a NaN/Inf norm cannot
   be drawn and the clipped norm is left out (a skipped step's clip state is
   the step's before).
 
@@ -113,8 +115,11 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   ax = _axes(ax)
   steps = columns["step"]
   ax.semilogy(steps, columns[metric], label=metric)
-  skipped = np.asarray(columns.get("optim/skipped", np.zeros(len(steps))),
-                       bool)
+  # Every skipper's flag: in a chain, `skip_nonfinite(skip_spikes(...))`
+  # records the spike skips as `optim/skipped.1`.
+  flags = [np.asarray(values, bool) for name, values in columns.items()
+           if re.fullmatch(r"optim/skipped(\.\d+)?", name)]
+  skipped = np.logical_or.reduce(flags + [np.zeros(len(steps), bool)])
   for name, style in ((metric + "_clipped", "--"),
                       ("grad/spike_threshold", ":"),
                       ("grad/clip_threshold", ":")):
@@ -123,7 +128,7 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
       if name == metric + "_clipped":
         values = np.where(skipped, np.nan, values)
       ax.semilogy(steps, values, linestyle=style, label=name)
-  if "optim/skipped" in columns:
+  if flags:
     for i, step in enumerate(steps[skipped]):
       ax.axvline(step, color="red", alpha=0.3,
                  label="skipped step" if i == 0 else None)
@@ -257,7 +262,9 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
 
 def diagnosis(result: _diagnose.Diagnosis, *, ax: Any = None) -> Any:
   """A `Diagnosis`: gradient and parameter norms by depth, on a log scale,
-  with the fitted trend, titled with the verdict.
+  titled with the verdict and the fitted growth per layer (of the weight
+  matrices, and of the biases and norm scales where the model has two or
+  more: the fit that strays further from flat decides the verdict).
 
   Args:
     result: what `og.diagnose` returned.
@@ -293,7 +300,10 @@ def diagnosis(result: _diagnose.Diagnosis, *, ax: Any = None) -> Any:
   ax.set_xticks(depth)
   ax.set_xticklabels(result.layers, rotation=90, fontsize="x-small")
   ax.set_xlabel("depth (input side first)")
-  ax.set_title(f"{result.verdict}: growth {result.growth:.3g}x per layer "
-               "toward the input")
+  title = (f"{result.verdict}: growth {result.growth:.3g}x per layer "
+           "toward the input")
+  if np.isfinite(result.bias_growth):
+    title += f" ({result.bias_growth:.3g}x over the biases and norm scales)"
+  ax.set_title(title)
   ax.legend(fontsize="small")
   return ax

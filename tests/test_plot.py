@@ -86,6 +86,30 @@ def test_history_draws_norms_thresholds_and_skipped_steps():
   assert ax.named("axvline")[0][1]["label"] == "skipped step"
 
 
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_history_marks_the_skips_of_every_skipper_in_a_chain():
+  """In the chain `guard` equals, the spike skips are `skip_spikes`' own
+  `optim/skipped.1`: a spike (step 5) and a NaN (step 7) are both marked,
+  and neither step's clipped norm is drawn."""
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.chain(og.monitor(), og.skip_nonfinite(og.skip_spikes(
+      optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1)), window=8,
+      warmup_steps=4)))
+  params = {"w": jnp.ones(2)}
+  state, log = tx.init(params), og.MetricsLog()
+  update = jax.jit(tx.update)
+  for g in (1.0, 1.1, 0.9, 1.0, 1.05, 50.0, 1.0, float("nan"), 1.0):
+    _, state = update({"w": jnp.full(2, g)}, state, params)
+    log.record(state)
+  assert np.flatnonzero(log.to_numpy()["optim/skipped.1"]).tolist() == [5]
+  ax = og.plot.history(log, ax=_Recorder())
+  assert [a[0] for a, _ in ax.named("axvline")] == [5, 7]
+  (clipped,) = [a for a, k in ax.named("semilogy")
+                if k["label"] == "grad/norm_clipped"]
+  assert np.isnan(clipped[1][[5, 7]]).all()
+  assert np.isfinite(clipped[1][[4, 6, 8]]).all()
+
+
 def test_layer_heatmap_is_log10_of_the_layer_norms():
   ax = og.plot.layer_heatmap(_log(), ax=_Recorder())
   (image, kwargs), (bad, bad_kwargs) = ax.named("imshow")
@@ -163,6 +187,26 @@ def test_diagnosis_plot():
   np.testing.assert_array_equal(weights[0][1], d.param_norms)
   assert [a[0] for a, _ in ax.named("axvline")] == [0]   # `a` holds the Inf
   assert ax.named("set_title")[0][0][0].startswith("non-finite: growth")
+
+
+def test_diagnosis_title_gives_the_bias_fit_too():
+  """Biases that grow 2x per layer toward the input under weights whose
+  gradients stay flat: the bias fit decides, and the title shows it."""
+  depth = 6
+  params = {f"l{i}": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+            for i in range(depth)}
+
+  def loss_fn(p):  # layer i's bias gradient 2**(depth - i), weights' 1
+    return sum(jnp.sum(p[f"l{i}"]["w"]) / 4.0 +
+               2.0 ** (depth - i) * jnp.sum(p[f"l{i}"]["b"]) / np.sqrt(2.0)
+               for i in range(depth))
+
+  d = og.diagnose(loss_fn, params)
+  np.testing.assert_allclose([d.growth, d.bias_growth], [1.0, 2.0],
+                             rtol=1e-5)
+  (title,), _ = og.plot.diagnosis(d, ax=_Recorder()).named("set_title")[0]
+  assert title == (f"{d.verdict}: growth 1x per layer toward the input "
+                   "(2x over the biases and norm scales)")
 
 
 def test_errors_are_sentences(monkeypatch):
