@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, NamedTuple
 import warnings
@@ -42,16 +43,50 @@ def _numbers_as_numbers(name: str) -> tuple[Any, ...]:
                for part in re.split(r"(\d+)", name))
 
 
-def _model_order(name: str) -> tuple[Any, ...]:
+@functools.lru_cache(maxsize=16)  # one tree's names, check after check
+def _stack_roots(names: tuple[str, ...]) -> dict[str, str]:
+  """The stacked root of each stacked leaf, from the names alone.
+
+  A stacked leaf's layers are named `<leaf>/<index>`; its root is its
+  highest ancestor all of whose leaves are stacked as deep
+  (`blocks/Dense_0/kernel/3` under `nn.scan`: `blocks`, when nothing
+  unstacked lives under `blocks`).
+  """
+  depth: dict[str, Any] = {}  # leaf -> its number of blocks (None: plain)
+  for name in names:
+    head, sep, index = name.rpartition("/")
+    if sep and index.isdigit():
+      depth[head] = max(depth.get(head) or 0, int(index) + 1)
+    else:
+      depth[name] = None
+  roots = {}
+  for leaf, blocks in depth.items():
+    if blocks is None:
+      continue
+    root = leaf
+    parts = leaf.split("/")
+    for cut in range(len(parts) - 1, 0, -1):
+      above = "/".join(parts[:cut])
+      under = [d for other, d in depth.items()
+               if other.startswith(above + "/")]
+      if any(d != blocks for d in under):
+        break
+      root = above
+    roots[leaf] = root
+  return roots
+
+
+def _model_order(name: str, roots: dict[str, str]) -> tuple[Any, ...]:
   """Sort key in the model's layer order as far as names tell it: numbers
-  as numbers, and the layers of a stacked leaf (`blocks/kernel/3`) by their
-  index before the parameter's name, so that block 2's kernel and bias come
-  before block 9's."""
+  as numbers, and the layers of a stacked leaf (`blocks/kernel/3`,
+  `blocks/Dense_0/kernel/3`) by their block index under their stacked root
+  (`roots`, from `_stack_roots`) before the rest of their path, so that
+  block 2's parameters come before block 9's."""
   head, sep, index = name.rpartition("/")
-  if sep and index.isdigit():
-    module, _, param = head.rpartition("/")
-    return (_numbers_as_numbers(module), int(index),
-            _numbers_as_numbers(param))
+  if sep and index.isdigit() and head in roots:
+    root = roots[head]
+    return (_numbers_as_numbers(root), int(index),
+            _numbers_as_numbers(head[len(root):]))
   return (_numbers_as_numbers(name), -1, ())
 
 
@@ -63,7 +98,8 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
     return {}
   values = np.asarray(counts.values)
   bad = [(name, int(c)) for name, c in zip(counts.names, values) if c > 0]
-  return dict(sorted(bad, key=lambda item: _model_order(item[0])))
+  roots = _stack_roots(counts.names)
+  return dict(sorted(bad, key=lambda item: _model_order(item[0], roots)))
 
 
 def _describe(layers: dict[str, int]) -> str:
@@ -100,6 +136,15 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
   else:
     what = f"skipped the step ({counts})"
   reason = REASONS[int(s.last_bad_reason)]
+  now = int(s.step) - 1
+  if bool(s.halted) and now > step:
+    # A later step, skipped only because the guard has halted: named as
+    # itself, so that a log of these errors does not file the old step again.
+    return NonFiniteGradientError(
+        f"Step {now}: skipped: the guard has halted ({counts}). The last bad "
+        f"step was step {step}: {reason}{_describe(layers)}. It applies no "
+        "update until the optimizer state is re-initialised, or, with "
+        "`resume_after_halt=True`, until a finite step.", now, layers)
   return NonFiniteGradientError(
       f"Step {step}: {reason}{_describe(layers)}. The guard {what}.",
       step, layers)

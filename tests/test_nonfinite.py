@@ -493,26 +493,33 @@ def test_halts_after_max_consecutive_and_does_not_resume():
   assert [r[4] for r in rows] == adam_count
   m = og.metrics(state)
   assert bool(m["optim/halted"]) and int(m["optim/num_skipped"]) == 10
-  # The message names the last bad step (the last B), its NaN layer, the
-  # counters after the last step, and the halt.
-  last_bad = "BGBBBGGBBBG".rindex("B")
+  # The message names the last step (a finite one, skipped because the
+  # guard has halted), the counters after it, the last bad step (the last
+  # B) and its NaN layer.
+  pattern = "BGBBBGGBBBG"
+  last_bad = pattern.rindex("B")
   nan_grads, _ = _bad_case("nan_one_leaf")
   with pytest.raises(og.NonFiniteGradientError) as info:
     og.check(state)
   assert str(info.value) == (
-      f"Step {last_bad}: non-finite gradients"
-      f"{_layers_clause(_np_counts(nan_grads))}. The guard has halted "
-      f"({skipped[-1]} skipped in total): it applies no update until the "
-      "optimizer state is re-initialised, or, with `resume_after_halt=True`, "
-      "until a finite step.")
+      f"Step {len(pattern) - 1}: skipped: the guard has halted "
+      f"({skipped[-1]} skipped in total). The last bad step was step "
+      f"{last_bad}: non-finite gradients"
+      f"{_layers_clause(_np_counts(nan_grads))}. It applies no update until "
+      "the optimizer state is re-initialised, or, with "
+      "`resume_after_halt=True`, until a finite step.")
   assert consec[-1] == 0  # the last step was finite: no run to report
-  # On the step that halted it, the run is reported too.
+  assert info.value.step == len(pattern) - 1
+  # On the step that halted it, that step is named, with its run.
   rows, state = _halt_run(resume=False, steps=5)
   with pytest.raises(og.NonFiniteGradientError, match=re.escape(
-      "The guard has halted (3 bad in a row, 4 skipped in total): it "
-      "applies no update")):
+      "Step 4: non-finite gradients")) as info:
     og.check(state)
-  assert info.value.step == last_bad
+  assert str(info.value).endswith(
+      "The guard has halted (3 bad in a row, 4 skipped in total): it "
+      "applies no update until the optimizer state is re-initialised, or, "
+      "with `resume_after_halt=True`, until a finite step.")
+  assert info.value.step == 4
 
 
 @pytest.mark.standard_promotion

@@ -139,6 +139,27 @@ def test_check_lists_stacked_layers_by_block():
     og.check(state)
 
 
+def test_check_lists_layers_of_an_nn_scan_stack_by_block():
+  """Under `nn.scan` the stacked leaves sit one level down
+  (`blocks/Dense_0/kernel/<block>`): the bad layers still go block by
+  block across the stack's modules, the first bad block (9) first."""
+  blocks = {f"Dense_{i}": {"kernel": jnp.ones((12, 2, 2))} for i in (0, 1)}
+  params = {"blocks": blocks, "embed": jnp.ones(3), "head": jnp.ones(3)}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads["blocks"]["Dense_0"]["kernel"] = (
+      grads["blocks"]["Dense_0"]["kernel"].at[10:, 0, 0].set(jnp.nan))
+  grads["blocks"]["Dense_1"]["kernel"] = (
+      grads["blocks"]["Dense_1"]["kernel"].at[9:, 0, 0].set(jnp.nan))
+  tx = og.guard(og.sgd(0.1), spike_sigma=None, stacked=("blocks",))
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  assert list(info.value.layers) == [
+      "blocks/Dense_1/kernel/9", "blocks/Dense_0/kernel/10",
+      "blocks/Dense_1/kernel/10", "blocks/Dense_0/kernel/11",
+      "blocks/Dense_1/kernel/11"]
+
+
 def test_bfloat16_and_large_stacked_leaves():
   rng = np.random.default_rng(3)
   big = rng.normal(size=(2, 300, 200)).astype(np.float32)  # > 2**15 / layer
