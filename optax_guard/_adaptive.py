@@ -229,6 +229,7 @@ def adaptive_grad_clip(
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
+    _clipping.check_scalable(params, "adaptive_grad_clip")
     _resolve_unit_axes(params, unit_axes)  # bad overrides fail here
     zero = lambda: jnp.zeros((), jnp.float32)
     return AdaptiveGradClipState(
@@ -388,7 +389,7 @@ def autoclip(
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    del params
+    _clipping.check_scalable(params, "autoclip")
     return AutoclipState(clip=_clipping.global_clip_init(),
                          norms=_spikes.window_init(window),
                          threshold=jnp.full((), jnp.inf, jnp.float32))
@@ -519,7 +520,7 @@ def zclip(
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    del params
+    _clipping.check_scalable(params, "zclip")
     zero = lambda: jnp.zeros((), jnp.float32)
     return ZclipState(clip=_clipping.global_clip_init(),
                       warmup=_spikes.window_init(warmup_steps),

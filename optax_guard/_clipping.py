@@ -40,6 +40,19 @@ def clip_factors(norm: jax.Array, max_norm: Any
   return a, jnp.where(split, root, 1.0)
 
 
+def check_scalable(params: Any, who: str) -> None:
+  """Raises unless every parameter is a float or complex array: a clip
+  that scales an integer gradient would round it (to 0 below a scale of 1)."""
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(_metrics.unwrap(p))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise ValueError(
+          f"{who} scales the gradients, but the parameter "
+          f"{_metrics.path_name(path)!r} is {dtype}: its scaled gradient "
+          "would be rounded to an integer (to 0 below a scale of 1). Leave "
+          "it out with optax.masked.")
+
+
 def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
   """Multiplies each leaf by `a` then `b` (`_stats.scale_leaf`)."""
   a, b = _stats.computed_once(factors)  # not once per leaf's kernel
@@ -134,7 +147,7 @@ def clip_by_global_norm(
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    del params
+    check_scalable(params, "clip_by_global_norm")
     return global_clip_init()
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -204,6 +217,7 @@ def clip_by_layer_norm(
   layers = _metrics.Layers(stacked)
 
   def init_fn(params):
+    check_scalable(params, "clip_by_layer_norm")
     return ClipByLayerNormState(
         layer_norms=_metrics.per_layer_zeros(layers.names(params),
                                              jnp.float32),

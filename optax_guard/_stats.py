@@ -195,6 +195,12 @@ class Blocks(NamedTuple):
 def as_arrays(leaves: Sequence[Any]) -> list[Any]:
   """The leaves, Python numbers among them as arrays (optax takes a tree of
   floats as parameters)."""
+  if any(getattr(x, "dtype", None) == jax.dtypes.float0 for x in leaves):
+    raise ValueError(
+        "A gradient leaf has dtype float0, which is what "
+        "jax.grad(..., allow_int=True) gives an integer parameter: it holds "
+        "no values to measure or scale. Leave integer parameters out of the "
+        "tree (or out of the transformation with optax.masked).")
   return [x if hasattr(x, "shape") else jnp.asarray(x) for x in leaves]
 
 
@@ -525,8 +531,11 @@ def sum_terms(terms: Sequence[jax.Array], axes: tuple[int, ...]
   In stages, the last axis first, in rows of at most `_ROW` terms whose sums
   then take its place: XLA:CPU accumulates a variadic reduction
   sequentially, and one float32 accumulator over millions of terms drifts
-  (2% low on a 20M-element vector); rows of a few thousand keep the error at
-  float32 rounding. Each array keeps its dtype (counts as int32: exact).
+  (2% low on a 20M-element vector). Rows of 4096 bound the relative error
+  of a sum of squares by ~4096 float32 roundings (2.4e-4; measured: 2e-7 on
+  normal data, 4e-5 on 100,000 equal terms, against float64), where the
+  plain pass's vectorised sum is within ~1e-7. Each array keeps its dtype
+  (counts as int32: exact).
   """
   terms, axes = tuple(terms), tuple(sorted(axes))
   while axes:

@@ -283,6 +283,39 @@ def test_bad_threshold_is_a_sentence(factory, arg, value):
     factory(value)
 
 
+@pytest.mark.parametrize("name,make", [
+    ("clip_by_global_norm", lambda: og.clip_by_global_norm(1.0)),
+    ("clip_by_layer_norm", lambda: og.clip_by_layer_norm(1.0)),
+    ("adaptive_grad_clip", lambda: og.adaptive_grad_clip(0.01)),
+    ("autoclip", lambda: og.autoclip(10.0)),
+    ("zclip", lambda: og.zclip()),
+    ("clip_by_global_norm", lambda: og.guard(og.sgd(0.1)))])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_parameters_are_refused_by_every_scaling_clip(name, make,
+                                                               dtype):
+  """A scaled integer gradient rounds (0.116 -> 0): refused at init."""
+  params = {"w": jnp.ones(2), "i": jnp.ones((5, 7), dtype)}
+  with pytest.raises(ValueError, match=re.escape(
+      f"{name} scales the gradients, but the parameter 'i' is "
+      f"{jnp.dtype(dtype)}: its scaled gradient would be rounded to an "
+      "integer (to 0 below a scale of 1). Leave it out with optax.masked.")):
+    make().init(params)
+
+
+def test_float0_gradients_are_a_sentence():
+  """`jax.grad(..., allow_int=True)` gives an integer leaf a float0
+  gradient, with no values: a monitor names it instead of failing inside."""
+  params = {"w": jnp.ones(3), "idx": jnp.asarray([1, 2], jnp.int32)}
+  grads = jax.grad(lambda q: jnp.sum(q["w"] ** 2), allow_int=True)(params)
+  tx = og.monitor()
+  with pytest.raises(ValueError, match=re.escape(
+      "A gradient leaf has dtype float0, which is what "
+      "jax.grad(..., allow_int=True) gives an integer parameter: it holds "
+      "no values to measure or scale. Leave integer parameters out of the "
+      "tree (or out of the transformation with optax.masked).")):
+    tx.update(grads, tx.init(params), params)
+
+
 def test_bad_axis_name():
   with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
                      r"axis name or a tuple of them, but got 3\."):
