@@ -180,8 +180,20 @@ def update_unless(inner: optax.GradientTransformationExtraArgs,
 def _runner(inner: optax.GradientTransformationExtraArgs, inner_state: Any,
             params: Any, extra_args: dict[str, Any],
             scale: tuple[jax.Array, jax.Array] | None) -> Any:
-  """`grads -> inner.update(grads * scale, inner_state, params, ...)`."""
+  """`grads -> inner.update(grads * scale, inner_state, params, ...)`, with
+  NaN/Inf gradient elements read as 0.
+
+  A step whose gradients hold NaN/Inf is skipped whatever `inner` makes of
+  them, so the zeros change no result. They keep reverse-mode derivatives
+  finite: `inner`'s derivatives at a NaN gradient are NaN, and the zero
+  cotangent of the discarded update times NaN is NaN again, which would
+  reach every derivative of an unrolled run (`optax.apply_if_finite` avoids
+  it with a `lax.cond`). The select fuses into `inner`'s kernels.
+  """
   def run(grads):
+    grads = jax.tree.map(
+        lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
+        if jnp.issubdtype(g.dtype, jnp.inexact) else g, grads)
     if scale is not None:
       grads = _clipping.scale_tree(grads, scale)
     return inner.update(grads, inner_state, params, **extra_args)

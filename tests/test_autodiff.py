@@ -113,6 +113,35 @@ def test_norm_derivatives_stay_finite_where_optax_s_do(grads):
                              atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [
+    lambda lr: og.guard(optax.sgd(lr), spike_sigma=None),
+    lambda lr: og.guard(og.sgd(lr), spike_sigma=None),
+    lambda lr: og.skip_nonfinite(optax.sgd(lr)),
+    lambda lr: og.skip_spikes(optax.sgd(lr))],
+    ids=["guard generic", "guard fast", "skip_nonfinite", "skip_spikes"])
+def test_a_skipped_nan_step_leaves_the_unrolled_derivative_finite(make):
+  """Three steps, the second with a NaN gradient (skipped): the final
+  parameters are p0 - lr * (g0 + g2) (norms below the clip), so
+  d/dlr sum(p**2) = -2 p . (g0 + g2), not NaN."""
+  p0 = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = [jnp.array([0.3, -0.2, 0.1]), jnp.array([jnp.nan, 0.1, 0.2]),
+           jnp.array([0.2, 0.1, -0.3])]
+
+  def final_loss(lr):
+    tx = make(lr)
+    state, params = tx.init(p0), p0
+    for g in grads:
+      updates, state = tx.update({"w": g}, state, params)
+      params = optax.apply_updates(params, updates)
+    return jnp.sum(params["w"] ** 2)
+
+  lr = 0.1
+  kept = np.asarray(grads[0]) + np.asarray(grads[2])
+  final = np.asarray(p0["w"]) - lr * kept
+  np.testing.assert_allclose(float(jax.grad(final_loss)(lr)),
+                             -2.0 * final @ kept, rtol=1e-5)
+
+
 def test_derivatives_under_shard_map_with_axis_name():
   """A sharded leaf and a replicated one, clipped on their global norm:
   the derivative equals optax's on the whole tree."""
