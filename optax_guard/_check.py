@@ -50,7 +50,9 @@ def _stack_roots(names: tuple[str, ...]) -> dict[str, str]:
   A stacked leaf's layers are named `<leaf>/<index>`; its root is its
   highest ancestor all of whose leaves are stacked as deep
   (`blocks/Dense_0/kernel/3` under `nn.scan`: `blocks`, when nothing
-  unstacked lives under `blocks`).
+  unstacked lives under `blocks`). Names cannot tell two stacks of the
+  same depth under one parent with nothing else from one stack: their
+  layers are then listed block by block across both.
   """
   depth: dict[str, Any] = {}  # leaf -> its number of blocks (None: plain)
   for name in names:
@@ -143,8 +145,9 @@ def _nonfinite_error(s: SkipNonfiniteState) -> GuardError | None:
     return NonFiniteGradientError(
         f"Step {now}: skipped: the guard has halted ({counts}). The last bad "
         f"step was step {step}: {reason}{_describe(layers)}. It applies no "
-        "update until the optimizer state is re-initialised, or, with "
-        "`resume_after_halt=True`, until a finite step.", now, layers)
+        "update until the optimizer state is re-initialised "
+        "(`resume_after_halt=True` would have resumed at this finite step).",
+        now, layers)
   return NonFiniteGradientError(
       f"Step {step}: {reason}{_describe(layers)}. The guard {what}.",
       step, layers)

@@ -223,6 +223,8 @@ def guard(
                if spike_sigma is not None else None)
 
   def init_fn(params):
+    if max_norm is not None:  # named as the user wrote it, before its part
+      _clipping.check_scalable(params, f"guard's clip (max_norm={max_norm})")
     return GuardState(inner_state=inner.init(params), **{
         name: None if part is None else part.init(params)
         for name, part in parts.items()})

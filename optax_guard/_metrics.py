@@ -456,20 +456,25 @@ def _state_metrics(state: Any) -> dict[str, Any]:
 
 def _collect(states: list[Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
-  used: set[str] = set()  # metrics (totals with their layers) given so far
+  totals: set[str] = set()   # metrics given as a total so far
+  layered: set[str] = set()  # metrics given per layer so far
   last_repeat: dict[str, int] = {}  # metric -> the highest `.k` given it
   for state in states:
     named = _state_metrics(state)
     naming = getattr(state, "naming", None)
     depth = len([c for c in getattr(naming, "prefix", "").split("/") if c])
-    # A metric that another state already gave, as a total or per layer,
-    # is renamed whole, its total and its layers alike (a total must sit
-    # beside its own layers: a layer clip's `grad/norm/<layer>` and a global
-    # clip's `grad/norm` are two measurements), all of the state's such
-    # metrics with one number, higher than any given before to them (so that
-    # the numbers follow tree order).
+    # A metric is renamed whole, its total and its layers alike, when one
+    # of its names is taken, or when it gives a total beside another state's
+    # layers or layers beside another state's total (a total must sit beside
+    # its own layers: a layer clip's `grad/norm/<layer>` and a global clip's
+    # `grad/norm` are two measurements); layers beside layers (two
+    # partitions of `optax.multi_transform`) are one view. All of the
+    # state's renamed metrics get one number, higher than any given before
+    # to them (so that the numbers follow tree order).
     metric = lambda name: "/".join(name.split("/")[:depth + 2])
-    taken = {metric(name) for name in named} & used
+    taken = {metric(name) for name in named
+             if name in out or metric(name) in (
+                 layered if name == metric(name) else totals)}
     renamed = [name for name in named if metric(name) in taken]
     if renamed:
       k = 1 + max(last_repeat.get(m, 0) for m in taken)
@@ -478,7 +483,8 @@ def _collect(states: list[Any]) -> dict[str, Any]:
       last_repeat.update(dict.fromkeys(taken, k))
     given = {_repeat(name, k, depth) if metric(name) in taken else name:
              value for name, value in named.items()}
-    used.update(metric(name) for name in given)
+    for name in given:
+      (totals if name == metric(name) else layered).add(metric(name))
     out.update(given)
   return out
 
@@ -509,9 +515,10 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
   leaf) gives each metric one value per device, layers included.
 
-  Naming rule for repeats: when two states record the same metric, as a
-  total or per layer (two monitors in one chain, say, or a per-layer clip's
-  `grad/norm/<layer>` and a global clip's `grad/norm`), the first in the
+  Naming rule for repeats: when two states record the same name (two
+  monitors in one chain, say), or one a metric's total and the other its
+  per-layer entries (a per-layer clip's `grad/norm/<layer>` and a global
+  clip's `grad/norm`: not their total), the first in the
   tree's order (the earlier one in a chain) keeps the plain name and a later
   one gets `.1`, `.2`, ... at the end
   of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`

@@ -193,7 +193,7 @@ def _runner(inner: optax.GradientTransformationExtraArgs, inner_state: Any,
   def run(grads):
     grads = jax.tree.map(
         lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
-        if jnp.issubdtype(g.dtype, jnp.inexact) else g, grads)
+        if jnp.issubdtype(jnp.result_type(g), jnp.inexact) else g, grads)
     if scale is not None:
       grads = _clipping.scale_tree(grads, scale)
     return inner.update(grads, inner_state, params, **extra_args)

@@ -99,7 +99,12 @@ _STARTED = {}  # launch function -> what it returned
 
 def _start(launch):
   if launch not in _STARTED:
-    _STARTED[launch] = launch(Background)
+    try:
+      _STARTED[launch] = launch(Background)
+    except Exception as e:  # pylint: disable=broad-except
+      _STARTED[launch] = e  # fails its own tests, not the session
+  if isinstance(_STARTED[launch], Exception):
+    raise _STARTED[launch]
   return _STARTED[launch]
 
 
@@ -107,7 +112,10 @@ def _start(launch):
 def pytest_collection_modifyitems(items):
   for item in items:
     for marker in item.iter_markers("start_early"):
-      _start(marker.kwargs["launch"])
+      try:
+        _start(marker.kwargs["launch"])
+      except Exception:  # pylint: disable=broad-except
+        pass  # raised again by the test's `started` fixture
 
 
 def pytest_sessionfinish():

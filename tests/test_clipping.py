@@ -289,7 +289,7 @@ def test_bad_threshold_is_a_sentence(factory, arg, value):
     ("adaptive_grad_clip", lambda: og.adaptive_grad_clip(0.01)),
     ("autoclip", lambda: og.autoclip(10.0)),
     ("zclip", lambda: og.zclip()),
-    ("clip_by_global_norm", lambda: og.guard(og.sgd(0.1)))])
+    ("guard's clip (max_norm=1.0)", lambda: og.guard(og.sgd(0.1)))])
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
 def test_integer_parameters_are_refused_by_every_scaling_clip(name, make,
                                                                dtype):

@@ -139,6 +139,10 @@ def test_python_float_parameters():
                              rtol=1e-6)
   np.testing.assert_allclose(og.metrics(state)["grad/norm"], np.sqrt(10.0),
                              rtol=1e-6)
+  # Around an opaque optimizer (the generic path) too.
+  tx = og.skip_spikes(optax.sgd(0.1))
+  u1, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose([u1["a"], u1["b"]], [-0.1, 0.3], rtol=1e-6)
 
 
 @pytest.mark.standard_promotion

@@ -372,6 +372,13 @@ def test_a_total_is_never_another_states_layers_total():
       [np.hypot(3.0, 3.0), np.hypot(4.0, 4.0)], rtol=1e-6)
   # After the layer clip each layer has norm 1: the global clip saw sqrt(2).
   np.testing.assert_allclose(m["grad/norm.1"], np.sqrt(2.0), rtol=1e-6)
+  # Layers beside layers (two partitions) stay one view.
+  tx = optax.multi_transform(
+      {"x": og.clip_by_layer_norm(1.0), "y": og.clip_by_layer_norm(1.0)},
+      {"a": "x", "b": "y"})
+  _, state = tx.update(grads, tx.init(params), params)
+  assert sorted(k for k in og.metrics(state) if k.startswith("grad/norm")) == [
+      "grad/norm/a", "grad/norm/b"]
   tx = optax.chain(og.monitor(zscore=True), og.zclip(warmup_steps=2),
                    optax.sgd(0.1))
   state = tx.init(params)

@@ -506,8 +506,8 @@ def test_halts_after_max_consecutive_and_does_not_resume():
       f"({skipped[-1]} skipped in total). The last bad step was step "
       f"{last_bad}: non-finite gradients"
       f"{_layers_clause(_np_counts(nan_grads))}. It applies no update until "
-      "the optimizer state is re-initialised, or, with "
-      "`resume_after_halt=True`, until a finite step.")
+      "the optimizer state is re-initialised (`resume_after_halt=True` would "
+      "have resumed at this finite step).")
   assert consec[-1] == 0  # the last step was finite: no run to report
   assert info.value.step == len(pattern) - 1
   # On the step that halted it, that step is named, with its run.
