@@ -271,9 +271,7 @@ def zero_nonfinite(
     del params, extra_args
     _metrics.check_layers(updates, state.replaced.names, "zero_nonfinite")
     counts = _stats.tree_stats(updates, axis_name=axis_name).nonfinite
-    cleaned = jax.tree.map(
-        lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), updates)
-    return cleaned, ZeroNonfiniteState(
+    return _stats.nonfinite_to_zero(updates), ZeroNonfiniteState(
         replaced=_metrics.PerLayer(counts, state.replaced.names),
         num_steps=_stats.count_if(jnp.sum(counts) > 0, state.num_steps))
 

@@ -191,9 +191,7 @@ def _runner(inner: optax.GradientTransformationExtraArgs, inner_state: Any,
   it with a `lax.cond`). The select fuses into `inner`'s kernels.
   """
   def run(grads):
-    grads = jax.tree.map(
-        lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g))
-        if jnp.issubdtype(jnp.result_type(g), jnp.inexact) else g, grads)
+    grads = _stats.nonfinite_to_zero(grads)
     if scale is not None:
       grads = _clipping.scale_tree(grads, scale)
     return inner.update(grads, inner_state, params, **extra_args)

@@ -628,6 +628,13 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
       stats.global_norm)
 
 
+def nonfinite_to_zero(tree: Any) -> Any:
+  """The tree with every NaN/Inf element replaced by 0 (integer and bool
+  leaves, which hold none, unchanged)."""
+  return jax.tree.map(
+      lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)), tree)
+
+
 def any_nonfinite(tree: Any, *, axis_name: AxisName = None,
                   stacked: Sequence[bool] | None = None) -> jax.Array:
   """bool[]: whether any element of `tree` is NaN or Inf, on any device.

@@ -25,8 +25,12 @@ _IMPORT_CHECK = (
     "print(','.join(bad))")
 
 
-@pytest.mark.start_early(launch=lambda background: background(
-    [sys.executable, "-c", _IMPORT_CHECK]))
+def _python(code, *args):
+  """A `start_early` launch function: `python -c code args`."""
+  return lambda background: background([sys.executable, "-c", code, *args])
+
+
+@pytest.mark.start_early(launch=_python(_IMPORT_CHECK))
 def test_import_pulls_in_no_optional_dependency(started):
   result = started.result()
   assert result.returncode == 0, result.stderr[-2000:]
@@ -123,8 +127,7 @@ _FLAX_IMPORTED_AFTER = (
     "print('ok')\n")
 
 
-@pytest.mark.start_early(launch=lambda background: background(
-    [sys.executable, "-c", _FLAX_IMPORTED_AFTER]))
+@pytest.mark.start_early(launch=_python(_FLAX_IMPORTED_AFTER))
 def test_flax_serialization_imported_after_the_state_is_built(started):
   """Flax imported only after optax_guard built a state (a notebook's
   order): `to_bytes`/`from_bytes` still know our pytree nodes."""
@@ -166,7 +169,7 @@ def _start_fake_flaxes(background):
   (broken / "flax").mkdir(parents=True)
   (broken / "flax" / "__init__.py").write_text("")
   (broken / "flax" / "serialization.py").write_text("")
-  return [background([sys.executable, "-c", _FLAX_HOOK_CHECK, str(where)])
+  return [_python(_FLAX_HOOK_CHECK, str(where))(background)
           for where in (archive, broken)]
 
 
