@@ -75,6 +75,16 @@ def _value(schedule: Any, count: jax.Array) -> Any:
   return schedule(count) if callable(schedule) else schedule
 
 
+def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
+  """`-lr * u` in the dtype optax's would give: a schedule's value is cast to
+  the update's dtype (optax's `scale_by_schedule`), a constant promotes with
+  it (`scale`), so a float32 array (`optax.inject_hyperparams` with
+  `hyperparam_dtype=jnp.float32`) makes bf16 parameters' updates float32."""
+  if scheduled:
+    return jnp.asarray(-lr, dtype=u.dtype) * u
+  return -lr * u
+
+
 def _decay_mask(mask: Any, params: Any) -> list[bool]:
   """One static bool per leaf: whether weight decay applies to it."""
   leaves = jax.tree.leaves(params)
@@ -186,7 +196,7 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
     u = jnp.where(jnp.isinf(denominator), jnp.zeros_like(u), u)
   if p is not None:  # weight decay applies to this leaf
     u = _sum(u, wd * p)
-  u = jnp.asarray(-lr, dtype=u.dtype) * u
+  u = _times_rate(lr, u, h["scheduled"])
   # The state keeps its dtypes (optax's own can drift with the gradients').
   return (_keep(keep, u, jnp.zeros_like(u)), m_new.astype(m_dtype),
           v_new.astype(v_dtype))
@@ -208,7 +218,7 @@ def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
     step = g
   if not jnp.issubdtype(step.dtype, jnp.inexact):  # as optax: -lr * step
     step = step.astype(jnp.result_type(float))
-  u = jnp.asarray(-lr, dtype=step.dtype) * step
+  u = _times_rate(lr, step, h["scheduled"])
   return _keep(keep, u, jnp.zeros_like(u)), t_out
 
 
@@ -307,7 +317,8 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     ps = (treedef.flatten_up_to(params) if params is not None
           else [None] * len(leaves))
     masked = _decay_mask(mask, params) if decays else [False] * len(leaves)
-    static, traced = _split_hyper(lr=lr, wd=wd, b1=b1, b2=b2, eps=eps,
+    static, traced = _split_hyper(lr=lr, scheduled=callable(learning_rate),
+                                  wd=wd, b1=b1, b2=b2, eps=eps,
                                   eps_root=eps_root)
     corrections = (correction1, correction2, correction_next)
     out_u, out_mu, out_nu = [], [], []
@@ -477,6 +488,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
     static, traced = _split_hyper(lr=_value(learning_rate, state.count),
+                                  scheduled=callable(learning_rate),
                                   momentum=momentum)
     # A None gradient (a frozen parameter) stays None and keeps its trace,
     # as in optax's sgd.
