@@ -106,8 +106,10 @@ def gradient_norm_penalty(
   then the whole gradient's (each leaf's sum of squares summed over the axes
   it varies along), the same on every device, in float32. Without it each
   device takes the norm of what it holds, which is right when the
-  parameters are replicated (data parallelism: each device penalises its
-  own batch's gradient).
+  parameters are replicated (data parallelism): there `jax.grad` already
+  returns their gradient summed over the devices' batches, so every device
+  penalises the whole batch's gradient, once. Under `pmap`, where nothing
+  is summed for you, each device penalises its own batch's gradient.
 
   A zero gradient has a zero penalty gradient in both methods. The
   finite-difference probe is taken in the parameters' dtype. With bfloat16
@@ -162,25 +164,21 @@ def gradient_norm_penalty(
   def norm_of(grads):
     if axis_name is None:  # in float64 too, where the gradients are
       return _safe_norm(grads)
-    if not _stats.is_typed(_stats.axis_names(axis_name)):
-      raise ValueError(
-          f"gradient_norm_penalty got axis_name={axis_name!r} where values "
-          "carry no sharding types (`pmap`, or `shard_map` with "
-          "check_vma=False), so it cannot tell sharded parameters from "
-          "replicated ones: use `shard_map` with its default check_vma=True, "
-          "or, with replicated parameters (`pmap`), leave axis_name=None.")
-    return _stats.tree_stats(grads, axis_name=axis_name).global_norm
+    return _whole_norm(grads, axis_name, "gradient_norm_penalty")
 
   def exact(params, *args, **kwargs):
-    def penalised(p):
+    # The penalty is differentiated alone and the loss's gradients added:
+    # under `shard_map` the gradients of replicated parameters come back
+    # summed over the devices, the same on each, and differentiating
+    # `loss + penalty` would sum that one penalty's gradient once per device.
+    def penalty_of(p):
       value, grads = grad_fn(p, *args, **kwargs)
       norm = norm_of(grads)
       penalty = jnp.square(norm) if squared else norm
-      loss = value[0] if has_aux else value
-      return loss + jnp.asarray(strength, penalty.dtype) * penalty, value
+      return jnp.asarray(strength, penalty.dtype) * penalty, (value, grads)
 
-    (_, value), grads = jax.value_and_grad(penalised, has_aux=True)(params)
-    return value, grads
+    penalty_grads, (value, grads) = jax.grad(penalty_of, has_aux=True)(params)
+    return value, jax.tree.map(jnp.add, grads, penalty_grads)
 
   def finite_difference(params, *args, **kwargs):
     value, grads = grad_fn(params, *args, **kwargs)
@@ -192,6 +190,22 @@ def gradient_norm_penalty(
     return value, _fd_combine(grads, probe, norm, strength, radius, squared)
 
   return exact if method == "exact" else finite_difference
+
+
+def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str
+                ) -> jax.Array:
+  """The norm of a gradient sharded over `axis_name`, refused where values
+  carry no sharding types: under `pmap` the cross-device statistics take
+  every leaf as replicated (the largest device's value), which would make
+  the penalty's direction a mix of devices' gradients."""
+  if not _stats.is_typed(_stats.axis_names(axis_name)):
+    raise ValueError(
+        f"{who} got axis_name={axis_name!r} where values carry no sharding "
+        "types (`pmap`, or `shard_map` with check_vma=False), so it cannot "
+        "tell sharded parameters from replicated ones: use `shard_map` with "
+        "its default check_vma=True, or, with replicated parameters "
+        "(`pmap`), leave axis_name=None.")
+  return _stats.tree_stats(grads, axis_name=axis_name).global_norm
 
 
 class AddGradientNormPenaltyState(NamedTuple):
@@ -223,8 +237,9 @@ def add_gradient_norm_penalty(
     strength: :math:`\lambda`, a float `>= 0`.
     squared: penalise :math:`\|\nabla L\|^2` instead of :math:`\|\nabla L\|`.
     radius: :math:`r`, the finite-difference step, a float `> 0`.
-    axis_name: mesh axis name(s) over which :math:`\|g\|` is reduced under
-      `shard_map` or `pmap`.
+    axis_name: mesh axis name(s) over which the parameters are sharded
+      (inside `shard_map`), so that :math:`\|g\|` is the whole gradient's;
+      refused under `pmap`, as in `gradient_norm_penalty`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`
@@ -267,7 +282,8 @@ def add_gradient_norm_penalty(
           "loss on the current batch: call `update(grads, state, params, "
           "grad_fn=...)` with `grad_fn(params) -> grads`; it got "
           f"grad_fn={grad_fn!r}.")
-    norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
+    norm = (_stats.tree_stats(updates).global_norm if axis_name is None else
+            _whole_norm(updates, axis_name, "add_gradient_norm_penalty"))
     step = _fd_direction(updates, norm)
     probe = grad_fn(jax.tree.map(
         lambda p, n: p + jnp.asarray(radius, p.dtype) * n, params, step))

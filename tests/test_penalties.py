@@ -267,12 +267,14 @@ def test_input_gradient_penalty_refuses_what_it_cannot_average():
                               {"a": jnp.ones((4, 2)), "b": jnp.ones((3, 2))})
 
 
-@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("method", ["exact", "finite_difference",
+                                    "transformation"])
 def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
   """L = sum(d w^2) / 2 over a kernel sharded across 8 devices (psummed)
   plus a replicated bias's b^2 / 2: with `axis_name` every device's
   penalised gradient is g + lambda H g / ||g|| of the WHOLE gradient
-  (closed form), as on one device; without it, each device's own norm."""
+  (closed form), as on one device; without it, each device's own norm.
+  "transformation" is `add_gradient_norm_penalty` (finite differences)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.make_mesh((8,), ("d",))
   rng = np.random.default_rng(11)
@@ -291,8 +293,16 @@ def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
   tol = 1e-5 if method == "exact" else 2e-3
 
   def sharded(axis_name):
-    fn = og.gradient_norm_penalty(loss, lam, method=method, radius=1e-3,
-                                  axis_name=axis_name)
+    if method == "transformation":
+      tx = og.add_gradient_norm_penalty(lam, radius=1e-3, axis_name=axis_name)
+      def fn(params, d_local):
+        grad_fn = lambda p: jax.grad(loss)(p, d_local)
+        updates, _ = tx.update(grad_fn(params), tx.init(params), params,
+                               grad_fn=grad_fn)
+        return None, updates
+    else:
+      fn = og.gradient_norm_penalty(loss, lam, method=method, radius=1e-3,
+                                    axis_name=axis_name)
     def run(w_shard, d_local, b):
       grads = fn({"w": w_shard, "b": b}, d_local)[1]
       return grads["w"], grads["b"][None]
@@ -307,18 +317,66 @@ def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
   np.testing.assert_allclose(got_w, want[:16], rtol=tol)
   for row in np.asarray(got_b):           # the same on every device
     np.testing.assert_allclose(row, want[16:], rtol=tol)
+  if method == "transformation":          # it measures with tree_stats
+    with pytest.raises(ValueError, match="varies along mesh axes"):
+      sharded(None)
+    return
   local_w, _ = sharded(None)              # the premise: a shard's own norm
   assert not np.allclose(local_w, want[:16], rtol=tol)
 
 
-def test_axis_name_without_sharding_types_is_refused():
-  """Under `pmap` nothing says which parameters are sharded: refused."""
-  fn = og.gradient_norm_penalty(lambda w: jnp.sum(w ** 2) / 2, 0.1,
-                                axis_name="d")
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_data_parallel_shard_map_penalises_the_whole_batch_once(method,
+                                                                 squared):
+  """Replicated parameters, a batch sharded over 8 devices, each device's
+  own (unsummed) loss: `jax.grad` returns the whole batch's gradient on
+  every device, and both methods must add the penalty's gradient once
+  (closed form on least squares: g = X'(Xw - y), H = X'X). The exact
+  method once added it 8 times."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("data",))
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(32, 4)).astype(np.float32)
+  y = rng.normal(size=32).astype(np.float32)
+  w = rng.normal(size=4).astype(np.float32)
+
+  def loss(w, xb, yb):
+    return jnp.sum((xb @ w - yb) ** 2) / 2
+
+  x64, y64, w64 = (v.astype(np.float64) for v in (x, y, w))
+  g = x64.T @ (x64 @ w64 - y64)
+  hg = x64.T @ (x64 @ g)
+  want = g + (2 * STRENGTH * hg if squared else
+              STRENGTH * hg / np.linalg.norm(g))
+  fn = og.gradient_norm_penalty(loss, STRENGTH, method=method,
+                                squared=squared, radius=1e-2)
+  step = jax.jit(jax.shard_map(
+      lambda w, xb, yb: fn(w, xb, yb)[1][None], mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=P("data")))
+  got = step(w, jax.device_put(x, NamedSharding(mesh, P("data"))),
+             jax.device_put(y, NamedSharding(mesh, P("data"))))
+  for row in np.asarray(got):            # every device, the whole batch's
+    np.testing.assert_allclose(row, want, rtol=2e-4)
+
+
+@pytest.mark.parametrize("form", ["function", "transformation"])
+def test_axis_name_without_sharding_types_is_refused(form):
+  """Under `pmap` nothing says which parameters are sharded: refused by
+  both forms (the transformation once took the largest device's norm)."""
+  loss = lambda w: jnp.sum(w ** 2) / 2
+  if form == "function":
+    who = "gradient_norm_penalty"
+    fn = og.gradient_norm_penalty(loss, 0.1, axis_name="d")
+    run = lambda w: fn(w)[1]
+  else:
+    who = "add_gradient_norm_penalty"
+    tx = og.add_gradient_norm_penalty(0.1, axis_name="d")
+    run = lambda w: tx.update(w, tx.init(w), w, grad_fn=jax.grad(loss))[0]
   with pytest.raises(ValueError, match=(
-      r"^gradient_norm_penalty got axis_name='d' where values carry no "
+      f"^{who} got axis_name='d' where values carry no "
       r"sharding types \(`pmap`, or `shard_map` with check_vma=False\), so "
       r"it cannot tell sharded parameters from replicated ones: use "
       r"`shard_map` with its default check_vma=True, or, with replicated "
       r"parameters \(`pmap`\), leave axis_name=None\.")):
-    jax.pmap(lambda w: fn(w)[1], axis_name="d")(jnp.ones((8, 3)))
+    jax.pmap(run, axis_name="d")(jnp.ones((8, 3)))
