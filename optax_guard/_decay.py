@@ -37,18 +37,27 @@ def _default(name: str, shape: tuple[int, ...]) -> bool:
   return len(shape) >= 2  # an unnamed matrix is a weight, a vector is not
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Any, *, stacked: _metrics.Stacked = None) -> Any:
   """The default decay mask: True for Flax kernels and embeddings.
 
   A leaf named `kernel` or `embedding` is decayed; one named `bias`, `scale`
   or `offset` is not; any other leaf is decayed when it has two or more axes
-  (a weight matrix), not when it is a scalar or a vector.
+  (a weight matrix), not when it is a scalar or a vector. A leaf marked as
+  `stacked` (layers stacked by `nn.scan`, `nnx.scan` or `nnx.vmap`) is judged
+  without its leading axis, so a per-layer vector such as a `layer_scale` is
+  left alone whether the blocks are scanned or written out. Pass it to a
+  factory as `mask=functools.partial(og.decay_mask, stacked=...)`.
 
   Args:
     params: a parameter tree (Flax linen or nnx).
+    stacked: the leaves whose leading axis stacks layers: their names or
+      prefixes of them (`("ScanBlock_0",)`), or a function from a layer name
+      to a bool, as in `monitor`.
 
   Returns:
-    A tree of Python bools with the structure of `params`.
+    A tree of Python bools with the structure of `params` (an nnx
+    `Variable` is replaced by its bool, so that the same tree also masks
+    the plain arrays `nnx.Optimizer` hands to its transformation).
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -56,16 +65,23 @@ def decay_mask(params: Any) -> Any:
     ...           "LayerNorm_0": {"scale": jnp.ones(3)}}
     >>> og.decay_mask(params)
     {'Dense_0': {'bias': False, 'kernel': True}, 'LayerNorm_0': {'scale': False}}
+    >>> scanned = {"Block": {"layer_scale": jnp.ones((4, 3))}}  # 4 layers
+    >>> og.decay_mask(scanned), og.decay_mask(scanned, stacked=("Block",))
+    ({'Block': {'layer_scale': True}}, {'Block': {'layer_scale': False}})
 
   References:
     Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization"
     (https://arxiv.org/abs/1711.05101), and common practice since BERT
     (Devlin et al., 2019) of not decaying biases and normalisation scales.
   """
-  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  _metrics.check_stacked(stacked)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=_metrics.is_variable)
+  flags = _metrics.stacked_flags(params, stacked) or [False] * len(paths)
+  shapes = [tuple(jnp.shape(_metrics.unwrap(x))) for _, x in paths]
   return jax.tree_util.tree_unflatten(treedef, [
-      _default(_metrics.path_name(p), tuple(jnp.shape(_metrics.unwrap(x))))
-      for p, x in paths])
+      _default(_metrics.path_name(p), shape[1:] if flag else shape)
+      for (p, _), shape, flag in zip(paths, shapes, flags)])
 
 
 Mask = Any  # a tree of bools, a callable params -> tree of bools, or None
@@ -124,6 +140,10 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     del extra_args
     _args.require_params(params, factory)
     _metrics.check_same_tree(updates, params, factory)
+    # Checked here, by name, for all three (the penalty's reduction would
+    # otherwise name a leaf by its index among the chosen ones, or not at
+    # all for L1).
+    _stats.check_varying_covered(params, axis_name, "parameter")
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
     flags = _mask_leaves(mask, params, factory)
@@ -162,7 +182,8 @@ class AddDecayedWeightsState(NamedTuple):
   penalty: jax.Array  # f32[] rate/2 * ||W||^2 over the decayed leaves.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
-    return {"param/weight_decay": self.rate, "param/l2_penalty": self.penalty}
+    return {"param/weight_decay": self.rate,
+            "param/weight_decay_penalty": self.penalty}
 
 
 class AddL2PenaltyState(AddDecayedWeightsState):
@@ -212,7 +233,7 @@ def add_decayed_weights(
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,
     with state `AddDecayedWeightsState` (metrics `param/weight_decay`,
-    `param/l2_penalty`).
+    `param/weight_decay_penalty`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_guard as og

@@ -331,9 +331,14 @@ def per_layer_zeros(names: tuple[str, ...], dtype: Any,
   return PerLayer(jnp.zeros((len(names),) + trailing, dtype), names)
 
 
+def is_variable(x: Any) -> bool:
+  """Whether `x` is a Flax nnx `Variable` (without importing Flax)."""
+  return hasattr(x, "get_value")
+
+
 def unwrap(x: Any) -> Any:
   """The array inside a Flax nnx `Variable` (or `x` itself)."""
-  if hasattr(x, "get_value"):
+  if is_variable(x):
     return x.get_value()
   if hasattr(x, "value") and not isinstance(x, (np.ndarray, jax.Array)):
     return x.value
@@ -638,5 +643,5 @@ def local_copies(tree: Any) -> Any:
 def strip_variables(opt_state: Any) -> Any:
   """Replaces nnx `Variable` leaves by their arrays so the state can be jitted."""
   return jax.tree_util.tree_map(
-      unwrap, opt_state, is_leaf=lambda x: hasattr(x, "get_value"))
+      unwrap, opt_state, is_leaf=is_variable)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,9 +120,11 @@ def test_l2_gradient_and_penalty_in_closed_form(factory):
     np.testing.assert_allclose(u, g + (0.3 * p if flag else 0.0), rtol=1e-6)
   want = 0.5 * 0.3 * sum(np.sum(p * p) for p in _selected(params, DEFAULT))
   m = og.metrics(state)
-  np.testing.assert_allclose(m["param/l2_penalty"], want, rtol=1e-6)
-  rate_name = ("param/weight_decay" if factory is og.add_decayed_weights
-               else "param/l2_rate")
+  decoupled = factory is og.add_decayed_weights
+  penalty_name = ("param/weight_decay_penalty" if decoupled
+                  else "param/l2_penalty")
+  np.testing.assert_allclose(m[penalty_name], want, rtol=1e-6)
+  rate_name = "param/weight_decay" if decoupled else "param/l2_rate"
   np.testing.assert_allclose(m[rate_name], 0.3)
 
 
@@ -281,6 +285,59 @@ def test_penalty_value_under_shard_map_counts_a_sharded_kernel_once_per_shard():
     np.testing.assert_allclose(np.asarray(got), np.full(8, want), rtol=1e-5)
 
 
+@pytest.mark.parametrize("factory", [og.add_decayed_weights,
+                                     og.add_l2_penalty, og.add_l1_penalty])
+def test_a_sharded_parameter_without_axis_name_is_named(factory):
+  """All three name the sharded parameter by its path (L1 had no check)."""
+  mesh = jax.make_mesh((8,), ("d",))
+  tx = factory(0.2, mask=None)
+
+  def run(k, b):
+    p = {"kernel": k, "bias": b}
+    return tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]
+
+  fn = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("d"), P()),
+                             out_specs=(P("d"), P())))
+  with pytest.raises(ValueError, match=(
+      r"^The parameter 'kernel' varies along mesh axes \['d'\] that "
+      r"axis_name=None does not name")):
+    fn(jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, P("d"))),
+       jax.device_put(jnp.ones((4,)), NamedSharding(mesh, P())))
+
+
+def test_stacked_layers_are_masked_as_the_layers_they_stack():
+  """A block with a per-layer vector (`layer_scale`) and a kernel, alone
+  and stacked three times by `nn.scan`: with `stacked=` the scanned tree
+  gets the single block's mask; without it its stacked vector reads as a
+  matrix and is decayed."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      scale = self.param("layer_scale", nn.initializers.ones, (4,))
+      return nn.Dense(4)(x) * scale, None
+
+  x = jnp.ones((2, 4))
+  one = Block().init(jax.random.key(0), x, None)["params"]
+  scanned = nn.scan(Block, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=3)
+  stacked = scanned().init(jax.random.key(0), x, None)["params"]
+  assert og.decay_mask(one) == {"layer_scale": False,
+                                "Dense_0": {"kernel": True, "bias": False}}
+  assert og.decay_mask(stacked)["layer_scale"] is True    # the premise
+  for marks in (("layer_scale", "Dense_0"), lambda name: True):
+    assert og.decay_mask(stacked, stacked=marks) == og.decay_mask(one)
+  # As a factory's mask; the decayed leaves are those the mask names.
+  tx = og.add_decayed_weights(
+      0.5, mask=functools.partial(og.decay_mask, stacked=lambda name: True))
+  zeros = jax.tree.map(jnp.zeros_like, stacked)
+  updates, _ = tx.update(zeros, tx.init(stacked), stacked)
+  np.testing.assert_array_equal(updates["layer_scale"], 0 * stacked["layer_scale"])
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"],
+                             0.5 * stacked["Dense_0"]["kernel"], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"^`stacked` must be None"):
+    og.decay_mask(stacked, stacked=3)
+
+
 def test_default_mask_and_decay_on_flax_nnx():
   """nnx states hold `Variable`s: names drop their `value`, and the decay
   runs inside `nnx.Optimizer` (beside AGC, which also needs params)."""
@@ -296,14 +353,17 @@ def test_default_mask_and_decay_on_flax_nnx():
 
   model = Model(nnx.Rngs(0))
   mask = og.decay_mask(nnx.state(model, nnx.Param))
+  # Plain bools in place of the `Variable`s, so that the precomputed tree
+  # also masks the plain arrays `nnx.Optimizer` passes (it once held
+  # `Param(False)` nodes, which no transformation's tree matched).
   flags = {"/".join(str(getattr(k, "key", getattr(k, "name", k)))
-                    for k in path[:-1]): flag
+                    for k in path): flag
            for path, flag in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert flags == {"dense/bias": False, "dense/kernel": True,
                    "norm/bias": False, "norm/scale": False}
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   tx = optax.chain(og.adaptive_grad_clip(0.1), optax.sgd(0.0),
-                   og.add_decayed_weights(0.5), optax.scale(-1.0))
+                   og.add_decayed_weights(0.5, mask=mask), optax.scale(-1.0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
