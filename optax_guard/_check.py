@@ -11,6 +11,11 @@ import jax
 import numpy as np
 
 from optax_guard import _metrics
+from optax_guard._adaptive import AdaptiveGradClipState
+from optax_guard._adaptive import AutoclipState
+from optax_guard._adaptive import ZclipState
+from optax_guard._clipping import ClipByGlobalNormState
+from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import REASONS
@@ -21,7 +26,8 @@ _MAX_LAYERS = 3  # layers named in a message
 
 
 class GuardError(RuntimeError):
-  """A training step went wrong. Attributes: `step`, `layers` (name: count)."""
+  """A training step went wrong. Attributes: `step` (-1 where the state
+  counts no steps: a clip alone), `layers` (name: count)."""
 
   def __init__(self, message: str, step: int, layers: dict[str, int]):
     super().__init__(message)
@@ -286,10 +292,46 @@ def _microbatch_error(s: _metrics.MultiStepsView) -> GuardError | None:
       "accumulates the other micro-batches.", step, {})
 
 
+# The clips, by their factories' names. They count no steps, and a monitor
+# or a skipper in the same chain says more (the layers, what was done), so a
+# clip is read only where nothing else is.
+_CLIPS = {ClipByGlobalNormState: "clip_by_global_norm",
+          ClipByLayerNormState: "clip_by_layer_norm",
+          AdaptiveGradClipState: "adaptive_grad_clip",
+          AutoclipState: "autoclip", ZclipState: "zclip"}
+
+
+def _clip_error(s: Any) -> GuardError | None:
+  """A clip saw NaN/Inf (or an overflowing norm) at the last step and
+  passed the gradients on unscaled."""
+  who = f"og.{_CLIPS[type(s)]}"
+  if isinstance(s, ClipByLayerNormState):
+    names, norms = s.layer_norms.names, np.asarray(s.layer_norms.values)
+    bad = [n for n, v in zip(names, norms) if not np.isfinite(v)]
+    if not bad:
+      return None
+    shown = ", ".join(sorted(bad, key=_numbers_as_numbers)[:_MAX_LAYERS])
+    more = f" and {len(bad) - _MAX_LAYERS} more" if len(bad) > _MAX_LAYERS else ""
+    what = (f"{_plural(len(bad), 'layer')} with a NaN/Inf norm ({shown}"
+            f"{more})")
+  else:
+    clip = s.clip if isinstance(s, (AutoclipState, ZclipState)) else s
+    norm = float(clip.grad_norm)
+    if np.isfinite(norm):
+      return None
+    what = f"a global norm of {norm} " + (
+        "(NaN elements)" if np.isnan(norm) else
+        "(Inf elements, or finite ones whose norm is beyond float32's range)")
+  return NonFiniteGradientError(
+      f"The last step's gradients had {what}: {who} cannot scale them and "
+      f"passed them on. {_NOTHING_SKIPS.format(given='')}", -1, {})
+
+
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
            MonitorState: _monitor_error,
-           _metrics.MultiStepsView: _microbatch_error}
+           _metrics.MultiStepsView: _microbatch_error,
+           **{clip: _clip_error for clip in _CLIPS}}
 
 # Said where a NaN/Inf is reported inside an optax.MultiSteps whose skip
 # state is empty (no `should_skip_update_fn`, or one that keeps none):
@@ -371,7 +413,11 @@ def check(opt_state: Any) -> None:
   parameters held NaN/Inf (or the guard has halted), naming the step, the
   first layers that went bad with their counts (in name order, numbers
   compared as numbers: `Dense_2` before `Dense_10`; a stacked leaf's layers
-  block by block), and what the guard did; raises
+  block by block), and what the guard did. A clip (`clip_by_global_norm`,
+  `clip_by_layer_norm`, `adaptive_grad_clip`, `autoclip`, `zclip`) that saw
+  a NaN/Inf norm passed the gradients on unscaled: it is reported too, where
+  no monitor or skipper in the chain says more (it counts no steps, so the
+  error's `step` is -1). Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
   monitor records per-layer z-scores (`zscore=True`). Non-finite problems
@@ -440,6 +486,8 @@ def check(opt_state: Any) -> None:
 
 def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
+  if not all(type(s) in _CLIPS for s, _ in states):
+    states = [(s, c) for s, c in states if type(s) not in _CLIPS]
   if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [(s, c) for s, c in states if not (

@@ -221,6 +221,52 @@ def test_a_norm_beyond_float32_passes_unscaled_and_check_says_so():
     og.check(state)
 
 
+CLIPS_ALONE = {
+    "clip_by_global_norm": lambda: og.clip_by_global_norm(1.0),
+    "clip_by_layer_norm": lambda: og.clip_by_layer_norm(1.0),
+    "adaptive_grad_clip": lambda: og.adaptive_grad_clip(0.1),
+    "autoclip": lambda: og.autoclip(),
+    "zclip": lambda: og.zclip(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLIPS_ALONE))
+def test_check_reads_a_clip_alone(name):
+  """With no monitor or skipper in the chain, og.check reads the clip's own
+  state: a NaN or Inf norm raises (the clip passed the gradients on), a
+  finite one does not. Beside a skipper, the skipper reports instead."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = optax.chain(CLIPS_ALONE[name](), optax.sgd(0.1))
+  step = jax.jit(tx.update)
+  layer = name == "clip_by_layer_norm"
+  for bad, norm_text in (
+      (jnp.nan, "nan (NaN elements)"),
+      (jnp.inf, "inf (Inf elements, or finite ones whose norm is beyond "
+                "float32's range)")):
+    grads = {"a": jnp.array([bad, 1.0]), "b": jnp.ones(3)}
+    _, state = step(grads, tx.init(params), params)
+    what = ("1 layer with a NaN/Inf norm (a)" if layer else
+            f"a global norm of {norm_text}")
+    with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+        f"The last step's gradients had {what}: og.{name} cannot scale "
+        "them and passed them on. Nothing in this chain skips such a step "
+        "unless a `skip_nonfinite` or `guard` stands around the "
+        "optimizer.")) as e:
+      og.check(state)
+    assert e.value.step == -1 and e.value.layers == {}
+  _, state = step({"a": jnp.full(2, 1e3), "b": jnp.ones(3)},
+                  tx.init(params), params)
+  og.check(state)  # a large but finite norm is the clip's job: quiet
+  skipping = optax.chain(CLIPS_ALONE[name](),
+                         og.skip_nonfinite(optax.sgd(0.1)))
+  _, state = skipping.update({"a": jnp.array([jnp.nan, 1.0]),
+                              "b": jnp.ones(3)}, skipping.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"^Step 0: non-finite gradients; first bad "
+                           r"layers: a \(1 NaN/Inf\)\. The guard skipped"):
+    og.check(state)
+
+
 def test_layer_norm_against_numpy():
   grads = _random_tree(3, scale=2.0)
   max_norm = 3.0
