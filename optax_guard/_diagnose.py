@@ -40,6 +40,15 @@ _ADVICE = {
         "fitted over the {kind})."),
 }
 
+# Said first when the parameters themselves hold NaN/Inf: every gradient is
+# then NaN too, and the layers where the gradients went bad mislead.
+_BAD_PARAMS = (
+    "The parameters themselves hold NaN/Inf in {layers}, so no gradient "
+    "computed from them can be finite: restore the parameters from before "
+    "they went bad (an earlier step applied a NaN/Inf update, or the "
+    "checkpoint was saved so); in training, og.guard (or og.skip_nonfinite) "
+    "skips such a step before it reaches the weights.")
+
 _DEAD = (
     "The gradients of {layers} are exactly zero while later layers' are "
     "not: those layers learn nothing (dead ReLUs, a stop_gradient or a "
@@ -140,7 +149,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   their product, stay flat). Of the two fits, the one further from flat
   decides.
 
-  Verdict: `"non-finite"` when the loss or a gradient holds NaN/Inf;
+  Verdict: `"non-finite"` when the loss, a gradient or a parameter holds
+  NaN/Inf (the advice then names the bad parameters first: from them no
+  gradient can be finite);
   otherwise `"vanishing"` when a weight's gradient is exactly zero while a
   layer after it has a non-zero one (dead units, a cut graph), or when
   every gradient is zero; otherwise `"exploding"` when the fitted norm
@@ -250,7 +261,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   shown = (growth, total)
   if abs(np.log(bias_total)) > abs(np.log(total)):
     trend, shown = "biases and norm scales", (bias_growth, bias_total)
-  if not np.isfinite(loss) or nonfinite.any():
+  param_nonfinite = np.asarray(pstats.nonfinite)[order]
+  if not np.isfinite(loss) or nonfinite.any() or param_nonfinite.any():
     verdict = "non-finite"
   elif dead or not np.any(grad_norms > 0):
     verdict = "vanishing"
@@ -268,7 +280,12 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   advice = _ADVICE[verdict].format(
       where=where, kind=trend, growth=max(shown[0], 1.0 / shown[0]),
       total=max(shown[1], 1.0 / shown[1]), ratio=ratio)
-  if verdict == "vanishing" and not np.any(grad_norms > 0):
+  bad_params = [names[i] for i, c in zip(order, param_nonfinite) if c > 0]
+  if bad_params:
+    advice = _BAD_PARAMS.format(layers=", ".join(bad_params[:3]) + (
+        f" and {len(bad_params) - 3} more layers" if len(bad_params) > 3
+        else ""))
+  elif verdict == "vanishing" and not np.any(grad_norms > 0):
     advice = _ZERO
   elif dead:
     dead_text = _DEAD.format(layers=", ".join(dead[:3]) + (

@@ -192,7 +192,10 @@ def skip_spikes(
   returns an exact zero update and leaves `inner`'s state bit-identical; its
   value does not enter the history, so one spike cannot raise the threshold
   for the next. A non-finite norm or loss is always a spike (pair with
-  `skip_nonfinite`, or use `guard`, to count those separately).
+  `skip_nonfinite`, or use `guard`, to count those separately). Put a clip
+  inside it (`skip_spikes(optax.chain(og.clip_by_global_norm(1.0), adam))`,
+  as `guard` does), not ahead of it: it would then judge clipped norms,
+  which never exceed `max_norm`, and miss the spikes.
 
   Around a guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`) the skip
   rides inside the optimizer's own pass (see `GuardAwareTransformation`).

@@ -85,6 +85,27 @@ def test_non_finite_names_the_layer():
   assert d.advice.startswith("The loss or the gradients hold NaN/Inf in a.")
 
 
+def test_a_nan_parameter_is_named_before_the_gradients_it_poisons():
+  """A NaN in the last layer's bias makes every gradient NaN; the advice
+  names that parameter, not the first layers whose gradients went bad."""
+  def loss_fn(params, x):
+    h = jnp.tanh(x @ params["Dense_0"]["kernel"])
+    return jnp.sum((h @ params["Dense_1"]["kernel"]
+                    + params["Dense_1"]["bias"]) ** 2)
+
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2))},
+            "Dense_1": {"kernel": jnp.ones((2, 2)),
+                        "bias": jnp.array([0.0, jnp.nan])}}
+  d = og.diagnose(loss_fn, params, jnp.ones((1, 2)))
+  assert d.verdict == "non-finite"
+  assert d.layers == ("Dense_0/kernel", "Dense_1/kernel", "Dense_1/bias")
+  assert np.all(d.nonfinite > 0)               # every gradient holds NaN
+  assert np.isnan(d.param_norms[-1])
+  assert d.advice.startswith(
+      "The parameters themselves hold NaN/Inf in Dense_1/bias, so no "
+      "gradient computed from them can be finite: restore the parameters")
+
+
 def test_depth_order_follows_nested_jit_remat_and_scan():
   block = jax.jit(lambda w, x: jnp.tanh(x @ w))
 
