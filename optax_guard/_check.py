@@ -26,10 +26,16 @@ _MAX_LAYERS = 3  # layers named in a message
 
 
 class GuardError(RuntimeError):
-  """A training step went wrong. Attributes: `step` (-1 where the state
-  counts no steps: a clip alone), `layers` (name: count)."""
+  """A training step went wrong.
 
-  def __init__(self, message: str, step: int, layers: dict[str, int]):
+  Attributes: `step` (-1 where the state counts no steps: a clip alone) and
+  `layers`, the layers the message names: for `NonFiniteGradientError` the
+  first bad ones with their NaN/Inf element counts, for
+  `GradientExplosionError` the one that moved most against its own history
+  with its z-score (when a monitor records them, `zscore=True`).
+  """
+
+  def __init__(self, message: str, step: int, layers: dict[str, Any]):
     super().__init__(message)
     self.step = step
     self.layers = layers
@@ -210,27 +216,32 @@ def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
     what = f"{_plural(run, 'spike')} in a row, "
   # A NaN/Inf step is a non-finite problem, whichever part skipped it.
   error = GradientExplosionError if finite else NonFiniteGradientError
+  layer, layers = _spike_layer(monitor, step) if finite else ("", {})
   return error(
-      f"Step {step}: {why}{_spike_layer(monitor, step) if finite else ''}. "
+      f"Step {step}: {why}{layer}. "
       f"The guard skipped the step ({what}{int(s.num_spikes)} in total).",
-      step, {})
+      step, layers)
 
 
-def _spike_layer(monitor: MonitorState | None, step: int) -> str:
-  """Names the layer that moved most, when `monitor` (one with `zscore=True`
-  on the gradients) measured the gradients of `step`."""
+def _spike_layer(monitor: MonitorState | None, step: int
+                 ) -> tuple[str, dict[str, float]]:
+  """Words naming the layer that moved most, and `{layer: z-score}`, when
+  `monitor` (one with `zscore=True` on the gradients) measured the
+  gradients of `step`."""
   if (monitor is None or int(monitor.step) - 1 != step or
       not _measured_last(monitor)):
-    return ""
+    return "", {}
   index = int(monitor.zscores.spike_layer)
-  if index < 0:
-    return ""
+  if index < 0:  # (the step's own finite norms are already counted)
+    seen = int(monitor.zscores.steps) - 1
+    return (f"; the per-layer z-scores cannot name a layer yet (they were "
+            f"still warming up, after {_plural(seen, 'finite step')})"), {}
   name = monitor.zscores.zscores.names[index]
   z = float(np.asarray(monitor.zscores.zscores.values)[index])
   if not z > 0:  # no layer rose against its history: none to name
-    return ""
+    return "", {}
   return (f"; the layer that moved most against its own history: {name} "
-          f"(z-score {z:.3g})")
+          f"(z-score {z:.3g})"), {name: z}
 
 
 def _measured_last(s: MonitorState) -> bool:

@@ -534,15 +534,15 @@ def test_zscores_and_spike_layer_against_numpy():
   assert got[20][0][names.index("Dense_0/bias")] == np.inf
 
 
-def _one_layer_spikes_at_step_39(tx, params):
+def _one_layer_spikes_at_step_39(tx, params, at=39):
   """40 steps of unit-normal gradients; at the last, one small layer x100."""
   state = tx.init(params)
   step = jax.jit(tx.update)
   rng = np.random.default_rng(4)
-  for t in range(40):
+  for t in range(at + 1):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
                                                jnp.float32), params)
-    if t == 39:
+    if t == at:
       grads["Dense_0"]["bias"] = grads["Dense_0"]["bias"] * 100.0
     _, state = step(grads, state, params)
   return state
@@ -564,6 +564,16 @@ def test_zscores_name_the_spiking_layer_in_check():
       f"{float(m['grad/spike_mean']):.4g}); the layer that moved most against its "
       f"own history: Dense_0/bias (z-score {z:.3g}). The guard skipped the "
       "step (1 spike in a row, 1 in total).")
+  assert e.value.step == 39 and e.value.layers == {"Dense_0/bias": z}
+  # Before the z-scores' warm-up (ceil(1 / (1 - 0.97)) = 34 finite steps)
+  # ends, the message says why it names no layer.
+  early = _one_layer_spikes_at_step_39(
+      og.guard(optax.sgd(0.1), zscore=True, spike_window=16), params, at=20)
+  with pytest.raises(og.GradientExplosionError, match=re.escape(
+      "; the per-layer z-scores cannot name a layer yet (they were still "
+      "warming up, after 20 finite steps). The guard skipped")) as e:
+    og.check(early)
+  assert e.value.layers == {}
   # The same run through the separate pieces names the layer too.
   state = _one_layer_spikes_at_step_39(
       optax.chain(og.monitor(zscore=True),
