@@ -318,7 +318,7 @@ def clip_by_value(
       stats = _stats.tree_stats(
           leaves, axis_name=axis_name,
           count_above=jnp.asarray(max_abs, dtype).astype(jnp.float32))
-      above += jnp.sum(stats.count_above).astype(jnp.float32)
+      above += jnp.sum(stats.count_above.astype(jnp.float32))
       sizes += jnp.sum(stats.sizes)
     frac = above / jnp.maximum(sizes, 1.0)
     clipped = jax.tree.map(

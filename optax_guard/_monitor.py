@@ -188,7 +188,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
   frac = stats.count_above.astype(jnp.float32) / jnp.maximum(stats.sizes, 1)
   changes = dict(
       norm=stats.global_norm,
-      num_nonfinite=jnp.sum(stats.nonfinite, dtype=jnp.int32),
+      num_nonfinite=_stats.total_count(stats.nonfinite),
       layer_norms=entries(stats.norms, state.layer_norms),
       frac_above_1=entries(frac, state.frac_above_1),
       total_frac_above_1=(jnp.sum(stats.count_above.astype(jnp.float32)) /
@@ -201,7 +201,7 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
     changes.update(
         param_norm=pstats.global_norm,
         param_layer_norms=entries(pstats.norms, state.param_layer_norms),
-        param_nonfinite=jnp.sum(pstats.nonfinite, dtype=jnp.int32))
+        param_nonfinite=_stats.total_count(pstats.nonfinite))
   if zscore_decay is not None:
     changes.update(zscores=update_zscores(
         state.zscores, stats.norms, jnp.all(jnp.isfinite(stats.norms)),

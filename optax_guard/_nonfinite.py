@@ -224,8 +224,8 @@ class ZeroNonfiniteState(NamedTuple):
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {
-        "grad/nonfinite_zeroed": _metrics.unwrap(self.replaced.values).sum(
-            dtype=jnp.int32),
+        "grad/nonfinite_zeroed": _stats.total_count(
+            _metrics.unwrap(self.replaced.values)),
         **_metrics.expand("grad/nonfinite_zeroed", self.replaced),
         "optim/num_zeroed_steps": self.num_steps,
     }
@@ -273,6 +273,6 @@ def zero_nonfinite(
     counts = _stats.tree_stats(updates, axis_name=axis_name).nonfinite
     return _stats.nonfinite_to_zero(updates), ZeroNonfiniteState(
         replaced=_metrics.PerLayer(counts, state.replaced.names),
-        num_steps=_stats.count_if(jnp.sum(counts) > 0, state.num_steps))
+        num_steps=_stats.count_if(jnp.any(counts > 0), state.num_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -406,6 +406,20 @@ def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
   return jnp.where(flag, optax.safe_increment(counter), counter)
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def total_count(counts: jax.Array) -> jax.Array:
+  """The int32 sum of non-negative int32 counts (per layer), exact, and
+  saturating at int32 max instead of wrapping to a negative number (a model
+  of over 2**31 elements, every one NaN or clipped)."""
+  if isinstance(counts, (np.ndarray, np.generic)):  # a state on the host
+    return np.int32(min(int(np.sum(counts, dtype=np.int64)), _INT32_MAX))
+  add = lambda a, b: jnp.where(a > _INT32_MAX - b, _INT32_MAX, a + b)
+  return lax.reduce(counts.astype(jnp.int32), np.int32(0), add,
+                    tuple(range(counts.ndim)))
+
+
 def check_varying_covered(tree: Any, axis_name: AxisName,
                           what: str = "gradient leaf") -> None:
   """Raises when a leaf varies along a mesh axis that `axis_name` omits

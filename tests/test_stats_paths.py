@@ -290,3 +290,21 @@ def test_a_constant_zero_gradient_in_the_step_is_not_nan():
     stats = jax.jit(lambda: _stats.tree_stats({"x": x}))()
     want = np.sqrt(np.sum(np.square(np.asarray(x, np.float64))))
     np.testing.assert_allclose(stats.norms[0], want, rtol=1e-6)
+
+
+def test_total_count_is_exact_and_saturates_instead_of_wrapping():
+  """Per-layer counts add up exactly to int32 max; beyond it (a model of
+  over 2**31 elements, every one NaN) the total stays at int32 max, where a
+  plain int32 sum wraps negative and reads as "no NaN". The same on a
+  state fetched to the host."""
+  top = np.iinfo(np.int32).max
+  for counts, want in (([2**30, 2**30 - 1, 0], top),
+                       ([2**30, 2**30, 5], top),
+                       ([top, top, top], top),
+                       ([16_777_217, 3, 0], 16_777_220),   # not a float32
+                       ([], 0)):
+    counts = np.asarray(counts, np.int32)
+    assert int(jax.jit(_stats.total_count)(jnp.asarray(counts))) == want
+    assert int(_stats.total_count(counts)) == want
+  assert int(np.sum(np.asarray([2**30, 2**30, 5], np.int32),
+                    dtype=np.int32)) < 0   # the premise: int32 wraps
