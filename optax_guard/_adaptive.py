@@ -85,11 +85,12 @@ def _resolve_unit_axes(params: Any, unit_axes: UnitAxes
     if axes is None:
       out.append(default_unit_axes(name, shape))
       continue
-    axes = (axes,) if isinstance(axes, int) else axes
+    integer = lambda a: (isinstance(a, (int, np.integer)) and
+                         not isinstance(a, (bool, np.bool_)))
+    axes = (axes,) if integer(axes) else axes
     ok = (isinstance(axes, (tuple, list)) and
-          all(isinstance(a, int) and not isinstance(a, bool)
-              and -len(shape) <= a < len(shape) for a in axes))
-    normal = sorted({a % max(len(shape), 1) for a in axes}) if ok else []
+          all(integer(a) and -len(shape) <= a < len(shape) for a in axes))
+    normal = sorted({int(a) % max(len(shape), 1) for a in axes}) if ok else []
     if not ok or len(normal) != len(axes):
       raise ValueError(
           f"`unit_axes` for parameter {name!r} of shape {shape} must be a "

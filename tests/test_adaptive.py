@@ -151,7 +151,10 @@ def test_agc_unit_axes_overrides_by_callable_and_by_tree():
     return (0, 2) if name.startswith("scan/") else None
 
   by_tree = {"scan": {"kernel": (0, 2)}, "Dense_0": {"kernel": None}}
-  for unit_axes in (by_name, by_tree):
+  # NumPy integers are axes too (shapes read from NumPy give them).
+  by_numpy = {"scan": {"kernel": (np.int64(0), np.int32(2))},
+              "Dense_0": {"kernel": None}}
+  for unit_axes in (by_name, by_tree, by_numpy):
     tx = og.adaptive_grad_clip(0.1, unit_axes=unit_axes)
     out, _ = tx.update(grads, tx.init(params), params)
     for name, value in _flat(out).items():
