@@ -156,6 +156,8 @@ def _og_auto_role(name, rawtext, text, lineno, inliner, options=None,
   """Default role: a cross-reference for a dotted name, inline code else."""
   from sphinx.domains.python import PyXRefRole  # pylint: disable=g-import-not-at-top
   if _DOTTED_NAME.match(text):
+    if text.startswith("og."):  # the package as users import it
+      text = f"{text} <optax_guard.{text[3:]}>"
     return PyXRefRole()("py:obj", rawtext, text, lineno, inliner,
                         options or {}, content or [])
   return rst_roles.code_role("code", rawtext, text, lineno, inliner,
@@ -195,8 +197,9 @@ def _process_docstring(app, what, name, obj, options, lines):
     lines[:] = [
         "Names of the buckets of the `monitor` histograms (`grad/hist/<layer>`).",
         "",
-        "`zero`; then one bucket per decade of magnitude, `1e-10` (every",
-        "non-zero value below `1e-9`) up to `1e4` (every finite value from",
+        "`zero` (zeros and float32 subnormals); then one bucket per decade",
+        "of magnitude, `1e-10` (every other value below `1e-9`) up to `1e4`",
+        "(every finite value from",
         "`1e4` up); then `nan` and `inf` (either sign). Row `i` of a",
         "histogram counts the elements in bucket `HIST_BUCKETS[i]`.",
         "",
@@ -222,10 +225,13 @@ _PRIVATE_MODULE = re.compile(r"\b_[a-z]\w*\.")
 
 def _process_signature(app, what, name, obj, options, signature,
                        return_annotation):
-  """Drops private module prefixes (`_metrics.PerLayer` -> `PerLayer`)."""
+  """Drops private module prefixes (`_metrics.PerLayer` -> `PerLayer`), and
+  shows the decays' default mask (a sentinel, so that
+  `optax.inject_hyperparams` leaves it alone) as what it stands for."""
   del app, what, name, obj, options
   if signature:
-    signature = _PRIVATE_MODULE.sub("", signature)
+    signature = _PRIVATE_MODULE.sub("", signature).replace(
+        "= _DEFAULT", "= og.decay_mask")
   if return_annotation:
     return_annotation = _PRIVATE_MODULE.sub("", return_annotation)
   return signature, return_annotation

@@ -126,6 +126,9 @@ def guard(
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
     max_norm: the global-norm clip threshold; None turns clipping off.
     skip_nonfinite: skip steps with NaN/Inf gradients, loss or update.
+      When False, a NaN/Inf gradient norm or loss is still skipped by the
+      spike skip, counted as a spike (unless `spike_sigma=None`), and a
+      NaN/Inf that `inner` makes from finite gradients is applied.
     max_consecutive: halt after this many non-finite steps in a row.
     resume_after_halt: whether a finite step after a halt resumes training.
     spike_sigma: spike threshold in standard deviations; None turns spike
@@ -197,6 +200,16 @@ def guard(
       raise ValueError(
           f"`{wanted[0]}=True` asks the monitor for a signal, but "
           "`monitor=False` switches the monitor off; drop one of the two.")
+  if not skip_nonfinite:
+    # (`max_consecutive` may be an array under `optax.inject_hyperparams`.)
+    unused = [f"{name}={value!r}" for name, value in (
+        ("max_consecutive", max_consecutive),
+        ("resume_after_halt", resume_after_halt))
+              if value is not None and value is not False]
+    if unused:
+      raise ValueError(
+          f"`{unused[0]}` sets how the non-finite skip halts, but "
+          "`skip_nonfinite=False` switches it off; drop one of the two.")
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)

@@ -38,10 +38,24 @@ from optax_guard import _stats
 class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
   """An optax transformation that takes `guard_keep` and `guard_scale`.
 
-  Wrap your own `init`/`update` pair in it to make an optimizer guard-aware;
-  its `update` must follow the protocol described in this module: with
-  `guard_keep=False` it returns exact zeros and its state unchanged, and it
-  multiplies the gradients by both factors of `guard_scale`.
+  Wrap your own `init`/`update` pair in it to make an optimizer guard-aware:
+  `guard`, `skip_nonfinite` and `skip_spikes` then hand it their decision
+  instead of selecting its state afterwards (the protocol of the user
+  guide's "The fast path: guard-aware optimizers"). Its `update` must
+  accept both keywords, each None when no guard is there: with
+  `guard_keep=False` (a traced bool) it returns exact zeros and its state
+  bit-identical (replace the gradients by zeros first, with a `where`, so
+  that no `0 * NaN` enters it), and it multiplies the gradients by both
+  float32 factors of `guard_scale = (a, b)`, in that order.
+
+  Args:
+    init: `init(params) -> state`, as for any optax transformation.
+    update: `update(updates, state, params=None, *, guard_keep=None,
+      guard_scale=None, **extra_args) -> (updates, state)`.
+
+  Returns:
+    The transformation (an `optax.GradientTransformationExtraArgs`, so it
+    chains and wraps like any other).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_guard as og
@@ -51,7 +65,9 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     ...            guard_scale=None, **extra):
     ...   keep = True if guard_keep is None else guard_keep
     ...   a, b = (1.0, 1.0) if guard_scale is None else guard_scale
-    ...   step = lambda g: jnp.where(keep, -0.1 * (g * a * b), 0.0)
+    ...   def step(g):
+    ...     g = jnp.where(keep, g, 0.0)  # sanitised: a skipped NaN is 0
+    ...     return jnp.where(keep, -0.1 * ((g * a) * b), 0.0)
     ...   return jax.tree.map(step, grads), state
     >>> sgd = og.GuardAwareTransformation(init, update)
     >>> tx = og.guard(sgd, spike_sigma=None)

@@ -262,6 +262,11 @@ def test_metric_names_of_the_guard():
      r"of the two\.$"),
     ({"monitor": False, "histogram": True}, r"^`histogram=True` asks the "
      r"monitor for a signal"),
+    ({"skip_nonfinite": False, "max_consecutive": 3}, r"^`max_consecutive=3` "
+     r"sets how the non-finite skip halts, but `skip_nonfinite=False` "
+     r"switches it off; drop one of the two\.$"),
+    ({"skip_nonfinite": False, "resume_after_halt": True},
+     r"^`resume_after_halt=True` sets how the non-finite skip halts"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
