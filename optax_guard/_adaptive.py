@@ -101,7 +101,21 @@ def _resolve_unit_axes(params: Any, unit_axes: UnitAxes
 
 
 class AdaptiveGradClipState(NamedTuple):
-  """State of `adaptive_grad_clip`."""
+  """State of `adaptive_grad_clip`: norms before and after, units clipped.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.adaptive_grad_clip(0.1)
+    >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params),
+    ...                      params)
+    >>> print(state.grad_norm, f"{float(state.clipped_norm):.4f}",
+    ...       state.frac_units_clipped)
+    5.0 0.1414 1.0
+
+  References:
+    Made by `adaptive_grad_clip` (see its references); `og.metrics` reads it.
+  """
   grad_norm: jax.Array             # f32[] global norm before clipping.
   clipped_norm: jax.Array          # f32[] global norm after clipping.
   frac_clipped: _metrics.PerLayer  # f32[L] fraction of each layer's units clipped.
@@ -324,7 +338,20 @@ def window_percentile(window: _spikes.Window, q: Any) -> jax.Array:
 
 
 class AutoclipState(NamedTuple):
-  """State of `autoclip`."""
+  """State of `autoclip`: its clip, the norm history and the threshold.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.autoclip(percentile=50.0, window=4)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> for norm in (1.0, 2.0, 3.0, 10.0):
+    ...   _, state = tx.update({"w": jnp.array([norm, 0.0])}, state)
+    >>> print(state.threshold, state.clip.clip_scale)  # median of 1, 2, 3, 10
+    2.5 0.25
+
+  References:
+    Made by `autoclip` (see its references); `og.metrics` reads it.
+  """
   clip: _clipping.ClipByGlobalNormState  # what the last step saw and did.
   norms: _spikes.Window    # the finite global norms seen, newest `window`.
   threshold: jax.Array     # f32[] the last step's threshold (Inf: no history).
@@ -413,7 +440,20 @@ ZCLIP_MODES = ("reciprocal", "mean", "percentile")
 
 
 class ZclipState(NamedTuple):
-  """State of `zclip`."""
+  """State of `zclip`: its clip, warm-up, EMA statistics and threshold.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.zclip(warmup_steps=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> for norm in (1.0, 2.0):
+    ...   _, state = tx.update({"w": jnp.array([norm, 0.0])}, state)
+    >>> print(state.mean, state.std)  # of the warm-up norms
+    1.5 0.5
+
+  References:
+    Made by `zclip` (see its references); `og.metrics` reads it.
+  """
   clip: _clipping.ClipByGlobalNormState  # what the last step saw and did.
   warmup: _spikes.Window  # the first `warmup_steps` finite norms.
   mean: jax.Array         # f32[] EMA of the (clipped) norm, after warm-up.

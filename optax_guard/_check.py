@@ -33,6 +33,21 @@ class GuardError(RuntimeError):
   first bad ones with their NaN/Inf element counts, for
   `GradientExplosionError` the one that moved most against its own history
   with its z-score (when a monitor records them, `zscore=True`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.skip_nonfinite(optax.sgd(0.1))
+    >>> _, state = tx.update({"w": jnp.array([jnp.nan, 1.0])},
+    ...                      tx.init(params), params)
+    >>> try:
+    ...   og.check(state)
+    ... except og.GuardError as e:
+    ...   print(type(e).__name__, e.step, e.layers)
+    NonFiniteGradientError 0 {'w': 1}
+
+  References:
+    Raised by `check`.
   """
 
   def __init__(self, message: str, step: int, layers: dict[str, Any]):
@@ -42,11 +57,37 @@ class GuardError(RuntimeError):
 
 
 class NonFiniteGradientError(GuardError):
-  """The gradients, the loss, the update or the parameters held NaN or Inf."""
+  """The gradients, the loss, the update or the parameters held NaN or Inf.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> issubclass(og.NonFiniteGradientError, og.GuardError)
+    True
+
+  References:
+    Raised by `check`; see `GuardError` for its attributes.
+  """
 
 
 class GradientExplosionError(GuardError):
-  """The gradient norm or the loss spiked far above its recent history."""
+  """The gradient norm or the loss spiked far above its recent history.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2)
+    >>> state = tx.init(params)
+    >>> for g in (1.0, 1.1, 1.0, 50.0):  # norms sqrt(2) * g
+    ...   _, state = tx.update({"w": jnp.full(2, g)}, state, params)
+    >>> try:
+    ...   og.check(state)
+    ... except og.GradientExplosionError as e:
+    ...   print(e.step, str(e).split(" (")[0])
+    3 Step 3: the gradient norm 70.71 exceeded the spike threshold 1.861
+
+  References:
+    Raised by `check`; see `GuardError` for its attributes.
+  """
 
 
 def _numbers_as_numbers(name: str) -> tuple[Any, ...]:

@@ -60,7 +60,19 @@ def scale_tree(tree: Any, factors: tuple[jax.Array, jax.Array]) -> Any:
 
 
 class ClipByGlobalNormState(NamedTuple):
-  """State of `clip_by_global_norm`."""
+  """State of `clip_by_global_norm`: what the last step saw and did.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.clip_by_global_norm(1.0)
+    >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])},
+    ...                      tx.init({"w": jnp.zeros(2)}))
+    >>> print(state.grad_norm, state.clip_scale, state.num_clipped)
+    5.0 0.2 1
+
+  References:
+    Made by `clip_by_global_norm` (see its references); `og.metrics` reads it.
+  """
   grad_norm: jax.Array    # f32[] global norm before clipping, last step.
   clip_scale: jax.Array   # f32[] factor applied at the last step (1 = none).
   clipped_norm: jax.Array  # f32[] global norm after clipping, last step.
@@ -161,7 +173,20 @@ def clip_by_global_norm(
 
 
 class ClipByLayerNormState(NamedTuple):
-  """State of `clip_by_layer_norm`."""
+  """State of `clip_by_layer_norm`: each layer's norm before clipping.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> tx = og.clip_by_layer_norm(1.0)
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> print(state.layer_norms.names, state.layer_norms.values,
+    ...       state.layers_clipped)
+    ('a', 'b') [5.  0.5] 1
+
+  References:
+    Made by `clip_by_layer_norm` (see its references); `og.metrics` reads it.
+  """
   layer_norms: _metrics.PerLayer  # f32[L] each layer's norm before clipping.
   layers_clipped: jax.Array       # i32[] layers clipped at the last step.
   num_clipped: jax.Array          # i32[] steps on which any layer was clipped.
@@ -249,7 +274,19 @@ def clip_by_layer_norm(
 
 
 class ClipByValueState(NamedTuple):
-  """State of `clip_by_value`."""
+  """State of `clip_by_value`: the fraction of elements it clipped.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.clip_by_value(1.0)
+    >>> _, state = tx.update({"w": jnp.array([0.5, -3.0])},
+    ...                      tx.init({"w": jnp.zeros(2)}))
+    >>> print(state.frac_clipped, state.num_clipped)
+    0.5 1
+
+  References:
+    Made by `clip_by_value` (see its references); `og.metrics` reads it.
+  """
   frac_clipped: jax.Array  # f32[] fraction of elements clipped, last step.
   num_clipped: jax.Array   # i32[] steps on which any element was clipped.
 

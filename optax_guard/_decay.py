@@ -176,7 +176,19 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
 
 
 class AddDecayedWeightsState(NamedTuple):
-  """State of `add_decayed_weights`."""
+  """State of `add_decayed_weights`: the rate and the penalty it stands for.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.add_decayed_weights(0.1, mask=None)
+    >>> _, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    >>> print(state.rate, f"{float(state.penalty):.3f}")  # 0.1 / 2 * 2
+    0.1 0.100
+
+  References:
+    Made by `add_decayed_weights` (see its references); `og.metrics` reads it.
+  """
   step: jax.Array     # i32[] steps taken (the schedule's argument).
   rate: jax.Array     # f32[] the decay rate of the last step.
   penalty: jax.Array  # f32[] rate/2 * ||W||^2 over the decayed leaves.
@@ -187,7 +199,19 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 class AddL2PenaltyState(AddDecayedWeightsState):
-  """State of `add_l2_penalty`."""
+  """State of `add_l2_penalty`: the fields of `AddDecayedWeightsState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.add_l2_penalty(0.1, mask=None)
+    >>> _, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    >>> sorted(og.metrics(state))
+    ['param/l2_penalty', 'param/l2_rate']
+
+  References:
+    Made by `add_l2_penalty` (see its references); `og.metrics` reads it.
+  """
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     # Its own name for the rate (as `add_l1_penalty`'s), so that a coupled
@@ -196,7 +220,19 @@ class AddL2PenaltyState(AddDecayedWeightsState):
 
 
 class AddL1PenaltyState(NamedTuple):
-  """State of `add_l1_penalty`."""
+  """State of `add_l1_penalty`: the rate and the penalty.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> tx = og.add_l1_penalty(0.1, mask=None)
+    >>> _, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    >>> print(f"{float(state.penalty):.2f}")  # 0.1 * (1 + 2)
+    0.30
+
+  References:
+    Made by `add_l1_penalty` (see its references); `og.metrics` reads it.
+  """
   step: jax.Array     # i32[] steps taken (the schedule's argument).
   rate: jax.Array     # f32[] the penalty rate of the last step.
   penalty: jax.Array  # f32[] rate * ||W||_1 over the penalised leaves.

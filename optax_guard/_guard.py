@@ -22,7 +22,18 @@ from optax_guard import _stats
 
 
 class GuardState(NamedTuple):
-  """State of `guard`; a part switched off is None."""
+  """State of `guard`; a part switched off is None.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> state = og.guard(og.adamw(1e-3), spike_sigma=None).init(
+    ...     {"w": jnp.ones(2)})
+    >>> type(state.inner_state).__name__, state.spikes is None
+    ('AdamwState', True)
+
+  References:
+    Made by `guard` (see its references); `og.metrics` reads it; `og.check` raises on it.
+  """
   inner_state: Any                                   # the optimizer's state.
   monitor: _monitor.MonitorState | None              # what the step measured.
   clip: _clipping.ClipByGlobalNormState | None       # the global-norm clip.

@@ -238,10 +238,22 @@ class PerLayer:
 
   The names are static pytree metadata, so they survive `jit`, `lax.scan`,
   buffer donation and checkpoint restores while the state holds only arrays.
+  `og.metrics` expands it into one entry per layer.
 
   Attributes:
     values: array of shape `[num_layers, ...]`.
     names: the layer names, `len(names) == num_layers`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    >>> tx = og.clip_by_layer_norm(10.0)
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> print(state.layer_norms.names, og.metrics(state)["grad/norm/a"])
+    ('a', 'b') 5.0
+
+  References:
+    `metrics`, which names its rows.
   """
   values: Any
   names: tuple[str, ...]

@@ -87,7 +87,19 @@ def init_zscores(names: tuple[str, ...]) -> LayerZscores:
 class MonitorState(NamedTuple):
   """State of `monitor`. Per-layer fields are None when `per_layer=False`
   (a zero-sized array in the state would also be one in every checkpoint and
-  `lax.scan` output), `histograms` when `histogram=False`."""
+  `lax.scan` output), `histograms` when `histogram=False`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.monitor()
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> print(state.norm, state.layer_norms.values)
+    5.0 [5.]
+
+  References:
+    Made by `monitor` (see its references); `og.metrics` reads it; `og.check` raises on it.
+  """
   step: jax.Array                    # i32[] updates seen.
   norm: jax.Array                    # f32[] global norm of what passed.
   num_nonfinite: jax.Array           # i32[] NaN/Inf elements of what passed.

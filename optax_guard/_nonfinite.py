@@ -24,7 +24,20 @@ REASONS = {REASON_NONE: "none", REASON_GRADS: "non-finite gradients",
 
 
 class SkipNonfiniteState(NamedTuple):
-  """State of `skip_nonfinite`."""
+  """State of `skip_nonfinite`: the inner state and what was skipped.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.skip_nonfinite(optax.sgd(0.1))
+    >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan])},
+    ...                      tx.init(params), params)
+    >>> print(state.skipped, state.num_skipped, state.last_bad_step)
+    True 1 0
+
+  References:
+    Made by `skip_nonfinite` (see its references); `og.metrics` reads it; `og.check` raises on it.
+  """
   inner_state: Any                   # the wrapped transformation's state.
   step: jax.Array                    # i32[] updates seen.
   skipped: jax.Array                 # bool[] the last step was skipped.
@@ -218,7 +231,19 @@ def skip_nonfinite(
 
 
 class ZeroNonfiniteState(NamedTuple):
-  """State of `zero_nonfinite`."""
+  """State of `zero_nonfinite`: the elements it replaced, per layer.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.zero_nonfinite()
+    >>> grads = {"w": jnp.array([1.0, jnp.inf, jnp.nan])}
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> print(og.metrics(state)["grad/nonfinite_zeroed/w"], state.num_steps)
+    2 1
+
+  References:
+    Made by `zero_nonfinite` (see its references); `og.metrics` reads it.
+  """
   replaced: _metrics.PerLayer  # i32[L] elements replaced per layer, last step.
   num_steps: jax.Array         # i32[] steps on which anything was replaced.
 

@@ -239,14 +239,36 @@ def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
 
 
 class AdamwState(NamedTuple):
-  """State of `adamw` and `adam` (optax's field names, for `optax.tree.get`)."""
+  """State of `adamw` and `adam` (optax's field names, for `optax.tree.get`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.adamw(1e-3)
+    >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> print(optax.tree.get(state, "count"), optax.tree.get(state, "nu"))
+    1 {'w': Array([0.001, 0.001], dtype=float32)}
+
+  References:
+    Made by `adamw` (see its references); it records no metrics.
+  """
   count: jax.Array  # i32[] steps taken (not advanced by a skipped step).
   mu: Any           # first moments, like params (in `mu_dtype` if given).
   nu: Any           # second moments, like params.
 
 
 class AdamState(AdamwState):
-  """State of `adam`: the fields of `AdamwState`, under its own name."""
+  """State of `adam`: the fields of `AdamwState`, under its own name.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> state = og.adam(1e-3).init({"w": jnp.ones(2)})
+    >>> type(state).__name__, state._fields
+    ('AdamState', ('count', 'mu', 'nu'))
+
+  References:
+    Made by `adam` (see its references); it records no metrics.
+  """
   __slots__ = ()
 
 
@@ -446,7 +468,19 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
 
 
 class SgdState(NamedTuple):
-  """State of `sgd` (optax's `trace` field name, for `optax.tree.get`)."""
+  """State of `sgd` (optax's `trace` field name, for `optax.tree.get`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.sgd(0.1, momentum=0.9)
+    >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> print(optax.tree.get(state, "trace"))
+    {'w': Array([1., 1.], dtype=float32)}
+
+  References:
+    Made by `sgd` (see its references); it records no metrics.
+  """
   count: jax.Array  # i32[] steps taken (for schedules).
   trace: Any        # momentum, like params; None without momentum.
 

@@ -211,7 +211,20 @@ def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str
 
 
 class AddGradientNormPenaltyState(NamedTuple):
-  """State of `add_gradient_norm_penalty`."""
+  """State of `add_gradient_norm_penalty`: the norm and the penalty.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> w = jnp.array([3.0, 4.0])
+    >>> grad_fn = lambda p: p  # the gradient of |p|^2 / 2
+    >>> tx = og.add_gradient_norm_penalty(0.5)
+    >>> _, state = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+    >>> print(state.grad_norm, state.penalty)
+    5.0 2.5
+
+  References:
+    Made by `add_gradient_norm_penalty` (see its references); `og.metrics` reads it.
+  """
   grad_norm: jax.Array  # f32[] ||grad L|| at the last step.
   penalty: jax.Array    # f32[] strength * ||grad L|| (or its square).
 

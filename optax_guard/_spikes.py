@@ -87,7 +87,19 @@ def check_window(window: Any, warmup_steps: Any,
 
 
 class SkipSpikesState(NamedTuple):
-  """State of `skip_spikes`."""
+  """State of `skip_spikes`: the inner state, the histories and thresholds.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = og.skip_spikes(optax.sgd(0.1), window=4)
+    >>> _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> print(state.norm_threshold, state.skipped)  # still warming up
+    inf False
+
+  References:
+    Made by `skip_spikes` (see its references); `og.metrics` reads it; `og.check` raises on it.
+  """
   inner_state: Any            # the wrapped transformation's state.
   step: jax.Array             # i32[] updates seen.
   skipped: jax.Array          # bool[] the last step was skipped as a spike.
