@@ -261,7 +261,8 @@ def adaptive_grad_clip(
     _metrics.check_same_tree(updates, params, "adaptive_grad_clip")
     axes = _stats.axis_names(axis_name)
     g_leaves, treedef = jax.tree.flatten(updates)
-    p_leaves = treedef.flatten_up_to(params)
+    g_leaves = _stats.as_arrays(g_leaves)
+    p_leaves = _stats.as_arrays(treedef.flatten_up_to(params))
     for name, g in zip(names, g_leaves):
       if _stats.varying_axes(g):
         raise ValueError(

@@ -514,7 +514,9 @@ def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
                ) -> jax.Array:
   """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and
   float64 leaves keep their imaginary part and precision (`a`, `b`: float32
-  scalars, or arrays that broadcast against `g`)."""
+  scalars, or arrays that broadcast against `g`; a Python number `g` is
+  taken as an array, as `jit` would)."""
+  g = jnp.asarray(g)
   if not jnp.issubdtype(g.dtype, jnp.inexact):
     return g * (a if b is None else a * b).astype(g.dtype)
   wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.float32

@@ -143,6 +143,18 @@ def test_python_float_parameters():
   tx = og.skip_spikes(optax.sgd(0.1))
   u1, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose([u1["a"], u1["b"]], [-0.1, 0.3], rtol=1e-6)
+  # Every clip, outside `jit` as inside (|g| = sqrt(10); layer norms 1, 3).
+  s = np.sqrt(10.0)
+  for tx, want in ((og.clip_by_global_norm(1.0), [1 / s, -3 / s]),
+                   (og.clip_by_layer_norm(1.0), [1.0, -1.0]),
+                   (og.clip_by_value(2.0), [1.0, -2.0]),
+                   (og.autoclip(), [1.0, -3.0]),            # first step
+                   (og.zclip(), [1.0, -3.0]),               # warm-up
+                   # AGC: a unit's limit is 0.5 * |p|: 0.25 and 1.
+                   (og.adaptive_grad_clip(0.5), [0.25, -1.0])):
+    for run in (tx.update, jax.jit(tx.update)):
+      u, _ = run(grads, tx.init(params), params)
+      np.testing.assert_allclose([u["a"], u["b"]], want, rtol=1e-6)
 
 
 @pytest.mark.standard_promotion
