@@ -30,7 +30,8 @@ class GuardError(RuntimeError):
 
   Attributes: `step` (-1 where the state counts no steps: a clip alone) and
   `layers`, the layers the message names: for `NonFiniteGradientError` the
-  first bad ones with their NaN/Inf element counts, for
+  first bad ones with their NaN/Inf element counts (with their NaN/Inf
+  norms where `clip_by_layer_norm` alone saw them), for
   `GradientExplosionError` the one that moved most against its own history
   with its z-score (when a monitor records them, `zscore=True`).
 
@@ -357,15 +358,19 @@ def _clip_error(s: Any) -> GuardError | None:
   """A clip saw NaN/Inf (or an overflowing norm) at the last step and
   passed the gradients on unscaled."""
   who = f"og.{_CLIPS[type(s)]}"
+  layers: dict[str, float] = {}
   if isinstance(s, ClipByLayerNormState):
     names, norms = s.layer_norms.names, np.asarray(s.layer_norms.values)
-    bad = [n for n, v in zip(names, norms) if not np.isfinite(v)]
-    if not bad:
+    layers = {n: float(v) for n, v in sorted(
+        zip(names, norms), key=lambda nv: _numbers_as_numbers(nv[0]))
+              if not np.isfinite(v)}
+    if not layers:
       return None
-    shown = ", ".join(sorted(bad, key=_numbers_as_numbers)[:_MAX_LAYERS])
-    more = f" and {len(bad) - _MAX_LAYERS} more" if len(bad) > _MAX_LAYERS else ""
-    what = (f"{_plural(len(bad), 'layer')} with a NaN/Inf norm ({shown}"
-            f"{more})")
+    bad = list(layers)
+    shown = ", ".join(bad[:_MAX_LAYERS])
+    if len(bad) > _MAX_LAYERS:  # the last too, as `_describe` says why
+      shown += f" and {len(bad) - _MAX_LAYERS} more, the last being {bad[-1]}"
+    what = f"{_plural(len(bad), 'layer')} with a NaN/Inf norm ({shown})"
   else:
     clip = s.clip if isinstance(s, (AutoclipState, ZclipState)) else s
     norm = float(clip.grad_norm)
@@ -376,7 +381,9 @@ def _clip_error(s: Any) -> GuardError | None:
         "(Inf elements, or finite ones whose norm is beyond float32's range)")
   return NonFiniteGradientError(
       f"The last step's gradients had {what}: {who} cannot scale them and "
-      f"passed them on. {_NOTHING_SKIPS.format(given='')}", -1, {})
+      "passed them on, so the update is NaN/Inf unless something after it "
+      "skips the step (og.skip_nonfinite or og.guard around the optimizer, "
+      "or optax.apply_if_finite).", -1, layers)
 
 
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,
@@ -468,8 +475,8 @@ def check(opt_state: Any) -> None:
   block by block), and what the guard did. A clip (`clip_by_global_norm`,
   `clip_by_layer_norm`, `adaptive_grad_clip`, `autoclip`, `zclip`) that saw
   a NaN/Inf norm passed the gradients on unscaled: it is reported too, where
-  no monitor or skipper in the chain says more (it counts no steps, so the
-  error's `step` is -1). Raises
+  no skipper is in the chain and nothing else reports the step (it counts
+  no steps, so the error's `step` is -1). Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
   monitor records per-layer z-scores (`zscore=True`). Non-finite problems
@@ -538,8 +545,8 @@ def check(opt_state: Any) -> None:
 
 def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
-  if not all(type(s) in _CLIPS for s, _ in states):
-    states = [(s, c) for s, c in states if type(s) not in _CLIPS]
+  clips = [(s, c) for s, c in states if type(s) in _CLIPS]
+  states = [(s, c) for s, c in states if type(s) not in _CLIPS]
   if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
     # A skipper reports non-finite steps itself, saying what it did.
     states = [(s, c) for s, c in states if not (
@@ -569,5 +576,9 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     return error
 
   errors = [e for e in (error_of(s, c) for s, c in states) if e is not None]
+  if not errors and not loss_reported:
+    # No skipper, and nothing else said a word (no monitor, or one that
+    # skipped measuring this step): what a clip saw is all there is.
+    errors = [e for e in (error_of(s, c) for s, c in clips) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
   return errors[0] if errors else None

@@ -140,13 +140,17 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     del extra_args
     _args.require_params(params, factory)
     _metrics.check_same_tree(updates, params, factory)
-    # Checked here, by name, for all three (the penalty's reduction would
-    # otherwise name a leaf by its index among the chosen ones, or not at
-    # all for L1).
-    _stats.check_varying_covered(params, axis_name, "parameter")
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
     flags = _mask_leaves(mask, params, factory)
+    # The chosen leaves, checked here by name for all three (the penalty's
+    # reduction would name a leaf by its index among them, and L1's not at
+    # all); a leaf the mask leaves out is never measured.
+    names = [_metrics.path_name(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    _stats.check_varying_covered(
+        {n: p for n, p, flag in zip(names, p_leaves, flags) if flag},
+        axis_name, "parameter")
     raw_rate = rate(state.step) if callable(rate) else rate
     r = jnp.asarray(raw_rate, jnp.float32)  # what the state records
     out, chosen = [], []

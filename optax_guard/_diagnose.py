@@ -43,8 +43,9 @@ _ADVICE = {
 # Said first when the parameters themselves hold NaN/Inf: every gradient is
 # then NaN too, and the layers where the gradients went bad mislead.
 _BAD_PARAMS = (
-    "The parameters themselves hold NaN/Inf in {layers}, so no gradient "
-    "computed from them can be finite: restore the parameters from before "
+    "The parameters themselves hold NaN/Inf in {layers}, and every "
+    "gradient that flows through them is NaN/Inf: restore the parameters "
+    "from before "
     "they went bad (an earlier step applied a NaN/Inf update, or the "
     "checkpoint was saved so); in training, og.guard (or og.skip_nonfinite) "
     "skips such a step before it reaches the weights.")

@@ -213,10 +213,10 @@ def guard(
           "`monitor=False` switches the monitor off; drop one of the two.")
   if not skip_nonfinite:
     # (`max_consecutive` may be an array under `optax.inject_hyperparams`.)
-    unused = [f"{name}={value!r}" for name, value in (
-        ("max_consecutive", max_consecutive),
-        ("resume_after_halt", resume_after_halt))
-              if value is not None and value is not False]
+    unused = [f"{name}={value!r}" for name, value, on in (
+        ("max_consecutive", max_consecutive, max_consecutive is not None),
+        ("resume_after_halt", resume_after_halt, bool(resume_after_halt)))
+              if on]
     if unused:
       raise ValueError(
           f"`{unused[0]}` sets how the non-finite skip halts, but "

@@ -93,9 +93,11 @@ def _value(schedule: Any, count: jax.Array) -> Any:
 
 def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
   """`-lr * u` in the dtype optax's would give: a schedule's value is cast to
-  the update's dtype (optax's `scale_by_schedule`), a constant promotes with
+  the update's dtype (optax's `scale_by_schedule`), an array promotes with
   it (`scale`), so a float32 array (`optax.inject_hyperparams` with
-  `hyperparam_dtype=jnp.float32`) makes bf16 parameters' updates float32."""
+  `hyperparam_dtype=jnp.float32`) makes bf16 parameters' updates float32.
+  A Python or NumPy float stays a static number in the update's dtype (as
+  a Python float does in optax; a NumPy float64 would promote there)."""
   if scheduled:
     return jnp.asarray(-lr, dtype=u.dtype) * u
   return -lr * u

@@ -249,11 +249,16 @@ def test_check_reads_a_clip_alone(name):
             f"a global norm of {norm_text}")
     with pytest.raises(og.NonFiniteGradientError, match=re.escape(
         f"The last step's gradients had {what}: og.{name} cannot scale "
-        "them and passed them on. Nothing in this chain skips such a step "
-        "unless a `skip_nonfinite` or `guard` stands around the "
-        "optimizer.")) as e:
+        "them and passed them on, so the update is NaN/Inf unless "
+        "something after it skips the step (og.skip_nonfinite or og.guard "
+        "around the optimizer, or optax.apply_if_finite).")) as e:
       og.check(state)
-    assert e.value.step == -1 and e.value.layers == {}
+    assert e.value.step == -1
+    if layer:
+      assert list(e.value.layers) == ["a"]
+      assert not np.isfinite(e.value.layers["a"])
+    else:
+      assert e.value.layers == {}
   _, state = step({"a": jnp.full(2, 1e3), "b": jnp.ones(3)},
                   tx.init(params), params)
   og.check(state)  # a large but finite norm is the clip's job: quiet
@@ -264,6 +269,35 @@ def test_check_reads_a_clip_alone(name):
   with pytest.raises(og.NonFiniteGradientError,
                      match=r"^Step 0: non-finite gradients; first bad "
                            r"layers: a \(1 NaN/Inf\)\. The guard skipped"):
+    og.check(state)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps
+def test_check_reads_a_clip_where_nothing_else_reports_the_step():
+  """A monitor that did not measure the step (`every=10`), or an
+  optax.MultiSteps without a skip function, says nothing of a NaN that a
+  clip passed on: the clip's state is read then (with MultiSteps' hint)."""
+  params = {"w": jnp.ones(3)}
+  nan = {"w": jnp.array([jnp.nan, 1.0, 1.0])}
+  tx = optax.chain(og.monitor(every=10), og.clip_by_global_norm(1.0),
+                   optax.sgd(0.1))
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(3)}, state, params)   # measured
+  u, state = tx.update(nan, state, params)                   # not measured
+  assert np.isnan(u["w"][0])
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"^The last step's gradients had a global norm "
+                           r"of nan \(NaN elements\): og.clip_by_global_norm"):
+    og.check(state)
+  ms = optax.MultiSteps(optax.chain(og.clip_by_global_norm(1.0),
+                                    optax.sgd(0.1)), every_k_schedule=2)
+  state = ms.init(params)
+  _, state = ms.update(nan, state, params)
+  u, state = ms.update({"w": jnp.ones(3)}, state, params)  # completes
+  assert np.isnan(u["w"][0])
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"og.clip_by_global_norm cannot scale them and passed them on.* "
+      r"give it should_skip_update_fn=optax.skip_not_finite\.$")):
     og.check(state)
 
 

@@ -303,6 +303,20 @@ def test_a_sharded_parameter_without_axis_name_is_named(factory):
       r"axis_name=None does not name")):
     fn(jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, P("d"))),
        jax.device_put(jnp.ones((4,)), NamedSharding(mesh, P())))
+  # A sharded leaf that the mask leaves out is never measured: fine.
+  masked = factory(0.2, mask={"kernel": False, "bias": True})
+
+  def run_masked(k, b):
+    p = {"kernel": k, "bias": b}
+    return masked.update(jax.tree.map(jnp.zeros_like, p), masked.init(p),
+                         p)[0]
+
+  out = jax.jit(jax.shard_map(run_masked, mesh=mesh, in_specs=(P("d"), P()),
+                              out_specs={"kernel": P("d"), "bias": P()}))(
+      jax.device_put(jnp.ones((16, 4)), NamedSharding(mesh, P("d"))),
+      jax.device_put(jnp.ones((4,)), NamedSharding(mesh, P())))
+  np.testing.assert_array_equal(out["kernel"], np.zeros((16, 4)))
+  np.testing.assert_allclose(out["bias"], np.full(4, 0.2))
 
 
 def test_stacked_layers_are_masked_as_the_layers_they_stack():

@@ -102,8 +102,8 @@ def test_a_nan_parameter_is_named_before_the_gradients_it_poisons():
   assert np.all(d.nonfinite > 0)               # every gradient holds NaN
   assert np.isnan(d.param_norms[-1])
   assert d.advice.startswith(
-      "The parameters themselves hold NaN/Inf in Dense_1/bias, so no "
-      "gradient computed from them can be finite: restore the parameters")
+      "The parameters themselves hold NaN/Inf in Dense_1/bias, and every "
+      "gradient that flows through them is NaN/Inf: restore the parameters")
 
 
 def test_depth_order_follows_nested_jit_remat_and_scan():

@@ -273,6 +273,11 @@ def test_bad_arguments(kwargs, match):
     og.guard(optax.sgd(0.1), **kwargs)
 
 
+def test_halting_arguments_left_at_false_values_are_fine_without_the_skip():
+  for value in (False, np.bool_(False), 0):
+    og.guard(optax.sgd(0.1), skip_nonfinite=False, resume_after_halt=value)
+
+
 def test_inject_hyperparams_with_spikes_off():
   """`optax.inject_hyperparams` makes arrays of every int argument, the
   unused `spike_window` default too: with spikes off that is fine."""
