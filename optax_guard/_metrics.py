@@ -479,7 +479,8 @@ def _collect(states: list[Any]) -> dict[str, Any]:
   for state in states:
     named = _state_metrics(state)
     naming = getattr(state, "naming", None)
-    depth = len([c for c in getattr(naming, "prefix", "").split("/") if c])
+    # Whole components only: a prefix "pre" joins the name's first one.
+    depth = getattr(naming, "prefix", "").count("/")
     # A metric is renamed whole, its total and its layers alike, when one
     # of its names is taken, or when it gives a total beside another state's
     # layers or layers beside another state's total (a total must sit beside

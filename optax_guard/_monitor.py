@@ -152,14 +152,16 @@ class MonitorState(NamedTuple):
 
 
 def _ratio(num: Any, den: Any) -> Any:
-  """`num / den`: Inf where `den` is 0 (0 where both are), on the device or
-  the host (NumPy, without an overflow warning for a huge ratio)."""
+  """`num / den`: Inf where `den` is 0 (0 where both are), NaN where either
+  is NaN (a NaN update of a zero bias is not "no update"), on the device or
+  the host (NumPy, without a warning for a huge or Inf / Inf ratio)."""
   num, den = _metrics.unwrap(num), _metrics.unwrap(den)
   xp = _metrics.array_module(num)
-  with np.errstate(over="ignore"):
+  with np.errstate(over="ignore", invalid="ignore"):
     quotient = num / xp.where(den > 0, den, 1.0)
-  return xp.where(den > 0, quotient,
-                  xp.where(num > 0, np.inf, 0.0)).astype(quotient.dtype)
+  return xp.where(den > 0, quotient, xp.where(
+      xp.isnan(num) | xp.isnan(den), np.nan,
+      xp.where(num > 0, np.inf, 0.0))).astype(quotient.dtype)
 
 
 def after_params_read(updates: Any, state: MonitorState) -> Any:
@@ -289,7 +291,9 @@ def monitor(
       recorded also when `per_layer=False`).
     every: measure on every `every`-th step only; the decision is taken on the
       device (`lax.cond`) and the state keeps the last measured values
-      (the loss entries, a few scalars, follow every step).
+      (the loss entries, a few scalars, follow every step). It shapes the
+      compiled step, so under `optax.inject_hyperparams` list it in
+      `static_args` (its default too: optax injects every number).
     kind: `"grad"` before the optimizer, `"update"` when last in the chain.
     prefix: prepended to every metric name, e.g. `"post_clip/"`.
     loss_ema_decay: decay of the loss EMA, in `[0, 1)`.

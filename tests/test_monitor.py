@@ -171,6 +171,25 @@ def test_update_ratio_of_a_zero_parameter_is_inf_without_a_warning():
   assert og.metrics(state)["update/ratio/bias"] == 0.0  # 0 / 0
 
 
+def test_update_ratio_is_nan_where_a_norm_is():
+  """A NaN update of a zero bias is not "no update" (0), and a NaN
+  parameter is not a zero one (Inf): both read NaN, on the device and on
+  the host, and Inf / Inf warns of nothing."""
+  params = {"bias": jnp.zeros((3,)), "kernel": jnp.array([[jnp.nan, 1.0]]),
+            "big": jnp.array([jnp.inf])}
+  updates = {"bias": jnp.array([jnp.nan, 0.0, 0.0]),
+             "kernel": jnp.full((1, 2), 0.1), "big": jnp.array([jnp.inf])}
+  tx = og.monitor(kind="update")
+  state = jax.jit(tx.update)(updates, tx.init(params), params)[1]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for m in (og.metrics(state), og.metrics(jax.device_get(state))):
+      assert np.isnan(m["update/ratio/bias"])
+      assert np.isnan(m["update/ratio/kernel"])
+      assert np.isnan(m["update/ratio/big"])     # Inf / Inf
+      assert np.isnan(m["update/ratio"])
+
+
 def test_params_that_do_not_match_the_updates_are_an_error():
   updates = {"a": jnp.ones(2), "b": jnp.ones(3)}
   tx = og.monitor()
@@ -280,6 +299,13 @@ def test_two_monitors_do_not_collide():
   assert not any(f"grad/norm.1/{k[10:]}" in m for k in layers)
   np.testing.assert_allclose(m["post/grad/norm"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(m["grad/norm_clipped"], 1.0, rtol=1e-6)
+  # A prefix without a trailing "/" joins the name's first component: the
+  # repeat number still goes after the metric, not into the layer's path.
+  tx = optax.chain(og.monitor(prefix="pre"), og.monitor(prefix="pre"))
+  _, state = tx.update(grads, tx.init(grads))
+  m = og.metrics(state)
+  assert layers and all(f"pregrad/norm.1/{k[10:]}" in m for k in layers)
+  assert "pregrad/norm.1" in m and "pregrad/norm" in m
   # A monitor after a clip: its whole metric is renamed, layers included.
   tx = optax.chain(og.clip_by_global_norm(1.0), og.monitor())
   _, state = tx.update(grads, tx.init(grads))
