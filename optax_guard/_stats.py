@@ -493,9 +493,11 @@ def _combine_norms_jvp(primals, tangents):
 def _dot_over(x: jax.Array, dx: jax.Array, norm: jax.Array) -> jax.Array:
   """The derivative of an L2 norm, `sum(x * dx) / norm`, taken as 0 where
   the norm is 0 or not finite (where sqrt's own, Inf times a zero
-  cotangent, makes NaN of every derivative that meets it)."""
+  cotangent, makes NaN of every derivative that meets it). `x` is read
+  only where the norm is finite, so that the transpose's zero cotangent
+  meets no NaN/Inf of `x` either (0 * NaN)."""
   ok = (norm > 0) & jnp.isfinite(norm)
-  scaled = x / jnp.where(ok, norm, 1.0)
+  scaled = jnp.where(ok, x, 0.0) / jnp.where(ok, norm, 1.0)
   return jnp.where(ok, jnp.sum(scaled * dx), 0.0)
 
 
@@ -765,7 +767,10 @@ def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
     # d|x| = Re(conj(x / |x|) dx), per element (x / |x| <= 1: no overflow),
     # then summed per layer.
     wide = x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
-    unit = wide * factor
+    # Where a layer's norm is 0 or not finite its factor is 0: its elements
+    # are not read either, or the transpose would make 0 * NaN of the
+    # cotangent of a NaN step that a guard skips.
+    unit = jnp.where(factor != 0, wide, 0) * factor
     products.append(jnp.real(jnp.conj(unit) * dx.astype(wide.dtype)))
   dnorms = reduce_blocks(
       blocks_of(products, axis_name, like=leaves, stacked=stacked),

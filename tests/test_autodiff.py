@@ -142,6 +142,41 @@ def test_a_skipped_nan_step_leaves_the_unrolled_derivative_finite(make):
                              -2.0 * final @ kept, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda lr: og.guard(optax.sgd(lr), max_norm=10.0, spike_sigma=None),
+    lambda lr: og.guard(og.sgd(lr), max_norm=10.0, spike_sigma=None),
+    lambda lr: optax.chain(og.clip_by_global_norm(10.0),
+                           og.skip_nonfinite(optax.sgd(lr)))],
+    ids=["guard generic", "guard fast", "clip then skip_nonfinite"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 3e38])
+def test_a_skipped_step_behind_a_clip_leaves_the_derivative_finite(make, bad):
+  """Gradients that depend on the parameters (L = |w|^2 / 2: g = w), the
+  clip measuring them, and the second of three steps bad (NaN, Inf, or
+  finite elements whose norm overflows float32) and skipped: two kept
+  steps w <- (1 - lr) w, so L_final = (1 - lr)^4 |w0|^2 / 2 and
+  d/dlr = -2 (1 - lr)^3 |w0|^2. The norm's derivative once met the bad
+  elements as 0 * NaN."""
+  w0 = jnp.array([1.0, -2.0, 3.0])
+
+  def final_loss(lr):
+    tx = make(lr)
+    state, params = tx.init({"w": w0}), {"w": w0}
+    for t in range(3):
+      g = params["w"]
+      if t == 1:
+        g = g.at[0].set(bad).at[1].set(bad if bad == 3e38 else g[1])
+      updates, state = tx.update({"w": g}, state, params)
+      params = optax.apply_updates(params, updates)
+    return 0.5 * jnp.sum(params["w"] ** 2)
+
+  lr = 0.1
+  norm2 = float(np.sum(np.asarray(w0) ** 2))
+  np.testing.assert_allclose(float(final_loss(lr)),
+                             0.5 * (1 - lr) ** 4 * norm2, rtol=1e-6)
+  np.testing.assert_allclose(float(jax.grad(final_loss)(lr)),
+                             -2 * (1 - lr) ** 3 * norm2, rtol=1e-5)
+
+
 def test_derivatives_under_shard_map_with_axis_name():
   """A sharded leaf and a replicated one, clipped on their global norm:
   the derivative equals optax's on the whole tree."""
