@@ -36,8 +36,18 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
 
 
 def min_count(window: int, warmup_steps: Any) -> Any:
-  """The accepted values a history needs before it can call a spike."""
-  return max(2, window // 2) if warmup_steps is None else warmup_steps
+  """The accepted values a history needs before it can call a spike.
+
+  At most `window`, which a history never exceeds: a value changed in
+  `optax.inject_hyperparams`' state after `init` (which checks it) is traced
+  and cannot be refused, and above the window it would switch spike
+  skipping off for good.
+  """
+  if warmup_steps is None:
+    return max(2, window // 2)
+  if isinstance(warmup_steps, int):
+    return warmup_steps
+  return jnp.minimum(warmup_steps, window)
 
 
 class Baseline(NamedTuple):

@@ -430,6 +430,14 @@ def test_inject_warmup_steps_without_static_args():
     for n in (1.0, 1.1, 0.9, 1.0, 100.0):
       _, state = step(jnp.float32(n), state)
     assert bool(state.inner_state.skipped) == caught, warmup
+  # Set in the state above the window (which `init` would refuse), it
+  # counts as the window: a full history of 8 catches the jump.
+  state = tx.init(params)
+  state = state._replace(hyperparams={
+      **state.hyperparams, "warmup_steps": jnp.asarray(100, jnp.int32)})
+  for n in (1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02, 100.0):
+    _, state = step(jnp.float32(n), state)
+  assert bool(state.inner_state.skipped)
   with pytest.raises(ValueError, match=r"`warmup_steps` must be at most "
                      r"`window` \(8\), but got 9\."):
     make(inner=optax.sgd(0.1), window=8, warmup_steps=9).init(params)
