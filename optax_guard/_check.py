@@ -154,8 +154,15 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
     return {}
   values = np.asarray(counts.values)
   bad = [(name, int(c)) for name, c in zip(counts.names, values) if c > 0]
-  roots = _stack_roots(counts.names)
-  return dict(sorted(bad, key=lambda item: _model_order(item[0], roots)))
+  return _in_model_order(bad, counts.names)
+
+
+def _in_model_order(items: list[tuple[str, Any]], names: tuple[str, ...]
+                    ) -> dict[str, Any]:
+  """`items` (layer, value) as a dict in the model's layer order, `names`
+  being all the layers of their tree (for the stacked roots)."""
+  roots = _stack_roots(tuple(names))
+  return dict(sorted(items, key=lambda item: _model_order(item[0], roots)))
 
 
 def _describe(layers: dict[str, int]) -> str:
@@ -361,9 +368,8 @@ def _clip_error(s: Any) -> GuardError | None:
   layers: dict[str, float] = {}
   if isinstance(s, ClipByLayerNormState):
     names, norms = s.layer_norms.names, np.asarray(s.layer_norms.values)
-    layers = {n: float(v) for n, v in sorted(
-        zip(names, norms), key=lambda nv: _numbers_as_numbers(nv[0]))
-              if not np.isfinite(v)}
+    layers = _in_model_order([(n, float(v)) for n, v in zip(names, norms)
+                              if not np.isfinite(v)], names)
     if not layers:
       return None
     bad = list(layers)
@@ -445,7 +451,8 @@ def _states(statistics: list[Any]) -> list[tuple[Any, _Context]]:
     for level in views:
       level[0] -= 1
     if not stale:
-      parts = ((s.nonfinite, s.spikes, s.monitor) if isinstance(s, GuardState)
+      parts = ((s.nonfinite, s.spikes, s.monitor, s.clip)
+               if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
       if isinstance(s, MonitorState):
@@ -576,9 +583,11 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     return error
 
   errors = [e for e in (error_of(s, c) for s, c in states) if e is not None]
-  if not errors and not loss_reported:
-    # No skipper, and nothing else said a word (no monitor, or one that
-    # skipped measuring this step): what a clip saw is all there is.
+  if not errors:
+    # Nothing else said a word (no monitor, or one that did not measure
+    # this step; a skipper only in another `multi_transform` partition, or
+    # none: one after the clip would have skipped and said so): what a
+    # clip saw is all there is.
     errors = [e for e in (error_of(s, c) for s, c in clips) if e is not None]
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
   return errors[0] if errors else None

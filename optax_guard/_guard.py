@@ -215,7 +215,9 @@ def guard(
     # (`max_consecutive` may be an array under `optax.inject_hyperparams`.)
     unused = [f"{name}={value!r}" for name, value, on in (
         ("max_consecutive", max_consecutive, max_consecutive is not None),
-        ("resume_after_halt", resume_after_halt, bool(resume_after_halt)))
+        ("resume_after_halt", resume_after_halt,
+         not isinstance(resume_after_halt, jax.Array)
+         and bool(resume_after_halt)))
               if on]
     if unused:
       raise ValueError(

@@ -38,16 +38,17 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
 def min_count(window: int, warmup_steps: Any) -> Any:
   """The accepted values a history needs before it can call a spike.
 
-  At most `window`, which a history never exceeds: a value changed in
-  `optax.inject_hyperparams`' state after `init` (which checks it) is traced
-  and cannot be refused, and above the window it would switch spike
-  skipping off for good.
+  Between 2 and `window`: a value changed in `optax.inject_hyperparams`'
+  state after `init` (which checks it) is traced and cannot be refused;
+  above the window (which a history never exceeds) it would switch spike
+  skipping off for good, and below 2 a history of one value (std 0) or
+  none (threshold 0) would make every step a spike.
   """
   if warmup_steps is None:
     return max(2, window // 2)
   if isinstance(warmup_steps, int):
     return warmup_steps
-  return jnp.minimum(warmup_steps, window)
+  return jnp.clip(warmup_steps, 2, window)
 
 
 class Baseline(NamedTuple):

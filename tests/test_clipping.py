@@ -299,6 +299,22 @@ def test_check_reads_a_clip_where_nothing_else_reports_the_step():
       r"og.clip_by_global_norm cannot scale them and passed them on.* "
       r"give it should_skip_update_fn=optax.skip_not_finite\.$")):
     og.check(state)
+  # A skipper in another multi_transform partition says nothing of this
+  # one, and a guard reduced to its clip is a clip.
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  grads = {"a": jnp.ones(2), "b": jnp.array([jnp.nan, 1.0, 1.0])}
+  for tx in (
+      optax.multi_transform(
+          {"A": og.skip_nonfinite(optax.sgd(0.1)),
+           "B": optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1))},
+          {"a": "A", "b": "B"}),
+      og.guard(optax.sgd(0.1), skip_nonfinite=False, monitor=False,
+               spike_sigma=None)):
+    u, state = tx.update(grads, tx.init(params), params)
+    assert np.isnan(u["b"][0])
+    with pytest.raises(og.NonFiniteGradientError,
+                       match=r"og.clip_by_global_norm cannot scale them"):
+      og.check(state)
 
 
 def test_layer_norm_against_numpy():

@@ -438,6 +438,18 @@ def test_inject_warmup_steps_without_static_args():
   for n in (1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02, 100.0):
     _, state = step(jnp.float32(n), state)
   assert bool(state.inner_state.skipped)
+  # Below 2 (refused by `init` too) it counts as 2: no step is a spike
+  # against a history of one value or none, which once made every step
+  # one, for good.
+  for warmup in (0, -5, 1):
+    state = tx.init(params)
+    state = state._replace(hyperparams={
+        **state.hyperparams, "warmup_steps": jnp.asarray(warmup, jnp.int32)})
+    skipped = []
+    for n in (1.0, 1.1, 0.9, 1.0, 100.0):
+      _, state = step(jnp.float32(n), state)
+      skipped.append(bool(state.inner_state.skipped))
+    assert skipped == [False, False, False, False, True], warmup
   with pytest.raises(ValueError, match=r"`warmup_steps` must be at most "
                      r"`window` \(8\), but got 9\."):
     make(inner=optax.sgd(0.1), window=8, warmup_steps=9).init(params)
