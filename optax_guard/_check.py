@@ -482,8 +482,9 @@ def check(opt_state: Any) -> None:
   block by block), and what the guard did. A clip (`clip_by_global_norm`,
   `clip_by_layer_norm`, `adaptive_grad_clip`, `autoclip`, `zclip`) that saw
   a NaN/Inf norm passed the gradients on unscaled: it is reported too, where
-  no skipper is in the chain and nothing else reports the step (it counts
-  no steps, so the error's `step` is -1). Raises
+  nothing else reports the step (no skipper after it, no monitor that
+  measured the step; it counts no steps, so the error's `step` is -1).
+  Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
   monitor records per-layer z-scores (`zscore=True`). Non-finite problems
