@@ -136,10 +136,13 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   are fewer than two), whose norms are comparable from layer to layer
   (biases and norm scales are not). The layers of a stacked leaf
   (`stacked`, for `nn.scan`) follow each other in the order of its leading
-  axis; stacked leaves that one `scan` slices go layer by layer together,
-  and so do stacked leaves with the same number of layers that no `scan`
-  slices and that are in use at the same time (indexed layer by layer in
-  one Python loop).
+  axis, last first under a `scan(..., reverse=True)`; stacked leaves that
+  one `scan` slices go layer by layer together, and so do stacked leaves
+  with the same number of layers that no `scan` slices and that are in use
+  at the same time (indexed layer by layer in one Python loop, taken to run
+  from index 0 up: a loop that runs backwards, or a stack flipped before
+  its `scan`, reverses the depths). An `aux` output and dead code are no
+  use of a parameter, inside a jitted `loss_fn` too.
 
   The same fit is taken over the one-dimensional leaves (biases and norm
   scales): their gradients are the backward signal itself (summed over the
@@ -316,20 +319,29 @@ def _trend(norms: np.ndarray) -> tuple[float, float]:
 _ALIASES = frozenset({"convert_element_type", "reshape", "transpose", "copy",
                       "copy_p", "broadcast_in_dim", "squeeze", "expand_dims",
                       "reduce_precision", "pvary"})
+# Loops: their body's outputs feed the next trip as well as the results.
+_LOOPS = frozenset({"scan", "while"})
 
 
 def first_uses(closed: Any, count: int
-               ) -> tuple[list[float], list[int | None], list[float]]:
+               ) -> tuple[list[float], list[int | None], list[float],
+                          list[bool]]:
   """When the forward pass first uses each of the first `count` inputs of
   the jaxpr `closed` (the parameter leaves), inside which `scan` (an id, or
-  None), following nested calls, and when it last uses it. A leaf never
-  used gets `inf` (and `-inf` as its last use)."""
+  None), following nested calls, when it last uses it, and whether the scan
+  that slices it runs backwards. A leaf never used gets `inf` (and `-inf` as
+  its last use)."""
   first: dict[int, tuple[int, int | None]] = {}
   last: dict[int, int] = {}
   xs_scan: dict[int, int] = {}  # the outermost scan that slices each leaf
+  backwards: set[int] = set()  # the scans that run `reverse=True`
   clock, scans = [0], [0]
 
-  def walk(jaxpr, leaf_of, scan, live=None):
+  def walk(jaxpr, leaf_of, scan, outs=None):
+    # `outs`: the outputs of `jaxpr` that feed the loss (None: all of them).
+    # Only their equations count: an `aux` output computed from the
+    # parameters, or dead code, is no use of them, inside a `jit` too.
+    live, needed = (None, None) if outs is None else _feeding(jaxpr, outs)
     for k, eqn in enumerate(jaxpr.eqns):
       if live is not None and k not in live:
         continue
@@ -343,6 +355,8 @@ def first_uses(closed: Any, count: int
         if eqn.primitive.name == "scan":
           scans[0] += 1
           inner_scan = scans[0]
+          if eqn.params.get("reverse", False):
+            backwards.add(inner_scan)
           # The operands the scan slices (`xs`): a body input of another
           # shape than its operand (jax 0.11 names no `num_consts`).
           (body, operands), = calls
@@ -351,24 +365,30 @@ def first_uses(closed: Any, count: int
                 np.shape(v.aval) != np.shape(s.aval)):
               xs_scan.setdefault(leaf_of[v], inner_scan)
         for sub, operands in calls:
+          # A loop's carry feeds its own next trip: all of a scan's body
+          # counts. A call's outputs are the equation's, one for one.
+          sub_outs = None
+          if needed is not None and eqn.primitive.name not in _LOOPS:
+            sub_outs = [s for s, o in zip(sub.outvars, eqn.outvars)
+                        if o in needed]
           walk(sub, {s: leaf_of[o] for o, s in zip(operands, sub.invars)
-                     if _is_var(o) and o in leaf_of}, inner_scan)
+                     if _is_var(o) and o in leaf_of}, inner_scan, sub_outs)
         continue
       clock[0] += 1
       for leaf in used:
         first.setdefault(leaf, (clock[0], scan))
         last[leaf] = clock[0]
 
-  # Only what feeds the loss (the first output) counts: an `aux` output
-  # computed from the parameters before the forward pass is no use of them.
+  # Only what feeds the loss (the first output) counts.
   walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:count])},
-       None, _feeding(closed.jaxpr, closed.jaxpr.outvars[:1]))
+       None, closed.jaxpr.outvars[:1])
   # A stacked leaf belongs to the scan that slices it into layers, even when
   # a nested scan inside that one is where it is first used.
   return ([first[i][0] if i in first else float("inf") for i in range(count)],
           [xs_scan.get(i, first[i][1] if i in first else None)
            for i in range(count)],
-          [last.get(i, -float("inf")) for i in range(count)])
+          [last.get(i, -float("inf")) for i in range(count)],
+          [xs_scan.get(i) in backwards for i in range(count)])
 
 
 def _calls(eqn: Any) -> list[tuple[Any, list[Any]]]:
@@ -393,7 +413,7 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
   before another's last): one loop reads them all, where two loops in a row
   (an encoder's stack, then a decoder's) do not.
   """
-  uses, scan_of, lasts = first_uses(closed, len(counts))
+  uses, scan_of, lasts, backwards = first_uses(closed, len(counts))
   together: list[Any] = list(scan_of)
   loops: list[tuple[int, float, Any]] = []  # (layers, last use, group)
   for i in sorted(range(len(counts)), key=lambda i: uses[i]):
@@ -416,15 +436,17 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
   keys = []
   for i, (flag, use) in enumerate(zip(stacked, uses)):
     for j in range(counts[i]):
-      if flag:
-        keys.append(((start[together[i]], j, use, i), firsts[i] + j))
+      if flag:  # a `reverse=True` scan runs its last layer first
+        trip = counts[i] - 1 - j if backwards[i] else j
+        keys.append(((start[together[i]], trip, use, i), firsts[i] + j))
       else:
         keys.append(((use, 0, use, i), firsts[i] + j))
   return np.asarray([layer for _, layer in sorted(keys)], np.int64)
 
 
-def _feeding(jaxpr: Any, outvars: Any) -> set[int]:
-  """The indices of the equations of `jaxpr` that `outvars` depend on."""
+def _feeding(jaxpr: Any, outvars: Any) -> tuple[set[int], set[Any]]:
+  """The indices of the equations of `jaxpr` that `outvars` depend on, and
+  the variables they read (with `outvars`)."""
   needed = {v for v in outvars if _is_var(v)}
   live = set()
   for k in range(len(jaxpr.eqns) - 1, -1, -1):
@@ -432,7 +454,7 @@ def _feeding(jaxpr: Any, outvars: Any) -> set[int]:
     if any(v in needed for v in eqn.outvars):
       live.add(k)
       needed.update(v for v in eqn.invars if _is_var(v))
-  return live
+  return live, needed
 
 
 def _is_jaxpr(x: Any) -> bool:

@@ -190,12 +190,21 @@ def test_an_aux_output_does_not_change_the_depth_order():
     norm = sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))  # a, b, c, ...
     return loss_fn(p, x), {"param_norm": norm}
 
+  def with_dead_code(p, x):
+    unused = [jnp.tanh(w).sum() for w in jax.tree.leaves(p)]  # a, b, c, ...
+    del unused
+    return loss_fn(p, x)
+
   x = jnp.ones((4, 32))
   plain = og.diagnose(loss_fn, params, x)
-  aux = og.diagnose(with_aux, params, x, has_aux=True)
   assert plain.layers == tuple(names)
-  assert aux.layers == plain.layers and aux.verdict == plain.verdict
-  np.testing.assert_array_equal(aux.grad_norms, plain.grad_norms)
+  # Unjitted, and jitted: inside the `jit` call the aux (or dead code) is
+  # still no use of the parameters.
+  for other, has_aux in [(with_aux, True), (jax.jit(with_aux), True),
+                         (jax.jit(with_dead_code), False)]:
+    got = og.diagnose(other, params, x, has_aux=has_aux)
+    assert got.layers == plain.layers and got.verdict == plain.verdict
+    np.testing.assert_allclose(got.grad_norms, plain.grad_norms, rtol=1e-6)
 
 
 def test_has_aux_ignores_the_aux_output():
@@ -238,6 +247,30 @@ def test_stacked_layers_in_scan_order():
   # The trend is fitted over the six matrices (embed and the five kernels).
   slope = np.polyfit(np.arange(6), np.log(want), 1)[0]
   np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
+
+
+def test_a_reverse_scan_runs_its_last_layer_first():
+  """`scan(..., reverse=True)` applies layer 7 first: depth 0 is layer 7,
+  and the vanishing gradients (a sigmoid stack) are read as vanishing."""
+  layers, width = 8, 32
+  w = jax.random.normal(jax.random.key(0), (layers, width, width))
+  params = {"blocks": {"w": w / np.sqrt(width)}}
+  x = jax.random.normal(jax.random.key(1), (16, width))
+
+  def loss_fn(p, x):
+    h, _ = lax.scan(lambda h, w: (jax.nn.sigmoid(h @ w), None), x,
+                    p["blocks"]["w"], reverse=True)
+    return jnp.mean(h ** 2)
+
+  d = og.diagnose(loss_fn, params, x, stacked=("blocks",))
+  assert d.layers == tuple(f"blocks/w/{i}" for i in reversed(range(layers)))
+  grads = np.asarray(jax.grad(loss_fn)(params, x)["blocks"]["w"])
+  in_depth_order = np.linalg.norm(grads.reshape(layers, -1), axis=1)[::-1]
+  np.testing.assert_allclose(d.grad_norms, in_depth_order, rtol=1e-5)
+  per_layer, _ = _np_growth(in_depth_order)
+  assert per_layer < 0.5  # they shrink toward the input
+  np.testing.assert_allclose(d.growth, per_layer, rtol=1e-5)
+  assert d.verdict == "vanishing"
 
 
 def test_stacked_layers_indexed_in_a_python_loop_go_layer_by_layer():
