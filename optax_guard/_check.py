@@ -56,6 +56,11 @@ class GuardError(RuntimeError):
     self.step = step
     self.layers = layers
 
+  def __reduce__(self):
+    # Whole across processes (multiprocessing, pytest-xdist) and `copy`:
+    # the default would call `__init__` with the message alone.
+    return type(self), (str(self), self.step, self.layers)
+
 
 class NonFiniteGradientError(GuardError):
   """The gradients, the loss, the update or the parameters held NaN or Inf.
@@ -154,10 +159,10 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
     return {}
   values = np.asarray(counts.values)
   bad = [(name, int(c)) for name, c in zip(counts.names, values) if c > 0]
-  return _in_model_order(bad, counts.names)
+  return in_model_order(bad, counts.names)
 
 
-def _in_model_order(items: list[tuple[str, Any]], names: tuple[str, ...]
+def in_model_order(items: list[tuple[str, Any]], names: tuple[str, ...]
                     ) -> dict[str, Any]:
   """`items` (layer, value) as a dict in the model's layer order, `names`
   being all the layers of their tree (for the stacked roots)."""
@@ -368,7 +373,7 @@ def _clip_error(s: Any) -> GuardError | None:
   layers: dict[str, float] = {}
   if isinstance(s, ClipByLayerNormState):
     names, norms = s.layer_norms.names, np.asarray(s.layer_norms.values)
-    layers = _in_model_order([(n, float(v)) for n, v in zip(names, norms)
+    layers = in_model_order([(n, float(v)) for n, v in zip(names, norms)
                               if not np.isfinite(v)], names)
     if not layers:
       return None
@@ -430,22 +435,25 @@ class _Context(NamedTuple):
   hint: str = ""
 
 
-def _states(statistics: list[Any]) -> list[tuple[Any, _Context]]:
+def _states(statistics: list[Any], paths: list[tuple[Any, ...]]
+            ) -> list[tuple[Any, _Context]]:
   """The checked states among `statistics` (`_metrics.statistics`' list, on
-  the host, one member), with `guard`'s parts taken out of its state, each
-  with its `_Context`: its monitor is its own guard's, else the nearest one
-  before it in the chain (None if it has none). The states below an
-  `optax.MultiSteps` whose latest call completed no step are left out: they
-  still hold the step reported before."""
+  the host, one member; `paths`, their key paths), with `guard`'s parts
+  taken out of its state, each with its `_Context`: its monitor is its own
+  guard's, else the nearest one before it in its chain or in a chain around
+  it (None if it has none: a monitor in another `optax.multi_transform`
+  partition saw other layers). The states below an `optax.MultiSteps` whose
+  latest call completed no step are left out: they still hold the step
+  reported before."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
-  out, nearest = [], None
+  out, nearest, nearest_chain = [], None, ()
   # The MultiSteps views the next states lie below, as [states left, view],
   # and the steps a skip_nonfinite has seen at each level (outside them,
   # then inside each).
   views: list[list[Any]] = []
   steps_seen = [0]
-  for s in statistics:
+  for s, path in zip(statistics, paths):
     stale = any(not bool(v.completed) for _, v in views)
     hint = _ACCUMULATED if any(not v.skip_fn for _, v in views) else ""
     for level in views:
@@ -455,8 +463,10 @@ def _states(statistics: list[Any]) -> list[tuple[Any, _Context]]:
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
-      if isinstance(s, MonitorState):
-        nearest = scoring(s) or nearest
+      if isinstance(s, MonitorState) and scoring(s) is not None:
+        nearest, nearest_chain = s, path[:-1]
+      if path[:len(nearest_chain)] != nearest_chain:
+        nearest = None  # out of the monitor's chain
       for part in (p for p in parts if p is not None):
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
@@ -537,7 +547,8 @@ def check(opt_state: Any) -> None:
         "og.check found no optax_guard state in `opt_state`, so it checks "
         f"nothing: {hint}.", stacklevel=2)
   members = _members(_metrics.to_host(found))
-  errors = [_first_error(_states(member)) for member in members]
+  paths = _metrics.statistics_paths(opt_state)
+  errors = [_first_error(_states(member, paths)) for member in members]
   bad = [(i, e) for i, e in enumerate(errors) if e is not None]
   if not bad:
     return

@@ -426,8 +426,10 @@ def _multisteps_view(state: optax.MultiStepsState,
       num_inner, skip_fn=not (isinstance(skip, tuple) and not skip))
 
 
-def _guard_states(opt_state: Any) -> list[Any]:
-  """Every guard state in tree order, a wrapper before its inner states.
+def _guard_states(opt_state: Any, at: tuple[Any, ...] = ()
+                  ) -> list[tuple[tuple[Any, ...], Any]]:
+  """Every guard state in tree order, a wrapper before its inner states,
+  each with its key path in `opt_state` (after `at`).
 
   Each is returned without its `inner_state` (the wrapped optimizer's
   moments are not statistics and may be as large as the model).
@@ -435,20 +437,25 @@ def _guard_states(opt_state: Any) -> list[Any]:
   found = []
   is_leaf = lambda x: (_is_guard_state(x) or
                        isinstance(x, optax.MultiStepsState))
-  for state in jax.tree_util.tree_leaves(opt_state, is_leaf=is_leaf):
+  for path, state in jax.tree_util.tree_flatten_with_path(
+      opt_state, is_leaf=is_leaf)[0]:
+    path = at + tuple(path)
     if isinstance(state, optax.MultiStepsState):
       # Its accumulated gradients are as large as the model: not read.
       # Read only around an optax_guard transformation (alone, optax's).
-      inner = _guard_states(state.inner_opt_state)
-      found += [_multisteps_view(state, len(inner))] + inner if inner else []
+      below = path + (jax.tree_util.GetAttrKey("inner_opt_state"),)
+      inner = _guard_states(state.inner_opt_state, below)
+      if inner:
+        found += [(path, _multisteps_view(state, len(inner)))] + inner
       continue
     if not _is_guard_state(state):
       continue
     if hasattr(state, "inner_state"):
-      found.append(state._replace(inner_state=()))
-      found += _guard_states(state.inner_state)
+      found.append((path, state._replace(inner_state=())))
+      below = path + (jax.tree_util.GetAttrKey("inner_state"),)
+      found += _guard_states(state.inner_state, below)
     else:
-      found.append(state)
+      found.append((path, state))
   return found
 
 
@@ -615,7 +622,12 @@ def holds_unwrapped_states(tree: Any) -> bool:
 def statistics(opt_state: Any) -> list[Any]:
   """The `optax_guard` states in `opt_state`, without any wrapped optimizer's
   state: the arrays `metrics` names, and nothing as large as the model."""
-  return _guard_states(strip_variables(opt_state))
+  return [state for _, state in _guard_states(strip_variables(opt_state))]
+
+
+def statistics_paths(opt_state: Any) -> list[tuple[Any, ...]]:
+  """The key path in `opt_state` of each of `statistics(opt_state)`."""
+  return [path for path, _ in _guard_states(strip_variables(opt_state))]
 
 
 def named(states: list[Any]) -> dict[str, Any]:

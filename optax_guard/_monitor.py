@@ -51,7 +51,11 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   `optax.inject_hyperparams`.)
   """
   decay = jnp.asarray(decay, jnp.float32)
-  ready = z.steps.astype(jnp.float32) >= jnp.ceil(1.0 / (1.0 - decay))
+  span = 1.0 / (1.0 - decay)
+  # float32 holds a decay near 1 to within 2^-25, which moves the span by
+  # up to span^2 * 2^-25: discounted before rounding up, 0.99 gives 100
+  # steps, as written, not 101.
+  ready = z.steps.astype(jnp.float32) >= jnp.ceil(span - span * span * 2**-24)
   # The spread is floored at a thousandth of the mean: a layer whose norm
   # never varied would otherwise give an infinite z-score for any change.
   spread = jnp.maximum(jnp.sqrt(z.var),

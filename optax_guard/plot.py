@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from optax_guard import _check
 from optax_guard import _diagnose
 from optax_guard import _log
 from optax_guard import _stats
@@ -64,14 +65,42 @@ def _require(columns: dict[str, np.ndarray], name: str, hint: str) -> None:
 
 def _layers(columns: dict[str, np.ndarray], metric: str, hint: str
             ) -> tuple[list[str], np.ndarray]:
-  """The per-layer entries `<metric>/<layer>`: (layer names, [L, T, ...])."""
+  """The per-layer entries `<metric>/<layer>`, in the model's order as far
+  as names tell it (`Dense_2` before `Dense_10`, where the tree sorts them
+  as strings): (layer names, [L, T, ...])."""
   prefix = metric + "/"
   names = [k[len(prefix):] for k in columns if k.startswith(prefix)]
   if not names:
     raise ValueError(
         f"The record holds no per-layer {metric!r} entries (named "
         f"'{prefix}<layer>'); {hint}.")
+  names = list(_check.in_model_order([(n, None) for n in names], names))
   return names, np.stack([columns[prefix + n] for n in names])
+
+
+def _at_steps(steps: np.ndarray, values: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Cells for `values` ([rows, T]) centred on their `steps`, as the lines
+  of `history` are: (column edges, values with a blank column for each gap
+  in the steps). A cell is as wide as the usual spacing of the steps
+  (recorded every k steps: k), narrower where two steps are closer; a
+  resumed run's jump in the steps is left blank, not stretched over."""
+  steps = np.asarray(steps, np.float64)
+  spacing = np.diff(steps)
+  width = float(np.median(spacing[spacing > 0])) if np.any(spacing > 0) else 1.0
+  middles = (steps[:-1] + steps[1:]) / 2
+  lefts = np.maximum(steps - width / 2, np.concatenate([[-np.inf], middles]))
+  rights = np.minimum(steps + width / 2, np.concatenate([middles, [np.inf]]))
+  edges, columns = [lefts[0]], []
+  for t in range(len(steps)):
+    if lefts[t] > edges[-1]:  # a gap: a blank column over it
+      columns.append(-1)
+      edges.append(lefts[t])
+    columns.append(t)
+    edges.append(rights[t])
+  columns = np.asarray(columns)
+  shown = np.where(columns >= 0, values[:, np.maximum(columns, 0)], np.nan)
+  return np.asarray(edges), shown
 
 
 def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
@@ -143,6 +172,10 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
   """Per-layer `metric` over the steps: layers down, steps across, log10
   colour (zeros blank), or linear for z-scores; NaN/Inf cells black.
 
+  Layers go in the model's order as far as their names tell it (`Dense_2`
+  before `Dense_10`); each column is centred on its step, as `history`
+  draws it, and a jump in the recorded steps (a resumed run) is left blank.
+
   Args:
     record: an `og.MetricsLog` or its `to_numpy()` dict, with per-layer
       entries `<metric>/<layer>`.
@@ -165,7 +198,7 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
     ...   _, state = tx.update({"a": jnp.full(2, g), "b": jnp.ones(3)}, state)
     ...   log.record(state)
     >>> ax = og.plot.layer_heatmap(log)
-    >>> print(ax.images[0].get_array().shape)
+    >>> print(ax.collections[0].get_array().shape)  # layers x steps
     (2, 3)
 
   References:
@@ -183,19 +216,19 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
       shown = np.log10(shown)
   shown[~np.isfinite(shown)] = np.nan
   ax = _axes(ax, rows=len(names))
-  steps = columns["step"]
   scale = {}
   if not log:  # symmetric about 0, so that 0 is the middle colour
     top = np.nanmax(np.abs(shown), initial=0.0) or 1.0
     scale = dict(cmap="RdBu_r", vmin=-top, vmax=top)
-  where = dict(aspect="auto", interpolation="nearest",
-               extent=(steps[0] - 0.5, steps[-1] + 0.5,
-                       len(names) - 0.5, -0.5) if len(steps) else None)
-  image = ax.imshow(shown, **where, **scale)
+  edges, shown = _at_steps(columns["step"], shown)
+  rows = np.arange(len(names) + 1) - 0.5
+  image = ax.pcolormesh(edges, rows, shown, **scale)
   # NaN/Inf cells in black on top (a blank cell would read as a z-score of 0
   # or a missing value, where it is the layer that went bad).
   bad = np.where(~np.isfinite(values.astype(np.float64)), 0.0, np.nan)
-  ax.imshow(bad, cmap="gray", vmin=0.0, vmax=1.0, **where)
+  ax.pcolormesh(edges, rows, _at_steps(columns["step"], bad)[1],
+                cmap="gray", vmin=0.0, vmax=1.0)
+  ax.set_ylim(len(names) - 0.5, -0.5)  # the first layer on top
   ax.set_yticks(np.arange(len(names)))
   ax.set_yticklabels(names, fontsize="x-small")
   ax.set_xlabel("step")
@@ -226,7 +259,8 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
     ...   _, state = tx.update({"w": jnp.full(4, g)}, state)
     ...   log.record(state)
     >>> ax = og.plot.histograms(log)
-    >>> print(ax.images[0].get_array().shape == (len(og.HIST_BUCKETS), 3))
+    >>> counts = ax.collections[0].get_array()  # buckets x steps
+    >>> print(counts.shape == (len(og.HIST_BUCKETS), 3))
     True
 
   References:
@@ -246,12 +280,9 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
     logs = np.log10(counts.T.astype(np.float64))
   logs[~np.isfinite(logs)] = np.nan
   ax = _axes(ax)
-  steps = columns["step"]
-  image = ax.imshow(logs, aspect="auto", origin="lower",
-                    interpolation="nearest",
-                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5,
-                            len(_stats.HIST_BUCKETS) - 0.5)
-                    if len(steps) else None)
+  edges, logs = _at_steps(columns["step"], logs)
+  image = ax.pcolormesh(edges, np.arange(len(_stats.HIST_BUCKETS) + 1) - 0.5,
+                        logs)
   ax.set_yticks(np.arange(len(_stats.HIST_BUCKETS)))
   ax.set_yticklabels(_stats.HIST_BUCKETS, fontsize="x-small")
   ax.set_xlabel("step")

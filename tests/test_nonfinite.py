@@ -9,8 +9,10 @@ in `test_multidevice_skip.py`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import pickle
 import re
 
 import jax
@@ -842,6 +844,11 @@ def test_check_message_names_step_layers_counts_and_action():
         "skipped in total).")
     assert err.step == 1
     assert err.layers == {"layer1": 2, "layer2": 1, "layer3": 3, "layer4": 1}
+    # Whole across processes (pickle) and copies.
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+      assert type(again) is og.NonFiniteGradientError
+      assert (str(again), again.step, again.layers) == (
+          message, err.step, err.layers)
   # The next good step clears it.
   _, state = step({k: v * 3 for k, v in params.items()}, state, params, {})
   og.check(state)

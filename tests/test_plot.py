@@ -112,7 +112,7 @@ def test_history_marks_the_skips_of_every_skipper_in_a_chain():
 
 def test_layer_heatmap_is_log10_of_the_layer_norms():
   ax = og.plot.layer_heatmap(_log(), ax=_Recorder())
-  (image, kwargs), (bad, bad_kwargs) = ax.named("imshow")
+  (image, kwargs), (bad, bad_kwargs) = ax.named("pcolormesh")
   g = np.asarray(_GRADS)
   layers = {"b": np.abs(2 * g) * np.sqrt(3), "w": np.abs(g) * np.sqrt(2)}
   names = ax.named("set_yticklabels")[0][0][0]
@@ -120,17 +120,46 @@ def test_layer_heatmap_is_log10_of_the_layer_norms():
   with np.errstate(divide="ignore", invalid="ignore"):
     want = np.log10(np.stack([layers[n] for n in names]))
   want[~np.isfinite(want)] = np.nan       # the NaN step and the zero step
-  np.testing.assert_allclose(image[0], want, rtol=1e-6)
-  assert np.isnan(image[0][:, [2, 4]]).all()
-  assert kwargs["aspect"] == "auto"
+  np.testing.assert_allclose(image[2], want, rtol=1e-6)
+  assert np.isnan(image[2][:, [2, 4]]).all()
+  # Steps 0..4, one cell each centred on its step; rows 0 and 1.
+  np.testing.assert_array_equal(image[0], np.arange(6) - 0.5)
+  np.testing.assert_array_equal(image[1], [-0.5, 0.5, 1.5])
   # On top, black (0 in gray) on the NaN step only: a zero stays blank.
   want_bad = np.full(want.shape, np.nan)
   want_bad[:, 2] = 0.0
-  np.testing.assert_array_equal(bad[0], want_bad)
+  np.testing.assert_array_equal(bad[2], want_bad)
   assert (bad_kwargs["cmap"], bad_kwargs["vmin"]) == ("gray", 0.0)
-  assert bad_kwargs["extent"] == kwargs["extent"]
+  np.testing.assert_array_equal(bad[0], image[0])
   (_, colorbar), = ax.named("colorbar")
   assert colorbar["label"] == "log10 grad/norm"
+
+
+def test_layer_heatmap_rows_in_model_order_and_cells_on_their_steps():
+  """Layers `Dense_0 .. Dense_11` go in depth order (the tree sorts
+  `Dense_10` before `Dense_2`); steps recorded every 10, then a resumed run
+  at 100: each cell is 10 wide, centred on its step, and the jump blank."""
+  names = [f"Dense_{i}" for i in range(12)]
+  steps = np.asarray([0, 10, 20, 30, 100, 110])
+  record = {"step": steps, "grad/norm": np.ones(6, np.float32)}
+  for i, name in enumerate(sorted(names)):  # as the tree orders them
+    record[f"grad/norm/{name}"] = np.full(6, 10.0 ** int(name[6:]),
+                                          np.float32)
+  ax = og.plot.layer_heatmap(record, ax=_Recorder())
+  (edges, rows, shown), _ = ax.named("pcolormesh")[0]
+  assert list(ax.named("set_yticklabels")[0][0][0]) == names
+  np.testing.assert_array_equal(edges, [-5, 5, 15, 25, 35, 95, 105, 115])
+  np.testing.assert_array_equal(rows, np.arange(13) - 0.5)
+  # Row i is Dense_i (log10 = i); column 4 is the blank gap 35..95.
+  want = np.repeat(np.arange(12.0)[:, None], 7, axis=1)
+  want[:, 4] = np.nan
+  np.testing.assert_allclose(shown, want, atol=1e-6)
+  # Two steps closer than the usual spacing share the space between them.
+  record["step"] = np.asarray([0, 10, 20, 30, 34, 40])
+  ax = og.plot.layer_heatmap(record, ax=_Recorder())
+  (edges, _, shown), _ = ax.named("pcolormesh")[0]
+  np.testing.assert_array_equal(edges, [-5, 5, 15, 25, 32, 37, 45])
+  assert not np.isnan(shown).any()
 
 
 def test_layer_heatmap_of_zscores_is_linear_and_centred():
@@ -142,14 +171,14 @@ def test_layer_heatmap_of_zscores_is_linear_and_centred():
     log.record(state)
   data = log.to_numpy()
   ax = og.plot.layer_heatmap(log, metric="grad/zscore", ax=_Recorder())
-  (image, kwargs), (bad, _) = ax.named("imshow")
+  (image, kwargs), (bad, _) = ax.named("pcolormesh")
   names = ax.named("set_yticklabels")[0][0][0]
   want = np.stack([data[f"grad/zscore/{n}"] for n in names]).astype(float)
   want[~np.isfinite(want)] = np.nan       # the NaN step's +Inf
-  np.testing.assert_allclose(image[0], want)
-  assert np.isnan(image[0][names.index("w"), 5])
-  assert bad[0][names.index("w"), 5] == 0.0          # drawn black
-  assert np.isnan(np.delete(bad[0].ravel(), names.index("w") * 6 + 5)).all()
+  np.testing.assert_allclose(image[2], want)
+  assert np.isnan(image[2][names.index("w"), 5])
+  assert bad[2][names.index("w"), 5] == 0.0          # drawn black
+  assert np.isnan(np.delete(bad[2].ravel(), names.index("w") * 6 + 5)).all()
   top = np.nanmax(np.abs(want))
   assert top > 10  # the step of 30
   assert (kwargs["vmin"], kwargs["vmax"]) == (-top, top)
@@ -162,14 +191,15 @@ def test_histograms_of_one_layer_and_of_all():
   data = log.to_numpy()
   for layer in ("w", None):
     ax = og.plot.histograms(log, layer=layer, ax=_Recorder())
-    (image, _), = ax.named("imshow")
+    (image, _), = ax.named("pcolormesh")
     counts = (data["grad/hist/w"] if layer else
               data["grad/hist/w"] + data["grad/hist/b"])
-    assert image[0].shape == (len(og.HIST_BUCKETS), len(_GRADS))
+    assert image[2].shape == (len(og.HIST_BUCKETS), len(_GRADS))
     with np.errstate(divide="ignore"):
       want = np.log10(counts.T.astype(np.float64))
     want[~np.isfinite(want)] = np.nan
-    np.testing.assert_allclose(image[0], want)
+    np.testing.assert_allclose(image[2], want)
+    np.testing.assert_array_equal(image[0], np.arange(len(_GRADS) + 1) - 0.5)
     assert tuple(ax.named("set_yticklabels")[0][0][0]) == og.HIST_BUCKETS
   # Step 2 is NaN: both layers' elements fall in the "nan" bucket.
   assert data["grad/hist/w"][2][og.HIST_BUCKETS.index("nan")] == 2
