@@ -119,11 +119,15 @@ def guard(
   traced more than once (see `skip_nonfinite`) and its update is written out
   once more (see the benchmark figures in the README). On the fast path the
   optimizer's output is not read back for NaN: guard-aware optimizers turn
-  clipped, finite gradients into finite updates (`og.adam` and `og.adamw`
-  refuse an `eps` and `eps_root` that are, or round to, 0 in a parameter's
-  dtype, which would make 0/0 of an all-zero gradient). A tree with a
-  float16 leaf takes the generic path whatever the optimizer: in float16's
-  range (65504) a finite gradient can make an infinite Adam step (where the
+  clipped, finite gradients of finite parameters into finite updates
+  (`og.adam` and `og.adamw` refuse an `eps` and `eps_root` that are, or
+  round to, 0 in a parameter's dtype, which would make 0/0 of an all-zero
+  gradient). A NaN/Inf parameter is past saving: the fast path applies its
+  weight decay's NaN/Inf update where the generic path skips it; either way
+  the monitor counts it in `param/nonfinite` and `og.check` raises. A
+  float16 leaf, in the gradients or in the optimizer's state
+  (`mu_dtype=jnp.float16`), takes the generic path whatever the optimizer:
+  in float16's range (65504) a finite gradient can make an infinite Adam step (where the
   second moment underflows) or momentum trace, and only the generic path
   reads the update back. With the clip off (`max_norm=None`), gradient
   elements near the top of the parameters' float range can overflow a
@@ -256,7 +260,7 @@ def guard(
         for name, part in parts.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
-    fast = _skip.takes_decision(inner, updates)
+    fast = _skip.takes_decision(inner, updates, state.inner_state)
     if skip_nonfinite:  # the monitor checks its own, when it keeps layers
       layers.check(updates, state.nonfinite.last_bad_counts.names, "guard")
     layout = layers.of(updates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import re
 import importlib.abc
 import importlib.machinery
 import sys
@@ -95,6 +96,15 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
             f"and no prefix of one; their layers are {list(names)[:5]}"
             f"{' ...' if len(names) > 5 else ''}.")
     flags = [any(under(name, p) for p in stacked) for name in names]
+    for p in stacked:  # one `scan` stacks all the leaves below it alike
+      sizes = {name: np.shape(leaf)[0] for name, (_, leaf) in zip(names, paths)
+               if under(name, p) and np.ndim(leaf)}
+      if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"`stacked` names {p!r}, but the leaves below it have leading "
+            f"axes of different lengths ({sizes}), so they cannot all stack "
+            "the same layers; name the stacked leaves themselves (or pass a "
+            "function of the name).")
   for name, (_, leaf), flag in zip(names, paths, flags):
     if flag and (np.ndim(leaf) == 0 or np.shape(leaf)[0] == 0):
       raise ValueError(
@@ -153,10 +163,17 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
     what = "updates with other layers"
   else:
     what = "updates with the same layers in another order"
+  hint = ""
+  stack = lambda ns: collections.Counter(re.sub(r"/\d+$", "", n) for n in ns)
+  if stacked is not None and set(stack(got)) == set(stack(names)):
+    hint = (" A stacked leaf has another number of layers than at `init`: "
+            "inside `shard_map`, a stacked leaf split along its layer axis "
+            "holds only its device's layers; shard it along another axis "
+            "(`P(None, ...)`).")
   raise ValueError(
       f"`{factory}` {names_from} {len(names)} parameter layers but "
       f"got {what}; the trees must match. Only in the parameters: "
-      f"{missing or 'none'}; only in the updates: {extra or 'none'}.")
+      f"{missing or 'none'}; only in the updates: {extra or 'none'}.{hint}")
 
 
 def check_same_tree(updates: Any, params: Any, factory: str) -> None:

@@ -210,7 +210,7 @@ def skip_nonfinite(
     loss = _skip.loss_from(extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(_skip.global_loss(loss, axis_name)))
-    if _skip.takes_decision(inner, updates):
+    if _skip.takes_decision(inner, updates, state.inner_state):
       # The fast path: the optimizer takes the decision in its own pass.
       keep, new_state = decide(
           state, stats=stats, loss_ok=loss_ok, inner_ok=jnp.ones((), jnp.bool_),

@@ -191,6 +191,8 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   eps, eps_root = h["eps"], h["eps_root"]
   correction1, correction2, correction_next = corrections
   keep, g = _prepare(decision, g)
+  if not jnp.issubdtype(g.dtype, jnp.inexact):  # an integer parameter's
+    g = g.astype(v.dtype)
   # The kept moments feed the update, so the old ones are read by one
   # computation only and XLA can overwrite them in place.
   m_dtype, v_dtype = m.dtype, v.dtype
@@ -218,6 +220,17 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   # The state keeps its dtypes (optax's own can drift with the gradients').
   return (_keep(keep, u, jnp.zeros_like(u)), m_new.astype(m_dtype),
           v_new.astype(v_dtype))
+
+
+def _moment(param: Any, dtype: Any) -> jax.Array:
+  """Zeros for a moment of `param`: of `dtype`, else of the parameter's own
+  dtype when it is a float; an integer parameter's moments are floats, as
+  their arithmetic is (optax's truncate: momentum to integers, Adam's
+  second moment stuck at 0). `zeros_like` keeps the parameter's sharding
+  and varying-axes type."""
+  if dtype is None and not jnp.issubdtype(jnp.result_type(param), jnp.inexact):
+    dtype = jnp.result_type(float)
+  return jnp.zeros_like(param, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "nesterov"))
@@ -334,8 +347,8 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     return state_type(
         count=jnp.zeros((), jnp.int32),
         # zeros_like keeps each parameter's sharding and varying-axes type.
-        mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
-        nu=jax.tree.map(jnp.zeros_like, params))
+        mu=jax.tree.map(lambda p: _moment(p, mu_dtype), params),
+        nu=jax.tree.map(lambda p: _moment(p, None), params))
 
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
@@ -402,7 +415,9 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
       of the two must be > 0).
-    mu_dtype: dtype of the first moment (None: the parameters' dtype).
+    mu_dtype: dtype of the first moment (None: the parameters' dtype;
+      JAX's default float for an integer parameter, whose moments optax
+      truncates).
     weight_decay: decoupled decay strength, a float or a schedule, multiplied
       by the learning rate as in optax.
     mask: a tree of bools (or a callable returning one) saying which
@@ -447,7 +462,9 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
       of the two must be > 0).
-    mu_dtype: dtype of the first moment (None: the parameters' dtype).
+    mu_dtype: dtype of the first moment (None: the parameters' dtype;
+      JAX's default float for an integer parameter, whose moments optax
+      truncates).
     nesterov: use Nesterov momentum (NAdam).
 
   Returns:
@@ -501,7 +518,9 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     learning_rate: a float or an optax schedule of the step count.
     momentum: decay of the momentum trace, in [-1, 1]; None for plain SGD.
     nesterov: use Nesterov momentum.
-    accumulator_dtype: dtype of the trace (None: the parameters' dtype).
+    accumulator_dtype: dtype of the trace (None: the parameters' dtype;
+      JAX's default float for an integer parameter, whose trace optax
+      truncates).
 
   Returns:
     A `GuardAwareTransformation` whose state is an `SgdState`.
@@ -530,8 +549,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   def init_fn(params):
     trace = None
     if momentum is not None:
-      trace = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=acc_dtype),
-                           params)
+      trace = jax.tree.map(lambda p: _moment(p, acc_dtype), params)
     return SgdState(count=jnp.zeros((), jnp.int32), trace=trace)
 
   def update_fn(updates, state, params=None, *, guard_keep=None,

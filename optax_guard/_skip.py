@@ -52,16 +52,19 @@ def is_guard_aware(inner: Any) -> bool:
   return isinstance(inner, _optimizers.GuardAwareTransformation)
 
 
-def takes_decision(inner: Any, updates: Any) -> bool:
+def takes_decision(inner: Any, updates: Any, inner_state: Any) -> bool:
   """Whether a skip on NaN/Inf may ride inside `inner`'s own pass, without
-  reading its update back: `inner` is guard-aware and no leaf is float16.
+  reading its update back: `inner` is guard-aware and no leaf of the
+  gradients or of its state is float16.
 
   In float16's range (65504) finite, clipped gradients can still make an
   infinite update: Adam's quotient where the second moment underflows, a
-  momentum trace. Those leaves take the read-back of the generic path.
+  momentum trace (`mu_dtype` or `accumulator_dtype` float16 on float32
+  parameters too). Those take the read-back of the generic path.
   """
   return is_guard_aware(inner) and not any(
-      jnp.result_type(x) == jnp.float16 for x in jax.tree.leaves(updates))
+      jnp.result_type(x) == jnp.float16
+      for x in jax.tree.leaves((updates, inner_state)))
 
 
 # On the CPU, above this many elements in an opaque optimizer's update, the

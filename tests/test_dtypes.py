@@ -167,6 +167,39 @@ def test_integer_leaf_moves_like_optax_under_sgd():
   np.testing.assert_allclose(ours["i"], [-0.5, 0.7, -10.0], rtol=1e-6)
 
 
+@pytest.mark.standard_promotion  # optax's Adam as the second reference
+def test_integer_leaf_moments_are_floats_against_numpy():
+  """An integer parameter's momentum and Adam moments are float32 and
+  follow the float arithmetic written out in numpy (integer moments would
+  truncate it: optax's momentum to integers, its second moment to 0)."""
+  params = {"i": jnp.array([5, -7, 100], jnp.int32)}
+  g = np.asarray([3.0, -2.0, 1.0])
+  trace, mu, nu = np.zeros(3), np.zeros(3), np.zeros(3)
+  sgd, adam = og.sgd(0.1, momentum=0.9), og.adam(0.1)
+  sgd_state, adam_state = sgd.init(params), adam.init(params)
+  # And optax's Adam on the same numbers as float32 parameters.
+  floats = {"i": params["i"].astype(jnp.float32)}
+  ref, ref_state = optax.adam(0.1), optax.adam(0.1).init(floats)
+  assert sgd_state.trace["i"].dtype == adam_state.mu["i"].dtype == jnp.float32
+  assert adam_state.nu["i"].dtype == jnp.float32
+  grads = {"i": jnp.asarray(g, jnp.int32)}
+  for t in range(1, 4):
+    u_sgd, sgd_state = sgd.update(grads, sgd_state)
+    u_adam, adam_state = adam.update(grads, adam_state)
+    trace = g + 0.9 * trace
+    mu, nu = 0.9 * mu + 0.1 * g, 0.999 * nu + 0.001 * g ** 2
+    want = -0.1 * (mu / (1 - 0.9 ** t)) / (np.sqrt(nu / (1 - 0.999 ** t))
+                                           + 1e-8)
+    u_ref, ref_state = ref.update({"i": jnp.asarray(g, jnp.float32)},
+                                  ref_state)
+    np.testing.assert_allclose(u_sgd["i"], -0.1 * trace, rtol=1e-6)
+    # (float32's 1 - 0.999**t is good to ~1e-5)
+    np.testing.assert_allclose(u_adam["i"], want, rtol=1e-4)
+    np.testing.assert_allclose(u_adam["i"], u_ref["i"], rtol=1e-6)
+    assert u_sgd["i"].dtype == u_adam["i"].dtype == jnp.float32
+  np.testing.assert_allclose(sgd_state.trace["i"], trace, rtol=1e-6)
+
+
 @pytest.mark.standard_promotion
 def test_float16_adam_step_that_overflows_is_skipped_on_both_paths():
   """In float16 a finite, clipped gradient of 5e-3 has a second moment that
@@ -185,6 +218,38 @@ def test_float16_adam_step_that_overflows_is_skipped_on_both_paths():
     u, state = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_array_equal(u["w"], [0, 0])
     assert int(og.metrics(state)["optim/num_skipped"]) == 1
+
+
+@pytest.mark.standard_promotion
+def test_float16_state_on_float32_params_is_read_back_on_both_paths():
+  """A float16 first moment or trace of float32 parameters overflows
+  65504 (0.1 * 1e6 = 1e5 is stored as Inf) where the gradients do not: the
+  next step's update is Inf, and the guard-aware path reads it back and
+  skips, as the generic path does."""
+  params = {"w": jnp.ones(2, jnp.float32)}
+  grads = {"w": jnp.array([1e6, 1.0], jnp.float32)}
+  pairs = [(og.adam(1e-3, mu_dtype=jnp.float16),
+            optax.adam(1e-3, mu_dtype=jnp.float16)),
+           (og.sgd(1e-3, momentum=0.9, accumulator_dtype=jnp.float16),
+            optax.sgd(1e-3, momentum=0.9, accumulator_dtype=jnp.float16))]
+  for ours, theirs in pairs:
+    for make in (lambda i: og.guard(i, max_norm=1e7, spike_sigma=None),
+                 og.skip_nonfinite):
+      runs = []
+      for inner in (ours, theirs):
+        tx, p = make(inner), params
+        state, update, run = tx.init(p), jax.jit(tx.update), []
+        for _ in range(3):
+          u, state = update(grads, state, p)
+          p = optax.apply_updates(p, u)
+          run.append((np.asarray(u["w"]), int(og.metrics(state)[
+              "optim/num_skipped"])))
+        assert np.isfinite(np.asarray(p["w"])).all()
+        runs.append(run)
+      assert [n for _, n in runs[0]] == [0, 1, 2]   # steps 1 and 2 skipped
+      for (u0, n0), (u1, n1) in zip(*runs):
+        np.testing.assert_allclose(u0, u1, rtol=1e-6)
+        assert n0 == n1
 
 
 _X64_SCRIPT = r"""

@@ -207,6 +207,25 @@ def test_shard_map_and_named_sharding_with_stacked_layers():
         0, 0, 1]
 
 
+def test_a_stacked_axis_split_by_shard_map_is_named_in_the_error():
+  """A stack sharded along its layer axis reaches each device with one
+  layer of the eight `init` saw: the error says why."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  kernel = np.ones((8, 16, 4), np.float32)
+  tx = og.guard(og.adamw(1e-3), stacked=("kernel",), axis_name="d")
+  state = tx.init({"kernel": kernel})
+  step = lambda k, s: tx.update({"kernel": k}, s, {"kernel": k})[1].step
+  with pytest.raises(ValueError, match=re.escape(
+      "`guard` was initialised with 8 parameter layers but got updates "
+      "with 1; the trees must match.")) as e:
+    jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("d"), P()),
+                          out_specs=P()))(kernel, state)
+  assert str(e.value).endswith(
+      " A stacked leaf has another number of layers than at `init`: inside "
+      "`shard_map`, a stacked leaf split along its layer axis holds only "
+      "its device's layers; shard it along another axis (`P(None, ...)`).")
+
+
 def test_errors_are_sentences():
   with pytest.raises(ValueError, match="`stacked` must be None, a sequence "
                      "of layer names or name prefixes"):
@@ -215,6 +234,12 @@ def test_errors_are_sentences():
   with pytest.raises(ValueError, match="`stacked` names 'Scna', which is no "
                      "layer of the parameters and no prefix of one"):
     tx.init(_stacked_tree(_arrays(0)))
+  tx = og.monitor(stacked=("blocks",))
+  with pytest.raises(ValueError, match=re.escape(
+      "`stacked` names 'blocks', but the leaves below it have leading axes "
+      "of different lengths ({'blocks/scale': 6, 'blocks/w': 4}), so they "
+      "cannot all stack the same layers")):
+    tx.init({"blocks": {"w": jnp.ones((4, 6, 6)), "scale": jnp.ones(6)}})
   tx = og.skip_nonfinite(optax.sgd(0.1), stacked=lambda name: True)
   for shape in ((), (0, 2)):
     with pytest.raises(ValueError, match="The layer 'step' is marked as "
