@@ -344,7 +344,8 @@ def clip_by_value(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
+    # Python numbers too; integers clipped as floats, as optax's `clip`.
+    updates = jax.tree.map(_stats.as_inexact, updates)
     # The clip compares in each leaf's dtype, against `max_abs` rounded to
     # it; so does the count (per dtype: a bf16 leaf holding exactly the
     # rounded bound is not clipped, and must not be counted).

@@ -96,6 +96,9 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
+  if isinstance(tree, (bool, np.bool_)) and len(leaves) == 1 and (
+      jax.tree_util.treedef_is_leaf(jax.tree.structure(params))):
+    return [bool(tree)]  # the parameters are one array: its own flag
   if isinstance(tree, (bool, np.bool_)):
     raise ValueError(
         f"The `mask` of `{factory}` must be a tree of bools like the "
@@ -139,18 +142,21 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _args.require_params(params, factory)
-    _metrics.check_same_tree(updates, params, factory)
+    # No per-layer metrics here: two leaves whose paths write one name
+    # (`{"a/b": ..., "a": {"b": ...}}`) are no error.
+    _metrics.check_same_tree(updates, params, factory, per_layer=False)
     u_leaves, treedef = jax.tree.flatten(updates)
-    p_leaves = [_metrics.unwrap(p) for p in jax.tree.leaves(params)]
+    p_leaves = [jnp.asarray(_metrics.unwrap(p))
+                for p in jax.tree.leaves(params)]
     flags = _mask_leaves(mask, params, factory)
     # The chosen leaves, checked here by name for all three (the penalty's
     # reduction would name a leaf by its index among them, and L1's not at
     # all); a leaf the mask leaves out is never measured.
     names = [_metrics.path_name(path) for path, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
-    _stats.check_varying_covered(
-        {n: p for n, p, flag in zip(names, p_leaves, flags) if flag},
-        axis_name, "parameter")
+    for name, p, flag in zip(names, p_leaves, flags):
+      if flag:
+        _stats.check_varying_covered(p, axis_name, f"parameter {name!r}")
     raw_rate = rate(state.step) if callable(rate) else rate
     r = jnp.asarray(raw_rate, jnp.float32)  # what the state records
     out, chosen = [], []
@@ -159,6 +165,8 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
         out.append(u)
         continue
       chosen.append(p)
+      # Python numbers too; an integer leaf decays as a float, as in optax.
+      u = _stats.as_inexact(u)
       d = jnp.sign(p) if l1 else p
       # The rate in the leaf's own dtype, as optax does (exact in float64).
       out.append((u + jnp.asarray(raw_rate, u.dtype) * d.astype(u.dtype)

@@ -204,9 +204,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   """
   _args.check_number("ratio", ratio, minimum=1.0, strict=True)
   _metrics.check_stacked(stacked)
-  if not jax.tree_util.tree_leaves(params):
+  if not any(np.size(x) for x in jax.tree_util.tree_leaves(params)):
     raise ValueError("diagnose needs parameters to differentiate, but "
-                     "`params` holds no arrays.")
+                     "`params` holds no arrays, or only empty ones.")
   # One trace gives both the output's shape and the order of first uses.
   traced, out = jax.make_jaxpr(loss_fn, return_shape=True)(params, *args)
   if has_aux:
@@ -247,9 +247,13 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   # A layer's own dimensions (a stacked leaf's leading axis is not one).
   ndims = np.repeat([np.ndim(x) - flag for x, flag in zip(leaves, flags)],
                     counts)[order]
-  matrices = [i for i, ndim in enumerate(ndims) if ndim >= 2]
-  vectors = [i for i, ndim in enumerate(ndims) if ndim == 1]
-  fit = matrices if len(matrices) >= 2 else list(range(len(order)))
+  # An empty leaf (a zero-sized axis) has a zero norm that says nothing:
+  # it is no dead layer, and no point of the fits.
+  held = np.asarray(gstats.sizes)[order] > 0
+  matrices = [i for i, ndim in enumerate(ndims) if ndim >= 2 and held[i]]
+  vectors = [i for i, ndim in enumerate(ndims) if ndim == 1 and held[i]]
+  fit = (matrices if len(matrices) >= 2 else
+         [i for i in range(len(order)) if held[i]])
   growth, total = _trend(grad_norms[fit])
   # Biases and norm scales carry the backward signal itself: where the
   # weights' gradients stay flat because activations and backward signals
@@ -268,7 +272,7 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   param_nonfinite = np.asarray(pstats.nonfinite)[order]
   if not np.isfinite(loss) or nonfinite.any() or param_nonfinite.any():
     verdict = "non-finite"
-  elif dead or not np.any(grad_norms > 0):
+  elif dead or not np.any(grad_norms[held] > 0):
     verdict = "vanishing"
   elif shown[1] >= ratio:
     verdict = "exploding"

@@ -141,6 +141,12 @@ def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
   return tuple(names)
 
 
+def leaf_paths(tree: Any) -> tuple[str, ...]:
+  """Each leaf's path name, as `layer_names` writes it, not made unique."""
+  return tuple(path_name(path)
+               for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
 def check_layers(tree: Any, names: tuple[str, ...], factory: str,
                  stacked: Stacked = None,
                  naming: Callable[[Any], tuple[str, ...]] | None = None,
@@ -176,11 +182,16 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
       f"{missing or 'none'}; only in the updates: {extra or 'none'}.{hint}")
 
 
-def check_same_tree(updates: Any, params: Any, factory: str) -> None:
+def check_same_tree(updates: Any, params: Any, factory: str, *,
+                    per_layer: bool = True) -> None:
   """Raises unless `updates` and `params` have the same layers and shapes
-  (their leaves are paired by position). Static: free per step."""
-  names = layer_names(params)
-  check_layers(updates, names, factory, names_from="was called with")
+  (their leaves are paired by position; `per_layer`: and their layer names
+  are metric names, so two leaves may not share one). Static: free per
+  step."""
+  naming = layer_names if per_layer else leaf_paths
+  names = naming(params)
+  check_layers(updates, names, factory, naming=naming,
+               names_from="was called with")
   for name, u, p in zip(names, jax.tree.leaves(updates),
                         jax.tree.leaves(params)):
     if np.shape(u) != np.shape(unwrap(p)):

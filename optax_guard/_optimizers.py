@@ -226,10 +226,13 @@ def _moment(param: Any, dtype: Any) -> jax.Array:
   """Zeros for a moment of `param`: of `dtype`, else of the parameter's own
   dtype when it is a float; an integer parameter's moments are floats, as
   their arithmetic is (optax's truncate: momentum to integers, Adam's
-  second moment stuck at 0). `zeros_like` keeps the parameter's sharding
-  and varying-axes type."""
-  if dtype is None and not jnp.issubdtype(jnp.result_type(param), jnp.inexact):
-    dtype = jnp.result_type(float)
+  second moment stuck at 0). Never weakly typed (a `jnp.array(0.0)`
+  parameter), as `update` returns it. `zeros_like` keeps the parameter's
+  sharding and varying-axes type."""
+  if dtype is None:
+    dtype = jnp.dtype(jnp.result_type(param))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.dtype(jnp.result_type(float))
   return jnp.zeros_like(param, dtype=dtype)
 
 

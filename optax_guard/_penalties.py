@@ -38,7 +38,7 @@ def _safe_norm(tree: Any) -> jax.Array:
   In float32, or float64 where a leaf is (64-bit mode), so that the
   finite-difference direction is a unit vector to the gradients' precision.
   """
-  leaves = jax.tree.leaves(tree)
+  leaves = _stats.as_arrays(jax.tree.leaves(tree))
   dtype = max((_stats.at_least_float32(x.dtype) for x in leaves),
               key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
   return _safe_sqrt(sum((jnp.sum(jnp.square(x.astype(dtype)))
@@ -49,10 +49,16 @@ def _fd_direction(grads: Any, norm: jax.Array) -> Any:
   """`g / ||g||` (zero for a zero gradient)."""
   inv = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
   def scale(g):
+    g = jnp.asarray(g)  # a Python number too
     dtype = max(_stats.at_least_float32(g.dtype), inv.dtype,
                 key=lambda d: d.itemsize)
     return (g.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
   return jax.tree.map(scale, grads)
+
+
+def _probe(radius: Any) -> Callable[[Any, Any], Any]:
+  """`p + radius * n` in the parameter's dtype (a Python number's too)."""
+  return lambda p, n: p + jnp.asarray(radius, jnp.result_type(p)) * n
 
 
 def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
@@ -62,6 +68,7 @@ def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
   In float32, or in the leaf's own precision where that is wider (float64).
   """
   def combine(g, q):
+    g = jnp.asarray(g)  # a Python number too
     dtype = _stats.at_least_float32(g.dtype)
     c = jnp.asarray(strength, dtype) / jnp.asarray(radius, dtype)
     if squared:
@@ -104,8 +111,10 @@ def gradient_norm_penalty(
   Under `shard_map` (with its default `check_vma=True`) with parameters
   sharded across devices, pass their mesh axes as `axis_name`: the norm is
   then the whole gradient's (each leaf's sum of squares summed over the axes
-  it varies along), the same on every device, in float32. Without it each
-  device takes the norm of what it holds, which is right when the
+  it varies along), the same on every device, in float32; without it a
+  sharded gradient is refused (its norm would be one shard's). Without it
+  each device takes the norm of what it holds (in float64 where the
+  gradients are), which is right when the
   parameters are replicated (data parallelism): there `jax.grad` already
   returns their gradient summed over the devices' batches, so every device
   penalises the whole batch's gradient, once. Under `pmap`, where nothing
@@ -163,10 +172,7 @@ def gradient_norm_penalty(
   _stats.check_axis_name(axis_name)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
-  def norm_of(grads):
-    if axis_name is None:  # in float64 too, where the gradients are
-      return _safe_norm(grads)
-    return _whole_norm(grads, axis_name, "gradient_norm_penalty")
+  norm_of = lambda grads: _norm(grads, axis_name, "gradient_norm_penalty")
 
   def exact(params, *args, **kwargs):
     # The penalty is differentiated alone and the loss's gradients added:
@@ -186,12 +192,20 @@ def gradient_norm_penalty(
     value, grads = grad_fn(params, *args, **kwargs)
     norm = norm_of(grads)
     step = _fd_direction(grads, norm)
-    probe_at = jax.tree.map(lambda p, n: p + jnp.asarray(radius, p.dtype) * n,
-                            params, step)
+    probe_at = jax.tree.map(_probe(radius), params, step)
     _, probe = grad_fn(probe_at, *args, **kwargs)
     return value, _fd_combine(grads, probe, norm, strength, radius, squared)
 
   return exact if method == "exact" else finite_difference
+
+
+def _norm(grads: Any, axis_name: _stats.AxisName, who: str) -> jax.Array:
+  """The norm of the whole gradient: of this device's (float64 where the
+  gradients are), refused where it is a shard that `axis_name` omits."""
+  if axis_name is None:
+    _stats.check_varying_covered(grads, None)
+    return _safe_norm(grads)
+  return _whole_norm(grads, axis_name, who)
 
 
 def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str
@@ -297,12 +311,11 @@ def add_gradient_norm_penalty(
           "loss on the current batch: call `update(grads, state, params, "
           "grad_fn=...)` with `grad_fn(params) -> grads`; it got "
           f"grad_fn={grad_fn!r}.")
-    norm = (_stats.tree_stats(updates).global_norm if axis_name is None else
-            _whole_norm(updates, axis_name, "add_gradient_norm_penalty"))
+    norm = _norm(updates, axis_name, "add_gradient_norm_penalty")
     step = _fd_direction(updates, norm)
-    probe = grad_fn(jax.tree.map(
-        lambda p, n: p + jnp.asarray(radius, p.dtype) * n, params, step))
+    probe = grad_fn(jax.tree.map(_probe(radius), params, step))
     out = _fd_combine(updates, probe, norm, strength, radius, squared)
+    norm = norm.astype(jnp.float32)
     s = jnp.asarray(strength, jnp.float32)
     return out, AddGradientNormPenaltyState(
         grad_norm=norm, penalty=s * (jnp.square(norm) if squared else norm))

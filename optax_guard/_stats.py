@@ -192,6 +192,15 @@ class Blocks(NamedTuple):
                   self.typed)
 
 
+def as_inexact(x: Any) -> jax.Array:
+  """`x` as an array of floats: an integer one (or a Python number) in the
+  default float dtype, as optax's arithmetic on it with a float gives."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(jnp.result_type(float))
+  return x
+
+
 def as_arrays(leaves: Sequence[Any]) -> list[Any]:
   """The leaves, Python numbers among them as arrays (optax takes a tree of
   floats as parameters)."""
@@ -867,8 +876,10 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
     # (separate `jnp.sum`s may each re-read it and materialise their inputs).
     x = magnitude(block) if jnp.iscomplexobj(block) else block.astype(
         jnp.float32)
+    # Finite in the block's own dtype: a float64 beyond float32's range is
+    # no NaN/Inf (its norm overflows, which the guard says as such).
     terms = square_terms(block) + [
-        (~jnp.isfinite(x)).astype(jnp.int32)]
+        (~jnp.isfinite(block)).astype(jnp.int32)]
     if count_above is not None:
       terms.append((jnp.abs(x) > count_above).astype(jnp.int32))
     reduced = sum_terms(terms, _rest(block))
@@ -913,7 +924,9 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     # and not in another (twice counted), but `a < tiny` holds either way.
     a = jnp.where(a < np.finfo(np.float32).tiny, 0.0, a)
     count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
-    finite = jnp.isfinite(a)
+    # In the block's own dtype: a float64 beyond float32's range (an Inf
+    # `a`) is finite, in the top decade.
+    finite, nan = jnp.isfinite(block), jnp.isnan(block)
     # The zero bucket is what the decades leave of the finite elements.
     nonzero = finite & (a > 0)
     # at_least[j]: finite non-zero elements with |x| >= edges[j] (the zeros
@@ -923,8 +936,8 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     decades = at_least[:, :-1] - at_least[:, 1:]
     zero = count(finite) - at_least[:, 0]
     return jnp.concatenate([zero[:, None], decades,
-                            count(jnp.isnan(a))[:, None],
-                            count(jnp.isinf(a))[:, None]], 1)
+                            count(nan)[:, None],
+                            count(~finite & ~nan)[:, None]], 1)
 
   counts = per_leaf(leaves, histogram, axis_name, "sum", stacked=stacked)
   return counts if groups is None else group_sums(counts, groups)

@@ -369,6 +369,22 @@ def test_value_clip_counts_what_it_changes_in_each_dtype():
   assert int(state.num_clipped) == 1
 
 
+@pytest.mark.standard_promotion  # optax's clip of integers
+def test_value_clip_of_integers_is_in_floats_as_optax():
+  """An integer leaf is clipped as floats (0.5, not a bound rounded to 0)."""
+  grads = {"i": jnp.asarray([3, -2, 0, 1], jnp.int32)}
+  for max_abs, want in [(0.5, [0.5, -0.5, 0.0, 0.5]),
+                        (1.5, [1.5, -1.5, 0.0, 1.0])]:
+    tx = og.clip_by_value(max_abs)
+    got, state = tx.update(grads, tx.init(grads))
+    ref, _ = optax.clip(max_abs).update(grads, optax.EmptyState())
+    np.testing.assert_array_equal(got["i"], want)
+    np.testing.assert_array_equal(got["i"], ref["i"])
+    assert got["i"].dtype == ref["i"].dtype == jnp.float32
+    np.testing.assert_allclose(state.frac_clipped,
+                               np.mean(np.abs([3, -2, 0, 1]) > max_abs))
+
+
 @pytest.mark.parametrize("factory,arg", [
     (og.clip_by_global_norm, "max_norm"), (og.clip_by_layer_norm, "max_norm"),
     (og.clip_by_value, "max_abs")])

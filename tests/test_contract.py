@@ -141,6 +141,22 @@ def test_state_leaves_are_typed_arrays_and_stable(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_weakly_typed_parameters_keep_the_state_types(name):
+  """A weakly typed parameter (`jnp.array(0.5)`, a learned temperature) makes
+  no weakly typed state leaf that `update` would return strong: the step
+  would trace again."""
+  tx = _make(name)
+  params = {**_params(), "temperature": jnp.array(0.5)}
+  assert jax.typeof(params["temperature"]).weak_type
+  grads = {**_grads(0), "temperature": jnp.float32(0.1)}
+  state = tx.init(params)
+  _, new_state = jax.jit(tx.update)(grads, state, params)
+  _assert_same_signature(state, new_state)
+  assert [jax.typeof(x).weak_type for x in jax.tree.leaves(state)] == [
+      jax.typeof(x).weak_type for x in jax.tree.leaves(new_state)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_init_on_shape_dtype_structs(name):
   tx = _make(name)
   params = _params()

@@ -211,6 +211,42 @@ def test_a_prefix_mask_stands_for_every_leaf_below_it_as_in_optax():
   assert not np.allclose(out["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
 
 
+@pytest.mark.standard_promotion  # optax's own add_decayed_weights
+def test_unusual_trees_decay_as_in_optax():
+  """One array as the whole parameters (default mask, or a callable giving
+  one bool); keys whose paths write one name (`"enc/out"` beside
+  `enc/out`: no per-layer metric here to confuse); Python floats, eager;
+  integers, decayed as floats."""
+  kernel = jnp.asarray([[1.0, -2.0], [3.0, 0.5]])
+  cases = [
+      (kernel, og.decay_mask, lambda p: True),          # a kernel: decayed
+      (jnp.asarray([1.0, 2.0]), og.decay_mask, lambda p: False),  # a bias
+      (kernel, (lambda p: True), (lambda p: True)),
+      ({"enc/out": jnp.ones(2), "enc": {"out": jnp.full(2, 2.0)}}, None,
+       None),
+      ({"a": 3.0, "w": jnp.ones(2)}, None, None),
+      ({"i": jnp.asarray([5, -7, 0], jnp.int32)}, None, None),
+  ]
+  for params, mask, optax_mask in cases:
+    grads = jax.tree.map(lambda p: jnp.full(jnp.shape(p), 0.1), params)
+    ref = optax.add_decayed_weights(0.4, mask=optax_mask)
+    want, _ = ref.update(grads, ref.init(params), params)
+    for factory in (og.add_decayed_weights, og.add_l2_penalty):
+      tx = factory(0.4, mask=mask)
+      got, state = tx.update(grads, tx.init(params), params)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                   got, want)
+      assert [jnp.result_type(x) for x in jax.tree.leaves(got)] == [
+          jnp.result_type(x) for x in jax.tree.leaves(want)]
+      decayed = [p for p, g, w in zip(jax.tree.leaves(params),
+                                      jax.tree.leaves(grads),
+                                      jax.tree.leaves(want))
+                 if not np.allclose(g, w)]
+      np.testing.assert_allclose(  # rate / 2 * |W|^2 over the decayed
+          state.penalty, 0.2 * sum(np.sum(np.square(np.asarray(p, np.float64)))
+                                   for p in decayed), rtol=1e-6)
+
+
 def test_errors():
   params = _params()
   for factory in (og.add_decayed_weights, og.add_l2_penalty,

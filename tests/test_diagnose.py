@@ -1,5 +1,7 @@
 """`diagnose` against closed-form gradients and numpy fits."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -205,6 +207,32 @@ def test_an_aux_output_does_not_change_the_depth_order():
     got = og.diagnose(other, params, x, has_aux=has_aux)
     assert got.layers == plain.layers and got.verdict == plain.verdict
     np.testing.assert_allclose(got.grad_norms, plain.grad_norms, rtol=1e-6)
+
+
+def test_an_empty_leaf_is_no_dead_layer_and_no_point_of_the_fit():
+  """A zero-sized parameter (an unused head of width 0) has a zero gradient
+  norm that says nothing: the verdict and fits are those of the model
+  without it. Only empty parameters: nothing to diagnose."""
+  names = ["a", "b", "c", "d", "e", "f"]
+  keys = jax.random.split(jax.random.key(0), len(names))
+  params = {n: 0.5 * jax.random.normal(k, (64, 64))
+            for n, k in zip(names, keys)}
+
+  def loss_fn(p, x):
+    for n in names:
+      x = jnp.sin(x @ p[n])
+    return jnp.mean(x ** 2) + jnp.sum(p.get("empty", jnp.zeros(())))
+
+  x = jnp.ones((8, 64))
+  plain = og.diagnose(loss_fn, params, x)
+  with_empty = og.diagnose(loss_fn, {**params, "empty": jnp.zeros((0, 3))}, x)
+  assert with_empty.verdict == plain.verdict == "exploding"
+  assert with_empty.growth == plain.growth
+  assert "dead" not in with_empty.advice
+  with pytest.raises(ValueError, match=re.escape(
+      "diagnose needs parameters to differentiate, but `params` holds no "
+      "arrays, or only empty ones.")):
+    og.diagnose(lambda p: jnp.sum(p["e"]), {"e": jnp.zeros((0, 3))})
 
 
 def test_has_aux_ignores_the_aux_output():

@@ -322,6 +322,32 @@ _, got = og.gradient_norm_penalty(loss, lam, method="finite_difference",
 g = a @ t - b
 np.testing.assert_allclose(np.asarray(got), g + lam * a @ g /
                            np.linalg.norm(g), rtol=1e-12)
+# ... and so is the transformation form, whose norm is the same.
+tx = og.add_gradient_norm_penalty(lam, radius=1e-3)
+grad_fn = jax.grad(loss)
+got, _ = tx.update(grad_fn(jnp.asarray(t)), tx.init(jnp.asarray(t)),
+                   jnp.asarray(t), grad_fn=grad_fn)
+np.testing.assert_allclose(np.asarray(got), g + lam * a @ g /
+                           np.linalg.norm(g), rtol=1e-12)
+# A float64 beyond float32's range is finite: no NaN/Inf is counted (its
+# norm overflows float32's, which the guard says as such), and the
+# histogram puts it in the top decade.
+big = {"w": jnp.array([1e200, 1.0, 2.0])}
+_, s = og.monitor(histogram=True).update(big, og.monitor(histogram=True).init(big))
+m = og.metrics(s)
+assert int(m["grad/nonfinite"]) == 0 and np.isinf(m["grad/norm"]), m
+hist = dict(zip(og.HIST_BUCKETS, np.asarray(m["grad/hist/w"]).tolist()))
+assert (hist["1e4"], hist["1e0"], hist["inf"], hist["nan"]) == (1, 2, 0, 0)
+u, s = og.zero_nonfinite().update(big, og.zero_nonfinite().init(big))
+assert np.asarray(u["w"]).tolist() == [1e200, 1.0, 2.0]
+assert int(og.metrics(s)["optim/num_zeroed_steps"]) == 0
+_, s = og.skip_nonfinite(optax.sgd(0.1)).update(
+    big, og.skip_nonfinite(optax.sgd(0.1)).init(big), big)
+try:
+  og.check(s)
+  raise AssertionError("no error")
+except og.NonFiniteGradientError as e:
+  assert "finite gradients whose global norm overflows float32" in str(e), e
 print("ok")
 """
 

@@ -8,6 +8,8 @@ rounding) and converges at O(r) on a non-quadratic loss.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,12 +319,11 @@ def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
   np.testing.assert_allclose(got_w, want[:16], rtol=tol)
   for row in np.asarray(got_b):           # the same on every device
     np.testing.assert_allclose(row, want[16:], rtol=tol)
-  if method == "transformation":          # it measures with tree_stats
-    with pytest.raises(ValueError, match="varies along mesh axes"):
-      sharded(None)
-    return
-  local_w, _ = sharded(None)              # the premise: a shard's own norm
-  assert not np.allclose(local_w, want[:16], rtol=tol)
+  # Without axis_name the norm would be a shard's own: refused.
+  with pytest.raises(ValueError, match=re.escape(
+      "The gradient leaf 'w' varies along mesh axes ['d'] that "
+      "axis_name=None does not name")):
+    sharded(None)
 
 
 @pytest.mark.parametrize("squared", [False, True])
@@ -380,3 +381,19 @@ def test_axis_name_without_sharding_types_is_refused(form):
       r"`shard_map` with its default check_vma=True, or, with replicated "
       r"parameters \(`pmap`\), leave axis_name=None\.")):
     jax.pmap(run, axis_name="d")(jnp.ones((8, 3)))
+
+
+def test_python_float_parameters_work_eagerly():
+  """A Python float leaf (optax takes them) is a float32 array in the
+  penalty's arithmetic: the same result as the array leaf's."""
+  loss = lambda p: 0.5 * p["a"] ** 2 * 3.0 + jnp.sum(p["w"] ** 2)
+  grad_fn = jax.grad(loss)
+  as_float = {"a": 2.0, "w": jnp.ones(2)}
+  as_array = {"a": jnp.float32(2.0), "w": jnp.ones(2)}
+  tx = og.add_gradient_norm_penalty(0.1, radius=1e-3)
+  outs = [tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn)
+          for p in (as_float, as_array)]
+  jax.tree.map(np.testing.assert_array_equal, outs[0][0], outs[1][0])
+  np.testing.assert_array_equal(outs[0][1].grad_norm, outs[1][1].grad_norm)
+  # g = (3a, 2w) = (6, 2, 2): the norm of the closed form.
+  np.testing.assert_allclose(outs[0][1].grad_norm, np.sqrt(44.0), rtol=1e-6)
