@@ -81,7 +81,8 @@ def main() -> None:
        for how in ("where", "cond") for check in (False, True)] + [
       ("probe+check", lambda: skipping(adamw(), "probe", True), base),
       ("og.guard(adamw)", lambda: og.guard(adamw()), base),
-      ("og.skip_spikes(adamw)", lambda: og.skip_spikes(adamw()), base)]
+      ("og.skip_spikes(adamw)", lambda: og.skip_spikes(adamw()),
+       "optax.adamw")]  # no clip: compared with adamw alone
   name, make, _ = harness.workloads("a", False)[0]
   result = harness.run_workload(name, make, 1, args.rounds, args.steps, 2.0)
   print(harness.table(name, result, args.rounds, args.steps))

@@ -176,6 +176,15 @@ def make_step(tx: Any, loop: int = 1) -> Callable:
       0, loop, lambda _, carry: step(*carry, grads), (params, state))
 
 
+def _every_statistic(g: Any) -> jax.Array:
+  """A scalar that depends on every output of the statistics pass (XLA
+  would drop the parts of it that nothing reads)."""
+  st = og_stats.tree_stats(g, count_above=1.0)
+  return (st.global_norm + jnp.sum(st.norms) +
+          jnp.sum(st.nonfinite).astype(jnp.float32) +
+          jnp.sum(st.count_above).astype(jnp.float32))
+
+
 def bandwidth(grads: Any, rounds: int, loop: int) -> dict[str, Any]:
   """Achieved read bandwidth of the statistics pass over `grads`, in GB/s.
 
@@ -184,8 +193,10 @@ def bandwidth(grads: Any, rounds: int, loop: int) -> dict[str, Any]:
   pass out of the loop; the multiply fuses into the read): a plain sum of
   squares per leaf (the floor of any pass that reads the gradients), the
   statistics pass of `og.monitor`/`og.guard` (`tree_stats` with the count
-  of elements above 1: per-layer norms, non-finite counts, the count), and
-  a copy (read + write, counted as twice the bytes) for the memory ceiling.
+  of elements above 1: per-layer norms, non-finite counts, the count, all
+  of them used, so that XLA drops none), and a copy (read + write, counted
+  as twice the bytes) for the memory ceiling, in place (its input donated:
+  a fresh output buffer would add the cost of its page faults).
   """
   f32 = jnp.float32
   nbytes = sum(x.nbytes for x in jax.tree.leaves(grads))
@@ -206,17 +217,21 @@ def bandwidth(grads: Any, rounds: int, loop: int) -> dict[str, Any]:
       "sum of squares": (reading(lambda g: sum(
           jnp.sum(jnp.square(x.astype(f32))) for x in jax.tree.leaves(g))),
                          nbytes),
-      "og statistics pass": (reading(lambda g: og_stats.tree_stats(
-          g, count_above=1.0).global_norm), nbytes),
-      "copy (read + write)": (jax.jit(copying), 2 * nbytes),
+      "og statistics pass": (reading(_every_statistic), nbytes),
+      "copy (read + write)": (jax.jit(copying, donate_argnums=0),
+                              2 * nbytes),
   }
+  donated = {"copy (read + write)"}
+  fresh = lambda name: (jax.block_until_ready(jax.tree.map(jnp.copy, grads))
+                        if name in donated else grads)
   times: dict[str, list[float]] = {name: [] for name in fns}
-  for fn, _ in fns.values():
-    jax.block_until_ready(fn(grads))  # compile and warm up
+  for name, (fn, _) in fns.items():
+    jax.block_until_ready(fn(fresh(name)))  # compile and warm up
   for _ in range(max(rounds, 3)):
     for name, (fn, _) in fns.items():
+      g = fresh(name)  # (its copy is not timed)
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(grads))
+      jax.block_until_ready(fn(g))
       times[name].append((time.perf_counter() - t0) / loop)
   out = {}
   for name, (_, moved) in fns.items():
@@ -386,8 +401,11 @@ def run_workload(name: str, make_params: Callable, compile_reps: int,
     r = runs[cname]
     ratios = [med(s) / med(b) for s, b in zip(r["step_s"], baseline["step_s"])]
     c_ratios = [c / b for c, b in zip(r["compile_s"], baseline["compile_s"])]
-    same_as = same_as if same_as in runs else cname  # not run: --only
-    diff, finite = _compare(r["params"], runs[same_as]["params"])
+    if same_as in runs:
+      diff, finite = _compare(r["params"], runs[same_as]["params"])
+    else:  # its reference was not run (--only): nothing to compare with
+      _, finite = _compare(r["params"], r["params"])
+      same_as, diff = None, float("nan")
     out[cname] = dict(
         step_ratio=med(ratios) if ratios else None,
         step_ratio_min=min(ratios, default=None),
@@ -441,7 +459,8 @@ def table(name: str, res: dict[str, Any], rounds: int, steps: int,
         f"{r['hlo']['copies']} ({r['hlo']['copy_bytes'] / MB:.1f})",
         "n/a" if m is None else f"{1e3 * m['warm_s']:.1f}/"
         f"{1e3 * m['first_s']:.0f} ({m['num_metrics']})",
-        f"{r['params_max_abs_diff']:.1e}" + ("" if r["finite"] else " NaN!"),
+        ("n/a" if r["same_as"] is None else
+         f"{r['params_max_abs_diff']:.1e}") + ("" if r["finite"] else " NaN!"),
     ])
   widths = [max(len(c), *(len(row[i]) for row in rows))
             for i, c in enumerate(cols)]
@@ -488,7 +507,10 @@ def main() -> None:
                       help="comma-separated contender names to run (the "
                       "baseline always runs)")
   args = parser.parse_args()
-  ONLY.update(n for n in args.only.split(",") if n)
+  ONLY.update(n.strip() for n in args.only.split(",") if n.strip())
+  if unknown := sorted(ONLY - {c[0] for c in CONTENDERS}):
+    parser.error(f"unknown contenders {unknown}; the contenders are "
+                 f"{[c[0] for c in CONTENDERS]}")
   if args.quick:
     args.rounds, args.steps = min(args.rounds, 2), min(args.steps, 2)
 
