@@ -424,9 +424,15 @@ def total_count(counts: jax.Array) -> jax.Array:
   of over 2**31 elements, every one NaN or clipped)."""
   if isinstance(counts, (np.ndarray, np.generic)):  # a state on the host
     return np.int32(min(int(np.sum(counts, dtype=np.int64)), _INT32_MAX))
-  add = lambda a, b: jnp.where(a > _INT32_MAX - b, _INT32_MAX, a + b)
-  return lax.reduce(counts.astype(jnp.int32), np.int32(0), add,
-                    tuple(range(counts.ndim)))
+  # Plain sums only: a reduction with a computation of its own cannot be
+  # split over devices (a count vector sharded under `jit` failed to
+  # compile). The int32 sum is exact, or wraps: negative for a total in
+  # [2**31, 2**32); the float32 sum, good to far better than a third,
+  # tells a larger total.
+  exact = jnp.sum(counts.astype(jnp.int32))
+  rough = jnp.sum(counts.astype(jnp.float32))
+  wrapped = (exact < 0) | (rough >= 1.5 * 2.0**31)
+  return jnp.where(wrapped, jnp.int32(_INT32_MAX), exact)
 
 
 def check_varying_covered(tree: Any, axis_name: AxisName,

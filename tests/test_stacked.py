@@ -207,6 +207,34 @@ def test_shard_map_and_named_sharding_with_stacked_layers():
         0, 0, 1]
 
 
+@pytest.mark.standard_promotion  # optax.adamw on the generic path
+def test_jit_with_the_layer_axis_sharded_on_both_paths():
+  """Under `jit` on an Auto mesh, a stack sharded along its layer axis: the
+  per-layer counts are split over the devices, and their total (a custom
+  saturating reduction before) must still compile into an all-reduce, on
+  the guard's fast and generic paths, against numpy."""
+  mesh = jax.make_mesh((8,), ("d",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = NamedSharding(mesh, P("d", None, None))
+  kernel = np.random.default_rng(5).normal(size=(16, 8, 8)).astype(np.float32)
+  kernel[3, 2, 1] = np.nan
+  params = {"blocks": {"kernel": jax.device_put(np.ones_like(kernel),
+                                                sharding)}}
+  grads = {"blocks": {"kernel": jax.device_put(kernel, sharding)}}
+  finite = np.where(np.isnan(kernel), 0.0, kernel)
+  for inner in (og.adamw(1e-3), optax.adamw(1e-3)):
+    tx = og.guard(inner, stacked=("blocks",))
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    m = og.metrics(state)
+    assert int(m["grad/nonfinite"]) == 1 and bool(m["optim/skipped"])
+    assert int(m["grad/nonfinite/blocks/kernel/3"]) == 1
+    np.testing.assert_array_equal(updates["blocks"]["kernel"], 0.0)
+    for i in (0, 15):
+      np.testing.assert_allclose(m[f"grad/norm/blocks/kernel/{i}"],
+                                 np.linalg.norm(finite[i]), rtol=1e-6)
+
+
 def test_a_stacked_axis_split_by_shard_map_is_named_in_the_error():
   """A stack sharded along its layer axis reaches each device with one
   layer of the eight `init` saw: the error says why."""
