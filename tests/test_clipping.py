@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import optax_guard as og
+from optax_guard import _stats
 
 
 def _np_norm(tree):
@@ -148,6 +149,20 @@ def test_norm_of_a_large_leaf_is_accurate(path):
     tx = og.clip_by_global_norm(1.0)
     got = jax.jit(tx.update)(grads, tx.init(grads))[1].grad_norm
   np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
+def test_off_the_cpu_a_long_leaf_is_summed_in_one_reduction():
+  """Rows of 4096 are for XLA:CPU's in-order accumulation; a GPU or TPU
+  sums as a tree, in one reduction over the leaf. The padded rows, split
+  over devices under `jit` (a 256 x 11008 kernel sharded 8 ways on its
+  last axis), made XLA gather the whole leaf onto every device. (The GPU
+  program is lowered here, not compiled.)"""
+  g = jax.ShapeDtypeStruct((256, 11008), jnp.bfloat16)
+  f = jax.jit(lambda g: _stats.tree_stats({"w": g}, count_above=1.0))
+  lowered = {p: f.trace(g).lower(lowering_platforms=(p,)).as_text()
+             for p in ("cpu", "cuda")}
+  assert "stablehlo.pad" in lowered["cpu"]
+  assert "stablehlo.pad" not in lowered["cuda"]
 
 
 @pytest.mark.parametrize("shape", [(6_000_000,), (2, 3_000_000)])
