@@ -163,7 +163,7 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
 
 
 def in_model_order(items: list[tuple[str, Any]], names: tuple[str, ...]
-                    ) -> dict[str, Any]:
+                   ) -> dict[str, Any]:
   """`items` (layer, value) as a dict in the model's layer order, `names`
   being all the layers of their tree (for the stacked roots)."""
   roots = _stack_roots(tuple(names))
@@ -374,7 +374,7 @@ def _clip_error(s: Any) -> GuardError | None:
   if isinstance(s, ClipByLayerNormState):
     names, norms = s.layer_norms.names, np.asarray(s.layer_norms.values)
     layers = in_model_order([(n, float(v)) for n, v in zip(names, norms)
-                              if not np.isfinite(v)], names)
+                             if not np.isfinite(v)], names)
     if not layers:
       return None
     bad = list(layers)

@@ -127,9 +127,9 @@ def guard(
   the monitor counts it in `param/nonfinite` and `og.check` raises. A
   float16 leaf, in the gradients or in the optimizer's state
   (`mu_dtype=jnp.float16`), takes the generic path whatever the optimizer:
-  in float16's range (65504) a finite gradient can make an infinite Adam step (where the
-  second moment underflows) or momentum trace, and only the generic path
-  reads the update back. With the clip off (`max_norm=None`), gradient
+  in float16's range (65504) a finite gradient can make an infinite Adam
+  step (where the second moment underflows) or momentum trace, and only the
+  generic path reads the update back. With the clip off (`max_norm=None`), gradient
   elements near the top of the parameters' float range can overflow a
   momentum trace (`og.sgd`) to Inf, which the fast path then applies at
   every later step (the trace stays Inf), or Adam's second moment (above

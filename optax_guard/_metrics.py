@@ -10,9 +10,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import re
 import importlib.abc
 import importlib.machinery
+import re
 import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence

@@ -111,10 +111,10 @@ def gradient_norm_penalty(
   Under `shard_map` (with its default `check_vma=True`) with parameters
   sharded across devices, pass their mesh axes as `axis_name`: the norm is
   then the whole gradient's (each leaf's sum of squares summed over the axes
-  it varies along), the same on every device, in float32; without it a
-  sharded gradient is refused (its norm would be one shard's). Without it
-  each device takes the norm of what it holds (in float64 where the
-  gradients are), which is right when the
+  it varies along), the same on every device, in float32. Without it, a
+  gradient that varies along a mesh axis is refused (its norm would be one
+  shard's), and each device takes the norm of what it holds (in float64
+  where the gradients are), which is right when the
   parameters are replicated (data parallelism): there `jax.grad` already
   returns their gradient summed over the devices' batches, so every device
   penalises the whole batch's gradient, once. Under `pmap`, where nothing

@@ -91,14 +91,14 @@ def _at_steps(steps: np.ndarray, values: np.ndarray
   middles = (steps[:-1] + steps[1:]) / 2
   lefts = np.maximum(steps - width / 2, np.concatenate([[-np.inf], middles]))
   rights = np.minimum(steps + width / 2, np.concatenate([middles, [np.inf]]))
-  edges, columns = [lefts[0]], []
+  edges, columns = [lefts[0] if len(steps) else 0.0], []
   for t in range(len(steps)):
     if lefts[t] > edges[-1]:  # a gap: a blank column over it
       columns.append(-1)
       edges.append(lefts[t])
     columns.append(t)
     edges.append(rights[t])
-  columns = np.asarray(columns)
+  columns = np.asarray(columns, np.int64)
   shown = np.where(columns >= 0, values[:, np.maximum(columns, 0)], np.nan)
   return np.asarray(edges), shown
 
