@@ -33,6 +33,22 @@ def _weighted_loss(scales):
   return loss_fn
 
 
+def _sin_layers(names, width, seed):
+  """Square layers `x -> sin(x @ W)` used in the order of `names` (random
+  weights of scale 0.5, which make the gradients grow toward the input):
+  (params, loss_fn)."""
+  keys = jax.random.split(jax.random.key(seed), len(names))
+  params = {n: 0.5 * jax.random.normal(k, (width, width))
+            for n, k in zip(names, keys)}
+
+  def loss_fn(p, x):
+    for n in names:
+      x = jnp.sin(x @ p[n])
+    return jnp.mean(x ** 2)
+
+  return params, loss_fn
+
+
 def _np_growth(norms):
   slope = np.polyfit(np.arange(len(norms)), np.log(norms), 1)[0]
   return np.exp(-slope), np.exp(-slope * (len(norms) - 1))
@@ -179,14 +195,7 @@ def test_an_aux_output_does_not_change_the_depth_order():
   """An aux computed from every parameter before the forward pass (a
   parameter norm) is no use of them: the order is the model's."""
   names = ["e", "d", "c", "b", "a"]  # depth order, the reverse of the tree's
-  keys = jax.random.split(jax.random.key(1), len(names))
-  params = {n: 0.5 * jax.random.normal(k, (32, 32))
-            for n, k in zip(names, keys)}
-
-  def loss_fn(p, x):
-    for n in names:
-      x = jnp.sin(x @ p[n])
-    return jnp.mean(x ** 2)
+  params, loss_fn = _sin_layers(names, 32, seed=1)
 
   def with_aux(p, x):
     norm = sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))  # a, b, c, ...
@@ -213,19 +222,15 @@ def test_an_empty_leaf_is_no_dead_layer_and_no_point_of_the_fit():
   """A zero-sized parameter (an unused head of width 0) has a zero gradient
   norm that says nothing: the verdict and fits are those of the model
   without it. Only empty parameters: nothing to diagnose."""
-  names = ["a", "b", "c", "d", "e", "f"]
-  keys = jax.random.split(jax.random.key(0), len(names))
-  params = {n: 0.5 * jax.random.normal(k, (64, 64))
-            for n, k in zip(names, keys)}
-
-  def loss_fn(p, x):
-    for n in names:
-      x = jnp.sin(x @ p[n])
-    return jnp.mean(x ** 2) + jnp.sum(p.get("empty", jnp.zeros(())))
+  params, layers = _sin_layers(["a", "b", "c", "d", "e", "f"], 64, seed=0)
+  # The empty leaf is used first: before a layer with a gradient, a zero
+  # norm would read as a dead layer.
+  loss_fn = lambda p, x: layers(p, x + jnp.sum(p.get("empty", 0.0)))
 
   x = jnp.ones((8, 64))
   plain = og.diagnose(loss_fn, params, x)
   with_empty = og.diagnose(loss_fn, {**params, "empty": jnp.zeros((0, 3))}, x)
+  assert with_empty.layers[0] == "empty"
   assert with_empty.verdict == plain.verdict == "exploding"
   assert with_empty.growth == plain.growth
   assert "dead" not in with_empty.advice
