@@ -59,7 +59,7 @@ class GuardError(RuntimeError):
   def __reduce__(self):
     # Whole across processes (multiprocessing, pytest-xdist) and `copy`:
     # the default would call `__init__` with the message alone.
-    return type(self), (str(self), self.step, self.layers)
+    return type(self), (str(self), self.step, self.layers), self.__dict__
 
 
 class NonFiniteGradientError(GuardError):
@@ -435,25 +435,25 @@ class _Context(NamedTuple):
   hint: str = ""
 
 
-def _states(statistics: list[Any], paths: list[tuple[Any, ...]]
+def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
             ) -> list[tuple[Any, _Context]]:
   """The checked states among `statistics` (`_metrics.statistics`' list, on
-  the host, one member; `paths`, their key paths), with `guard`'s parts
-  taken out of its state, each with its `_Context`: its monitor is its own
-  guard's, else the nearest one before it in its chain or in a chain around
-  it (None if it has none: a monitor in another `optax.multi_transform`
-  partition saw other layers). The states below an `optax.MultiSteps` whose
-  latest call completed no step are left out: they still hold the step
-  reported before."""
+  the host, one member; `scopes`, theirs), with `guard`'s parts taken out
+  of its state, each with its `_Context`: its monitor is its own guard's,
+  else the nearest one before it that saw its layers (None if it has none:
+  a monitor in another `optax.multi_transform` partition, or under an
+  `optax.masked`, saw other layers). The states below an `optax.MultiSteps`
+  whose latest call completed no step are left out: they still hold the
+  step reported before."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
-  out, nearest, nearest_chain = [], None, ()
+  out, nearest, nearest_scope = [], None, ()
   # The MultiSteps views the next states lie below, as [states left, view],
   # and the steps a skip_nonfinite has seen at each level (outside them,
   # then inside each).
   views: list[list[Any]] = []
   steps_seen = [0]
-  for s, path in zip(statistics, paths):
+  for s, scope in zip(statistics, scopes):
     stale = any(not bool(v.completed) for _, v in views)
     hint = _ACCUMULATED if any(not v.skip_fn for _, v in views) else ""
     for level in views:
@@ -464,9 +464,9 @@ def _states(statistics: list[Any], paths: list[tuple[Any, ...]]
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
       if isinstance(s, MonitorState) and scoring(s) is not None:
-        nearest, nearest_chain = s, path[:-1]
-      if path[:len(nearest_chain)] != nearest_chain:
-        nearest = None  # out of the monitor's chain
+        nearest, nearest_scope = s, scope
+      if scope[:len(nearest_scope)] != nearest_scope:
+        nearest = None  # out of the part of the model it saw
       for part in (p for p in parts if p is not None):
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
@@ -547,8 +547,8 @@ def check(opt_state: Any) -> None:
         "og.check found no optax_guard state in `opt_state`, so it checks "
         f"nothing: {hint}.", stacklevel=2)
   members = _members(_metrics.to_host(found))
-  paths = _metrics.statistics_paths(opt_state)
-  errors = [_first_error(_states(member, paths)) for member in members]
+  scopes = _metrics.statistics_scopes(opt_state)
+  errors = [_first_error(_states(member, scopes)) for member in members]
   bad = [(i, e) for i, e in enumerate(errors) if e is not None]
   if not bad:
     return

@@ -96,8 +96,7 @@ def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
-  if isinstance(tree, (bool, np.bool_)) and len(leaves) == 1 and (
-      jax.tree_util.treedef_is_leaf(jax.tree.structure(params))):
+  if isinstance(tree, (bool, np.bool_)) and len(leaves) == 1:
     return [bool(tree)]  # the parameters are one array: its own flag
   if isinstance(tree, (bool, np.bool_)):
     raise ValueError(

@@ -142,7 +142,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   at the same time (indexed layer by layer in one Python loop, taken to run
   from index 0 up: a loop that runs backwards, or a stack flipped before
   its `scan`, reverses the depths). An `aux` output and dead code are no
-  use of a parameter, inside a jitted `loss_fn` too.
+  use of a parameter, inside a jitted `loss_fn` too (a loop's body counts
+  whole: its carry feeds the next trip).
 
   The same fit is taken over the one-dimensional leaves (biases and norm
   scales): their gradients are the backward signal itself (summed over the

@@ -129,7 +129,9 @@ def guard(
   (`mu_dtype=jnp.float16`), takes the generic path whatever the optimizer:
   in float16's range (65504) a finite gradient can make an infinite Adam
   step (where the second moment underflows) or momentum trace, and only the
-  generic path reads the update back. With the clip off (`max_norm=None`), gradient
+  generic path reads the update back (a float16 moment that overflows is
+  stored as Inf by a step whose update is still finite, and every step
+  after it is skipped: keep float16 moments under a clip). With the clip off (`max_norm=None`), gradient
   elements near the top of the parameters' float range can overflow a
   momentum trace (`og.sgd`) to Inf, which the fast path then applies at
   every later step (the trace stays Inf), or Adam's second moment (above

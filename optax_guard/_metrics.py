@@ -104,7 +104,9 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
             f"`stacked` names {p!r}, but the leaves below it have leading "
             f"axes of different lengths ({sizes}), so they cannot all stack "
             "the same layers; name the stacked leaves themselves (or pass a "
-            "function of the name).")
+            "function of the name). (Inside `shard_map`, a stacked leaf "
+            "split along its layer axis holds only its device's layers; "
+            "shard it along another axis, `P(None, ...)`.)")
   for name, (_, leaf), flag in zip(names, paths, flags):
     if flag and (np.ndim(leaf) == 0 or np.shape(leaf)[0] == 0):
       raise ValueError(
@@ -454,36 +456,48 @@ def _multisteps_view(state: optax.MultiStepsState,
       num_inner, skip_fn=not (isinstance(skip, tuple) and not skip))
 
 
-def _guard_states(opt_state: Any, at: tuple[Any, ...] = ()
+def _guard_states(opt_state: Any, scope: tuple[Any, ...] = ()
                   ) -> list[tuple[tuple[Any, ...], Any]]:
   """Every guard state in tree order, a wrapper before its inner states,
-  each with its key path in `opt_state` (after `at`).
+  each with its scope: the key path of the innermost `optax.partition`
+  (`multi_transform`) part or `optax.masked` around it, whose states see
+  only some of the layers (`()` where none is).
 
   Each is returned without its `inner_state` (the wrapped optimizer's
   moments are not statistics and may be as large as the model).
   """
   found = []
+  partial = (optax.MultiTransformState, optax.MaskedState)
   is_leaf = lambda x: (_is_guard_state(x) or
-                       isinstance(x, optax.MultiStepsState))
+                       isinstance(x, (optax.MultiStepsState, *partial)))
   for path, state in jax.tree_util.tree_flatten_with_path(
       opt_state, is_leaf=is_leaf)[0]:
-    path = at + tuple(path)
+    path = scope + tuple(path)
+    if isinstance(state, optax.MultiTransformState):
+      for label in sorted(state.inner_states):  # as jax orders a dict
+        part = state.inner_states[label]
+        found += _guard_states(part, path + (
+            jax.tree_util.GetAttrKey("inner_states"),
+            jax.tree_util.DictKey(label)))
+      continue
+    if isinstance(state, optax.MaskedState):
+      found += _guard_states(
+          state.inner_state, path + (jax.tree_util.GetAttrKey("inner_state"),))
+      continue
     if isinstance(state, optax.MultiStepsState):
       # Its accumulated gradients are as large as the model: not read.
       # Read only around an optax_guard transformation (alone, optax's).
-      below = path + (jax.tree_util.GetAttrKey("inner_opt_state"),)
-      inner = _guard_states(state.inner_opt_state, below)
+      inner = _guard_states(state.inner_opt_state, scope)
       if inner:
-        found += [(path, _multisteps_view(state, len(inner)))] + inner
+        found += [(scope, _multisteps_view(state, len(inner)))] + inner
       continue
     if not _is_guard_state(state):
       continue
     if hasattr(state, "inner_state"):
-      found.append((path, state._replace(inner_state=())))
-      below = path + (jax.tree_util.GetAttrKey("inner_state"),)
-      found += _guard_states(state.inner_state, below)
+      found.append((scope, state._replace(inner_state=())))
+      found += _guard_states(state.inner_state, scope)
     else:
-      found.append((path, state))
+      found.append((scope, state))
   return found
 
 
@@ -653,9 +667,9 @@ def statistics(opt_state: Any) -> list[Any]:
   return [state for _, state in _guard_states(strip_variables(opt_state))]
 
 
-def statistics_paths(opt_state: Any) -> list[tuple[Any, ...]]:
-  """The key path in `opt_state` of each of `statistics(opt_state)`."""
-  return [path for path, _ in _guard_states(strip_variables(opt_state))]
+def statistics_scopes(opt_state: Any) -> list[tuple[Any, ...]]:
+  """The scope of each of `statistics(opt_state)` (see `_guard_states`)."""
+  return [scope for scope, _ in _guard_states(strip_variables(opt_state))]
 
 
 def named(states: list[Any]) -> dict[str, Any]:

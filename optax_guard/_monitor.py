@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -50,12 +51,15 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   initialised to 0), starts its EMAs as it is. (`decay` may be traced:
   `optax.inject_hyperparams`.)
   """
+  if isinstance(decay, (int, float)):  # the span as written: 0.8 gives 5
+    span = math.ceil(round(1.0 / (1.0 - decay), 6))
+  else:  # traced (`inject_hyperparams`): float32 holds a decay near 1 to
+    # within 2^-25, which moves the span by up to span^2 * 2^-25;
+    # discounted before rounding up, 0.99 gives 100 steps, not 101.
+    span = 1.0 / (1.0 - jnp.asarray(decay, jnp.float32))
+    span = jnp.ceil(span - span * span * 2**-25)
   decay = jnp.asarray(decay, jnp.float32)
-  span = 1.0 / (1.0 - decay)
-  # float32 holds a decay near 1 to within 2^-25, which moves the span by
-  # up to span^2 * 2^-25: discounted before rounding up, 0.99 gives 100
-  # steps, as written, not 101.
-  ready = z.steps.astype(jnp.float32) >= jnp.ceil(span - span * span * 2**-24)
+  ready = z.steps.astype(jnp.float32) >= span
   # The spread is floored at a thousandth of the mean: a layer whose norm
   # never varied would otherwise give an infinite z-score for any change.
   spread = jnp.maximum(jnp.sqrt(z.var),

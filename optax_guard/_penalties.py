@@ -118,7 +118,10 @@ def gradient_norm_penalty(
   parameters are replicated (data parallelism): there `jax.grad` already
   returns their gradient summed over the devices' batches, so every device
   penalises the whole batch's gradient, once. Under `pmap`, where nothing
-  is summed for you, each device penalises its own batch's gradient.
+  is summed for you, each device penalises its own batch's gradient (under
+  `shard_map`, with parameters made per-device, run it with
+  `check_vma=False` for the same). The norm is overflow-safe, as the
+  guard's statistics are (gradients up to float32's largest value).
 
   A zero gradient has a zero penalty gradient in both methods. The
   finite-difference probe is taken in the parameters' dtype. With bfloat16
@@ -200,12 +203,23 @@ def gradient_norm_penalty(
 
 
 def _norm(grads: Any, axis_name: _stats.AxisName, who: str) -> jax.Array:
-  """The norm of the whole gradient: of this device's (float64 where the
-  gradients are), refused where it is a shard that `axis_name` omits."""
-  if axis_name is None:
-    _stats.check_varying_covered(grads, None)
-    return _safe_norm(grads)
-  return _whole_norm(grads, axis_name, who)
+  """The norm of the whole gradient (overflow-safe; float64 where the
+  gradients are), refused where it would be one shard's."""
+  if axis_name is not None:
+    return _whole_norm(grads, axis_name, who)
+  leaves = _stats.as_arrays(jax.tree.leaves(grads))
+  varying = sorted(set().union(*map(_stats.varying_axes, leaves)))
+  if varying:
+    raise ValueError(
+        f"`{who}` got gradients that vary along the mesh axes {varying}. "
+        "If the parameters are sharded over them, pass "
+        f"axis_name={tuple(varying)!r}, so that the norm is the whole "
+        "gradient's; if each device is to penalise its own gradient "
+        "(parameters made per-device), run the step under `pmap` or "
+        "`shard_map(..., check_vma=False)`.")
+  if any(x.dtype == jnp.float64 for x in leaves):
+    return _safe_norm(leaves)  # (squares overflow only beyond ~1e154)
+  return _stats.tree_stats(leaves).global_norm
 
 
 def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str

@@ -429,8 +429,9 @@ def total_count(counts: jax.Array) -> jax.Array:
   # compile). The int32 sum is exact, or wraps: negative for a total in
   # [2**31, 2**32); the float32 sum, good to far better than a third,
   # tells a larger total.
-  exact = jnp.sum(counts.astype(jnp.int32))
-  rough = jnp.sum(counts.astype(jnp.float32))
+  # (int32 under 64-bit mode too, where a sum's default would be int64.)
+  exact = jnp.sum(counts, dtype=jnp.int32)
+  rough = jnp.sum(counts, dtype=jnp.float32)
   wrapped = (exact < 0) | (rough >= 1.5 * 2.0**31)
   return jnp.where(wrapped, jnp.int32(_INT32_MAX), exact)
 

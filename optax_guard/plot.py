@@ -81,26 +81,36 @@ def _layers(columns: dict[str, np.ndarray], metric: str, hint: str
 def _at_steps(steps: np.ndarray, values: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
   """Cells for `values` ([rows, T]) centred on their `steps`, as the lines
-  of `history` are: (column edges, values with a blank column for each gap
-  in the steps). A cell is as wide as the usual spacing of the steps
-  (recorded every k steps: k), narrower where two steps are closer; a
-  resumed run's jump in the steps is left blank, not stretched over."""
-  steps = np.asarray(steps, np.float64)
-  spacing = np.diff(steps)
-  width = float(np.median(spacing[spacing > 0])) if np.any(spacing > 0) else 1.0
-  middles = (steps[:-1] + steps[1:]) / 2
-  lefts = np.maximum(steps - width / 2, np.concatenate([[-np.inf], middles]))
-  rights = np.minimum(steps + width / 2, np.concatenate([middles, [np.inf]]))
-  edges, columns = [lefts[0] if len(steps) else 0.0], []
+  of `history` are: (column edges, values in step order with a blank column
+  over each jump in the steps). Neighbouring cells meet half-way; a gap
+  more than twice the spacings on both sides of it (steps not recorded) is
+  left blank, and the cells beside it reach as far as on their other
+  side."""
+  order = np.argsort(steps, kind="stable")
+  steps, values = np.asarray(steps, np.float64)[order], values[:, order]
+  gaps = np.diff(steps)
+  before = np.concatenate([[0.0], gaps[:-1]])  # the spacing left of a gap
+  after = np.concatenate([gaps[1:], [0.0]])    # ... and right of it
+  jump = gaps > 2 * np.maximum(before, after)
+  jump &= (before > 0) | (after > 0)  # two steps alone: no jump
+  half = lambda i: (gaps[i] / 2 if 0 <= i < len(gaps) and not jump[i]
+                    else None)
+  edges, columns = [], []
   for t in range(len(steps)):
-    if lefts[t] > edges[-1]:  # a gap: a blank column over it
+    left, right = half(t - 1), half(t)
+    width = left if left is not None else right if right is not None else 0.5
+    left, right = (width if left is None else left,
+                   width if right is None else right)
+    if t and jump[t - 1]:  # a blank column over the jump
       columns.append(-1)
-      edges.append(lefts[t])
+      edges.append(steps[t] - left)
+    elif not t:
+      edges.append(steps[t] - left)
     columns.append(t)
-    edges.append(rights[t])
+    edges.append(steps[t] + right)
   columns = np.asarray(columns, np.int64)
   shown = np.where(columns >= 0, values[:, np.maximum(columns, 0)], np.nan)
-  return np.asarray(edges), shown
+  return np.asarray(edges if edges else [0.0]), shown
 
 
 def history(record: Any, *, metric: str = "grad/norm", ax: Any = None

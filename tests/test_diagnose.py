@@ -218,6 +218,25 @@ def test_an_aux_output_does_not_change_the_depth_order():
     np.testing.assert_allclose(got.grad_norms, plain.grad_norms, rtol=1e-6)
 
 
+def test_a_loop_body_counts_whole_its_carry_feeds_the_next_trip():
+  """An RNN: the input and recurrent weights feed only the carry, which the
+  next trip's output reads. They are used (first, in the body's order),
+  not dead code of the body's last trip."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {n: jax.random.normal(k, (8, 8)) / 3
+            for n, k in zip(("a_out", "b_in", "c_rec"), keys)}
+  xs = jax.random.normal(keys[3], (5, 2, 8))
+
+  def loss_fn(p, xs):
+    def body(carry, x):
+      new = jnp.tanh(x @ p["b_in"] + carry @ p["c_rec"])
+      return new, carry @ p["a_out"]   # the output reads the last carry
+    _, ys = lax.scan(body, jnp.ones((2, 8)), xs)
+    return jnp.mean(ys ** 2)
+
+  assert og.diagnose(loss_fn, params, xs).layers == ("b_in", "c_rec", "a_out")
+
+
 def test_an_empty_leaf_is_no_dead_layer_and_no_point_of_the_fit():
   """A zero-sized parameter (an unused head of width 0) has a zero gradient
   norm that says nothing: the verdict and fits are those of the model

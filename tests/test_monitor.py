@@ -516,6 +516,26 @@ def _np_zscores(norms, decay):
   return out
 
 
+@pytest.mark.parametrize("decay, span", [(0.8, 5), (0.99, 100)])
+@pytest.mark.parametrize("injected", [False, True])
+def test_zscore_warm_up_lasts_the_span_as_written(decay, span, injected):
+  """ceil(1 / (1 - decay)) finite steps, as the decay is written (1 / 0.2
+  is 5.000000000000001 in float64, and 0.99 is 0.99000001 in float32):
+  also with the decay traced by `inject_hyperparams`."""
+  if injected:
+    tx = optax.inject_hyperparams(og.monitor, static_args=(
+        "zscore", "every"))(zscore=True, zscore_decay=decay)
+  else:
+    tx = og.monitor(zscore=True, zscore_decay=decay)
+  params = {"w": jnp.zeros(3)}
+  state, step = tx.init(params), jax.jit(tx.update)
+  layers = []
+  for t in range(span + 1):
+    _, state = step({"w": jnp.full(3, 1.0 + 0.1 * (t % 3))}, state)
+    layers.append(int(og.metrics(state)["grad/spike_layer"]))
+  assert layers == [-1] * span + [0]
+
+
 def test_zscores_and_spike_layer_against_numpy():
   decay = 0.8  # warm-up: ceil(1 / 0.2) = 5 finite steps
   rng = np.random.default_rng(3)

@@ -844,11 +844,12 @@ def test_check_message_names_step_layers_counts_and_action():
         "skipped in total).")
     assert err.step == 1
     assert err.layers == {"layer1": 2, "layer2": 1, "layer3": 3, "layer4": 1}
-    # Whole across processes (pickle) and copies.
+    # Whole across processes (pickle) and copies, a note added too.
+    err.add_note("epoch 7")
     for again in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
       assert type(again) is og.NonFiniteGradientError
-      assert (str(again), again.step, again.layers) == (
-          message, err.step, err.layers)
+      assert (str(again), again.step, again.layers, again.__notes__) == (
+          message, err.step, err.layers, ["epoch 7"])
   # The next good step clears it.
   _, state = step({k: v * 3 for k, v in params.items()}, state, params, {})
   og.check(state)

@@ -320,9 +320,14 @@ def test_sharded_parameters_with_axis_name_get_the_whole_norm(method):
   for row in np.asarray(got_b):           # the same on every device
     np.testing.assert_allclose(row, want[16:], rtol=tol)
   # Without axis_name the norm would be a shard's own: refused.
+  name = ("add_gradient_norm_penalty" if method == "transformation" else
+          "gradient_norm_penalty")
   with pytest.raises(ValueError, match=re.escape(
-      "The gradient leaf 'w' varies along mesh axes ['d'] that "
-      "axis_name=None does not name")):
+      f"`{name}` got gradients that vary along the mesh axes ['d']. If the "
+      "parameters are sharded over them, pass axis_name=('d',), so that the "
+      "norm is the whole gradient's; if each device is to penalise its own "
+      "gradient (parameters made per-device), run the step under `pmap` or "
+      "`shard_map(..., check_vma=False)`.")):
     sharded(None)
 
 
@@ -397,3 +402,22 @@ def test_python_float_parameters_work_eagerly():
   np.testing.assert_array_equal(outs[0][1].grad_norm, outs[1][1].grad_norm)
   # g = (3a, 2w) = (6, 2, 2): the norm of the closed form.
   np.testing.assert_allclose(outs[0][1].grad_norm, np.sqrt(44.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["exact", "finite_difference", "transformation"])
+def test_a_norm_beyond_the_squares_range_is_penalised(form):
+  """L = 1e20 |w|^2 / 2 at w = (3, 4): |g| = 5e20, whose square (2.5e41)
+  overflows float32. The penalty's gradient is the closed form
+  g + lam H g / |g| = 1e20 (w + lam w / |w|), not Inf/NaN."""
+  w, lam = jnp.asarray([3.0, 4.0]), 0.1
+  loss = lambda p: 0.5e20 * jnp.sum(p ** 2)
+  want = 1e20 * (np.asarray([3.0, 4.0]) + lam * np.asarray([0.6, 0.8]))
+  if form == "transformation":
+    tx = og.add_gradient_norm_penalty(lam, radius=1e-3)
+    got, state = tx.update(jax.grad(loss)(w), tx.init(w), w,
+                           grad_fn=jax.grad(loss))
+    np.testing.assert_allclose(state.grad_norm, 5e20, rtol=1e-6)
+  else:
+    _, got = og.gradient_norm_penalty(loss, lam, method=form,
+                                      radius=1e-3)(w)
+  np.testing.assert_allclose(got, want, rtol=1e-5)

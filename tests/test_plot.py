@@ -154,12 +154,25 @@ def test_layer_heatmap_rows_in_model_order_and_cells_on_their_steps():
   want = np.repeat(np.arange(12.0)[:, None], 7, axis=1)
   want[:, 4] = np.nan
   np.testing.assert_allclose(shown, want, atol=1e-6)
-  # Two steps closer than the usual spacing share the space between them.
+  # Neighbouring cells meet half-way, the last reaching as far as on its
+  # other side; steps out of order are drawn in order.
   record["step"] = np.asarray([0, 10, 20, 30, 34, 40])
   ax = og.plot.layer_heatmap(record, ax=_Recorder())
   (edges, _, shown), _ = ax.named("pcolormesh")[0]
-  np.testing.assert_array_equal(edges, [-5, 5, 15, 25, 32, 37, 45])
+  np.testing.assert_array_equal(edges, [-5, 5, 15, 25, 32, 37, 43])
   assert not np.isnan(shown).any()
+  record["step"] = np.asarray([0, 20, 10, 30, 40, 50])
+  ax = og.plot.layer_heatmap(record, ax=_Recorder())
+  (edges, _, shown), _ = ax.named("pcolormesh")[0]
+  np.testing.assert_array_equal(edges, np.arange(-5, 60, 10))
+  np.testing.assert_allclose(shown[1], [1, 1, 1, 1, 1, 1], atol=1e-6)
+  # Every step to 99, then every 100th: no cell is a sliver.
+  record = {"step": np.concatenate([np.arange(100), np.arange(200, 1001, 100)]),
+            "grad/norm": np.ones(109), "grad/norm/a": np.ones(109)}
+  ax = og.plot.layer_heatmap(record, ax=_Recorder())
+  (edges, _, shown), _ = ax.named("pcolormesh")[0]
+  assert not np.isnan(shown).any() and np.all(np.diff(edges) > 0)
+  np.testing.assert_array_equal(edges[-4:], [750, 850, 950, 1050])
 
 
 def test_layer_heatmap_of_zscores_is_linear_and_centred():

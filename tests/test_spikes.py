@@ -826,23 +826,33 @@ def test_check_numbers_a_spike_by_the_training_step_inside_skip_nonfinite():
 def test_check_names_no_layer_from_another_partitions_monitor():
   """`multi_transform`: a monitor in partition "a" measured `enc` only; the
   spike that partition "b"'s skipper judged was `head`'s, so og.check names
-  no layer of "a". A monitor in a chain around the partitions saw every
-  layer and names the one that moved most (`head`, 100x against 3x)."""
+  no layer of "a" (nor of a monitor under `optax.masked` to `enc`). A
+  monitor in a chain around the partitions, or one wrapper down in a
+  chain, saw every layer and names the one that moved most (`head`, 100x
+  against 3x)."""
   params = {"enc": jnp.ones(4), "head": jnp.ones(3)}
   labels = {"enc": "a", "head": "b"}
   monitor = lambda: og.monitor(zscore=True, zscore_decay=0.5)
   spikes = lambda: og.skip_spikes(optax.sgd(0.1), window=8)
   beside = optax.multi_transform(
       {"a": optax.chain(monitor(), optax.sgd(0.1)), "b": spikes()}, labels)
+  masked = optax.chain(optax.masked(monitor(), {"enc": True, "head": False}),
+                       spikes())
   around = optax.chain(monitor(), optax.multi_transform(
       {"a": optax.sgd(0.1), "b": spikes()}, labels))
+  # A monitor one wrapper down still saw every layer.
+  nested = optax.chain(optax.chain(monitor(), optax.identity()), spikes())
+  injected = optax.chain(optax.inject_hyperparams(
+      og.monitor, static_args=("zscore", "every"))(zscore=True,
+                                                   zscore_decay=0.5),
+                         spikes())
   rng = np.random.default_rng(0)
   plan = [{"enc": jnp.asarray(1 + 0.1 * rng.normal(size=4), jnp.float32),
            "head": jnp.asarray(1 + 0.1 * rng.normal(size=3), jnp.float32)}
           for _ in range(12)]
   plan[11] = {"enc": plan[11]["enc"] * 3.0, "head": plan[11]["head"] * 100.0}
   raised = []
-  for tx in (beside, around):
+  for tx in (beside, masked, around, nested, injected):
     state, update = tx.init(params), jax.jit(tx.update)
     for g in plan:
       _, state = update(g, state, params)
@@ -850,9 +860,11 @@ def test_check_names_no_layer_from_another_partitions_monitor():
       og.check(state)
     assert e.value.step == 11
     raised.append(e.value)
-  assert raised[0].layers == {} and "moved most" not in str(raised[0])
-  assert list(raised[1].layers) == ["head"]
-  assert "moved most against its own history: head " in str(raised[1])
+  for e in raised[:2]:  # the monitor did not see `head`
+    assert e.layers == {} and "moved most" not in str(e)
+  for e in raised[2:]:
+    assert list(e.layers) == ["head"]
+    assert "moved most against its own history: head " in str(e)
 
 
 # ------------------------------------------------------------- arguments
