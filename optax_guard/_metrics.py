@@ -63,6 +63,12 @@ def path_name(path: tuple[Any, ...], keep_collection: bool = False) -> str:
 Stacked = Callable[[str], bool] | Sequence[str] | None
 
 
+# Said where a stacked leaf's layer count looks wrong: the usual cause.
+_SPLIT_STACK = ("inside `shard_map`, a stacked leaf split along its layer "
+                "axis holds only its device's layers; shard it along another "
+                "axis (`P(None, ...)`).")
+
+
 def check_stacked(stacked: Any) -> None:
   """Raises at factory time unless `stacked` is a valid `Stacked`."""
   if stacked is None or callable(stacked) or (
@@ -104,9 +110,7 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
             f"`stacked` names {p!r}, but the leaves below it have leading "
             f"axes of different lengths ({sizes}), so they cannot all stack "
             "the same layers; name the stacked leaves themselves (or pass a "
-            "function of the name). (Inside `shard_map`, a stacked leaf "
-            "split along its layer axis holds only its device's layers; "
-            "shard it along another axis, `P(None, ...)`.)")
+            f"function of the name). Another cause: {_SPLIT_STACK}")
   for name, (_, leaf), flag in zip(names, paths, flags):
     if flag and (np.ndim(leaf) == 0 or np.shape(leaf)[0] == 0):
       raise ValueError(
@@ -175,9 +179,7 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
   stack = lambda ns: collections.Counter(re.sub(r"/\d+$", "", n) for n in ns)
   if stacked is not None and set(stack(got)) == set(stack(names)):
     hint = (" A stacked leaf has another number of layers than at `init`: "
-            "inside `shard_map`, a stacked leaf split along its layer axis "
-            "holds only its device's layers; shard it along another axis "
-            "(`P(None, ...)`).")
+            f"{_SPLIT_STACK}")
   raise ValueError(
       f"`{factory}` {names_from} {len(names)} parameter layers but "
       f"got {what}; the trees must match. Only in the parameters: "

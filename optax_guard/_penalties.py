@@ -38,7 +38,7 @@ def _safe_norm(tree: Any) -> jax.Array:
   In float32, or float64 where a leaf is (64-bit mode), so that the
   finite-difference direction is a unit vector to the gradients' precision.
   """
-  leaves = _stats.as_arrays(jax.tree.leaves(tree))
+  leaves = jax.tree.leaves(tree)
   dtype = max((_stats.at_least_float32(x.dtype) for x in leaves),
               key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
   return _safe_sqrt(sum((jnp.sum(jnp.square(x.astype(dtype)))
@@ -49,7 +49,6 @@ def _fd_direction(grads: Any, norm: jax.Array) -> Any:
   """`g / ||g||` (zero for a zero gradient)."""
   inv = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
   def scale(g):
-    g = jnp.asarray(g)  # a Python number too
     dtype = max(_stats.at_least_float32(g.dtype), inv.dtype,
                 key=lambda d: d.itemsize)
     return (g.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
@@ -68,7 +67,6 @@ def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
   In float32, or in the leaf's own precision where that is wider (float64).
   """
   def combine(g, q):
-    g = jnp.asarray(g)  # a Python number too
     dtype = _stats.at_least_float32(g.dtype)
     c = jnp.asarray(strength, dtype) / jnp.asarray(radius, dtype)
     if squared:
@@ -207,7 +205,7 @@ def _norm(grads: Any, axis_name: _stats.AxisName, who: str) -> jax.Array:
   gradients are), refused where it would be one shard's."""
   if axis_name is not None:
     return _whole_norm(grads, axis_name, who)
-  leaves = _stats.as_arrays(jax.tree.leaves(grads))
+  leaves = jax.tree.leaves(grads)
   varying = sorted(set().union(*map(_stats.varying_axes, leaves)))
   if varying:
     raise ValueError(
@@ -325,6 +323,7 @@ def add_gradient_norm_penalty(
           "loss on the current batch: call `update(grads, state, params, "
           "grad_fn=...)` with `grad_fn(params) -> grads`; it got "
           f"grad_fn={grad_fn!r}.")
+    updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
     norm = _norm(updates, axis_name, "add_gradient_norm_penalty")
     step = _fd_direction(updates, norm)
     probe = grad_fn(jax.tree.map(_probe(radius), params, step))
