@@ -157,6 +157,10 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       if flag:
         _stats.check_varying_covered(p, axis_name, f"parameter {name!r}")
     raw_rate = rate(state.step) if callable(rate) else rate
+    if np.ndim(raw_rate) != 0:  # it would change the state's shapes
+      raise ValueError(
+          f"`{factory}`'s rate schedule returned an array of shape "
+          f"{np.shape(raw_rate)}; a schedule must return one number.")
     r = jnp.asarray(raw_rate, jnp.float32)  # what the state records
     out, chosen = [], []
     for u, p, flag in zip(u_leaves, p_leaves, flags):
@@ -179,7 +183,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       penalty = r * total
     else:
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
-      penalty = 0.5 * r * jnp.square(norm)
+      penalty = (0.5 * r * norm) * norm  # no overflow before the rate
     return jax.tree.unflatten(treedef, out), state_type(
         step=optax.safe_increment(state.step), rate=r, penalty=penalty)
 
@@ -262,7 +266,9 @@ def add_decayed_weights(
   Put it after the optimizer's scaling and before the learning rate, as
   `optax.adamw` does internally, so that the decay is not rescaled by the
   adaptive denominators (Loshchilov & Hutter). With the same rate and mask it
-  gives `optax.add_decayed_weights`'s numbers (a schedule included); unlike
+  gives `optax.add_decayed_weights`'s numbers (a schedule included; the
+  update keeps its own dtype, where optax promotes a bfloat16 update of
+  float32 parameters to float32); unlike
   it, it masks biases and normalisation scales by default, and records the
   rate and the penalty `rate/2 * ||W||^2` it stands for.
 
@@ -274,8 +280,11 @@ def add_decayed_weights(
       default, `og.decay_mask`, selects Flax kernels and embeddings and
       leaves biases and normalisation scales alone; None selects every
       leaf.
-    axis_name: mesh axis name(s) over which the recorded penalty is summed
-      under `shard_map` or `pmap` (the updates need no reduction).
+    axis_name: mesh axis name(s) over which the parameters are sharded
+      inside `shard_map`, so that the recorded penalty is the whole
+      model's (the updates need no reduction). Under `pmap` (or
+      `check_vma=False`), where values carry no sharding types, the
+      parameters are taken as replicated, as everywhere in this package.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,
@@ -315,7 +324,8 @@ def add_l2_penalty(
     rate: the penalty's rate, a float `>= 0` or an optax schedule.
     mask: which leaves to penalise, as for `add_decayed_weights` (by
       default `og.decay_mask`: Flax kernels and embeddings; None: all).
-    axis_name: mesh axis name(s) over which the recorded penalty is summed.
+    axis_name: mesh axis name(s) over which the parameters are sharded, as
+      for `add_decayed_weights`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,
@@ -354,7 +364,8 @@ def add_l1_penalty(
     rate: the penalty's rate, a float `>= 0` or an optax schedule.
     mask: which leaves to penalise, as for `add_decayed_weights` (by
       default `og.decay_mask`: Flax kernels and embeddings; None: all).
-    axis_name: mesh axis name(s) over which the recorded penalty is summed.
+    axis_name: mesh axis name(s) over which the parameters are sharded, as
+      for `add_decayed_weights`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,

@@ -15,6 +15,7 @@ from optax_guard import _args
 from optax_guard import _clipping
 from optax_guard import _metrics
 from optax_guard import _monitor
+from optax_guard import _penalties
 from optax_guard import _nonfinite
 from optax_guard import _skip
 from optax_guard import _spikes
@@ -55,6 +56,19 @@ class GuardState(NamedTuple):
     if skipped:
       out["optim/skipped"] = functools.reduce(operator.or_, skipped)
     return out
+
+
+def _refuse_penalty_inside(inner_state: Any, max_norm: float) -> None:
+  """The finite-difference penalty needs the raw gradient: a clip before it
+  would be amplified by `strength / radius` (static, at init)."""
+  is_penalty = lambda x: isinstance(x, _penalties.AddGradientNormPenaltyState)
+  if any(map(is_penalty, jax.tree.leaves(inner_state, is_leaf=is_penalty))):
+    raise ValueError(
+        f"`guard` clips the gradients (max_norm={max_norm}) before the "
+        "optimizer it wraps, which holds an `add_gradient_norm_penalty`: "
+        "that penalty must receive the raw gradients, so put it before the "
+        "guard, `optax.chain(og.add_gradient_norm_penalty(...), "
+        "og.guard(...))`, or pass max_norm=None.")
 
 
 def guard(
@@ -257,7 +271,10 @@ def guard(
   def init_fn(params):
     if max_norm is not None:  # named as the user wrote it, before its part
       _clipping.check_scalable(params, f"guard's clip (max_norm={max_norm})")
-    return GuardState(inner_state=inner.init(params), **{
+    inner_state = inner.init(params)
+    if max_norm is not None:
+      _refuse_penalty_inside(inner_state, max_norm)
+    return GuardState(inner_state=inner_state, **{
         name: None if part is None else part.init(params)
         for name, part in parts.items()})
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_guard import _args
@@ -236,6 +237,22 @@ def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str
   return _stats.tree_stats(grads, axis_name=axis_name).global_norm
 
 
+def _check_gradients(probe: Any, params: Any) -> None:
+  """Raises unless `grad_fn` gave a gradient for each parameter (static)."""
+  same = (jax.tree.structure(probe) == jax.tree.structure(params) and all(
+      np.shape(q) == np.shape(p) for q, p in
+      zip(jax.tree.leaves(probe), jax.tree.leaves(params))))
+  if not same:
+    raise ValueError(
+        "`add_gradient_norm_penalty` needs `grad_fn(params)` to return the "
+        "gradients alone, a tree like the parameters "
+        f"({jax.tree.structure(params)}), but it returned "
+        f"{jax.tree.structure(probe)} with shapes "
+        f"{[np.shape(q) for q in jax.tree.leaves(probe)]}: pass "
+        "`jax.grad(loss_fn)`, not `jax.value_and_grad(loss_fn)` or the loss "
+        "itself.")
+
+
 class AddGradientNormPenaltyState(NamedTuple):
   """State of `add_gradient_norm_penalty`: the norm and the penalty.
 
@@ -265,8 +282,9 @@ def add_gradient_norm_penalty(
   r"""The finite-difference gradient-norm penalty as a transformation.
 
   The transformation form of `gradient_norm_penalty(...,
-  method="finite_difference")`, for `optax.chain`: put it first, so that it
-  receives the raw gradients :math:`g = \nabla L(\theta)`, and pass
+  method="finite_difference")`, for `optax.chain`: put it first, before
+  any clip and before `og.guard` (a guard that clips refuses one inside it),
+  so that it receives the raw gradients :math:`g = \nabla L(\theta)`, and pass
   `grad_fn=` through the update's extra arguments: a function of the
   parameters returning the gradients of the same loss on the same batch. It
   evaluates `grad_fn(params + radius * g / ||g||)` and returns
@@ -327,11 +345,12 @@ def add_gradient_norm_penalty(
     norm = _norm(updates, axis_name, "add_gradient_norm_penalty")
     step = _fd_direction(updates, norm)
     probe = grad_fn(jax.tree.map(_probe(radius), params, step))
+    _check_gradients(probe, params)
     out = _fd_combine(updates, probe, norm, strength, radius, squared)
     norm = norm.astype(jnp.float32)
     s = jnp.asarray(strength, jnp.float32)
     return out, AddGradientNormPenaltyState(
-        grad_norm=norm, penalty=s * (jnp.square(norm) if squared else norm))
+        grad_norm=norm, penalty=(s * norm) * norm if squared else s * norm)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

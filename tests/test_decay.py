@@ -430,3 +430,22 @@ def test_default_mask_and_decay_on_flax_nnx():
                                 before["dense"]["bias"][...])
   np.testing.assert_array_equal(after["norm"]["scale"][...],
                                 before["norm"]["scale"][...])
+
+
+def test_the_recorded_penalty_does_not_overflow_before_the_rate():
+  """||W|| = 3e19: ||W||^2 overflows float32, 0.01/2 ||W||^2 = 4.5e36 not."""
+  params = {"w": jnp.asarray([3e19], jnp.float32)}
+  for factory in (og.add_decayed_weights, og.add_l2_penalty):
+    tx = factory(0.01, mask=None)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params),
+                         tx.init(params), params)
+    np.testing.assert_allclose(state.penalty, 4.5e36, rtol=1e-6)
+
+
+def test_a_schedule_returning_an_array_is_refused():
+  params = {"w": jnp.ones(2)}
+  tx = og.add_decayed_weights(lambda step: jnp.full(2, 0.1), mask=None)
+  with pytest.raises(ValueError, match=(
+      r"`add_decayed_weights`'s rate schedule returned an array of shape "
+      r"\(2,\); a schedule must return one number\.")):
+    tx.update(params, tx.init(params), params)

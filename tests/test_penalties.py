@@ -421,3 +421,57 @@ def test_a_norm_beyond_the_squares_range_is_penalised(form):
     _, got = og.gradient_norm_penalty(loss, lam, method=form,
                                       radius=1e-3)(w)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_clipping_guard_refuses_the_penalty_inside_it_and_takes_it_before():
+  """The finite difference divides by the radius: inside `guard` it would
+  get clipped gradients against an unclipped probe and blow the difference
+  up by strength / radius. Before the guard it gets the raw gradients: on
+  L = sum(w^2/2 + w^4/4), g = w + w^3, written out in numpy."""
+  loss = lambda w: jnp.sum(w ** 2 / 2 + w ** 4 / 4)
+  grad_fn = jax.grad(loss)
+  w = jnp.asarray([1.0, 2.0])
+  inside = og.guard(optax.chain(og.add_gradient_norm_penalty(0.1),
+                                optax.sgd(1.0)))
+  with pytest.raises(ValueError, match=(
+      r"`guard` clips the gradients \(max_norm=1\.0\) before the optimizer "
+      r"it wraps, which holds an `add_gradient_norm_penalty`: that penalty "
+      r"must receive the raw gradients, so put it before the guard")):
+    inside.init(w)
+  og.guard(optax.chain(og.add_gradient_norm_penalty(0.1), optax.sgd(1.0)),
+           max_norm=None).init(w)  # nothing clips before it: allowed
+  tx = optax.chain(og.add_gradient_norm_penalty(0.1, radius=1e-3),
+                   og.guard(optax.sgd(1.0), max_norm=1.0))
+  updates, state = tx.update(grad_fn(w), tx.init(w), w, grad_fn=grad_fn)
+  wn = np.asarray([1.0, 2.0])
+  g = wn + wn ** 3
+  q = wn + 1e-3 * g / np.linalg.norm(g)
+  penalised = g + 0.1 * ((q + q ** 3) - g) / 1e-3
+  want = -penalised * min(1.0, 1.0 / np.linalg.norm(penalised))
+  np.testing.assert_allclose(updates, want, rtol=1e-3)
+  np.testing.assert_allclose(og.metrics(state)["grad/norm_penalty"],
+                             0.1 * np.linalg.norm(g), rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrong", ["value_and_grad", "loss"])
+def test_a_grad_fn_that_returns_something_else_is_named(wrong):
+  loss = lambda p: jnp.sum(p["w"] ** 2)
+  params = {"w": jnp.asarray([1.0, 2.0])}
+  grad_fn = jax.value_and_grad(loss) if wrong == "value_and_grad" else loss
+  tx = og.add_gradient_norm_penalty(0.1)
+  with pytest.raises(ValueError, match=(
+      r"`add_gradient_norm_penalty` needs `grad_fn\(params\)` to return the "
+      r"gradients alone, a tree like the parameters .* but it returned .*: "
+      r"pass `jax.grad\(loss_fn\)`, not `jax.value_and_grad\(loss_fn\)` or "
+      r"the loss itself\.")):
+    tx.update(jax.grad(loss)(params), tx.init(params), params,
+              grad_fn=grad_fn)
+
+
+def test_the_squared_penalty_is_recorded_where_the_square_alone_overflows():
+  """|g| = 3e19: |g|^2 = 9e38 overflows float32, 0.1 |g|^2 = 9e37 does not."""
+  w = jnp.asarray([3e19])
+  tx = og.add_gradient_norm_penalty(0.1, squared=True)
+  _, state = tx.update(w, tx.init(w), w, grad_fn=lambda p: p)
+  np.testing.assert_allclose(og.metrics(state)["grad/norm_penalty"], 9e37,
+                             rtol=1e-6)
