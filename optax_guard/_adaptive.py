@@ -79,7 +79,8 @@ def _resolve_unit_axes(params: Any, unit_axes: UnitAxes
       raise ValueError(
           "`unit_axes` must be a callable `(name, shape) -> axes` or a tree "
           "with the structure of the parameters whose leaves are tuples of "
-          f"axes or None, but its structure does not match: {e}") from None
+          f"axes or None, but its structure does not match: {e}."
+          + _args.INJECTED_FUNCTION) from None
   out = []
   for name, shape, axes in zip(names, shapes, given):
     if axes is None:
@@ -189,8 +190,9 @@ def adaptive_grad_clip(
   vector. Other layouts (layers stacked by `nn.scan`, a DenseGeneral with
   several output axes under another name) take `unit_axes`: a callable
   `(name, shape) -> axes or None` (`name` as in the metrics, e.g.
-  `"Dense_0/kernel"`; None keeps the default) or a tree like the parameters
-  whose leaves are tuples of axes or None.
+  `"Dense_0/kernel"`; None keeps the default; under
+  `optax.inject_hyperparams`, list it in `static_args`) or a tree like the
+  parameters whose leaves are tuples of axes or None.
 
   The paper does not clip the final classifier layer; leave it out with
   `optax.masked` (see the example).

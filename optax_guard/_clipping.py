@@ -301,7 +301,11 @@ def clip_by_value(
   """Clips every element to `[-max_abs, max_abs]` (Keras' `clipvalue`).
 
   NaN elements stay NaN (they are the non-finite defences' business); ±Inf
-  become ±`max_abs`. Records the fraction of elements that were clipped.
+  become ±`max_abs`, as in `optax.clip`, so an overflowed step comes out
+  finite: where such a step should be skipped, put this clip inside
+  `skip_nonfinite` or `guard`, which check the gradients they receive
+  before their inner chain runs. Records the fraction of elements that
+  were clipped.
 
   Args:
     max_abs: the largest allowed magnitude of an element, a float `>= 0`.

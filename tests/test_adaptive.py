@@ -238,6 +238,13 @@ def test_agc_errors():
                      r"`\(name, shape\) -> axes` or a tree with the "
                      r"structure of the parameters"):
     og.adaptive_grad_clip(0.1, unit_axes={"v": (1,)}).init(params)
+  # optax.inject_hyperparams calls a function argument with the step count.
+  injected = optax.inject_hyperparams(og.adaptive_grad_clip)(
+      0.1, unit_axes=lambda name, shape=None: (0,))
+  with pytest.raises(ValueError, match=r"structure does not match: .* If you "
+                     r"passed a function through `optax.inject_hyperparams`, "
+                     r"list it in its `static_args`"):
+    injected.init(params)
 
 
 # ========================================================= norm streams

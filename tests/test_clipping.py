@@ -384,6 +384,23 @@ def test_value_clip_counts_what_it_changes_in_each_dtype():
   assert int(state.num_clipped) == 1
 
 
+def test_an_infinite_step_through_the_value_clip_is_skipped_from_inside():
+  """clip_by_value makes ±Inf ±max_abs, as optax.clip does; inside
+  skip_nonfinite (as the docs place it) the raw Inf is seen and the step
+  skipped, while ahead of it the step is applied."""
+  g = {"w": jnp.asarray([jnp.inf, 0.5, -jnp.inf])}
+  params = {"w": jnp.zeros(3)}
+  inside = og.skip_nonfinite(optax.chain(og.clip_by_value(1.0),
+                                         optax.sgd(0.1)))
+  updates, state = inside.update(g, inside.init(params), params)
+  np.testing.assert_array_equal(updates["w"], [0.0, 0.0, 0.0])
+  assert og.metrics(state)["optim/skipped"] == 1
+  ahead = optax.chain(og.clip_by_value(1.0), og.skip_nonfinite(optax.sgd(0.1)))
+  updates, state = ahead.update(g, ahead.init(params), params)
+  np.testing.assert_allclose(updates["w"], [-0.1, -0.05, 0.1])
+  assert og.metrics(state)["optim/skipped"] == 0
+
+
 @pytest.mark.standard_promotion  # optax's clip of integers
 def test_value_clip_of_integers_is_in_floats_as_optax():
   """An integer leaf is clipped as floats (0.5, not a bound rounded to 0)."""
