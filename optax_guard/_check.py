@@ -382,19 +382,29 @@ def _clip_error(s: Any) -> GuardError | None:
     if len(bad) > _MAX_LAYERS:  # the last too, as `_describe` says why
       shown += f" and {len(bad) - _MAX_LAYERS} more, the last being {bad[-1]}"
     what = f"{_plural(len(bad), 'layer')} with a NaN/Inf norm ({shown})"
+    overflow = not all(map(np.isnan, layers.values()))
   else:
     clip = s.clip if isinstance(s, (AutoclipState, ZclipState)) else s
     norm = float(clip.grad_norm)
     if np.isfinite(norm):
       return None
+    overflow = not np.isnan(norm)
     what = f"a global norm of {norm} " + (
-        "(NaN elements)" if np.isnan(norm) else
-        "(Inf elements, or finite ones whose norm is beyond float32's range)")
+        "(Inf elements, or finite ones whose norm is beyond float32's range)"
+        if overflow else "(NaN elements)")
+  # An Inf norm may come from finite elements, which optax.apply_if_finite
+  # lets through, huge and unscaled.
+  outcome = ("the update is NaN/Inf, or huge where the elements were "
+             "finite, unless something after it skips the step "
+             "(og.skip_nonfinite or og.guard around the optimizer; "
+             "optax.apply_if_finite skips only NaN/Inf elements)"
+             if overflow else
+             "the update is NaN unless something after it skips the step "
+             "(og.skip_nonfinite or og.guard around the optimizer, or "
+             "optax.apply_if_finite)")
   return NonFiniteGradientError(
       f"The last step's gradients had {what}: {who} cannot scale them and "
-      "passed them on, so the update is NaN/Inf unless something after it "
-      "skips the step (og.skip_nonfinite or og.guard around the optimizer, "
-      "or optax.apply_if_finite).", -1, layers)
+      f"passed them on, so {outcome}.", -1, layers)
 
 
 _CHECKS = {SkipNonfiniteState: _nonfinite_error,

@@ -77,7 +77,7 @@ class ClipByGlobalNormState(NamedTuple):
   clip_scale: jax.Array   # f32[] factor applied at the last step (1 = none).
   clipped_norm: jax.Array  # f32[] global norm after clipping, last step.
   num_clipped: jax.Array  # i32[] steps clipped so far.
-  nonfinite: jax.Array    # bool[] the last step's gradients were not finite.
+  nonfinite: jax.Array    # bool[] last step's gradients or norm not finite.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {

@@ -150,7 +150,8 @@ def guard(
   momentum trace (`og.sgd`) to Inf, which the fast path then applies at
   every later step (the trace stays Inf), or Adam's second moment (above
   ~1.8e19 in float32; as in optax, that element's update is then 0 for
-  good, with `nesterov=True` too, where optax's is NaN): keep a clip, or
+  good, with `nesterov=True` too, where optax's is NaN for gradients near
+  float32's maximum): keep a clip, or
   take the generic path, which reads the update back.
 
   Args:

@@ -406,7 +406,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
   `GuardAwareTransformation`). Alone it is a drop-in replacement; inside
   `og.guard` a skipped step costs nothing and leaves the state bit-identical.
   One difference by design: the state keeps its dtypes (`mu_dtype`, else
-  the parameters'), where optax's moments turn float32 after one step when
+  the parameters'), where optax's first moment turns float32 after one step when
   gradients or injected hyperparameters are float32 and the parameters
   bfloat16 (which then also breaks optax's state under `lax.scan`); the
   numbers then differ by the moments' rounding.
@@ -417,7 +417,10 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
-      of the two must be > 0).
+      of the two must be > 0 in the parameters' dtype: optax's default
+      `eps=1e-8` rounds to 0 in float16, where an all-zero gradient would
+      make 0/0 = NaN, so float16 parameters are refused at `init` unless
+      given a larger `eps`, such as 1e-4).
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
       truncates).
@@ -464,7 +467,10 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
-      of the two must be > 0).
+      of the two must be > 0 in the parameters' dtype: optax's default
+      `eps=1e-8` rounds to 0 in float16, where an all-zero gradient would
+      make 0/0 = NaN, so float16 parameters are refused at `init` unless
+      given a larger `eps`, such as 1e-4).
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
       truncates).

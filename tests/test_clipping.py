@@ -254,20 +254,35 @@ def test_check_reads_a_clip_alone(name):
   tx = optax.chain(CLIPS_ALONE[name](), optax.sgd(0.1))
   step = jax.jit(tx.update)
   layer = name == "clip_by_layer_norm"
-  for bad, norm_text in (
-      (jnp.nan, "nan (NaN elements)"),
+  nan_outcome = (
+      "the update is NaN unless something after it skips the step "
+      "(og.skip_nonfinite or og.guard around the optimizer, or "
+      "optax.apply_if_finite).")
+  # Finite elements whose norm overflows: optax.apply_if_finite lets them by.
+  inf_outcome = (
+      "the update is NaN/Inf, or huge where the elements were finite, unless "
+      "something after it skips the step (og.skip_nonfinite or og.guard "
+      "around the optimizer; optax.apply_if_finite skips only NaN/Inf "
+      "elements).")
+  for bad, norm_text, outcome in (
+      (jnp.nan, "nan (NaN elements)", nan_outcome),
       (jnp.inf, "inf (Inf elements, or finite ones whose norm is beyond "
-                "float32's range)")):
-    grads = {"a": jnp.array([bad, 1.0]), "b": jnp.ones(3)}
+                "float32's range)", inf_outcome),
+      (3e38, "inf (Inf elements, or finite ones whose norm is beyond "
+             "float32's range)", inf_outcome)):
+    grads = {"a": jnp.array([bad, bad]), "b": jnp.ones(3)}
     _, state = step(grads, tx.init(params), params)
     what = ("1 layer with a NaN/Inf norm (a)" if layer else
             f"a global norm of {norm_text}")
     with pytest.raises(og.NonFiniteGradientError, match=re.escape(
         f"The last step's gradients had {what}: og.{name} cannot scale "
-        "them and passed them on, so the update is NaN/Inf unless "
-        "something after it skips the step (og.skip_nonfinite or og.guard "
-        "around the optimizer, or optax.apply_if_finite).")) as e:
+        f"them and passed them on, so {outcome}")) as e:
       og.check(state)
+    if bad == 3e38:  # what the message says of apply_if_finite
+      guarded = optax.apply_if_finite(optax.chain(CLIPS_ALONE[name](),
+                                                  optax.sgd(1.0)), 3)
+      u, _ = guarded.update(grads, guarded.init(params), params)
+      assert np.all(np.isfinite(u["a"])) and np.abs(u["a"][0]) > 1e38
     assert e.value.step == -1
     if layer:
       assert list(e.value.layers) == ["a"]
