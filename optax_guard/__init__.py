@@ -38,6 +38,7 @@ from optax_guard._metrics import PerLayer
 from optax_guard._monitor import monitor
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import skip_nonfinite
+from optax_guard._nonfinite import skip_nonfinite_microbatch
 from optax_guard._nonfinite import SkipNonfiniteState
 from optax_guard._nonfinite import zero_nonfinite
 from optax_guard._nonfinite import ZeroNonfiniteState
@@ -93,6 +94,7 @@ __all__ = (
     "ZeroNonfiniteState",
     "check",
     "skip_nonfinite",
+    "skip_nonfinite_microbatch",
     "skip_spikes",
     "zero_nonfinite",
     "ClipByGlobalNormState",

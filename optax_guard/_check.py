@@ -420,7 +420,8 @@ _ACCUMULATED = (
     " Inside optax.MultiSteps, a NaN/Inf micro-batch that its "
     "`should_skip_update_fn` does not drop stays in its accumulator, and "
     "every later step is skipped: give it "
-    "should_skip_update_fn=optax.skip_not_finite.")
+    "should_skip_update_fn=og.skip_nonfinite_microbatch() (with the "
+    "guard's axis_name where the gradients are sharded).")
 
 
 def _members(statistics: list[Any]) -> list[list[Any]]:
@@ -514,7 +515,8 @@ def check(opt_state: Any) -> None:
   Inside `optax.MultiSteps` the states below it are read only on the calls
   that complete a step (so a bad step is reported once), and a micro-batch
   that its `should_skip_update_fn` dropped raises too (as non-finite for
-  `optax.skip_not_finite`, else as an explosion).
+  `optax.skip_not_finite` or `og.skip_nonfinite_microbatch`, else as an
+  explosion).
   Warns when `opt_state` holds no optax_guard
   state at all (nothing to check: a plain optax state, or a checkpoint
   restored without a target).

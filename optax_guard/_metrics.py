@@ -579,7 +579,8 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   (`optim/step_completed`; on the other calls the states below it still
   hold the last completed step's statistics) and the decision of its
   `should_skip_update_fn` (`optim/microbatch_skipped`;
-  `grad/microbatch_nonfinite` with `optax.skip_not_finite`).
+  `grad/microbatch_nonfinite` with `og.skip_nonfinite_microbatch` or
+  `optax.skip_not_finite`).
 
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
   leaf) gives each metric one value per device, layers included.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -266,7 +266,10 @@ def zero_nonfinite(
   when a NaN means the step's gradients cannot be trusted at all.
 
   Args:
-    axis_name: mesh axis name(s) over which the counts are summed.
+    axis_name: mesh axis name(s) over which the counts are summed, for the
+      leaves that vary along them inside `shard_map`; under `pmap` (or
+      `check_vma=False`) each leaf is taken as replicated and the count is
+      the largest device's (see the user guide's multi-device section).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a
@@ -301,3 +304,69 @@ def zero_nonfinite(
         num_steps=_stats.count_if(jnp.any(counts > 0), state.num_steps))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def skip_nonfinite_microbatch(
+    *, axis_name: _stats.AxisName = None
+) -> Callable[[Any, Any, Any], tuple[jax.Array, dict[str, jax.Array]]]:
+  """`optax.MultiSteps`' skip function for NaN/Inf, agreed over devices.
+
+  `optax.MultiSteps(..., should_skip_update_fn=optax.skip_not_finite)` drops
+  a micro-batch with a NaN/Inf gradient, so that it does not stay in the
+  accumulator; but `optax.skip_not_finite` looks at the local values only.
+  Where the gradients are sharded over devices (FSDP, tensor parallelism),
+  a NaN in one device's shard then makes that device alone skip: the
+  devices take different branches of MultiSteps' `lax.cond`, and the
+  collectives inside the guard it wraps wait forever (or `shard_map`
+  refuses a skip state that varies by device). This one counts the
+  non-finite elements over the devices (`axis_name`, as given to the
+  guard), so that every device drops the micro-batch together. Its
+  decision and count keep optax's names (`should_skip`, `num_not_finite`),
+  which `og.metrics` reports as `optim/microbatch_skipped` and
+  `grad/microbatch_nonfinite`.
+
+  Args:
+    axis_name: mesh axis name(s) over which the gradients are sharded or
+      differ, inside `shard_map` or `pmap`; None: the local values, as
+      `optax.skip_not_finite`. Where the axes are not bound (a MultiSteps
+      `init` called outside `shard_map`), the local values are counted.
+      Under `pmap` or `shard_map(check_vma=False)`, where values carry no
+      sharding types, the count is the largest device's (each leaf taken
+      as replicated, see the user guide's multi-device section); the
+      decision is the same on every device either way.
+
+  Returns:
+    A function `(updates, gradient_step, params) -> (should_skip, info)`
+    for `optax.MultiSteps(should_skip_update_fn=...)`: `should_skip` a
+    bool scalar, `info` a dict of `should_skip` and `num_not_finite` (the
+    int32 count of NaN/Inf elements).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = optax.MultiSteps(
+    ...     og.guard(og.adamw(1e-3)), every_k_schedule=2,
+    ...     should_skip_update_fn=og.skip_nonfinite_microbatch())
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.array([1.0, jnp.nan, jnp.inf])},
+    ...                      state, params)
+    >>> m = og.metrics(state)
+    >>> print(bool(m["optim/microbatch_skipped"]),
+    ...       int(m["grad/microbatch_nonfinite"]))
+    True 2
+
+  References:
+    optax's `skip_not_finite` and `MultiSteps`.
+  """
+  _stats.check_axis_name(axis_name)
+
+  def should_skip_update(updates, gradient_step, params):
+    del gradient_step, params
+    axes = axis_name if _stats.axes_bound(axis_name) else None
+    count = _stats.total_count(
+        _stats.tree_stats(updates, axis_name=axes).nonfinite)
+    skip = count > 0
+    return skip, {"should_skip": skip, "num_not_finite": count}
+
+  return should_skip_update
+

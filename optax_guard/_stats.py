@@ -64,6 +64,16 @@ def axis_names(axis_name: AxisName) -> tuple[str, ...]:
   return tuple(axis_name)
 
 
+def axes_bound(axis_name: AxisName) -> bool:
+  """Whether every named axis is bound here (inside `shard_map`/`pmap`)."""
+  try:
+    for axis in axis_names(axis_name):
+      lax.axis_size(axis)
+  except NameError:  # jax: "unbound axis name"
+    return False
+  return True
+
+
 def check_axis_name(axis_name: Any) -> None:
   ok = axis_name is None or isinstance(axis_name, str) or (
       isinstance(axis_name, (tuple, list)) and axis_name and

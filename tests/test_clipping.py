@@ -327,7 +327,8 @@ def test_check_reads_a_clip_where_nothing_else_reports_the_step():
   assert np.isnan(u["w"][0])
   with pytest.raises(og.NonFiniteGradientError, match=(
       r"og.clip_by_global_norm cannot scale them and passed them on.* "
-      r"give it should_skip_update_fn=optax.skip_not_finite\.$")):
+      r"give it should_skip_update_fn=og.skip_nonfinite_microbatch\(\) "
+      r"\(with the guard's axis_name where the gradients are sharded\)\.$")):
     og.check(state)
   # A skipper in another multi_transform partition says nothing of this
   # one, and a guard reduced to its clip is a clip.

@@ -342,11 +342,14 @@ def test_generic_path_keeps_state_buffers_in_place(make, large, monkeypatch):
 
 
 @pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
-def test_inside_multisteps_a_nan_micro_batch_is_dropped_and_reported():
+@pytest.mark.parametrize("skip_fn", ["optax", "og"])
+def test_inside_multisteps_a_nan_micro_batch_is_dropped_and_reported(skip_fn):
   params = {"w": jnp.ones((3,), jnp.float32)}
   tx = optax.MultiSteps(og.guard(og.sgd(0.1), spike_sigma=None),
                         every_k_schedule=2,
-                        should_skip_update_fn=optax.skip_not_finite)
+                        should_skip_update_fn=optax.skip_not_finite
+                        if skip_fn == "optax" else
+                        og.skip_nonfinite_microbatch())
   state, step = tx.init(params), jax.jit(tx.update)
   log = og.MetricsLog()
   for i in range(10):
@@ -405,7 +408,8 @@ def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
   hint = ("Inside optax.MultiSteps, a NaN/Inf micro-batch that its "
           "`should_skip_update_fn` does not drop stays in its accumulator, "
           "and every later step is skipped: give it "
-          "should_skip_update_fn=optax.skip_not_finite.")
+          "should_skip_update_fn=og.skip_nonfinite_microbatch() (with the "
+          "guard's axis_name where the gradients are sharded).")
   assert raised == [
       (5, "Step 1: non-finite gradients; first bad layers: w (1 NaN/Inf). "
           "The guard skipped the step (1 bad in a row, 1 skipped in total). "

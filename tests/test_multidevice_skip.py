@@ -676,3 +676,78 @@ def test_pmap_skip_spikes_worst_device_decides_for_all():
       assert np.all(np.asarray(leaf)[:, t] == 0)
   np.testing.assert_array_equal(np.asarray(s.inner_state[0].count)[:, -1],
                                 np.full(N, int((~skip).sum())))
+
+
+# ============== optax.MultiSteps around the guard, with a sharded kernel
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_microbatches_with_a_nan_shard_are_dropped_by_every_device(check_vma):
+  """FSDP: the kernel is sharded over the 8 devices, and micro-batch 1 has a
+  NaN in device 3's shard only. optax.skip_not_finite decides per shard (a
+  skip state that shard_map refuses, or devices parting at MultiSteps'
+  cond while the guard inside waits for all of them);
+  og.skip_nonfinite_microbatch drops the micro-batch on every device. The
+  result equals the same run on the whole arrays on one device."""
+  rng = np.random.default_rng(7)
+  grads = rng.normal(size=(4, N * 4)).astype(np.float32)
+  grads[1, 3 * 4 + 2] = NAN                       # device 3's shard only
+  bias_grads = rng.normal(size=(4, 3)).astype(np.float32)
+  params = {"w": np.linspace(-1, 1, N * 4, dtype=np.float32),
+            "b": np.zeros(3, np.float32)}
+
+  def run(params, grads, bias_grads, axis_name):
+    tx = optax.MultiSteps(
+        og.guard(og.adamw(0.1), max_norm=1.0, axis_name=axis_name),
+        every_k_schedule=2,
+        should_skip_update_fn=og.skip_nonfinite_microbatch(
+            axis_name=axis_name))
+    state = tx.init(params)
+    skipped = []
+    for k in range(4):
+      updates, state = tx.update({"w": grads[k], "b": bias_grads[k]}, state,
+                                 params)
+      params = optax.apply_updates(params, updates)
+      m = og.metrics(state)
+      skipped.append(m["optim/microbatch_skipped"])
+    return params, jnp.stack(skipped), m["grad/microbatch_nonfinite"][None]
+
+  mesh = _mesh()
+  sharded = jax.jit(jax.shard_map(
+      functools.partial(run, axis_name="d"), mesh=mesh,
+      in_specs=({"w": P("d"), "b": P()}, P(None, "d"), P()),
+      out_specs=({"w": P("d"), "b": P()}, P("d"), P("d")),
+      check_vma=check_vma))
+  got, skipped, count = sharded(params, grads, bias_grads)
+  want, want_skipped, _ = jax.jit(functools.partial(run, axis_name=None))(
+      params, grads, bias_grads)
+  np.testing.assert_array_equal(np.asarray(want_skipped),
+                                [False, True, False, False])
+  # Every device made the same decisions (stacked along "d": 8 copies).
+  np.testing.assert_array_equal(np.asarray(skipped).reshape(N, 4),
+                                np.tile(want_skipped, (N, 1)))
+  assert np.all(np.asarray(count) == 0)           # micro-batch 3 was fine
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got["b"], want["b"], rtol=1e-6, atol=1e-7)
+  assert not np.array_equal(got["w"], params["w"])  # a step was taken
+
+
+def test_microbatch_skip_counts_over_devices_and_locally_where_unbound():
+  """The count is the whole tree's, over the devices of a typed shard_map;
+  outside any mapped context (MultiSteps.init) it is the local count."""
+  should_skip = og.skip_nonfinite_microbatch(axis_name="d")
+  skip, info = should_skip({"w": jnp.array([1.0, np.nan, np.inf])}, 0, None)
+  assert bool(skip) and int(info["num_not_finite"]) == 2
+  values = np.ones(N * 2, np.float32)
+  values[[1, 5, 6]] = [NAN, np.inf, -np.inf]      # devices 0, 2 and 3
+
+  def count(x):
+    skip, info = should_skip({"w": x}, 0, None)
+    return skip, info["num_not_finite"]
+
+  skip, n = jax.jit(jax.shard_map(count, mesh=_mesh(), in_specs=P("d"),
+                                  out_specs=(P(), P())))(values)
+  assert bool(skip) and int(n) == 3
+  with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
+                     r"axis name or a tuple of them, but got 3\."):
+    og.skip_nonfinite_microbatch(axis_name=3)
