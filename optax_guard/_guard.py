@@ -58,11 +58,22 @@ class GuardState(NamedTuple):
     return out
 
 
-def _refuse_penalty_inside(inner_state: Any, max_norm: float) -> None:
-  """The finite-difference penalty needs the raw gradient: a clip before it
-  would be amplified by `strength / radius` (static, at init)."""
-  is_penalty = lambda x: isinstance(x, _penalties.AddGradientNormPenaltyState)
-  if any(map(is_penalty, jax.tree.leaves(inner_state, is_leaf=is_penalty))):
+def _refuse_inside(inner_state: Any, max_norm: float | None) -> None:
+  """Refuses, at init, what must not sit inside a guard: another guard (its
+  spike test would see clipped norms only, and it would take the generic
+  path), and, under a clip, the finite-difference penalty, which needs the
+  raw gradient (a clip before it is amplified by `strength / radius`)."""
+  kinds = (GuardState, _penalties.AddGradientNormPenaltyState)
+  found = {type(x) for x in jax.tree.leaves(
+      inner_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(x, kinds)}
+  if GuardState in found:
+    raise ValueError(
+        "`guard` got an optimizer that already holds a guard: use one "
+        "guard, around the optimizer itself (the inner one would see only "
+        "the outer one's clipped gradients, and every metric would come "
+        "twice).")
+  if max_norm is not None and _penalties.AddGradientNormPenaltyState in found:
     raise ValueError(
         f"`guard` clips the gradients (max_norm={max_norm}) before the "
         "optimizer it wraps, which holds an `add_gradient_norm_penalty`: "
@@ -273,8 +284,7 @@ def guard(
     if max_norm is not None:  # named as the user wrote it, before its part
       _clipping.check_scalable(params, f"guard's clip (max_norm={max_norm})")
     inner_state = inner.init(params)
-    if max_norm is not None:
-      _refuse_penalty_inside(inner_state, max_norm)
+    _refuse_inside(inner_state, max_norm)
     return GuardState(inner_state=inner_state, **{
         name: None if part is None else part.init(params)
         for name, part in parts.items()})

@@ -23,6 +23,7 @@ the decision, and falls back to the generic path for any other optimizer.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -42,7 +43,9 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
   `guard`, `skip_nonfinite` and `skip_spikes` then hand it their decision
   instead of selecting its state afterwards (the protocol of the user
   guide's "The fast path: guard-aware optimizers"). Its `update` must
-  accept both keywords, each None when no guard is there: with
+  name both keywords (checked here), each None when no guard passes it
+  (`skip_nonfinite`, `skip_spikes` and `guard(max_norm=None)` pass a
+  `guard_keep` and no `guard_scale`): with
   `guard_keep=False` (a traced bool) it returns exact zeros and its state
   bit-identical (replace the gradients by zeros first, with a `where`, so
   that no `0 * NaN` enters it), and it multiplies the gradients by both
@@ -81,6 +84,33 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     decision must ride inside the optimizer's pass).
   """
   __slots__ = ()
+
+  def __new__(cls, init, update):
+    _check_protocol(update)
+    return super().__new__(cls, init, update)
+
+
+def _check_protocol(update: Any) -> None:
+  """Raises unless `update` names both keywords: taken by `**extra_args`
+  alone (an optax optimizer's update), the guard's decision would be
+  dropped, and the guard would neither clip nor skip."""
+  try:
+    parameters = inspect.signature(update).parameters
+  except (TypeError, ValueError):  # no signature to read (a C function)
+    return
+  named = {name for name, p in parameters.items()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  missing = [k for k in ("guard_keep", "guard_scale") if k not in named]
+  if missing:
+    raise ValueError(
+        "`GuardAwareTransformation` needs an `update` that names the "
+        "keyword arguments `guard_keep` and `guard_scale` (`def "
+        "update(updates, state, params=None, *, guard_keep=None, "
+        "guard_scale=None, **extra_args)`), but "
+        f"{getattr(update, '__qualname__', update)!r}{inspect.signature(update)}"
+        f" does not name {' or '.join(missing)}: a guard would pass its "
+        "decision where it is dropped or refused, and neither clip nor "
+        "skip.")
 
 
 def _keep(keep: Any, new: Any, old: Any) -> Any:

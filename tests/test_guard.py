@@ -499,3 +499,15 @@ def test_updates_with_other_layers_are_refused_without_the_monitor(kwargs):
       "3; the trees must match. Only in the parameters: none; only in the "
       "updates: ['s/2'].")):
     tx.update({"s": jnp.ones((3, 3))}, tx.init({"s": jnp.ones((2, 3))}))
+
+
+def test_a_guard_inside_a_guard_is_refused():
+  params = {"w": jnp.ones(3)}
+  for inner in (og.guard(og.adamw(0.1)),
+                optax.chain(og.guard(optax.sgd(0.1)), optax.scale(1.0))):
+    with pytest.raises(ValueError, match=(
+        r"^`guard` got an optimizer that already holds a guard: use one "
+        r"guard, around the optimizer itself \(the inner one would see only "
+        r"the outer one's clipped gradients, and every metric would come "
+        r"twice\)\.$")):
+      og.guard(inner).init(params)

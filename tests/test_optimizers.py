@@ -1041,3 +1041,28 @@ def test_an_overflowing_second_moment_gives_a_zero_update_not_nan(nesterov):
     assert float(u["w"][0]) == 0.0, u
     np.testing.assert_allclose(u["w"][1:], want["w"][1:], rtol=1e-6)
   assert not bool(og.metrics(state)["optim/skipped"])
+
+
+def test_an_update_that_does_not_name_the_protocol_is_refused():
+  """An optax optimizer's update takes `**extra_args`: wrapped as it is, a
+  guard's decision would be dropped (neither clip nor skip, while the
+  metrics said both)."""
+  inner = optax.adam(0.1)
+  with pytest.raises(ValueError, match=(
+      r"`GuardAwareTransformation` needs an `update` that names the keyword "
+      r"arguments `guard_keep` and `guard_scale` .* does not name guard_keep "
+      r"or guard_scale: a guard would pass its decision where it is dropped "
+      r"or refused, and neither clip nor skip\.")):
+    og.GuardAwareTransformation(inner.init, inner.update)
+
+  def update_keep_only(updates, state, params=None, *, guard_keep=None,
+                       **extra):
+    return updates, state
+  with pytest.raises(ValueError, match=r"does not name guard_scale:"):
+    og.GuardAwareTransformation(inner.init, update_keep_only)
+  # Named, positionally or by keyword only, through functools.partial too.
+  def update(updates, state, params=None, guard_keep=None, guard_scale=None):
+    return updates, state
+  og.GuardAwareTransformation(inner.init, update)
+  og.GuardAwareTransformation(inner.init, functools.partial(update,
+                                                            params=None))
