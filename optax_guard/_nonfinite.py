@@ -328,8 +328,10 @@ def skip_nonfinite_microbatch(
   Args:
     axis_name: mesh axis name(s) over which the gradients are sharded or
       differ, inside `shard_map` or `pmap`; None: the local values, as
-      `optax.skip_not_finite`. Where the axes are not bound (a MultiSteps
-      `init` called outside `shard_map`), the local values are counted.
+      `optax.skip_not_finite`. Where none of the axes is bound (a
+      MultiSteps `init` called outside `shard_map`), the local values are
+      counted: a misspelt name is reported by the guard given the same
+      `axis_name`, not here.
       Under `pmap` or `shard_map(check_vma=False)`, where values carry no
       sharding types, the count is the largest device's (each leaf taken
       as replicated, see the user guide's multi-device section); the
@@ -362,7 +364,9 @@ def skip_nonfinite_microbatch(
 
   def should_skip_update(updates, gradient_step, params):
     del gradient_step, params
-    axes = axis_name if _stats.axes_bound(axis_name) else None
+    # None bound: a MultiSteps init outside the map (zeros, a local count
+    # is the count); some bound: `tree_stats` names those that are not.
+    axes = axis_name if _stats.any_axis_bound(axis_name) else None
     count = _stats.total_count(
         _stats.tree_stats(updates, axis_name=axes).nonfinite)
     skip = count > 0

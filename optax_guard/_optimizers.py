@@ -95,10 +95,11 @@ def _check_protocol(update: Any) -> None:
   alone (an optax optimizer's update), the guard's decision would be
   dropped, and the guard would neither clip nor skip."""
   try:
-    parameters = inspect.signature(update).parameters
+    # Not `__wrapped__`'s: a decorator copied from another update is not it.
+    signature = inspect.signature(update, follow_wrapped=False)
   except (TypeError, ValueError):  # no signature to read (a C function)
     return
-  named = {name for name, p in parameters.items()
+  named = {name for name, p in signature.parameters.items()
            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
   missing = [k for k in ("guard_keep", "guard_scale") if k not in named]
   if missing:
@@ -107,10 +108,11 @@ def _check_protocol(update: Any) -> None:
         "keyword arguments `guard_keep` and `guard_scale` (`def "
         "update(updates, state, params=None, *, guard_keep=None, "
         "guard_scale=None, **extra_args)`), but "
-        f"{getattr(update, '__qualname__', update)!r}{inspect.signature(update)}"
-        f" does not name {' or '.join(missing)}: a guard would pass its "
-        "decision where it is dropped or refused, and neither clip nor "
-        "skip.")
+        f"{getattr(update, '__qualname__', update)!r}{signature} does not "
+        f"name {' or '.join(missing)}: an update that takes them only "
+        "through `**extra_args` (as optax's do) would drop the guard's "
+        "decision, which would then neither clip nor skip. Name both, and "
+        "pass them on where your update forwards to another.")
 
 
 def _keep(keep: Any, new: Any, old: Any) -> Any:

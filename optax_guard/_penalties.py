@@ -238,10 +238,13 @@ def _whole_norm(grads: Any, axis_name: _stats.AxisName, who: str
 
 
 def _check_gradients(probe: Any, params: Any) -> None:
-  """Raises unless `grad_fn` gave a gradient for each parameter (static)."""
-  same = (jax.tree.structure(probe) == jax.tree.structure(params) and all(
-      np.shape(q) == np.shape(p) for q, p in
-      zip(jax.tree.leaves(probe), jax.tree.leaves(params))))
+  """Raises unless `grad_fn` gave a gradient for each parameter (static).
+
+  Leaves and shapes only: an nnx `grad_fn` returns the gradients in `Param`
+  nodes where `nnx.Optimizer` passes pure parameters."""
+  probes, leaves = jax.tree.leaves(probe), jax.tree.leaves(params)
+  same = len(probes) == len(leaves) and all(
+      np.shape(q) == np.shape(p) for q, p in zip(probes, leaves))
   if not same:
     raise ValueError(
         "`add_gradient_norm_penalty` needs `grad_fn(params)` to return the "

@@ -64,14 +64,15 @@ def axis_names(axis_name: AxisName) -> tuple[str, ...]:
   return tuple(axis_name)
 
 
-def axes_bound(axis_name: AxisName) -> bool:
-  """Whether every named axis is bound here (inside `shard_map`/`pmap`)."""
-  try:
-    for axis in axis_names(axis_name):
-      lax.axis_size(axis)
-  except NameError:  # jax: "unbound axis name"
-    return False
-  return True
+def any_axis_bound(axis_name: AxisName) -> bool:
+  """Whether any named axis is bound here (inside `shard_map`/`pmap`)."""
+  for axis in axis_names(axis_name):
+    try:
+      lax.axis_index(axis)
+      return True
+    except NameError:  # JAX's "unbound axis name"
+      pass
+  return False
 
 
 def check_axis_name(axis_name: Any) -> None:

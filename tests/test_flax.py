@@ -253,3 +253,24 @@ def test_orbax_restore_against_init(tmp_path):
   assert set(before) == set(after)
   for k in before:
     np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_gradient_norm_penalty_takes_an_nnx_grad_fn():
+  """nnx.Optimizer passes pure parameters; an nnx `grad_fn` returns the
+  gradients in Param nodes: the same leaves, and the same result as the
+  pure form."""
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  graphdef, _ = nnx.split(model)
+  tx = optax.chain(og.add_gradient_norm_penalty(0.1), optax.sgd(0.1))
+  results = []
+  for wrap in (lambda s: s, nnx.as_pure):
+    m = nnx.clone(model)
+    opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
+    opt.update(m, nnx.grad(loss)(m),
+               grad_fn=lambda p: wrap(nnx.grad(loss)(nnx.merge(graphdef, p))))
+    results.append(jax.tree.leaves(nnx.as_pure(nnx.state(m, nnx.Param))))
+  jax.tree.map(np.testing.assert_array_equal, *results)
+  assert not np.array_equal(results[0][0], jax.tree.leaves(
+      nnx.as_pure(nnx.state(model, nnx.Param)))[0])

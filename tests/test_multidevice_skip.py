@@ -751,3 +751,15 @@ def test_microbatch_skip_counts_over_devices_and_locally_where_unbound():
   with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
                      r"axis name or a tuple of them, but got 3\."):
     og.skip_nonfinite_microbatch(axis_name=3)
+
+
+def test_microbatch_skip_reports_an_unbound_axis_beside_a_bound_one():
+  """On a ("d", "m") mesh mapped over "d" only, axis_name=("d", "m") names
+  an axis that is not bound there: refused by name, not counted locally."""
+  mesh = Mesh(np.array(jax.devices()[:N]).reshape(4, 2), ("d", "m"))
+  should_skip = og.skip_nonfinite_microbatch(axis_name=("d", "m"))
+  fn = jax.shard_map(lambda x: should_skip({"w": x}, 0, None)[0], mesh=mesh,
+                     in_specs=P("d"), out_specs=P(), axis_names={"d"})
+  with pytest.raises(ValueError, match=r"axis_name=\('d', 'm'\) names mesh "
+                     r"axes \['m'\] that are not bound"):
+    jax.jit(fn)(np.ones(8, np.float32))

@@ -1051,8 +1051,10 @@ def test_an_update_that_does_not_name_the_protocol_is_refused():
   with pytest.raises(ValueError, match=(
       r"`GuardAwareTransformation` needs an `update` that names the keyword "
       r"arguments `guard_keep` and `guard_scale` .* does not name guard_keep "
-      r"or guard_scale: a guard would pass its decision where it is dropped "
-      r"or refused, and neither clip nor skip\.")):
+      r"or guard_scale: an update that takes them only through "
+      r"`\*\*extra_args` \(as optax's do\) would drop the guard's decision, "
+      r"which would then neither clip nor skip\. Name both, and pass them on "
+      r"where your update forwards to another\.")):
     og.GuardAwareTransformation(inner.init, inner.update)
 
   def update_keep_only(updates, state, params=None, *, guard_keep=None,
@@ -1066,3 +1068,6 @@ def test_an_update_that_does_not_name_the_protocol_is_refused():
   og.GuardAwareTransformation(inner.init, update)
   og.GuardAwareTransformation(inner.init, functools.partial(update,
                                                             params=None))
+  # A decorator that copied another update's metadata: this one is read.
+  og.GuardAwareTransformation(inner.init,
+                              functools.wraps(inner.update)(update))
