@@ -21,10 +21,27 @@ from optax_guard import _stats
 
 def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
   """The loss passed as `loss=` (or `value=`, optax's line-search name)."""
-  loss = extra_args.get("loss", extra_args.get("value"))
+  name = "loss" if "loss" in extra_args else "value"
+  loss = extra_args.get(name)
   if loss is None:
     return None
-  return jnp.mean(jnp.asarray(loss).astype(jnp.float32))
+  try:
+    loss = jnp.asarray(loss)
+  except (TypeError, ValueError):
+    loss = None
+  if loss is None or loss.ndim != 0 or not (
+      jnp.issubdtype(loss.dtype, jnp.integer) or
+      jnp.issubdtype(loss.dtype, jnp.floating)):
+    what = (f"an array of shape {loss.shape}" if loss is not None and
+            loss.ndim else f"a {type(extra_args[name]).__name__} "
+            f"({repr(extra_args[name])[:60]})")
+    raise ValueError(
+        f"`{name}=` must be this batch's loss, one real number, but got "
+        f"{what}: reduce a per-example or per-token loss as your objective "
+        "does (a masked mean, say) and pass that; with "
+        "`jax.value_and_grad(..., has_aux=True)`, pass the loss, not the "
+        "(loss, aux) pair.")
+  return loss.astype(jnp.float32)
 
 
 def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:

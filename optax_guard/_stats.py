@@ -150,10 +150,11 @@ def is_typed(axes: tuple[str, ...]) -> bool:
     given = axes[0] if len(axes) == 1 else axes
     raise ValueError(
         f"axis_name={given!r} names mesh axes {unbound} that are not bound "
-        "where the update runs: pass axis_name only inside `jax.shard_map` "
-        "or `jax.pmap` over those axes; under plain `jax.jit` with sharded "
-        "arrays leave axis_name=None (the statistics are then global by "
-        "construction).")
+        "where the update runs: check the names against the axes of your "
+        "mesh or `pmap(axis_name=...)`, and pass axis_name only inside "
+        "`jax.shard_map` or `jax.pmap` over those axes; under plain "
+        "`jax.jit` with sharded arrays leave axis_name=None (the statistics "
+        "are then global by construction).")
   return all(typed)
 
 

@@ -511,3 +511,28 @@ def test_a_guard_inside_a_guard_is_refused():
         r"the outer one's clipped gradients, and every metric would come "
         r"twice\)\.$")):
       og.guard(inner).init(params)
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: og.guard(optax.sgd(0.1)), lambda: og.monitor(),
+    lambda: og.skip_nonfinite(optax.sgd(0.1)),
+    lambda: og.skip_spikes(optax.sgd(0.1))])
+def test_a_loss_that_is_not_one_number_is_refused(factory):
+  """A per-token loss would be averaged without its mask, and a
+  (loss, aux) pair is not a loss: both are named."""
+  tx = factory()
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  for loss, what in [
+      (jnp.ones((2, 3)), r"an array of shape \(2, 3\)"),
+      ((jnp.float32(1.0), {"acc": 1.0}), r"a tuple \(\(Array\(1\., "),
+      ("1.0", r"a str \('1\.0'\)")]:
+    with pytest.raises(ValueError, match=(
+        rf"^`loss=` must be this batch's loss, one real number, but got "
+        rf"{what}.*: reduce a per-example or per-token loss as your "
+        r"objective does \(a masked mean, say\) and pass that; with "
+        r"`jax.value_and_grad\(\.\.\., has_aux=True\)`, pass the loss, not "
+        r"the \(loss, aux\) pair\.$")):
+      tx.update(params, state, params, loss=loss)
+  for loss in (2.0, 3, np.float64(1.5), jnp.bfloat16(0.5)):  # numbers pass
+    tx.update(params, state, params, loss=loss)

@@ -451,9 +451,10 @@ def test_axis_name_outside_shard_map_or_pmap_is_a_clear_error(make):
   params = {"w": jnp.ones((4,), jnp.float32)}
   with pytest.raises(ValueError, match=(
       r"axis_name=.* names mesh axes \[.*'data'.*\] that are not bound "
-      r"where the update runs: pass axis_name only inside `jax.shard_map` or "
-      r"`jax.pmap` over those axes; under plain `jax.jit` with sharded arrays "
-      r"leave axis_name=None")):
+      r"where the update runs: check the names against the axes of your "
+      r"mesh or `pmap\(axis_name=...\)`, and pass axis_name only inside "
+      r"`jax.shard_map` or `jax.pmap` over those axes; under plain `jax.jit` "
+      r"with sharded arrays leave axis_name=None")):
     jax.jit(tx.update)(params, tx.init(params), params)
 
 
