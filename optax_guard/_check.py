@@ -578,8 +578,11 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
   clips = [(s, c) for s, c in states if type(s) in _CLIPS]
   states = [(s, c) for s, c in states if type(s) not in _CLIPS]
-  if any(isinstance(s, SkipNonfiniteState) for s, _ in states):
-    # A skipper reports non-finite steps itself, saying what it did.
+  if any(isinstance(s, SkipNonfiniteState) and _nonfinite_error(s)
+         for s, _ in states):
+    # A skipper that reports this step says what it did; one that saw
+    # nothing (it guards other layers, or sits under a wrapper that kept
+    # the step from it) leaves the monitor to report what was applied.
     states = [(s, c) for s, c in states if not (
         isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
   # Without one, a spike test skips a NaN/Inf step too: the monitor then

@@ -536,3 +536,30 @@ def test_a_loss_that_is_not_one_number_is_refused(factory):
       tx.update(params, state, params, loss=loss)
   for loss in (2.0, 3, np.float64(1.5), jnp.bfloat16(0.5)):  # numbers pass
     tx.update(params, state, params, loss=loss)
+
+
+@pytest.mark.standard_promotion  # optax.adam
+def test_check_reports_a_nan_applied_where_no_guard_looked():
+  """A guard on one part of the model says nothing of a NaN in another
+  part, which is applied: the monitor ahead of the chain reports it."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  grads = {"a": jnp.ones(2), "b": jnp.array([jnp.nan, 1.0, 1.0])}
+  for inner in (
+      optax.multi_transform({"g": og.guard(og.adamw(0.1)),
+                             "p": optax.adam(0.1)}, {"a": "g", "b": "p"}),
+      optax.masked(og.guard(og.adamw(0.1)), {"a": True, "b": False})):
+    tx = optax.chain(og.monitor(), inner)
+    updates, state = tx.update(grads, tx.init(params), params)
+    assert np.isnan(updates["b"][0])                    # applied
+    assert not og.metrics(state)["optim/skipped"]       # the guard saw a
+    with pytest.raises(og.NonFiniteGradientError, match=(
+        r"^Step 0: the gradients hold 1 NaN/Inf element; first bad layers: "
+        r"b \(1 NaN/Inf\)\. Nothing in this chain skips such a step")) as e:
+      og.check(state)
+    assert e.value.layers == {"b": 1}
+  # Where the guard sees the NaN, it reports what it did (skipped).
+  tx = optax.chain(og.monitor(), og.guard(og.adamw(0.1)))
+  _, state = tx.update(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"The guard skipped the step"):
+    og.check(state)
