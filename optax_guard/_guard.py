@@ -285,6 +285,7 @@ def guard(
       _clipping.check_scalable(params, f"guard's clip (max_norm={max_norm})")
     inner_state = inner.init(params)
     _refuse_inside(inner_state, max_norm)
+    _monitor.warn_if_wrapped(inner_state, "guard")
     return GuardState(inner_state=inner_state, **{
         name: None if part is None else part.init(params)
         for name, part in parts.items()})

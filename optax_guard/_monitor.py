@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -254,6 +255,22 @@ def record_loss(state: MonitorState, loss: jax.Array | None,
       loss=loss, loss_ema_raw=raw, loss_steps=steps,
       loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
       loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
+
+
+def warn_if_wrapped(inner_state: Any, who: str) -> None:
+  """Warns (at init) where a gradient monitor sits inside a skipping
+  wrapper, whose skipped steps roll its statistics back."""
+  is_monitor = lambda x: isinstance(x, MonitorState)
+  if any(is_monitor(x) and x.naming.kind == "grad" for x in
+         jax.tree.leaves(inner_state, is_leaf=is_monitor)):
+    warnings.warn(
+        f"`{who}` wraps an `og.monitor` of the gradients, whose statistics "
+        "it rolls back with the rest of its inner state on a skipped step, "
+        "so the monitor shows nothing of the steps it is there for: "
+        + ("leave it out (the guard's own monitor measures the gradients "
+           "first)" if who == "guard" else
+           f"put it ahead of the wrapper, `optax.chain(og.monitor(), "
+           f"og.{who}(...))`") + ".", stacklevel=3)
 
 
 def monitor(

@@ -10,6 +10,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _metrics
+from optax_guard import _monitor
 from optax_guard import _skip
 from optax_guard import _stats
 
@@ -192,9 +193,11 @@ def skip_nonfinite(
   inner = _skip.check_inner(inner)
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    _monitor.warn_if_wrapped(inner_state, "skip_nonfinite")
     i32 = lambda v: jnp.full((), v, jnp.int32)
     return SkipNonfiniteState(
-        inner_state=inner.init(params), step=i32(0),
+        inner_state=inner_state, step=i32(0),
         skipped=jnp.zeros((), jnp.bool_), num_skipped=i32(0),
         consecutive=i32(0), first_bad_step=i32(-1), last_bad_step=i32(-1),
         last_bad_reason=i32(REASON_NONE),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_guard import _args
+from optax_guard import _monitor
 from optax_guard import _skip
 from optax_guard import _stats
 
@@ -293,11 +294,13 @@ def skip_spikes(
   count = min_count(window, warmup_steps)
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    _monitor.warn_if_wrapped(inner_state, "skip_spikes")
     i32 = lambda v: jnp.full((), v, jnp.int32)
     inf = lambda: jnp.full((), jnp.inf, jnp.float32)  # one buffer per leaf
     zero = lambda: jnp.zeros((), jnp.float32)
     return SkipSpikesState(
-        inner_state=inner.init(params), step=i32(0),
+        inner_state=inner_state, step=i32(0),
         skipped=jnp.zeros((), jnp.bool_), num_spikes=i32(0),
         consecutive=i32(0), last_spike_step=i32(-1),
         norms=window_init(window), losses=window_init(window),

@@ -739,3 +739,24 @@ def test_histogram_counts_a_subnormal_once_as_zero(dtype, shape):
   for update in (jax.jit(tx.update), tx.update):
     _, state = update(grads, tx.init(grads))
     np.testing.assert_array_equal(og.metrics(state)["grad/hist/w"], want)
+
+
+@pytest.mark.parametrize("who", ["skip_nonfinite", "skip_spikes", "guard"])
+def test_a_gradient_monitor_inside_a_skip_is_warned_of(who):
+  """Inside, its statistics are rolled back on exactly the skipped steps."""
+  params = {"w": jnp.ones(2)}
+  wrap = getattr(og, who)
+  inner = optax.chain(og.monitor(), optax.sgd(0.1))
+  advice = ("leave it out \\(the guard's own monitor measures the gradients "
+            "first\\)" if who == "guard" else
+            rf"put it ahead of the wrapper, `optax.chain\(og.monitor\(\), "
+            rf"og.{who}\(...\)\)`")
+  with pytest.warns(UserWarning, match=(
+      rf"^`{who}` wraps an `og.monitor` of the gradients, whose statistics "
+      r"it rolls back with the rest of its inner state on a skipped step, so "
+      rf"the monitor shows nothing of the steps it is there for: {advice}\.$")):
+    wrap(inner).init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # ahead of it, or measuring updates: quiet
+    optax.chain(og.monitor(), wrap(optax.sgd(0.1))).init(params)
+    wrap(optax.chain(optax.sgd(0.1), og.monitor(kind="update"))).init(params)
