@@ -20,6 +20,7 @@ from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import REASONS
 from optax_guard._nonfinite import SkipNonfiniteState
+from optax_guard._nonfinite import ZeroNonfiniteState
 from optax_guard._spikes import SkipSpikesState
 
 _MAX_LAYERS = 3  # layers named in a message
@@ -340,6 +341,19 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   return None
 
 
+def _zero_error(s: ZeroNonfiniteState) -> GuardError | None:
+  """zero_nonfinite replaced NaN/Inf elements at the last step (it counts
+  no steps: the error's step is -1, as for a clip)."""
+  layers = _bad_layers(s.replaced)
+  n = int(np.sum(np.asarray(s.replaced.values), dtype=np.int64))
+  if n == 0:
+    return None
+  return NonFiniteGradientError(
+      f"The last step's gradients held {_plural(n, 'NaN/Inf element')}"
+      f"{_describe(layers)}: og.zero_nonfinite replaced them with zeros and "
+      "the step went on.", -1, layers)
+
+
 def _microbatch_error(s: _metrics.MultiStepsView) -> GuardError | None:
   """optax.MultiSteps dropped the latest micro-batch."""
   if s.skipped is None or not bool(s.skipped):
@@ -411,6 +425,7 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
            MonitorState: _monitor_error,
            _metrics.MultiStepsView: _microbatch_error,
+           ZeroNonfiniteState: _zero_error,
            **{clip: _clip_error for clip in _CLIPS}}
 
 # Said where a NaN/Inf is reported inside an optax.MultiSteps whose skip
@@ -444,6 +459,7 @@ class _Context(NamedTuple):
   monitor: Any = None
   steps_seen: int = 0
   hint: str = ""
+  scope: tuple[Any, ...] = ()
 
 
 def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
@@ -481,7 +497,8 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
       for part in (p for p in parts if p is not None):
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
-        out.append((part, _Context(own or nearest, steps_seen[-1], hint)))
+        out.append((part, _Context(own or nearest, steps_seen[-1], hint,
+                                   scope)))
     while views and views[-1][0] == 0:
       views.pop()
       steps_seen.pop()
@@ -504,7 +521,13 @@ def check(opt_state: Any) -> None:
   `clip_by_layer_norm`, `adaptive_grad_clip`, `autoclip`, `zclip`) that saw
   a NaN/Inf norm passed the gradients on unscaled: it is reported too, where
   nothing else reports the step (no skipper after it, no monitor that
-  measured the step; it counts no steps, so the error's `step` is -1).
+  measured the step; it counts no steps, so the error's `step` is -1), and
+  so is a `zero_nonfinite` that replaced NaN/Inf elements (naming the
+  layers, `step` -1). A monitor's NaN/Inf count is left to what handled
+  the step (a skip, a `zero_nonfinite`, a MultiSteps that dropped the
+  micro-batch), except in layers none of them saw (a guard in another
+  `optax.multi_transform` part or `optax.masked`): those were applied, and
+  that is raised first.
   Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
@@ -578,11 +601,17 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
   clips = [(s, c) for s, c in states if type(s) in _CLIPS]
   states = [(s, c) for s, c in states if type(s) not in _CLIPS]
-  if any(isinstance(s, SkipNonfiniteState) and _nonfinite_error(s)
-         for s, _ in states):
-    # A skipper that reports this step says what it did; one that saw
-    # nothing (it guards other layers, or sits under a wrapper that kept
-    # the step from it) leaves the monitor to report what was applied.
+  # A monitor's NaN/Inf count is left to what handled the step (a skip that
+  # reports it, a zero_nonfinite that replaced it, a MultiSteps that
+  # dropped the micro-batch), which says what it did; it is reported only
+  # for the layers none of those saw (another part of the model).
+  applied = []
+  handlers = _handlers(states)
+  for s, c in states:
+    if isinstance(s, MonitorState) and int(s.num_nonfinite) > 0 and handlers:
+      error = _applied_error(s, c, handlers)
+      applied += [error] if error else []
+  if handlers:
     states = [(s, c) for s, c in states if not (
         isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
   # Without one, a spike test skips a NaN/Inf step too: the monitor then
@@ -616,5 +645,43 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     # none: one after the clip would have skipped and said so): what a
     # clip saw is all there is.
     errors = [e for e in (error_of(s, c) for s, c in clips) if e is not None]
+  errors = applied + errors
   errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
   return errors[0] if errors else None
+
+
+def _handlers(states: list[tuple[Any, _Context]]
+              ) -> list[tuple[tuple[Any, ...], tuple[str, ...] | None]]:
+  """What handled a NaN/Inf at the last step, as (scope, layer names it
+  saw; None: every layer of its scope)."""
+  out = []
+  for s, c in states:
+    if isinstance(s, SkipNonfiniteState) and _nonfinite_error(s):
+      out.append((c.scope, s.last_bad_counts.names))
+    elif (isinstance(s, ZeroNonfiniteState) and
+          int(np.sum(np.asarray(s.replaced.values))) > 0):
+      out.append((c.scope, s.replaced.names))
+    elif isinstance(s, _metrics.MultiStepsView) and _microbatch_error(s):
+      out.append((c.scope, None))
+  return out
+
+
+def _applied_error(s: MonitorState, context: _Context,
+                   handlers: list[tuple[tuple[Any, ...], Any]]
+                   ) -> GuardError | None:
+  """The monitor's NaN/Inf layers that nothing in `handlers` saw."""
+  if any(context.scope[:len(scope)] == scope for scope, _ in handlers):
+    return None  # a handler at or above the monitor's part saw all of it
+  seen = {name for _, names in handlers for name in names or ()}
+  missed = {name: count for name, count in _bad_layers(s.nonfinite).items()
+            if name not in seen}
+  if not missed or not _measured_last(s):
+    return None
+  step = int(s.step) - 1
+  n = sum(missed.values())
+  return NonFiniteGradientError(
+      f"Step {step}: {_plural(n, 'NaN/Inf element')} in layers that nothing "
+      f"skipped or zeroed {'was' if n == 1 else 'were'} applied"
+      f"{_describe(missed)}. A guard or skip in one part of the model "
+      "(`optax.multi_transform`, `optax.masked`) does not see the others: "
+      "put one around the whole optimizer.", step, missed)

@@ -557,9 +557,32 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
         r"b \(1 NaN/Inf\)\. Nothing in this chain skips such a step")) as e:
       og.check(state)
     assert e.value.layers == {"b": 1}
+    # A NaN in both parts: the guard skipped its part, the other part's NaN
+    # was applied, and that is what is reported.
+    both = {"a": jnp.array([jnp.nan, 1.0]), "b": grads["b"]}
+    updates, state = tx.update(both, tx.init(params), params)
+    assert og.metrics(state)["optim/skipped"] and np.isnan(updates["b"][0])
+    with pytest.raises(og.NonFiniteGradientError, match=(
+        r"^Step 0: 1 NaN/Inf element in layers that nothing skipped or "
+        r"zeroed was applied; first bad layers: b \(1 NaN/Inf\)\. A guard or "
+        r"skip in one part of the model \(`optax.multi_transform`, "
+        r"`optax.masked`\) does not see the others: put one around the whole "
+        r"optimizer\.$")) as e:
+      og.check(state)
+    assert e.value.layers == {"b": 1}
   # Where the guard sees the NaN, it reports what it did (skipped).
   tx = optax.chain(og.monitor(), og.guard(og.adamw(0.1)))
   _, state = tx.update(grads, tx.init(params), params)
   with pytest.raises(og.NonFiniteGradientError,
                      match=r"The guard skipped the step"):
+    og.check(state)
+  # A MultiSteps that dropped the micro-batch says so, not the monitor.
+  tx = optax.chain(og.monitor(), optax.MultiSteps(
+      og.guard(og.adamw(0.1)), 2,
+      should_skip_update_fn=og.skip_nonfinite_microbatch()))
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  _, state = tx.update(grads, state, params)
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"^Step 0, micro-batch 1: optax.MultiSteps dropped the micro-batch")):
     og.check(state)

@@ -627,6 +627,29 @@ def test_zero_nonfinite_replaces_inf_that_optax_zero_nans_keeps():
   assert np.isinf(np.asarray(theirs["w"])).sum() == 2  # for the record
 
 
+def test_check_says_what_zero_nonfinite_did():
+  """Ahead of it a monitor counts the NaN, behind it a skip sees zeros, and
+  after a clip the clip saw the NaN: og.check reports the zeroing (which
+  layers, and that the step went on), not 'nothing skips' or the clip."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  grads = {"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan, jnp.inf])}
+  for tx in (optax.chain(og.monitor(), og.zero_nonfinite(), optax.sgd(0.1)),
+             optax.chain(og.monitor(), og.zero_nonfinite(),
+                         og.skip_nonfinite(optax.sgd(0.1))),
+             optax.chain(og.clip_by_global_norm(1.0), og.zero_nonfinite(),
+                         optax.sgd(0.1))):
+    updates, state = tx.update(grads, tx.init(params), params)
+    assert np.all(np.isfinite(updates["b"]))
+    with pytest.raises(og.NonFiniteGradientError, match=(
+        r"^The last step's gradients held 2 NaN/Inf elements; first bad "
+        r"layers: b \(2 NaN/Inf\): og.zero_nonfinite replaced them with zeros "
+        r"and the step went on\.$")) as e:
+      og.check(state)
+    assert e.value.step == -1 and e.value.layers == {"b": 2}
+    _, state = tx.update(params, state, params)  # a clean step: quiet
+    og.check(state)
+
+
 # ----------------------------------------------------------- metric names
 
 
