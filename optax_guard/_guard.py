@@ -58,6 +58,9 @@ class GuardState(NamedTuple):
     return out
 
 
+_monitor.ROLLING_BACK.append(GuardState)  # see warn_if_wrapped
+
+
 def _refuse_inside(inner_state: Any, max_norm: float | None) -> None:
   """Refuses, at init, what must not sit inside a guard: another guard (its
   spike test would see clipped norms only, and it would take the generic

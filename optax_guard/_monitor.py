@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -257,20 +258,48 @@ def record_loss(state: MonitorState, loss: jax.Array | None,
       loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
 
 
+# The states of the wrappers that roll their inner state back on a skipped
+# step; `skip_nonfinite`, `skip_spikes` and `guard` register theirs.
+ROLLING_BACK: list[type] = []
+
+
 def warn_if_wrapped(inner_state: Any, who: str) -> None:
   """Warns (at init) where a gradient monitor sits inside a skipping
-  wrapper, whose skipped steps roll its statistics back."""
-  is_monitor = lambda x: isinstance(x, MonitorState)
-  if any(is_monitor(x) and x.naming.kind == "grad" for x in
-         jax.tree.leaves(inner_state, is_leaf=is_monitor)):
-    warnings.warn(
-        f"`{who}` wraps an `og.monitor` of the gradients, whose statistics "
-        "it rolls back with the rest of its inner state on a skipped step, "
-        "so the monitor shows nothing of the steps it is there for: "
-        + ("leave it out (the guard's own monitor measures the gradients "
-           "first)" if who == "guard" else
-           f"put it ahead of the wrapper, `optax.chain(og.monitor(), "
-           f"og.{who}(...))`") + ".", stacklevel=3)
+  wrapper, whose skipped steps roll its statistics back. A wrapper inside
+  warned of its own (they are not looked into)."""
+  kinds = (MonitorState, *ROLLING_BACK)
+  found = [x for x in jax.tree.leaves(
+      inner_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(x, kinds)]
+  if any(getattr(x, "monitor", None) is not None and
+         isinstance(x, tuple(ROLLING_BACK)) for x in found):
+    advice = ("put the guard outside: it skips NaN/Inf and spikes itself "
+              "(`skip_nonfinite=`, `spike_sigma=`)")
+    what = "an `og.guard`, whose own monitor"
+  elif any(isinstance(x, MonitorState) and x.naming.kind == "grad"
+           for x in found):
+    advice = ("leave it out (the guard's own monitor measures the gradients "
+              "first)" if who == "guard" else
+              f"put it ahead of the wrapper, `optax.chain(og.monitor(), "
+              f"og.{who}(...))`")
+    what = "an `og.monitor` of the gradients, whose statistics"
+  else:
+    return
+  warnings.warn(
+      f"`{who}` wraps {what} it rolls back with the rest of its inner state "
+      "on a skipped step, so the monitor shows nothing of the steps it is "
+      f"there for: {advice}.", stacklevel=_user_frame())
+
+
+def _user_frame() -> int:
+  """The `stacklevel` of the first caller outside this package and the
+  libraries that call an `init` for the user (optax, flax, jax)."""
+  level, frame = 2, sys._getframe(2)  # 1: the caller of warnings.warn
+  while frame is not None and frame.f_globals.get(
+      "__name__", "").partition(".")[0] in (
+          "optax_guard", "optax", "flax", "jax"):
+    level, frame = level + 1, frame.f_back
+  return level
 
 
 def monitor(

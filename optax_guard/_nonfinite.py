@@ -63,6 +63,9 @@ class SkipNonfiniteState(NamedTuple):
     }
 
 
+_monitor.ROLLING_BACK.append(SkipNonfiniteState)  # see warn_if_wrapped
+
+
 def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
            loss_ok: jax.Array, inner_ok: jax.Array,
            inner_nonfinite: jax.Array | None,

@@ -95,13 +95,21 @@ def _check_protocol(update: Any) -> None:
   alone (an optax optimizer's update), the guard's decision would be
   dropped, and the guard would neither clip nor skip."""
   try:
-    # Not `__wrapped__`'s: a decorator copied from another update is not it.
+    # Its own first: a decorator copied from another update is not that one.
     signature = inspect.signature(update, follow_wrapped=False)
   except (TypeError, ValueError):  # no signature to read (a C function)
     return
-  named = {name for name, p in signature.parameters.items()
+  parameters = signature.parameters.values()
+  named = {p.name for p in parameters
            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
   missing = [k for k in ("guard_keep", "guard_scale") if k not in named]
+  forwards = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                 for p in parameters)
+  if missing and forwards and hasattr(update, "__wrapped__"):
+    # `(*args, **kwargs)` of a decorator (`jax.named_call`, a logger): it
+    # passes everything on, so what it wraps decides.
+    _check_protocol(update.__wrapped__)
+    return
   if missing:
     raise ValueError(
         "`GuardAwareTransformation` needs an `update` that names the "

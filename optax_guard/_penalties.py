@@ -245,6 +245,10 @@ def _check_gradients(probe: Any, params: Any) -> None:
   probes, leaves = jax.tree.leaves(probe), jax.tree.leaves(params)
   same = len(probes) == len(leaves) and all(
       np.shape(q) == np.shape(p) for q, p in zip(probes, leaves))
+  try:  # and the parameters' structure, down to their leaves
+    jax.tree.map(lambda p, q: None, params, probe)
+  except ValueError:
+    same = False
   if not same:
     raise ValueError(
         "`add_gradient_norm_penalty` needs `grad_fn(params)` to return the "

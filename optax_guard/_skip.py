@@ -29,11 +29,11 @@ def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
     loss = jnp.asarray(loss)
   except (TypeError, ValueError):
     loss = None
-  if loss is None or loss.ndim != 0 or not (
+  if loss is None or loss.size != 1 or not (
       jnp.issubdtype(loss.dtype, jnp.integer) or
       jnp.issubdtype(loss.dtype, jnp.floating)):
     what = (f"an array of shape {loss.shape}" if loss is not None and
-            loss.ndim else f"a {type(extra_args[name]).__name__} "
+            loss.size != 1 else f"a {type(extra_args[name]).__name__} "
             f"({repr(extra_args[name])[:60]})")
     raise ValueError(
         f"`{name}=` must be this batch's loss, one real number, but got "
@@ -41,7 +41,7 @@ def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
         "does (a masked mean, say) and pass that; with "
         "`jax.value_and_grad(..., has_aux=True)`, pass the loss, not the "
         "(loss, aux) pair.")
-  return loss.astype(jnp.float32)
+  return loss.reshape(()).astype(jnp.float32)
 
 
 def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:

@@ -146,6 +146,9 @@ class SkipSpikesState(NamedTuple):
     }
 
 
+_monitor.ROLLING_BACK.append(SkipSpikesState)  # see warn_if_wrapped
+
+
 def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
            *, sigma: Any, min_count: int,
            max_consecutive: int | None) -> tuple[jax.Array, SkipSpikesState]:

@@ -534,7 +534,8 @@ def test_a_loss_that_is_not_one_number_is_refused(factory):
         r"`jax.value_and_grad\(\.\.\., has_aux=True\)`, pass the loss, not "
         r"the \(loss, aux\) pair\.$")):
       tx.update(params, state, params, loss=loss)
-  for loss in (2.0, 3, np.float64(1.5), jnp.bfloat16(0.5)):  # numbers pass
+  for loss in (2.0, 3, np.float64(1.5), jnp.bfloat16(0.5),  # numbers pass
+               jnp.ones((1,)), jnp.ones((1, 1))):
     tx.update(params, state, params, loss=loss)
 
 

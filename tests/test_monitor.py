@@ -760,3 +760,16 @@ def test_a_gradient_monitor_inside_a_skip_is_warned_of(who):
     warnings.simplefilter("error")  # ahead of it, or measuring updates: quiet
     optax.chain(og.monitor(), wrap(optax.sgd(0.1))).init(params)
     wrap(optax.chain(optax.sgd(0.1), og.monitor(kind="update"))).init(params)
+  # Said once, of the innermost wrapper, and pointing at the caller's line
+  # through optax's chain.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    optax.chain(og.skip_spikes(og.skip_nonfinite(inner))).init(params)
+  assert len(caught) == 1 and caught[0].filename == __file__
+  assert "`skip_nonfinite` wraps an `og.monitor`" in str(caught[0].message)
+  if who != "guard":  # (a guard inside a guard is refused)
+    with pytest.warns(UserWarning, match=(
+        rf"^`{who}` wraps an `og.guard`, whose own monitor it rolls back "
+        r".*: put the guard outside: it skips NaN/Inf and spikes itself "
+        r"\(`skip_nonfinite=`, `spike_sigma=`\)\.$")):
+      wrap(og.guard(optax.sgd(0.1))).init(params)

@@ -1071,3 +1071,9 @@ def test_an_update_that_does_not_name_the_protocol_is_refused():
   # A decorator that copied another update's metadata: this one is read.
   og.GuardAwareTransformation(inner.init,
                               functools.wraps(inner.update)(update))
+  # Decorators that pass everything on: what they wrap decides.
+  for forwarding in (jax.named_call, jax.checkpoint):
+    og.GuardAwareTransformation(inner.init, forwarding(update))
+    with pytest.raises(ValueError, match=r"does not name guard_keep or "
+                       r"guard_scale"):
+      og.GuardAwareTransformation(inner.init, forwarding(inner.update))

@@ -453,11 +453,12 @@ def test_a_clipping_guard_refuses_the_penalty_inside_it_and_takes_it_before():
                              0.1 * np.linalg.norm(g), rtol=1e-6)
 
 
-@pytest.mark.parametrize("wrong", ["value_and_grad", "loss"])
+@pytest.mark.parametrize("wrong", ["value_and_grad", "loss", "nested"])
 def test_a_grad_fn_that_returns_something_else_is_named(wrong):
   loss = lambda p: jnp.sum(p["w"] ** 2)
   params = {"w": jnp.asarray([1.0, 2.0])}
-  grad_fn = jax.value_and_grad(loss) if wrong == "value_and_grad" else loss
+  grad_fn = {"value_and_grad": jax.value_and_grad(loss), "loss": loss,
+             "nested": lambda p: {"params": jax.grad(loss)(p)}}[wrong]
   tx = og.add_gradient_norm_penalty(0.1)
   with pytest.raises(ValueError, match=(
       r"`add_gradient_norm_penalty` needs `grad_fn\(params\)` to return the "
