@@ -624,8 +624,11 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     skipped = (f"The guard skipped the step (its spike test skips a NaN/Inf "
                f"norm; {int(by_spikes[0].num_spikes)} skipped in total).")
     states = [(s, c) for s, c in states if not any(s is b for b in by_spikes)]
-  loss_reported = any(isinstance(s, (SkipNonfiniteState, SkipSpikesState))
-                      for s, _ in states)
+  # A skip that saw a NaN/Inf loss skipped the step and says so; one that
+  # did not skip never saw it (a wrapper that drops `loss=` before it).
+  loss_reported = any(
+      isinstance(s, (SkipNonfiniteState, SkipSpikesState)) and
+      bool(s.skipped) for s, _ in states)
 
   def error_of(s: Any, context: _Context) -> GuardError | None:
     if isinstance(s, SkipSpikesState):
@@ -638,47 +641,70 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
       error = type(error)(f"{error}{context.hint}", error.step, error.layers)
     return error
 
-  errors = [e for e in (error_of(s, c) for s, c in states) if e is not None]
+  # What was applied or skipped comes before a zeroing that let the step go
+  # on (a skip after it may still have skipped the step, for its loss), and
+  # non-finite values before spikes.
+  rank = lambda s, e: (isinstance(s, ZeroNonfiniteState),
+                       isinstance(e, GradientExplosionError))
+  errors = [(rank(s, e), e) for s, e in ((s, error_of(s, c))
+                                         for s, c in states) if e is not None]
   if not errors:
     # Nothing else said a word (no monitor, or one that did not measure
     # this step; a skipper only in another `multi_transform` partition, or
     # none: one after the clip would have skipped and said so): what a
     # clip saw is all there is.
-    errors = [e for e in (error_of(s, c) for s, c in clips) if e is not None]
-  errors = applied + errors
-  errors.sort(key=lambda e: isinstance(e, GradientExplosionError))
-  return errors[0] if errors else None
+    errors = [(rank(s, e), e) for s, e in ((s, error_of(s, c))
+                                           for s, c in clips) if e is not None]
+  errors = [((False, False), e) for e in applied] + errors
+  errors.sort(key=lambda pair: pair[0])
+  return errors[0][1] if errors else None
 
 
 def _handlers(states: list[tuple[Any, _Context]]
-              ) -> list[tuple[tuple[Any, ...], tuple[str, ...] | None]]:
-  """What handled a NaN/Inf at the last step, as (scope, layer names it
-  saw; None: every layer of its scope)."""
+              ) -> list[tuple[tuple[Any, ...], tuple[str, ...], int | None]]:
+  """What handled a NaN/Inf at the last step, as (scope, the layer names it
+  counts them by, how many elements it saw; None: not counted)."""
   out = []
   for s, c in states:
     if isinstance(s, SkipNonfiniteState) and _nonfinite_error(s):
-      out.append((c.scope, s.last_bad_counts.names))
-    elif (isinstance(s, ZeroNonfiniteState) and
-          int(np.sum(np.asarray(s.replaced.values))) > 0):
-      out.append((c.scope, s.replaced.names))
+      counts = s.last_bad_counts
+    elif isinstance(s, ZeroNonfiniteState) and _zero_error(s):
+      counts = s.replaced
     elif isinstance(s, _metrics.MultiStepsView) and _microbatch_error(s):
-      out.append((c.scope, None))
+      out.append((c.scope, (), None if s.nonfinite is None
+                  else int(s.nonfinite)))
+      continue
+    else:
+      continue
+    out.append((c.scope, counts.names,
+                int(np.sum(np.asarray(counts.values), dtype=np.int64))))
   return out
 
 
 def _applied_error(s: MonitorState, context: _Context,
-                   handlers: list[tuple[tuple[Any, ...], Any]]
+                   handlers: list[tuple[tuple[Any, ...], tuple[str, ...],
+                                        int | None]]
                    ) -> GuardError | None:
-  """The monitor's NaN/Inf layers that nothing in `handlers` saw."""
-  if any(context.scope[:len(scope)] == scope for scope, _ in handlers):
+  """The monitor's NaN/Inf elements that nothing in `handlers` saw: by
+  count (the handlers may name layers otherwise, `stacked=`/`groups=`),
+  and named where the names tell which."""
+  scope = context.scope
+  if not _measured_last(s) or any(
+      scope[:len(h)] == h for h, _, _ in handlers):
     return None  # a handler at or above the monitor's part saw all of it
-  seen = {name for _, names in handlers for name in names or ()}
+  inside = [(names, n) for h, names, n in handlers if h[:len(scope)] == scope]
+  if any(n is None for _, n in inside):
+    return None  # a micro-batch dropped uncounted: nothing to tell by
+  missed_total = int(s.num_nonfinite) - sum(n for _, n in inside)
+  if missed_total <= 0:
+    return None
+  seen = {name for names, _ in inside for name in names}
   missed = {name: count for name, count in _bad_layers(s.nonfinite).items()
             if name not in seen}
-  if not missed or not _measured_last(s):
-    return None
+  if sum(missed.values()) != missed_total:
+    missed = {}  # named otherwise than the monitor: which layers is unknown
   step = int(s.step) - 1
-  n = sum(missed.values())
+  n = missed_total
   return NonFiniteGradientError(
       f"Step {step}: {_plural(n, 'NaN/Inf element')} in layers that nothing "
       f"skipped or zeroed {'was' if n == 1 else 'were'} applied"

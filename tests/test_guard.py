@@ -587,3 +587,63 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
   with pytest.raises(og.NonFiniteGradientError, match=(
       r"^Step 0, micro-batch 1: optax.MultiSteps dropped the micro-batch")):
     og.check(state)
+
+
+@pytest.mark.standard_promotion  # optax.sgd under multi_transform
+def test_check_tells_skipped_zeroed_and_applied_apart():
+  """What og.check says against what the updates and states show: layers
+  named otherwise (`groups=`, `stacked=`) by the monitor and by what
+  handled the NaN are matched by count; a monitor without layers still
+  tells that a NaN was applied; a skip or halt after a zero_nonfinite is
+  reported before the zeroing; a NaN loss that a wrapper kept from the
+  skip is reported."""
+  params = {"a": {"blocks": jnp.ones((3, 2)), "head": jnp.ones(2)},
+            "b": jnp.ones(2)}
+  labels = {"a": {"blocks": "a", "head": "a"}, "b": "b"}
+  nan_a = {"a": {"blocks": jnp.array([[1.0, 1.0], [jnp.nan, 1.0],
+                                      [1.0, 1.0]]), "head": jnp.ones(2)},
+           "b": jnp.ones(2)}
+  first = lambda name: name.split("/")[0]
+  for tx, said in [
+      (optax.chain(og.monitor(), optax.multi_transform(
+          {"a": og.guard(og.adamw(0.1), groups=first),
+           "b": optax.sgd(0.1)}, labels)), r"The guard skipped the step"),
+      (optax.chain(og.monitor(stacked=("a/blocks",)), optax.multi_transform(
+          {"a": optax.chain(og.zero_nonfinite(), optax.sgd(0.1)),
+           "b": optax.sgd(0.1)}, labels)), r"og.zero_nonfinite replaced")]:
+    updates, state = tx.update(nan_a, tx.init(params), params)
+    assert np.all(np.isfinite(updates["a"]["blocks"]))
+    with pytest.raises(og.NonFiniteGradientError, match=said):
+      og.check(state)
+  # NaN in both parts, the monitor without layers: b's NaN was applied.
+  nan_both = {**nan_a, "b": jnp.array([jnp.nan, 1.0])}
+  tx = optax.chain(og.monitor(per_layer=False), optax.multi_transform(
+      {"a": og.skip_nonfinite(optax.sgd(0.1)), "b": optax.sgd(0.1)}, labels))
+  updates, state = tx.update(nan_both, tx.init(params), params)
+  assert np.isnan(updates["b"][0])
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"^Step 0: 1 NaN/Inf element in layers that nothing skipped or zeroed "
+      r"was applied\. A guard")):
+    og.check(state)
+  # A halted guard after a zero_nonfinite: the halt, not the zeroing.
+  w = {"w": jnp.ones(2)}
+  tx = optax.chain(og.zero_nonfinite(),
+                   og.guard(og.adamw(0.1), max_consecutive=1))
+  state = tx.init(w)
+  _, state = tx.update(w, state, w, loss=jnp.float32(jnp.nan))  # halts
+  updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, w,
+                             loss=jnp.float32(1.0))
+  np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"^Step 1: skipped: the guard has halted"):
+    og.check(state)
+  # A wrapper that drops `loss=` before the skip: the monitor's NaN loss.
+  inner = og.skip_nonfinite(optax.sgd(0.1))
+  dropping = optax.GradientTransformation(
+      inner.init, lambda u, s, p=None: inner.update(u, s, p))
+  tx = optax.chain(og.monitor(), dropping)
+  updates, state = tx.update(w, tx.init(w), w, loss=jnp.float32(jnp.nan))
+  assert not og.metrics(state)["optim/skipped"]
+  with pytest.raises(og.NonFiniteGradientError,
+                     match=r"^Step 0: the loss is nan\."):
+    og.check(state)
