@@ -525,9 +525,9 @@ def check(opt_state: Any) -> None:
   so is a `zero_nonfinite` that replaced NaN/Inf elements (naming the
   layers, `step` -1). A monitor's NaN/Inf count is left to what handled
   the step (a skip, a `zero_nonfinite`, a MultiSteps that dropped the
-  micro-batch), except in layers none of them saw (a guard in another
-  `optax.multi_transform` part or `optax.masked`): those were applied, and
-  that is raised first.
+  micro-batch), except where it counted more NaN/Inf elements than they
+  handled (a guard in another `optax.multi_transform` part or under
+  `optax.masked`): those were applied, and that is raised first.
   Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
