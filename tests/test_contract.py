@@ -56,13 +56,17 @@ def _public_factories():
   out = []
   for name in og.__all__:
     obj = getattr(og, name)
-    if (inspect.isfunction(obj) and name[0].islower() and
-        "GradientTransformation" in str(inspect.signature(obj).return_annotation)):
+    if not (inspect.isfunction(obj) and name[0].islower()):
+      continue
+    returns = str(inspect.signature(obj).return_annotation)
+    if ("GradientTransformation" in returns or
+        "GuardAwareTransformation" in returns):
       out.append(name)
   return out
 
 
 def test_every_factory_is_covered():
+  assert {"guard", "adamw", "sgd", "clip_by_value"} <= set(_public_factories())
   assert set(_public_factories()) <= set(CASES), (
       "public factories missing from the contract suite: "
       f"{set(_public_factories()) - set(CASES)}")

@@ -550,7 +550,7 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
                              "p": optax.adam(0.1)}, {"a": "g", "b": "p"}),
       optax.masked(og.guard(og.adamw(0.1)), {"a": True, "b": False})):
     tx = optax.chain(og.monitor(), inner)
-    updates, state = tx.update(grads, tx.init(params), params)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert np.isnan(updates["b"][0])                    # applied
     assert not og.metrics(state)["optim/skipped"]       # the guard saw a
     with pytest.raises(og.NonFiniteGradientError, match=(
@@ -561,7 +561,7 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
     # A NaN in both parts: the guard skipped its part, the other part's NaN
     # was applied, and that is what is reported.
     both = {"a": jnp.array([jnp.nan, 1.0]), "b": grads["b"]}
-    updates, state = tx.update(both, tx.init(params), params)
+    updates, state = jax.jit(tx.update)(both, tx.init(params), params)
     assert og.metrics(state)["optim/skipped"] and np.isnan(updates["b"][0])
     with pytest.raises(og.NonFiniteGradientError, match=(
         r"^Step 0: 1 NaN/Inf element in layers that nothing skipped or "
@@ -573,7 +573,7 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
     assert e.value.layers == {"b": 1}
   # Where the guard sees the NaN, it reports what it did (skipped).
   tx = optax.chain(og.monitor(), og.guard(og.adamw(0.1)))
-  _, state = tx.update(grads, tx.init(params), params)
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
   with pytest.raises(og.NonFiniteGradientError,
                      match=r"The guard skipped the step"):
     og.check(state)
@@ -582,8 +582,8 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
       og.guard(og.adamw(0.1)), 2,
       should_skip_update_fn=og.skip_nonfinite_microbatch()))
   state = tx.init(params)
-  _, state = tx.update(params, state, params)
-  _, state = tx.update(grads, state, params)
+  _, state = jax.jit(tx.update)(params, state, params)
+  _, state = jax.jit(tx.update)(grads, state, params)
   with pytest.raises(og.NonFiniteGradientError, match=(
       r"^Step 0, micro-batch 1: optax.MultiSteps dropped the micro-batch")):
     og.check(state)

@@ -600,6 +600,24 @@ def test_zscores_name_the_spiking_layer_in_check():
       og.guard(optax.sgd(0.1), zscore=True, spike_window=16), params)
   m = og.metrics(state)
   z = float(m["grad/zscore/Dense_0/bias"])
+  # The numbers in the message, against the same gradients in numpy: the
+  # norms of the 16 accepted steps before, their mean and population std.
+  rng = np.random.default_rng(4)
+  norms = []
+  for t in range(40):
+    leaves = [rng.normal(size=np.shape(p)) for p in jax.tree.leaves(params)]
+    if t == 39:
+      bias = jax.tree_util.tree_flatten_with_path(params)[0]
+      at = [i for i, (path, _) in enumerate(bias)
+            if jax.tree_util.keystr(path) == "['Dense_0']['bias']"][0]
+      leaves[at] = leaves[at] * 100.0
+    norms.append(np.sqrt(sum(np.sum(np.square(x)) for x in leaves)))
+  window = np.asarray(norms[23:39])
+  np.testing.assert_allclose(m["grad/norm"], norms[39], rtol=1e-5)
+  np.testing.assert_allclose(m["grad/spike_mean"], window.mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["grad/spike_std"], window.std(), rtol=1e-4)
+  np.testing.assert_allclose(m["grad/spike_threshold"],
+                             window.mean() + 6.0 * window.std(), rtol=1e-5)
   with pytest.raises(og.GradientExplosionError) as e:
     og.check(state)
   assert str(e.value) == (

@@ -878,3 +878,33 @@ def test_shard_map_clip_by_layer_norm():
   assert int(m["optim/num_clipped"]) == 1
   assert state.layer_norms.names == tuple(jax.tree_util.tree_leaves(
       {n: n for n in grads}))
+
+
+def test_zero_nonfinite_and_value_clip_count_over_a_sharded_kernel():
+  """A kernel sharded over the 8 devices with NaN/Inf in device 3's shard
+  only, beside a replicated bias holding a NaN: the counts are the whole
+  model's (the bias once), on every device, as numpy counts them."""
+  mesh = _mesh1d()
+  rng = np.random.default_rng(0)
+  kernel = (rng.normal(size=(16, 4)) * 2).astype(np.float32)
+  kernel[6, 1], kernel[7, 2] = np.nan, np.inf            # device 3 only
+  bias = np.array([np.nan, 0.5, 3.0], np.float32)         # replicated
+  both = np.concatenate([kernel.ravel(), bias])
+  for tx, want in [
+      (og.zero_nonfinite(axis_name="d"),
+       {"grad/nonfinite_zeroed": 3, "grad/nonfinite_zeroed/kernel": 2,
+        "grad/nonfinite_zeroed/bias": 1}),
+      (og.clip_by_value(1.0, axis_name="d"),   # changed: |x| > 1, Inf too
+       {"grad/frac_clipped": np.sum(np.abs(both[~np.isnan(both)]) > 1) /
+        both.size})]:
+    def step(k, b, tx=tx):
+      g = {"kernel": k, "bias": b}
+      _, state = tx.update(g, tx.init(g))
+      return jax.tree.map(lambda v: v[None], og.metrics(state))
+    got = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("d"), P()),
+                                out_specs=P("d")))(
+        _put(mesh, kernel, P("d")), _put(mesh, bias, P()))
+    for name, value in want.items():
+      np.testing.assert_allclose(np.asarray(got[name]),
+                                 np.full(NUM_DEVICES, value), rtol=1e-6,
+                                 err_msg=name)

@@ -654,15 +654,20 @@ def test_pmap_skip_spikes_worst_device_decides_for_all():
   bias = rng.normal(size=(N, STEPS, 3)).astype(np.float32)
   kernel[4, 22] *= np.float32(30.0)        # device 4 spikes alone
   bias[1, 33, 2] = np.float32(np.inf)      # device 1's bias is Inf
-  losses = np.full((N, STEPS), 1.5, np.float32)  # same loss everywhere
-  losses[:, 40] = np.float32(50.0)
+  # Each device its own loss; at step 40 device 6's alone jumps, by an
+  # amount that the largest loss shows as a spike and the mean would not.
+  losses = (1.5 + 0.1 * rng.normal(size=(N, STEPS))).astype(np.float32)
+  losses[6, 40] = np.float32(2.0)
   s, u = jax.device_get(_pmap_spike_runner()(kernel, bias, losses))
   per_device = np.sqrt(
       np.sum(np.square(kernel.astype(np.float64)), axis=(2, 3)) +
       np.sum(np.square(bias.astype(np.float64)), axis=2))   # [N, T]
   worst = per_device.max(axis=0)
-  skip = _spike_reference(worst, losses[0].astype(np.float64), sigma=SIGMA,
-                          window=WINDOW, warmup=WARMUP)
+  skip = _spike_reference(worst, losses.max(axis=0).astype(np.float64),
+                          sigma=SIGMA, window=WINDOW, warmup=WARMUP)
+  by_mean = _spike_reference(worst, losses.mean(axis=0).astype(np.float64),
+                             sigma=SIGMA, window=WINDOW, warmup=WARMUP)
+  assert not by_mean[40]  # so the test tells the two rules apart
   for t in (22, 33, 40):
     assert skip[t], t
   np.testing.assert_array_equal(np.asarray(s.skipped),

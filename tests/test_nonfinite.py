@@ -638,7 +638,7 @@ def test_check_says_what_zero_nonfinite_did():
                          og.skip_nonfinite(optax.sgd(0.1))),
              optax.chain(og.clip_by_global_norm(1.0), og.zero_nonfinite(),
                          optax.sgd(0.1))):
-    updates, state = tx.update(grads, tx.init(params), params)
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert np.all(np.isfinite(updates["b"]))
     with pytest.raises(og.NonFiniteGradientError, match=(
         r"^The last step's gradients held 2 NaN/Inf elements; first bad "
@@ -646,7 +646,7 @@ def test_check_says_what_zero_nonfinite_did():
         r"and the step went on\.$")) as e:
       og.check(state)
     assert e.value.step == -1 and e.value.layers == {"b": 2}
-    _, state = tx.update(params, state, params)  # a clean step: quiet
+    _, state = jax.jit(tx.update)(params, state, params)  # a clean step: quiet
     og.check(state)
 
 
