@@ -525,9 +525,10 @@ def check(opt_state: Any) -> None:
   so is a `zero_nonfinite` that replaced NaN/Inf elements (naming the
   layers, `step` -1). A monitor's NaN/Inf count is left to what handled
   the step (a skip, a `zero_nonfinite`, a MultiSteps that dropped the
-  micro-batch), except where it counted more NaN/Inf elements than they
-  handled (a guard in another `optax.multi_transform` part or under
-  `optax.masked`): those were applied, and that is raised first.
+  micro-batch), except in layers that none of them watches (a guard in
+  another `optax.multi_transform` part or under `optax.masked`, told where
+  the monitor and the guard name layers alike): those went on to their
+  part's optimizer, and that is raised first.
   Raises
   `GradientExplosionError` when the last step was skipped as a spike,
   naming the layer whose norm moved most against its own history when a
@@ -601,19 +602,22 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
   clips = [(s, c) for s, c in states if type(s) in _CLIPS]
   states = [(s, c) for s, c in states if type(s) not in _CLIPS]
-  # A monitor's NaN/Inf count is left to what handled the step (a skip that
-  # reports it, a zero_nonfinite that replaced it, a MultiSteps that
+  # A monitor's NaN/Inf (or overflow) report is left to what handled the
+  # step (a skip, a zero_nonfinite that replaced them, a MultiSteps that
   # dropped the micro-batch), which says what it did; it is reported only
-  # for the layers none of those saw (another part of the model).
+  # for layers none of those watches (another part of the model).
   applied = []
   handlers = _handlers(states)
-  for s, c in states:
-    if isinstance(s, MonitorState) and int(s.num_nonfinite) > 0 and handlers:
-      error = _applied_error(s, c, handlers)
-      applied += [error] if error else []
   if handlers:
-    states = [(s, c) for s, c in states if not (
-        isinstance(s, MonitorState) and int(s.num_nonfinite) > 0)]
+    kept = []
+    for s, c in states:
+      if isinstance(s, MonitorState) and (
+          int(s.num_nonfinite) > 0 or not np.isfinite(float(s.norm))):
+        error = _applied_error(s, c, handlers)
+        applied += [error] if error else []
+      else:
+        kept.append((s, c))
+    states = kept
   # Without one, a spike test skips a NaN/Inf step too: the monitor then
   # names the layers, and says so.
   by_spikes = [s for s, _ in states if isinstance(s, SkipSpikesState) and
@@ -661,53 +665,48 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
 
 
 def _handlers(states: list[tuple[Any, _Context]]
-              ) -> list[tuple[tuple[Any, ...], tuple[str, ...], int | None]]:
-  """What handled a NaN/Inf at the last step, as (scope, the layer names it
-  counts them by, how many elements it saw; None: not counted)."""
+              ) -> list[tuple[tuple[Any, ...], tuple[str, ...] | None]]:
+  """What handled a NaN/Inf at the last step, as (scope, the names of the
+  layers it watches; None: every layer of its scope)."""
   out = []
   for s, c in states:
     if isinstance(s, SkipNonfiniteState) and _nonfinite_error(s):
-      counts = s.last_bad_counts
+      out.append((c.scope, s.last_bad_counts.names))
     elif isinstance(s, ZeroNonfiniteState) and _zero_error(s):
-      counts = s.replaced
+      out.append((c.scope, s.replaced.names))
     elif isinstance(s, _metrics.MultiStepsView) and _microbatch_error(s):
-      out.append((c.scope, (), None if s.nonfinite is None
-                  else int(s.nonfinite)))
-      continue
-    else:
-      continue
-    out.append((c.scope, counts.names,
-                int(np.sum(np.asarray(counts.values), dtype=np.int64))))
+      out.append((c.scope, None))
   return out
 
 
 def _applied_error(s: MonitorState, context: _Context,
-                   handlers: list[tuple[tuple[Any, ...], tuple[str, ...],
-                                        int | None]]
+                   handlers: list[tuple[tuple[Any, ...],
+                                        tuple[str, ...] | None]]
                    ) -> GuardError | None:
-  """The monitor's NaN/Inf elements that nothing in `handlers` saw: by
-  count (the handlers may name layers otherwise, `stacked=`/`groups=`),
-  and named where the names tell which."""
+  """The monitor's NaN/Inf layers that no handler watches (a skip skips,
+  and a zero_nonfinite zeroes, every layer it watches), or None where that
+  cannot be told: the monitor keeps no layers or measures the updates, or
+  a handler names its layers otherwise (`stacked=`, `groups=`)."""
   scope = context.scope
-  if not _measured_last(s) or any(
-      scope[:len(h)] == h for h, _, _ in handlers):
-    return None  # a handler at or above the monitor's part saw all of it
-  inside = [(names, n) for h, names, n in handlers if h[:len(scope)] == scope]
-  if any(n is None for _, n in inside):
-    return None  # a micro-batch dropped uncounted: nothing to tell by
-  missed_total = int(s.num_nonfinite) - sum(n for _, n in inside)
-  if missed_total <= 0:
+  if (not _measured_last(s) or s.naming.kind != "grad" or
+      s.nonfinite is None or int(s.num_nonfinite) == 0 or
+      any(scope[:len(h)] == h for h, _ in handlers)):
     return None
-  seen = {name for names, _ in inside for name in names}
+  names, seen = set(s.nonfinite.names), set()
+  for _, watched in handlers:
+    if watched is None or not set(watched) <= names:
+      return None
+    seen |= set(watched)
   missed = {name: count for name, count in _bad_layers(s.nonfinite).items()
             if name not in seen}
-  if sum(missed.values()) != missed_total:
-    missed = {}  # named otherwise than the monitor: which layers is unknown
+  if not missed:
+    return None
   step = int(s.step) - 1
-  n = missed_total
+  n = sum(missed.values())
   return NonFiniteGradientError(
-      f"Step {step}: {_plural(n, 'NaN/Inf element')} in layers that nothing "
-      f"skipped or zeroed {'was' if n == 1 else 'were'} applied"
-      f"{_describe(missed)}. A guard or skip in one part of the model "
+      f"Step {step}: {_plural(n, 'NaN/Inf element')} in layers that no skip "
+      f"or zero_nonfinite watches went on to their part's optimizer"
+      f"{_describe(missed)}; unless it discards them (`optax.set_to_zero`), "
+      "they were applied. A guard or skip in one part of the model "
       "(`optax.multi_transform`, `optax.masked`) does not see the others: "
       "put one around the whole optimizer.", step, missed)

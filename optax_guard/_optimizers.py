@@ -90,7 +90,7 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     return super().__new__(cls, init, update)
 
 
-def _check_protocol(update: Any) -> None:
+def _check_protocol(update: Any, seen: frozenset[int] = frozenset()) -> None:
   """Raises unless `update` names both keywords: taken by `**extra_args`
   alone (an optax optimizer's update), the guard's decision would be
   dropped, and the guard would neither clip nor skip."""
@@ -105,10 +105,12 @@ def _check_protocol(update: Any) -> None:
   missing = [k for k in ("guard_keep", "guard_scale") if k not in named]
   forwards = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                  for p in parameters)
-  if missing and forwards and hasattr(update, "__wrapped__"):
-    # `(*args, **kwargs)` of a decorator (`jax.named_call`, a logger): it
-    # passes everything on, so what it wraps decides.
-    _check_protocol(update.__wrapped__)
+  inner = (update.func if isinstance(update, functools.partial) else
+           getattr(update, "__wrapped__", None))
+  if missing and forwards and inner is not None and id(inner) not in seen:
+    # `(*args, **kwargs)` of a decorator (`jax.named_call`, a logger) or of
+    # a partial of one: it passes everything on, so what it wraps decides.
+    _check_protocol(inner, seen | {id(update)})
     return
   if missing:
     raise ValueError(

@@ -564,11 +564,12 @@ def test_check_reports_a_nan_applied_where_no_guard_looked():
     updates, state = jax.jit(tx.update)(both, tx.init(params), params)
     assert og.metrics(state)["optim/skipped"] and np.isnan(updates["b"][0])
     with pytest.raises(og.NonFiniteGradientError, match=(
-        r"^Step 0: 1 NaN/Inf element in layers that nothing skipped or "
-        r"zeroed was applied; first bad layers: b \(1 NaN/Inf\)\. A guard or "
-        r"skip in one part of the model \(`optax.multi_transform`, "
-        r"`optax.masked`\) does not see the others: put one around the whole "
-        r"optimizer\.$")) as e:
+        r"^Step 0: 1 NaN/Inf element in layers that no skip or "
+        r"zero_nonfinite watches went on to their part's optimizer; first "
+        r"bad layers: b \(1 NaN/Inf\); unless it discards them "
+        r"\(`optax.set_to_zero`\), they were applied\. A guard or skip in one "
+        r"part of the model \(`optax.multi_transform`, `optax.masked`\) does "
+        r"not see the others: put one around the whole optimizer\.$")) as e:
       og.check(state)
     assert e.value.layers == {"b": 1}
   # Where the guard sees the NaN, it reports what it did (skipped).
@@ -615,15 +616,35 @@ def test_check_tells_skipped_zeroed_and_applied_apart():
     assert np.all(np.isfinite(updates["a"]["blocks"]))
     with pytest.raises(og.NonFiniteGradientError, match=said):
       og.check(state)
-  # NaN in both parts, the monitor without layers: b's NaN was applied.
-  nan_both = {**nan_a, "b": jnp.array([jnp.nan, 1.0])}
-  tx = optax.chain(og.monitor(per_layer=False), optax.multi_transform(
-      {"a": og.skip_nonfinite(optax.sgd(0.1)), "b": optax.sgd(0.1)}, labels))
-  updates, state = tx.update(nan_both, tx.init(params), params)
-  assert np.isnan(updates["b"][0])
+  # A skip in part a that counted other elements than the monitor did (the
+  # NaN its inner optimizer made; an Inf a value clip made finite): b's NaN
+  # is still told as applied, and a's skip is no false alarm.
+  two = {"a": jnp.zeros(4), "b": jnp.ones(2)}
+  two_labels = {"a": "a", "b": "b"}
+  for part_a, grads, b_applied in [
+      (og.skip_nonfinite(optax.adam(0.1, eps=0.0)),   # 0/0 in its update
+       {"a": jnp.zeros(4), "b": jnp.array([jnp.nan, 1.0])}, True),
+      (optax.chain(og.clip_by_value(1.0), og.skip_nonfinite(optax.sgd(0.1))),
+       {"a": jnp.array([jnp.inf, jnp.nan, 1.0, 1.0]), "b": jnp.ones(2)},
+       False)]:
+    tx = optax.chain(og.monitor(), optax.multi_transform(
+        {"a": part_a, "b": optax.sgd(0.1)}, two_labels))
+    updates, state = jax.jit(tx.update)(grads, tx.init(two), two)
+    np.testing.assert_array_equal(updates["a"], np.zeros(4))  # skipped
+    assert bool(np.isnan(updates["b"][0])) == b_applied
+    said = (r"^Step 0: 1 NaN/Inf element in layers that no skip" if b_applied
+            else r"The guard skipped the step")
+    with pytest.raises(og.NonFiniteGradientError, match=said):
+      og.check(state)
+  # Finite gradients whose norm overflows, skipped by the guard behind a
+  # monitor: the guard's account, not the monitor's "nothing skips".
+  tx = optax.chain(og.monitor(), og.guard(og.adamw(0.1)))
+  big = {"w": jnp.full(2, 3e38)}
+  updates, state = jax.jit(tx.update)(big, tx.init(big), big)
+  np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
   with pytest.raises(og.NonFiniteGradientError, match=(
-      r"^Step 0: 1 NaN/Inf element in layers that nothing skipped or zeroed "
-      r"was applied\. A guard")):
+      r"^Step 0: finite gradients whose global norm overflows float32\. The "
+      r"guard skipped the step")):
     og.check(state)
   # A halted guard after a zero_nonfinite: the halt, not the zeroing.
   w = {"w": jnp.ones(2)}

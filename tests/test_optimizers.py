@@ -1072,8 +1072,15 @@ def test_an_update_that_does_not_name_the_protocol_is_refused():
   og.GuardAwareTransformation(inner.init,
                               functools.wraps(inner.update)(update))
   # Decorators that pass everything on: what they wrap decides.
-  for forwarding in (jax.named_call, jax.checkpoint):
+  for forwarding in (jax.named_call, jax.checkpoint,
+                     lambda f: functools.partial(jax.named_call(f))):
     og.GuardAwareTransformation(inner.init, forwarding(update))
     with pytest.raises(ValueError, match=r"does not name guard_keep or "
                        r"guard_scale"):
       og.GuardAwareTransformation(inner.init, forwarding(inner.update))
+  def cycle(*args, **kwargs):  # a __wrapped__ that leads back to itself
+    return args
+  cycle.__wrapped__ = cycle
+  with pytest.raises(ValueError, match=r"does not name guard_keep or "
+                     r"guard_scale"):
+    og.GuardAwareTransformation(inner.init, cycle)
