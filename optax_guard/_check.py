@@ -18,6 +18,7 @@ from optax_guard._clipping import ClipByGlobalNormState
 from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
+from optax_guard._nonfinite import REASON_GRADS
 from optax_guard._nonfinite import REASONS
 from optax_guard._nonfinite import SkipNonfiniteState
 from optax_guard._nonfinite import ZeroNonfiniteState
@@ -611,8 +612,10 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   if handlers:
     kept = []
     for s, c in states:
+      covered = any(c.scope[:len(h)] == h for h, _, _ in handlers)
       if isinstance(s, MonitorState) and (
-          int(s.num_nonfinite) > 0 or not np.isfinite(float(s.norm))):
+          int(s.num_nonfinite) > 0 or
+          (covered and not np.isfinite(float(s.norm)))):
         error = _applied_error(s, c, handlers)
         applied += [error] if error else []
       else:
@@ -665,44 +668,62 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
 
 
 def _handlers(states: list[tuple[Any, _Context]]
-              ) -> list[tuple[tuple[Any, ...], tuple[str, ...] | None]]:
+              ) -> list[tuple[tuple[Any, ...], tuple[str, ...] | None,
+                              int | None]]:
   """What handled a NaN/Inf at the last step, as (scope, the names of the
-  layers it watches; None: every layer of its scope)."""
+  layers it watches, None: every layer of its scope; the NaN/Inf elements
+  of this step's gradients it counted, None: not known)."""
   out = []
   for s, c in states:
     if isinstance(s, SkipNonfiniteState) and _nonfinite_error(s):
-      out.append((c.scope, s.last_bad_counts.names))
+      this_step = (int(s.last_bad_reason) == REASON_GRADS and
+                   int(s.last_bad_step) == int(s.step) - 1)
+      out.append((c.scope, s.last_bad_counts.names,
+                  _total(s.last_bad_counts) if this_step else None))
     elif isinstance(s, ZeroNonfiniteState) and _zero_error(s):
-      out.append((c.scope, s.replaced.names))
+      out.append((c.scope, s.replaced.names, _total(s.replaced)))
     elif isinstance(s, _metrics.MultiStepsView) and _microbatch_error(s):
-      out.append((c.scope, None))
+      out.append((c.scope, None,
+                  None if s.nonfinite is None else int(s.nonfinite)))
   return out
+
+
+def _total(counts: _metrics.PerLayer) -> int:
+  return int(np.sum(np.asarray(counts.values), dtype=np.int64))
 
 
 def _applied_error(s: MonitorState, context: _Context,
                    handlers: list[tuple[tuple[Any, ...],
-                                        tuple[str, ...] | None]]
+                                        tuple[str, ...] | None, int | None]]
                    ) -> GuardError | None:
   """The monitor's NaN/Inf layers that no handler watches (a skip skips,
   and a zero_nonfinite zeroes, every layer it watches), or None where that
-  cannot be told: the monitor keeps no layers or measures the updates, or
-  a handler names its layers otherwise (`stacked=`, `groups=`)."""
+  cannot be told: the monitor measures the updates, or a handler names its
+  layers otherwise (`stacked=`, `groups=`). A monitor that keeps no layers
+  is compared by count, where each handler counted this step's gradients."""
   scope = context.scope
   if (not _measured_last(s) or s.naming.kind != "grad" or
-      s.nonfinite is None or int(s.num_nonfinite) == 0 or
-      any(scope[:len(h)] == h for h, _ in handlers)):
+      int(s.num_nonfinite) == 0 or
+      any(scope[:len(h)] == h for h, _, _ in handlers)):
     return None
-  names, seen = set(s.nonfinite.names), set()
-  for _, watched in handlers:
-    if watched is None or not set(watched) <= names:
+  if s.nonfinite is None:
+    counted = [n for _, _, n in handlers]
+    if None in counted or int(s.num_nonfinite) <= sum(counted):
       return None
-    seen |= set(watched)
-  missed = {name: count for name, count in _bad_layers(s.nonfinite).items()
-            if name not in seen}
-  if not missed:
-    return None
+    missed = {}
+    n = int(s.num_nonfinite) - sum(counted)
+  else:
+    names, seen = set(s.nonfinite.names), set()
+    for _, watched, _ in handlers:
+      if watched is None or not set(watched) <= names:
+        return None
+      seen |= set(watched)
+    missed = {name: count for name, count in
+              _bad_layers(s.nonfinite).items() if name not in seen}
+    if not missed:
+      return None
+    n = sum(missed.values())
   step = int(s.step) - 1
-  n = sum(missed.values())
   return NonFiniteGradientError(
       f"Step {step}: {_plural(n, 'NaN/Inf element')} in layers that no skip "
       f"or zero_nonfinite watches went on to their part's optimizer"

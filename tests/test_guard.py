@@ -636,6 +636,24 @@ def test_check_tells_skipped_zeroed_and_applied_apart():
             else r"The guard skipped the step")
     with pytest.raises(og.NonFiniteGradientError, match=said):
       og.check(state)
+  # A monitor without layers is compared by count; an overflow beside a
+  # part that skipped its own is still told.
+  nan_both = {"a": jnp.array([jnp.nan, 0.0, 0.0, 0.0]),
+              "b": jnp.array([jnp.nan, 1.0])}
+  for monitor, grads, said in [
+      (og.monitor(per_layer=False), nan_both,
+       r"^Step 0: 1 NaN/Inf element in layers that no skip or "
+       r"zero_nonfinite watches went on to their part's optimizer; unless"),
+      (og.monitor(), {"a": jnp.full(4, 3e38), "b": jnp.full(2, 3e38)},
+       r"^Step 0: finite gradients whose global norm overflows float32")]:
+    tx = optax.chain(monitor, optax.multi_transform(
+        {"a": og.skip_nonfinite(optax.sgd(0.1)), "b": optax.sgd(0.1)},
+        two_labels))
+    updates, state = jax.jit(tx.update)(grads, tx.init(two), two)
+    np.testing.assert_array_equal(updates["a"], np.zeros(4))  # skipped
+    assert not np.all(updates["b"] == 0)                      # applied
+    with pytest.raises(og.NonFiniteGradientError, match=said):
+      og.check(state)
   # Finite gradients whose norm overflows, skipped by the guard behind a
   # monitor: the guard's account, not the monitor's "nothing skips".
   tx = optax.chain(og.monitor(), og.guard(og.adamw(0.1)))
