@@ -346,7 +346,7 @@ def _zero_error(s: ZeroNonfiniteState) -> GuardError | None:
   """zero_nonfinite replaced NaN/Inf elements at the last step (it counts
   no steps: the error's step is -1, as for a clip)."""
   layers = _bad_layers(s.replaced)
-  n = int(np.sum(np.asarray(s.replaced.values), dtype=np.int64))
+  n = _total(s.replaced)
   if n == 0:
     return None
   return NonFiniteGradientError(
@@ -493,7 +493,7 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
       if isinstance(s, MonitorState) and scoring(s) is not None:
         nearest, nearest_scope = s, scope
-      if scope[:len(nearest_scope)] != nearest_scope:
+      if not _within(scope, nearest_scope):
         nearest = None  # out of the part of the model it saw
       for part in (p for p in parts if p is not None):
         if isinstance(part, SkipNonfiniteState):
@@ -612,11 +612,12 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   if handlers:
     kept = []
     for s, c in states:
-      covered = any(c.scope[:len(h)] == h for h, _, _ in handlers)
+      # A handler at or above the monitor's part saw all it saw.
+      covered = any(_within(c.scope, h) for h, _, _ in handlers)
       if isinstance(s, MonitorState) and (
           int(s.num_nonfinite) > 0 or
           (covered and not np.isfinite(float(s.norm)))):
-        error = _applied_error(s, c, handlers)
+        error = None if covered else _applied_error(s, handlers)
         applied += [error] if error else []
       else:
         kept.append((s, c))
@@ -688,11 +689,16 @@ def _handlers(states: list[tuple[Any, _Context]]
   return out
 
 
+def _within(scope: tuple[Any, ...], outer: tuple[Any, ...]) -> bool:
+  """Whether a state of `scope` sits in the part of the model `outer` is."""
+  return scope[:len(outer)] == outer
+
+
 def _total(counts: _metrics.PerLayer) -> int:
   return int(np.sum(np.asarray(counts.values), dtype=np.int64))
 
 
-def _applied_error(s: MonitorState, context: _Context,
+def _applied_error(s: MonitorState,
                    handlers: list[tuple[tuple[Any, ...],
                                         tuple[str, ...] | None, int | None]]
                    ) -> GuardError | None:
@@ -701,10 +707,8 @@ def _applied_error(s: MonitorState, context: _Context,
   cannot be told: the monitor measures the updates, or a handler names its
   layers otherwise (`stacked=`, `groups=`). A monitor that keeps no layers
   is compared by count, where each handler counted this step's gradients."""
-  scope = context.scope
   if (not _measured_last(s) or s.naming.kind != "grad" or
-      int(s.num_nonfinite) == 0 or
-      any(scope[:len(h)] == h for h, _, _ in handlers)):
+      int(s.num_nonfinite) == 0):
     return None
   if s.nonfinite is None:
     counted = [n for _, _, n in handlers]

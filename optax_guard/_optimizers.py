@@ -509,10 +509,8 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
-      of the two must be > 0 in the parameters' dtype: optax's default
-      `eps=1e-8` rounds to 0 in float16, where an all-zero gradient would
-      make 0/0 = NaN, so float16 parameters are refused at `init` unless
-      given a larger `eps`, such as 1e-4).
+      of the two must be > 0 in the parameters' dtype; float16 parameters
+      need a larger `eps` than optax's default, as in `adamw`).
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
       truncates).
