@@ -17,7 +17,10 @@ from optax_guard import _stats
 class Window(NamedTuple):
   """A fixed on-device window of the last accepted values of a signal."""
   values: jax.Array  # f32[W] ring buffer of accepted values.
-  num_accepted: jax.Array  # i32[] values accepted so far (the write head).
+  # i32[] values accepted so far, the write head; past the window it counts
+  # on modulo the window's size, in [size, 2 * size), so that it never stops
+  # at int32's maximum (every reader takes `min(n, size)` or `n % size`).
+  num_accepted: jax.Array
 
 
 def window_init(size: int) -> Window:
@@ -32,8 +35,9 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   # simplifier over the whole step again (three more rounds when compiled).
   values = jnp.where((jnp.arange(size) == slot) & accept, value,
                      window.values)
-  return Window(values, jnp.where(accept, optax.safe_increment(window.num_accepted),
-                                  window.num_accepted))
+  n = window.num_accepted
+  head = jnp.where(n < size - 1, n + 1, size + (n - (size - 1)) % size)
+  return Window(values, jnp.where(accept, head, n))
 
 
 def min_count(window: int, warmup_steps: Any) -> Any:

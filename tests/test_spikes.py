@@ -938,6 +938,29 @@ def test_threshold_of_a_window_holding_a_huge_norm_is_finite():
                              [mean, std, mean + 3.0 * std], rtol=1e-6)
 
 
+@pytest.mark.parametrize("start", [0, 2**31 - 1 - 6, 2**31 - 1])
+def test_window_keeps_the_last_values_past_int32s_count(start):
+  """The write head is a count that stops nowhere: from any count, even a
+  state whose count had stopped at int32's maximum, the window holds the
+  last `size` values pushed, as numpy's slice of the stream says."""
+  size = 4
+  window = _spikes.Window(jnp.zeros((size,), jnp.float32),
+                          jnp.asarray(start, jnp.int32))
+  push = jax.jit(_spikes.window_push)
+  stream = np.arange(1.0, 3 * size + 3, dtype=np.float32)
+  for i, v in enumerate(stream):
+    accept = i % 5 != 2  # a rejected value never enters the window
+    window = push(window, jnp.float32(v), jnp.bool_(accept))
+    kept = [x for j, x in enumerate(stream[:i + 1]) if j % 5 != 2][-size:]
+    if start == 0 or i >= size:  # before, a huge start holds zeros too
+      np.testing.assert_array_equal(
+          np.sort(np.asarray(window.values))[-len(kept):], np.sort(kept))
+    assert 0 < int(window.num_accepted) < 2 * size
+  got = _spikes.window_baseline(window, 2.0, 2)
+  np.testing.assert_allclose([got.mean, got.std], [np.mean(kept), np.std(kept)],
+                             rtol=1e-6)
+
+
 @pytest.mark.standard_promotion  # traces optax.sgd
 def test_zero_norms_do_not_enter_the_history():
   """64 steps of exactly-zero gradients (a frozen phase) are accepted and
