@@ -309,17 +309,23 @@ _NOTHING_SKIPS = ("Nothing in this chain skips such a step unless a "
                   "`skip_nonfinite` or `guard`{given} stands around the "
                   "optimizer.")
 
+_GUARD_DOES_NOT_SKIP = ("The guard applied the step: it was built with "
+                        "`skip_nonfinite=False`{spikes}; pass "
+                        "`skip_nonfinite=True` to skip such steps.")
+
 
 def _monitor_error(s: MonitorState, skipped: str = "",
-                   loss_reported: bool = False) -> GuardError | None:
+                   loss_reported: bool = False,
+                   unskipped: str = "") -> GuardError | None:
   """`skipped`: what skipped a non-finite step, if something did;
-  `loss_reported`: a skip in the chain reports a bad loss itself."""
+  `loss_reported`: a skip in the chain reports a bad loss itself;
+  `unskipped`: what to say where nothing did (`_NOTHING_SKIPS` if empty)."""
   step = int(s.step) - 1
   # What it holds of the gradients may be older than the last step (`every`).
   measured = _measured_last(s)
   layers = _bad_layers(s.nonfinite)
   kind = "gradients" if s.naming.kind == "grad" else "updates"
-  action = skipped or _NOTHING_SKIPS.format(given="")
+  action = skipped or unskipped or _NOTHING_SKIPS.format(given="")
   if measured and int(s.num_nonfinite) > 0:
     return NonFiniteGradientError(
         f"Step {step}: the {kind} hold "
@@ -338,7 +344,8 @@ def _monitor_error(s: MonitorState, skipped: str = "",
   if step >= 0 and not loss_reported and not np.isfinite(float(s.loss)):
     return NonFiniteGradientError(
         f"Step {step}: the loss is {float(s.loss)}. "
-        f"{_NOTHING_SKIPS.format(given=' given `loss=`')}", step, {})
+        f"{unskipped or _NOTHING_SKIPS.format(given=' given `loss=`')}",
+        step, {})
   return None
 
 
@@ -461,6 +468,9 @@ class _Context(NamedTuple):
   steps_seen: int = 0
   hint: str = ""
   scope: tuple[Any, ...] = ()
+  # What to say of a NaN/Inf step nothing skipped, when not `_NOTHING_SKIPS`
+  # (a guard's own monitor: that guard was built not to skip).
+  unskipped: str = ""
 
 
 def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
@@ -491,6 +501,9 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
+      unskipped = ("" if not isinstance(s, GuardState) or s.nonfinite
+                   else _GUARD_DOES_NOT_SKIP.format(
+                       spikes="" if s.spikes else " and `spike_sigma=None`"))
       if isinstance(s, MonitorState) and scoring(s) is not None:
         nearest, nearest_scope = s, scope
       if not _within(scope, nearest_scope):
@@ -499,7 +512,7 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
         out.append((part, _Context(own or nearest, steps_seen[-1], hint,
-                                   scope)))
+                                   scope, unskipped)))
     while views and views[-1][0] == 0:
       views.pop()
       steps_seen.pop()
@@ -642,7 +655,7 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     if isinstance(s, SkipSpikesState):
       error = _spike_error(s, context.monitor, context.steps_seen)
     elif isinstance(s, MonitorState):
-      error = _monitor_error(s, skipped, loss_reported)
+      error = _monitor_error(s, skipped, loss_reported, context.unskipped)
     else:
       error = _CHECKS[type(s)](s)
     if isinstance(error, NonFiniteGradientError) and context.hint:

@@ -350,6 +350,9 @@ def clip_by_value(
     del params, extra_args
     # Python numbers too; integers clipped as floats, as optax's `clip`.
     updates = jax.tree.map(_stats.as_inexact, updates)
+    # Checked on the whole tree, so that a leaf is named by its path, not by
+    # its place among the leaves of its dtype.
+    _stats.check_varying_covered(updates, axis_name)
     # The clip compares in each leaf's dtype, against `max_abs` rounded to
     # it; so does the count (per dtype: a bf16 leaf holding exactly the
     # rounded bound is not clipped, and must not be counted).

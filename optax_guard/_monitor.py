@@ -326,9 +326,10 @@ def monitor(
   `params`, also the parameter norms and non-finite parameter count; with a
   `loss=` (or `value=`) extra argument, the loss, its EMA and how many losses
   were not finite. Placed last in a chain with `kind="update"`, it measures
-  the final updates and adds `update/ratio/<layer>`, the update norm over the
-  parameter norm of each layer (Inf where that is 0: a zero-initialised bias
-  at its first step, or no `params` given; 0 where both are).
+  the final updates and adds `update/ratio` and `update/ratio/<layer>`, the
+  update norm over the parameter norm, in all and of each layer (Inf where
+  that is 0: a zero-initialised bias at its first step, or no `params`
+  given; 0 where both are).
 
   Metrics (`<k>` is `kind`): `<k>/norm`, `<k>/norm/<layer>`,
   `<k>/frac_above_1` (over every element), `<k>/frac_above_1/<layer>`,

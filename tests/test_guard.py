@@ -482,6 +482,27 @@ def test_check_when_the_spike_test_skipped_a_nan_step():
     og.check(state)
 
 
+@pytest.mark.parametrize("bad", ["grads", "loss"])
+def test_check_says_a_guard_without_skips_applied_the_step(bad):
+  """A guard built not to skip applied the NaN step: og.check says so and
+  what to pass, not that a guard is missing."""
+  tx = og.guard(og.sgd(0.1), skip_nonfinite=False, spike_sigma=None)
+  params = {"a": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  grads = {"a": jnp.asarray([np.nan if bad == "grads" else 1.0, 1.0],
+                            jnp.float32), "b": jnp.ones((2,), jnp.float32)}
+  loss = jnp.float32(np.nan if bad == "loss" else 1.0)
+  step = jax.jit(lambda g, s, p, l: tx.update(g, s, p, loss=l))
+  updates, state = step(grads, tx.init(params), params, loss)
+  assert np.isnan(updates["a"][0]) == (bad == "grads")  # applied
+  what = (r"the gradients hold 1 NaN/Inf element; first bad layers: "
+          r"a \(1 NaN/Inf\)" if bad == "grads" else "the loss is nan")
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      rf"^Step 0: {what}\. The guard applied the step: it was built with "
+      r"`skip_nonfinite=False` and `spike_sigma=None`; pass "
+      r"`skip_nonfinite=True` to skip such steps\.$")):
+    og.check(state)
+
+
 @pytest.mark.parametrize("kwargs", [{"monitor": False}, {"per_layer": False}])
 def test_updates_with_other_layers_are_refused_without_the_monitor(kwargs):
   """The NaN counts of a renamed layer would be filed under the old name."""

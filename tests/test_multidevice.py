@@ -186,13 +186,17 @@ def test_shard_map_state_types_invariant_and_update_keeps_sharding():
                              "bias": frozenset()}
 
 
-def test_shard_map_missing_axis_name_is_an_error():
+@pytest.mark.parametrize("make", [og.clip_by_global_norm, og.clip_by_value])
+def test_shard_map_missing_axis_name_is_an_error(make):
+  """The leaf is named by its path (clip_by_value measures per dtype: not
+  by its place among the leaves of its dtype, beside a replicated bias)."""
   mesh = _mesh1d()
   kernel = _different_shards((8, 3), np.random.default_rng(2))
-  tx = og.clip_by_global_norm(1.0)  # axis_name=None, kernel varies on "d".
+  tx = make(1.0)  # axis_name=None, kernel varies on "d".
 
   def step(k):
-    return tx.update({"kernel": k}, tx.init({"kernel": k}))[1]
+    grads = {"bias": jnp.ones((3,), k.dtype), "kernel": k}
+    return tx.update(grads, tx.init(grads))[1]
 
   fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("d", None),
                              out_specs=P()))
