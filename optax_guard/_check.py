@@ -447,16 +447,19 @@ _ACCUMULATED = (
     "guard's axis_name where the gradients are sharded).")
 
 
-def _members(statistics: list[Any]) -> list[list[Any]]:
-  """`statistics` once per member of a leading axis that every state has
-  (a `pmap`ped state, or a `vmap`ped ensemble read outside the map), or
-  once as it is."""
+def _members(statistics: list[Any]
+             ) -> list[tuple[tuple[int, ...], list[Any]]]:
+  """`statistics` once per member of the leading axes that every state has
+  (a `pmap`ped state, a `vmap`ped ensemble read outside the map, or both),
+  each with its index on those axes; or once as it is, at index ()."""
   sizes = {np.shape(_metrics.unwrap(jax.tree_util.tree_leaves(s)[0]))[0]
            if _metrics.is_replicated(s) else None for s in statistics}
   if len(sizes) != 1 or None in sizes:
-    return [statistics]
-  return [[jax.tree.map(lambda x, i=i: x[i], s) for s in statistics]
-          for i in range(sizes.pop())]
+    return [((), statistics)]
+  return [((i,) + index, member)
+          for i in range(sizes.pop())
+          for index, member in _members(
+              [jax.tree.map(lambda x, i=i: x[i], s) for s in statistics])]
 
 
 class _Context(NamedTuple):
@@ -598,17 +601,21 @@ def check(opt_state: Any) -> None:
         f"nothing: {hint}.", stacklevel=2)
   members = _members(_metrics.to_host(found))
   scopes = _metrics.statistics_scopes(opt_state)
-  errors = [_first_error(_states(member, scopes)) for member in members]
-  bad = [(i, e) for i, e in enumerate(errors) if e is not None]
+  errors = [_first_error(_states(member, scopes)) for _, member in members]
+  bad = [(index, e) for (index, _), e in zip(members, errors)
+         if e is not None]
   if not bad:
     return
   # Non-finite problems first, as within one member.
-  i, error = min(bad, key=lambda b: (isinstance(b[1], GradientExplosionError),
-                                     b[0]))
+  index, error = min(bad, key=lambda b: (
+      isinstance(b[1], GradientExplosionError), b[0]))
   if len({str(e) for e in errors}) > 1:  # members differ (not pmap replicas)
+    where = (f"Member {index[0]} of the state's leading axis"
+             if len(index) == 1 else
+             f"Member {index} of the state's {len(index)} leading axes")
     error = type(error)(
-        f"Member {i} of the state's leading axis ({len(members)} members, "
-        f"{len(bad)} of them bad): {error}", error.step, error.layers)
+        f"{where} ({len(members)} members, {len(bad)} of them bad): {error}",
+        error.step, error.layers)
   raise error
 
 

@@ -512,11 +512,12 @@ def is_replicated(state: Any) -> bool:
 
 
 def _state_metrics(state: Any) -> dict[str, Any]:
-  """`state`'s metrics; a replicated state's, one row per replica."""
+  """`state`'s metrics; a replicated state's, one row per replica (and so
+  on down, for an ensemble vmapped inside a pmap: one axis per map)."""
   if not is_replicated(state):
     return state._og_metrics()
   first = jax.tree_util.tree_leaves(state)[0]
-  rows = [jax.tree.map(lambda x, i=i: unwrap(x)[i], state)._og_metrics()
+  rows = [_state_metrics(jax.tree.map(lambda x, i=i: unwrap(x)[i], state))
           for i in range(np.shape(unwrap(first))[0])]
   return {name: array_module(rows[0][name]).stack([r[name] for r in rows])
           for name in rows[0]}
@@ -583,7 +584,9 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   `optax.skip_not_finite`).
 
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
-  leaf) gives each metric one value per device, layers included.
+  leaf) gives each metric one value per device, layers included; so does an
+  ensemble trained under `vmap` (one value per member), and both together
+  (an ensemble vmapped inside a `pmap`: `[devices, members]`).
 
   Naming rule for repeats: when two states record the same name (two
   monitors in one chain, say), or one a metric's total and the other its

@@ -923,6 +923,40 @@ def test_check_looks_at_every_member_of_a_vmapped_ensemble():
     og.check(states)
 
 
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_metrics_and_check_of_an_ensemble_vmapped_inside_pmap():
+  """Two leading axes (2 devices x 4 members): every per-layer metric keeps
+  both, each member's norms are its own, and og.check names the one bad
+  member by its place on both axes."""
+  devices, members = 2, 4
+  params = {"a": jnp.zeros((devices, members, 2)),
+            "b": jnp.zeros((devices, members, 3))}
+  # Layer i of member (d, k) has one element 100 d + 10 k + i + 1.
+  value = (100.0 * np.arange(devices)[:, None] +
+           10.0 * np.arange(members)[None, :])
+  grads = {n: np.zeros(p.shape, np.float32) for n, p in params.items()}
+  for i, n in enumerate(grads):
+    grads[n][:, :, 0] = value + i + 1
+  grads["b"][1, 3, 1] = np.nan
+  tx = og.guard(optax.sgd(0.1), max_norm=1e6, spike_sigma=None)
+  mapped = lambda f: jax.pmap(jax.vmap(f), devices=jax.devices()[:devices])
+  states = mapped(tx.init)(params)
+  _, states = mapped(tx.update)(grads, states, params)
+  m = og.metrics(states)
+  np.testing.assert_array_equal(m["grad/norm/a"], value + 1)
+  np.testing.assert_array_equal(m["grad/norm/b"][0], value[0] + 2)
+  want = np.zeros((devices, members), bool)
+  want[1, 3] = True
+  np.testing.assert_array_equal(m["optim/skipped"], want)
+  np.testing.assert_array_equal(m["grad/nonfinite/b"], want.astype(int))
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(states)
+  assert str(info.value).startswith(
+      "Member (1, 3) of the state's 2 leading axes (8 members, 1 of them "
+      "bad): Step 0: non-finite gradients; first bad layers: b (1 NaN/Inf)."
+  ), str(info.value)
+
+
 def test_check_names_the_loss():
   params = _params()
   tx, step = _cached("sgd")
