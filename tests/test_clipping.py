@@ -152,12 +152,11 @@ def test_norm_of_a_large_leaf_is_accurate(path):
 
 
 def test_off_the_cpu_a_long_leaf_is_summed_in_one_reduction():
-  """Rows of 4096 are for XLA:CPU's in-order accumulation; a GPU or TPU
-  sums as a tree, in one reduction over the leaf. The padded rows, split
-  over devices under `jit` (a 256 x 11008 kernel sharded 8 ways on its
-  last axis), made XLA gather the whole leaf onto every device. (The GPU
-  program is lowered here, not compiled.)"""
-  g = jax.ShapeDtypeStruct((256, 11008), jnp.bfloat16)
+  """Rows of 4096 are for XLA:CPU's in-order accumulation (padded, in a
+  leaf whose blocks per device are longer: 40,000 = 8 x 5,000); a GPU or
+  TPU sums as a tree, in one reduction over the leaf. (The GPU program is
+  lowered here, not compiled.)"""
+  g = jax.ShapeDtypeStruct((256, 40000), jnp.bfloat16)
   f = jax.jit(lambda g: _stats.tree_stats({"w": g}, count_above=1.0))
   lowered = {p: f.trace(g).lower(lowering_platforms=(p,)).as_text()
              for p in ("cpu", "cuda")}

@@ -7,6 +7,7 @@ written here in float64. The 8 CPU devices come from `conftest.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -732,6 +733,48 @@ def test_jit_explicit_mesh_leaves_of_one_shape_sharded_differently(make):
           _np_norm(grads[0]["blocks"]["kernel"][layer]), rtol=RTOL)
     assert int(m_sharded[1]["grad/nonfinite/bias_a"]) == 1
     assert bool(m_sharded[1]["optim/skipped"])
+
+
+@pytest.mark.standard_promotion  # optax.adamw mixes Python floats and int32
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
+def test_jit_long_sharded_axis_is_summed_shard_by_shard(explicit):
+  """An axis longer than the CPU path's rows of 4,096 terms, sharded so that
+  those rows would straddle the shards (5,504 = 8 x 688): on Explicit axes
+  the reshape into rows was refused while tracing, and on Auto axes XLA
+  gathered the whole leaf onto every device. Now the guard's NaN step is
+  skipped, its norms are numpy's, and the step keeps no leaf-sized
+  temporary (bare AdamW keeps none)."""
+  mesh = (_explicit_mesh() if explicit else
+          jax.sharding.Mesh(np.array(jax.devices()), ("d",)))
+  rng = np.random.default_rng(13)
+  shape = (4, 688 * NUM_DEVICES)
+  params = {"kernel": rng.normal(size=shape).astype(np.float32)}
+  grads = [{"kernel": (rng.normal(size=shape) * 1e-3).astype(np.float32)}
+           for _ in range(2)]
+  grads[1]["kernel"][2, 3000] = np.nan  # on device 4 only.
+  put = lambda tree: {"kernel": _put(mesh, tree["kernel"], P(None, "d"))}
+  tx = og.guard(og.adamw(1e-2), monitor=True)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, og.metrics(s)
+
+  with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+    state = jax.jit(tx.init)(put(params))
+    compiled = jax.jit(step).lower(put(params), state,
+                                   put(grads[0])).compile()
+    p, state, m0 = compiled(put(params), state, put(grads[0]))
+    p_before = jax.device_get(p)
+    p, state, m1 = compiled(p, state, put(grads[1]))
+  np.testing.assert_allclose(float(m0["grad/norm/kernel"]),
+                             _np_norm(grads[0]["kernel"]), rtol=RTOL)
+  np.testing.assert_allclose(float(m0["param/norm/kernel"]),
+                             _np_norm(params["kernel"]), rtol=RTOL)
+  assert bool(m1["optim/skipped"]) and int(m1["grad/nonfinite/kernel"]) == 1
+  np.testing.assert_array_equal(jax.device_get(p)["kernel"],
+                                p_before["kernel"])
+  shard_bytes = params["kernel"].nbytes // NUM_DEVICES
+  assert compiled.memory_analysis().temp_size_in_bytes < shard_bytes // 4
 
 
 # -------------------------------- 6. monitor with histograms under shard_map
