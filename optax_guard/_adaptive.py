@@ -201,7 +201,7 @@ def adaptive_grad_clip(
     clipping: :math:`\lambda`, the largest allowed ratio of a unit's gradient
       norm to its weights' norm, a float `> 0`.
     eps: :math:`\epsilon`, the smallest weight norm used, so that units
-      initialised at zero can still move, a float `>= 0`.
+      initialised at zero can still move, a float `> 0`.
     unit_axes: overrides of the unit axes, as above.
     axis_name: mesh axis name(s), for `pmap`: each unit's gradient norm is
       then the largest over the devices, so every replica applies the same
@@ -242,7 +242,10 @@ def adaptive_grad_clip(
     https://github.com/google-deepmind/deepmind-research/tree/master/nfnets.
   """
   _args.check_number("clipping", clipping, strict=True)
-  _args.check_number("eps", eps)
+  _args.check_number(
+      "eps", eps, strict=True,
+      at_minimum="With 0 a parameter of norm 0 (a zero-initialised bias) "
+      "would be clipped to 0 and never move.")
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
@@ -514,12 +517,12 @@ def zclip(
   which a step is clipped: `max_norm` (or Inf) during warm-up.
 
   Args:
-    alpha: EMA smoothing factor, in `[0, 1)`.
+    alpha: EMA smoothing factor, in `(0, 1)`.
     z_thresh: the z-score above which a norm is a spike, a float `> 0`.
     mode: `"reciprocal"`, `"mean"` or `"percentile"`, as above.
     warmup_steps: finite norms collected before clipping starts, `>= 2`
       (one norm has no spread to measure against).
-    max_norm: an optional fixed ceiling on the global norm, `>= 0`.
+    max_norm: an optional fixed ceiling on the global norm, `> 0`.
     eps: :math:`\epsilon`, added to :math:`\sigma` in the z-score (the
       authors' `eps`), `> 0`. It is absolute: where the global norm is
       near 1e-5 or below, it outweighs :math:`\sigma` and hides spikes;
@@ -549,7 +552,10 @@ def zclip(
     Pre-Training" (https://arxiv.org/abs/2504.02507); the authors' code:
     https://github.com/bluorion-com/ZClip (`zclip/zclip.py`).
   """
-  _args.check_number("alpha", alpha, maximum=1.0, strict_max=True)
+  _args.check_number(
+      "alpha", alpha, strict=True, maximum=1.0, strict_max=True,
+      at_minimum="With 0 the average would hold only the last norm, whose "
+      "spread is 0, and every step above it would be clipped.")
   _args.check_number("z_thresh", z_thresh, strict=True)
   _args.check_choice("mode", mode, ZCLIP_MODES)
   if warmup_steps == 1 and not isinstance(warmup_steps, bool):
@@ -560,7 +566,8 @@ def zclip(
   _args.check_int("warmup_steps", warmup_steps, minimum=2)
   _args.check_number("eps", eps, strict=True)
   if max_norm is not None:
-    _args.check_number("max_norm", max_norm)
+    _args.check_number("max_norm", max_norm, strict=True,
+                       at_minimum=_args.CLIP_TO_ZERO_OR_NONE)
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):

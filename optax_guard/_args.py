@@ -37,28 +37,49 @@ def concrete_number(value: Any) -> float | None:
 
 def check_number(name: str, value: Any, *, minimum: float = 0.0,
                  strict: bool = False, maximum: float | None = None,
-                 strict_max: bool = False) -> None:
-  """Raises a `ValueError` unless `value` is a real number in the range."""
+                 strict_max: bool = False, at_minimum: str = "") -> None:
+  """Raises a `ValueError` unless `value` is a real number in the range.
+
+  A strict maximum holds in float32 too, the dtype the value is computed in
+  (`1 - 1e-9` is 1.0 there). `at_minimum`: a sentence said when `value` is
+  the excluded minimum (what it would do, and what to pass instead).
+  """
   number = concrete_number(value)
   if number is None:
     return
   low_ok = number > minimum if strict else number >= minimum
+  with np.errstate(over="ignore"):  # -1e300 is -inf in float32: refused
+    rounds_up = (strict_max and maximum is not None and
+                 number < maximum <= np.float32(number))
   high_ok = (maximum is None or
-             (number < maximum if strict_max else number <= maximum))
+             (number < maximum and not rounds_up
+              if strict_max else number <= maximum))
   if not (np.isfinite(number) and low_ok and high_ok):
     low = f"{'>' if strict else '>='} {minimum:g}"
     high = ("" if maximum is None else
             f" and {'<' if strict_max else '<='} {maximum:g}")
-    hint = ""
+    hint = f" {at_minimum}" if at_minimum and number == minimum else ""
+    if rounds_up:
+      hint = (f" It rounds to {maximum:g} in float32, the dtype it is "
+              "computed in.")
     dtype = getattr(value, "dtype", None)
     if (dtype is not None and jnp.issubdtype(dtype, jnp.floating) and
         jnp.dtype(dtype).itemsize < 4):
-      hint = (f" It is a {jnp.dtype(value.dtype).name} value: under "
-              "`optax.inject_hyperparams`, which casts float hyperparameters "
-              "to the parameters' dtype, pass `hyperparam_dtype=jnp.float32`.")
+      hint += (
+          f" It is a {jnp.dtype(value.dtype).name} value: under "
+          "`optax.inject_hyperparams`, which casts float hyperparameters "
+          "to the parameters' dtype, pass `hyperparam_dtype=jnp.float32`.")
     raise ValueError(
         f"`{name}` must be a finite real number {low}{high}, but got "
         f"{value!r}.{hint}")
+
+
+# Said where a clip is given a bound of 0, which would zero every update
+# (other libraries' configs take 0 for "no clipping").
+CLIP_TO_ZERO = ("A bound of 0 would zero every update; to clip nothing, leave "
+                "the clip out.")
+CLIP_TO_ZERO_OR_NONE = ("A bound of 0 would zero every update; `max_norm=None` "
+                        "clips nothing.")
 
 
 # Said where a function argument arrives as something else: optax's

@@ -134,7 +134,7 @@ def clip_by_global_norm(
     returns NaN).
 
   Args:
-    max_norm: the largest allowed global norm, a float `>= 0`.
+    max_norm: the largest allowed global norm, a float `> 0`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`;
       see the statistics notes in the user guide.
 
@@ -155,7 +155,8 @@ def clip_by_global_norm(
     Pascanu et al., 2013, "On the difficulty of training recurrent neural
     networks" (https://arxiv.org/abs/1211.5063).
   """
-  _args.check_number("max_norm", max_norm)
+  _args.check_number("max_norm", max_norm, strict=True,
+                     at_minimum=_args.CLIP_TO_ZERO)
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
@@ -212,7 +213,7 @@ def clip_by_layer_norm(
   axis.
 
   Args:
-    max_norm: the largest allowed norm of each leaf, a float `>= 0`.
+    max_norm: the largest allowed norm of each leaf, a float `> 0`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers, as in
       `og.monitor`: each layer is clipped to its own norm and has its own
@@ -237,7 +238,8 @@ def clip_by_layer_norm(
     You et al., 2017, "Large Batch Training of Convolutional Networks"
     (https://arxiv.org/abs/1708.03888), for per-layer gradient scaling.
   """
-  _args.check_number("max_norm", max_norm)
+  _args.check_number("max_norm", max_norm, strict=True,
+                     at_minimum=_args.CLIP_TO_ZERO)
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked)
 
@@ -308,7 +310,7 @@ def clip_by_value(
   were clipped.
 
   Args:
-    max_abs: the largest allowed magnitude of an element, a float `>= 0`.
+    max_abs: the largest allowed magnitude of an element, a float `> 0`.
     axis_name: mesh axis name(s) over which the fraction is counted.
 
   Returns:
@@ -327,7 +329,8 @@ def clip_by_value(
     Mikolov, 2012, "Statistical language models based on neural networks",
     PhD thesis, Brno University of Technology (value clipping of gradients).
   """
-  _args.check_number("max_abs", max_abs)
+  _args.check_number("max_abs", max_abs, strict=True,
+                     at_minimum=_args.CLIP_TO_ZERO)
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):

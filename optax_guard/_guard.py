@@ -170,7 +170,8 @@ def guard(
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
-    max_norm: the global-norm clip threshold; None turns clipping off.
+    max_norm: the global-norm clip threshold, `> 0`; None turns clipping
+      off.
     skip_nonfinite: skip steps with NaN/Inf gradients, loss or update.
       When False, a NaN/Inf gradient norm or loss is still skipped by the
       spike skip, counted as a spike (unless `spike_sigma=None`), and a
@@ -222,7 +223,8 @@ def guard(
   # Every argument is checked, also for a part switched off: a bad value
   # there is a mistake that would surface when the part is switched on.
   if max_norm is not None:
-    _args.check_number("max_norm", max_norm)
+    _args.check_number("max_norm", max_norm, strict=True,
+                       at_minimum=_args.CLIP_TO_ZERO_OR_NONE)
   if spike_sigma is not None:
     _args.check_number("spike_sigma", spike_sigma, strict=True)
   unused_arrays = spike_sigma is None and any(

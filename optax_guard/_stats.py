@@ -545,10 +545,9 @@ def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
   """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and
   float64 leaves keep their imaginary part and precision (`a`, `b`: float32
   scalars, or arrays that broadcast against `g`; a Python number `g` is
-  taken as an array, as `jit` would)."""
-  g = jnp.asarray(g)
-  if not jnp.issubdtype(g.dtype, jnp.inexact):
-    return g * (a if b is None else a * b).astype(g.dtype)
+  taken as an array, as `jit` would; an integer one as floats, which a
+  factor below 1 would otherwise round to 0)."""
+  g = as_inexact(g)
   wide = g.dtype if jnp.dtype(g.dtype).itemsize >= 4 else jnp.float32
   out = g.astype(wide) * a.astype(wide)
   if b is not None:

@@ -226,8 +226,13 @@ def test_agc_errors():
                      r"number > 0, but got 0.0\."):
     og.adaptive_grad_clip(0.0)
   with pytest.raises(ValueError, match=r"`eps` must be a finite real number "
-                     r">= 0, but got -1\."):
+                     r"> 0, but got -1\.$"):
     og.adaptive_grad_clip(0.1, eps=-1)
+  with pytest.raises(ValueError, match=r"^`eps` must be a finite real number "
+                     r"> 0, but got 0\. With 0 a parameter of norm 0 \(a "
+                     r"zero-initialised bias\) would be clipped to 0 and "
+                     r"never move\.$"):
+    og.adaptive_grad_clip(0.1, eps=0)
   bad = og.adaptive_grad_clip(0.1, unit_axes=lambda name, shape: (2,))
   with pytest.raises(ValueError, match=r"`unit_axes` for parameter 'w' of "
                      r"shape \(3, 2\) must be a tuple of distinct axes of "
@@ -562,8 +567,16 @@ def test_zclip_errors():
                      r"'zscore'\."):
     og.zclip(mode="zscore")
   with pytest.raises(ValueError, match=r"`alpha` must be a finite real number "
-                     r">= 0 and < 1, but got 1\.0\."):
+                     r"> 0 and < 1, but got 1\.0\."):
     og.zclip(alpha=1.0)
+  with pytest.raises(ValueError, match=r"`alpha` must be a finite real number "
+                     r"> 0 and < 1, but got 0\.0\. With 0 the average would "
+                     r"hold only the last norm"):
+    og.zclip(alpha=0.0)
+  with pytest.raises(ValueError, match=r"^`max_norm` must be a finite real "
+                     r"number > 0, but got 0\.0\. A bound of 0 would zero "
+                     r"every update; `max_norm=None` clips nothing\.$"):
+    og.zclip(max_norm=0.0)
   with pytest.raises(ValueError, match=r"`warmup_steps` must be an integer "
                      r">= 2, but got 0\."):
     og.zclip(warmup_steps=0)

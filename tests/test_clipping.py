@@ -190,8 +190,14 @@ def test_nonfinite_counts_are_exact_above_2_to_the_24():
 
 
 def test_zero_gradient_with_zero_max_norm():
+  """A bound of 0 is refused by the factory, but may still arrive traced
+  (set in `optax.inject_hyperparams`' state): a zero gradient stays 0."""
   g = {"w": jnp.zeros(3, jnp.float32)}
-  got, state = _clip(0.0, g)
+  tx = optax.inject_hyperparams(og.clip_by_global_norm)(max_norm=1.0)
+  injected = tx.init(g)
+  injected.hyperparams["max_norm"] = jnp.float32(0.0)
+  got, injected = jax.jit(tx.update)(g, injected)
+  state = injected.inner_state
   np.testing.assert_array_equal(got["w"], 0.0)
   assert int(state.num_clipped) == 0
   theirs, _ = optax.clip_by_global_norm(0.0).update(g, optax.EmptyState())
@@ -438,8 +444,23 @@ def test_value_clip_of_integers_is_in_floats_as_optax():
 @pytest.mark.parametrize("value", [-1.0, "1.0", None, float("nan"), True])
 def test_bad_threshold_is_a_sentence(factory, arg, value):
   with pytest.raises(ValueError, match=(
-      rf"`{arg}` must be a finite real number >= 0, but got .*\.$")):
+      rf"`{arg}` must be a finite real number > 0, but got .*\.$")):
     factory(value)
+
+
+@pytest.mark.parametrize("factory,arg", [
+    (og.clip_by_global_norm, "max_norm"), (og.clip_by_layer_norm, "max_norm"),
+    (og.clip_by_value, "max_abs"),
+    (lambda v: og.guard(og.sgd(0.1), max_norm=v), "max_norm")])
+def test_a_bound_of_zero_is_refused(factory, arg):
+  """A clip to 0 zeroes every update: training stands still with no error
+  (other libraries' configs take 0 for "no clipping")."""
+  how = ("`max_norm=None` clips nothing" if factory.__name__ == "<lambda>"
+         else "to clip nothing, leave the clip out")
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{arg}` must be a finite real number > 0, but got 0. A bound of 0 "
+      f"would zero every update; {how}.")):
+    factory(0)
 
 
 @pytest.mark.parametrize("name,make", [
@@ -459,6 +480,27 @@ def test_integer_parameters_are_refused_by_every_scaling_clip(name, make,
       f"{jnp.dtype(dtype)}: its scaled gradient would be rounded to an "
       "integer (to 0 below a scale of 1). Leave it out with optax.masked.")):
     make().init(params)
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+@pytest.mark.parametrize("make,sign", [
+    (lambda: og.clip_by_global_norm(1.0), 1.0),
+    (lambda: og.clip_by_layer_norm(1.0), 1.0),
+    (lambda: og.guard(og.sgd(1.0), spike_sigma=None), -1.0),
+    (lambda: og.guard(optax.sgd(1.0), spike_sigma=None), -1.0),
+], ids=["clip_by_global_norm", "clip_by_layer_norm", "guard fast path",
+        "guard generic path"])
+def test_integer_gradients_of_float_parameters_are_scaled_as_floats(make,
+                                                                   sign):
+  """Integer gradients (hand-built) of float parameters are clipped in
+  floats: [1, 2] / sqrt(5), not a factor of 0.447 rounded to the integer
+  0 while the metrics said the clip worked."""
+  params = {"w": jnp.ones(2, jnp.float32)}
+  tx = make()
+  updates, _ = jax.jit(tx.update)({"w": jnp.asarray([1, 2], jnp.int32)},
+                                  tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], sign * np.array([1.0, 2.0]) /
+                             np.sqrt(5.0), rtol=1e-6)
 
 
 def test_float0_gradients_are_a_sentence():

@@ -231,7 +231,7 @@ def test_metric_names_of_the_guard():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"max_norm": -1.0}, r"`max_norm` must be a finite real number >= 0, "
+    ({"max_norm": -1.0}, r"`max_norm` must be a finite real number > 0, "
      r"but got -1\.0\."),
     ({"spike_sigma": 0.0}, r"`spike_sigma` must be a finite real number > 0, "
      r"but got 0\.0\."),

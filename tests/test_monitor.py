@@ -116,6 +116,20 @@ def test_nonfinite_counts_per_layer():
   assert np.isfinite(m["grad/norm/Dense_0/kernel"])
 
 
+def test_loss_ema_of_a_constant_loss_is_that_constant_near_decay_one():
+  """The debiased average of a constant is the constant: its weights and its
+  debiasing take one float32 decay (`1 - decay` in float64 against
+  float32's decay was 1.3% off at 0.999999)."""
+  grads = _tree(0)
+  tx = og.monitor(loss_ema_decay=0.999999)
+  step = jax.jit(lambda s: tx.update(grads, s, loss=jnp.float32(2.0))[1])
+  state = tx.init(grads)
+  for _ in range(200):
+    state = step(state)
+  # float32 holds 1 - decay**200 (2e-4) to ~3e-4 of itself.
+  np.testing.assert_allclose(og.metrics(state)["loss/ema"], 2.0, rtol=1e-3)
+
+
 def test_loss_value_ema_and_nonfinite():
   grads = _tree(0)
   tx = og.monitor(loss_ema_decay=0.5)
@@ -445,6 +459,13 @@ def test_metrics_inside_jit_on_host_and_one_transfer():
      r"> 0 and < 1, but got 1\.0\."),
     ({"zscore_decay": 0.0}, r"`zscore_decay` must be a finite real number "
      r"> 0 and < 1, but got 0\.0\."),
+    # 1 in float32, where the averages are taken (their debiasing was 0).
+    ({"loss_ema_decay": 0.99999999}, r"^`loss_ema_decay` must be a finite "
+     r"real number >= 0 and < 1, but got 0\.99999999\. It rounds to 1 in "
+     r"float32, the dtype it is computed in\.$"),
+    ({"zscore_decay": 1 - 1e-10}, r"^`zscore_decay` must be a finite real "
+     r"number > 0 and < 1, but got 0\.9999999999\. It rounds to 1 in "
+     r"float32"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
