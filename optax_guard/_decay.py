@@ -88,7 +88,7 @@ Mask = Any  # a tree of bools, a callable params -> tree of bools, or None
 _DEFAULT = object()
 
 
-def _mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
+def mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
   """One Python bool per parameter leaf."""
   leaves = jax.tree_util.tree_leaves(params)
   if mask is None:
@@ -133,7 +133,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    _mask_leaves(mask, params, factory)  # a bad mask fails here
+    mask_leaves(mask, params, factory)  # a bad mask fails here
     return state_type(step=jnp.zeros((), jnp.int32),
                       rate=jnp.zeros((), jnp.float32),
                       penalty=jnp.zeros((), jnp.float32))
@@ -147,7 +147,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     u_leaves, treedef = jax.tree.flatten(updates)
     p_leaves = [jnp.asarray(_metrics.unwrap(p))
                 for p in jax.tree.leaves(params)]
-    flags = _mask_leaves(mask, params, factory)
+    flags = mask_leaves(mask, params, factory)
     # The chosen leaves, checked here by name for all three (the penalty's
     # reduction would name a leaf by its index among them, and L1's not at
     # all); a leaf the mask leaves out is never measured.

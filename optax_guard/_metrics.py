@@ -187,15 +187,15 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
 
 
 def check_same_tree(updates: Any, params: Any, factory: str, *,
-                    per_layer: bool = True) -> None:
+                    per_layer: bool = True,
+                    names_from: str = "was called with") -> None:
   """Raises unless `updates` and `params` have the same layers and shapes
   (their leaves are paired by position; `per_layer`: and their layer names
-  are metric names, so two leaves may not share one). Static: free per
-  step."""
+  are metric names, so two leaves may not share one; `names_from`: how the
+  message says where `params` came from). Static: free per step."""
   naming = layer_names if per_layer else leaf_paths
   names = naming(params)
-  check_layers(updates, names, factory, naming=naming,
-               names_from="was called with")
+  check_layers(updates, names, factory, naming=naming, names_from=names_from)
   for name, u, p in zip(names, jax.tree.leaves(updates),
                         jax.tree.leaves(params)):
     if np.shape(u) != np.shape(unwrap(p)):

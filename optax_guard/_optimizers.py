@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _decay
 from optax_guard import _metrics
 from optax_guard import _stats
 
@@ -129,8 +130,35 @@ def _keep(keep: Any, new: Any, old: Any) -> Any:
   return new if keep is None else jnp.where(keep, new, old)
 
 
-def _value(schedule: Any, count: jax.Array) -> Any:
-  return schedule(count) if callable(schedule) else schedule
+def _value(schedule: Any, count: jax.Array, factory: str, name: str) -> Any:
+  """`schedule`'s value at `count` (`schedule` itself if a number)."""
+  if not callable(schedule):
+    return schedule
+  value = schedule(count)
+  if np.ndim(value) != 0:  # it would broadcast into the updates' shapes
+    raise ValueError(
+        f"`{factory}`'s `{name}` schedule returned an array of shape "
+        f"{np.shape(value)}; a schedule must return one number.")
+  return value
+
+
+def _check_updates(updates: Any, moments: Any, params: Any,
+                   factory: str) -> None:
+  """Raises unless `updates` has the layers and shapes of the parameters
+  (as `init` saw them in `moments`, else as given), naming what differs. A
+  None update (a frozen leaf, as optax takes) stands for its parameter."""
+  like = params if moments is None else moments
+  if like is None:
+    return
+  try:
+    updates = jax.tree.map(lambda u, p: p if u is None else u, updates, like,
+                           is_leaf=lambda u: u is None)
+  except (ValueError, TypeError):
+    pass  # other trees: named below
+  _metrics.check_same_tree(
+      updates, like, factory, per_layer=False,
+      names_from="was called with" if moments is None else
+      "was initialised with")
 
 
 def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
@@ -143,17 +171,6 @@ def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
   if scheduled:
     return jnp.asarray(-lr, dtype=u.dtype) * u
   return -lr * u
-
-
-def _decay_mask(mask: Any, params: Any) -> list[bool]:
-  """One static bool per leaf: whether weight decay applies to it."""
-  leaves = jax.tree.leaves(params)
-  if mask is None:
-    return [True] * len(leaves)
-  tree = mask(params) if callable(mask) else mask
-  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
-                      tree, params)
-  return [bool(m) for m in jax.tree.leaves(full)]
 
 
 def _wider(a: Any, b: Any) -> Any:
@@ -375,6 +392,7 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
 
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
                mask, nesterov, state_type) -> GuardAwareTransformation:
+  factory = "adamw" if state_type is AdamwState else "adam"
   for name, value in (("b1", b1), ("b2", b2)):
     # At 1 the bias correction `1 - b**t` is 0, and every update 0/0 = NaN.
     _args.check_number(name, value, maximum=1.0, strict_max=True)
@@ -386,9 +404,13 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   if weight_decay is not None and not callable(weight_decay):
     _args.check_number("weight_decay", weight_decay)
   mu_dtype = _args.float_dtype("mu_dtype", mu_dtype)
+  decays = weight_decay is not None and not (
+      isinstance(weight_decay, (int, float)) and weight_decay == 0.0)
 
   def init_fn(params):
     _check_denominator(eps, eps_root, params)
+    if decays:
+      _decay.mask_leaves(mask, params, factory)  # refused here, not at update
     return state_type(
         count=jnp.zeros((), jnp.int32),
         # zeros_like keeps each parameter's sharding and varying-axes type.
@@ -400,21 +422,22 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     del extra_args
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
-    decays = weight_decay is not None and not (
-        isinstance(weight_decay, (int, float)) and weight_decay == 0.0)
+    _check_updates(updates, state.mu, None, factory)
     if decays:
-      _args.require_params(params, "adamw")
+      _args.require_params(params, factory)
     count_inc = optax.safe_increment(state.count)
     correction1 = _bias_correction(b1, count_inc)
     correction2 = _bias_correction(b2, count_inc)
     correction_next = _bias_correction(b1, optax.safe_increment(count_inc))
-    lr = _value(learning_rate, state.count)
-    wd = _value(weight_decay, state.count) if decays else None
+    lr = _value(learning_rate, state.count, factory, "learning_rate")
+    wd = (_value(weight_decay, state.count, factory, "weight_decay")
+          if decays else None)
     leaves, treedef = jax.tree.flatten(updates)
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     ps = (treedef.flatten_up_to(params) if params is not None
           else [None] * len(leaves))
-    masked = _decay_mask(mask, params) if decays else [False] * len(leaves)
+    masked = (_decay.mask_leaves(mask, params, factory) if decays
+              else [False] * len(leaves))
     static, traced = _split_hyper(lr=lr, scheduled=callable(learning_rate),
                                   wd=wd, b1=b1, b2=b2, eps=eps,
                                   eps_root=eps_root)
@@ -603,10 +626,12 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
 
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
-    del params, extra_args
+    del extra_args
+    _check_updates(updates, state.trace, params, "sgd")
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
-    static, traced = _split_hyper(lr=_value(learning_rate, state.count),
+    static, traced = _split_hyper(lr=_value(learning_rate, state.count,
+                                            "sgd", "learning_rate"),
                                   scheduled=callable(learning_rate),
                                   momentum=momentum)
     # A None gradient (a frozen parameter) stays None and keeps its trace,

@@ -904,6 +904,62 @@ def test_bad_arguments(factory, kwargs, message):
     factory(**kwargs)
 
 
+@pytest.mark.parametrize("make,factory,names_from", [
+    (lambda: og.adamw(0.1), "adamw", "was initialised with"),
+    (lambda: og.sgd(0.1, momentum=0.9), "sgd", "was initialised with"),
+    (lambda: og.sgd(0.1), "sgd", "was called with"),
+])
+def test_updates_unlike_the_parameters_are_named(make, factory, names_from):
+  """As every other transformation: the differing layer or shape is named
+  (a bare broadcasting error, or optax's dict-key error read backwards,
+  before)."""
+  params = {"b": jnp.ones(3), "w": jnp.ones((2, 3))}
+  tx = make()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{factory}` got an update of shape (4, 3) for the parameter 'w' of "
+      "shape (2, 3); each update must have its parameter's shape.")):
+    tx.update({"b": jnp.ones(3), "w": jnp.ones((4, 3))}, state, params)
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{factory}` {names_from} 2 parameter layers but got updates with 3; "
+      "the trees must match. Only in the parameters: none; only in the "
+      "updates: ['c'].")):
+    tx.update(dict(params, c=jnp.ones(4)), state, params)
+
+
+@pytest.mark.parametrize("make,factory,name", [
+    (lambda s: og.adamw(s), "adamw", "learning_rate"),
+    (lambda s: og.adamw(0.1, weight_decay=s), "adamw", "weight_decay"),
+    (lambda s: og.sgd(s), "sgd", "learning_rate"),
+])
+def test_a_schedule_returning_an_array_is_refused(make, factory, name):
+  """A per-column rate would broadcast into the updates (a scalar
+  parameter's update became a vector), as `add_decayed_weights` refuses."""
+  params = {"w": jnp.ones((2, 3)), "s": jnp.ones(())}
+  tx = make(lambda count: jnp.array([0.1, 0.0, 0.0]))
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{factory}`'s `{name}` schedule returned an array of shape (3,); a "
+      "schedule must return one number.")):
+    tx.update(params, tx.init(params), params)
+
+
+def test_adamw_mask_is_checked_at_init():
+  """As `add_decayed_weights`' mask: refused at init with a sentence (a
+  wrong structure failed at the first update inside jax's tree map, and a
+  single True decayed every leaf)."""
+  params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+  with pytest.raises(ValueError, match=re.escape(
+      "The `mask` of `adamw` must have the structure of the parameters or a "
+      "prefix of it")):
+    og.adamw(0.1, mask={"Dense_0": {"kernel": True}}).init(params)
+  with pytest.raises(ValueError, match=re.escape(
+      "The `mask` of `adamw` must be a tree of bools like the parameters (or "
+      "a prefix of it), a callable returning one, or None for every leaf, "
+      "but it is the single bool True")):
+    og.adamw(0.1, mask=True).init(params)
+  og.adamw(0.1, weight_decay=0.0, mask=True).init(params)  # decays nothing
+
+
 @pytest.mark.parametrize("eps", [np.float32(0), jnp.float32(0), np.zeros(())])
 def test_a_zero_eps_is_refused_in_any_scalar_type(eps):
   with pytest.raises(ValueError, match=r"^`eps` and `eps_root` are both 0"):
