@@ -90,6 +90,9 @@ INJECTED_FUNCTION = (
     "the step count and passes on what it returns.")
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def check_int(name: str, value: Any, *, minimum: int,
               allow_none: bool = False, injectable: bool = False) -> None:
   """Raises a `ValueError` unless `value` is an int >= minimum (or None).
@@ -106,14 +109,27 @@ def check_int(name: str, value: Any, *, minimum: int,
     if isinstance(value, jax.core.Tracer) or int(value) >= minimum:
       return
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < minimum):
+      value < minimum) or value > _INT32_MAX:
     allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
     hint = ""
+    if isinstance(value, numbers.Integral) and value > _INT32_MAX:
+      hint = (f" It is compared with int32 counters, so it must be at most "
+              f"{_INT32_MAX} (2**31 - 1).")
     if isinstance(value, (jax.Array, np.ndarray)) and not injectable:
       hint = (" It sets the structure of the state, so it must be a Python "
               "int (under `optax.inject_hyperparams`, list it in "
               "`static_args`).")
     raise ValueError(f"`{name}` must be {allowed}, but got {value!r}.{hint}")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises a `ValueError` unless `value` is True or False (a NumPy bool, or
+  the integers 0 and 1, too): a string "False" or an array would otherwise
+  be taken by its truth, which is not what it says (or fails later)."""
+  if isinstance(value, (bool, np.bool_)) or (
+      isinstance(value, numbers.Integral) and value in (0, 1)):
+    return
+  raise ValueError(f"`{name}` must be True or False, but got {value!r}.")
 
 
 def float_dtype(name: str, value: Any) -> Any:

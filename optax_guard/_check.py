@@ -572,6 +572,7 @@ def check(opt_state: Any) -> None:
     NonFiniteGradientError: NaN or Inf was seen at the last step, or the
       guard has halted.
     GradientExplosionError: the last step was skipped as a spike.
+    ValueError: called inside `jit` (on traced values).
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -591,6 +592,11 @@ def check(opt_state: Any) -> None:
   """
   # The statistics only: no wrapped optimizer's moments cross to the host.
   found = _metrics.statistics(opt_state)
+  if _metrics.is_traced(found):
+    raise ValueError(
+        "og.check reads the state on the host, after a step, but got traced "
+        "values: call it on the state the jitted step returned, outside "
+        "jit (inside the step, return og.metrics(opt_state) instead).")
   if not found:
     hint = (_metrics.PASS_THE_STATE
             if _metrics.holds_unwrapped_states(opt_state)

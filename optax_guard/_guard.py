@@ -177,7 +177,8 @@ def guard(
       spike skip, counted as a spike (unless `spike_sigma=None`), and a
       NaN/Inf that `inner` makes from finite gradients is applied.
     max_consecutive: halt after this many non-finite steps in a row.
-    resume_after_halt: whether a finite step after a halt resumes training.
+    resume_after_halt: whether a finite step after a halt resumes training
+      (True needs `max_consecutive`, without which nothing halts).
     spike_sigma: spike threshold in standard deviations; None turns spike
       skipping off.
     spike_window: how many accepted norms (and losses) the history holds.
@@ -220,6 +221,11 @@ def guard(
   References:
     See `monitor`, `clip_by_global_norm`, `skip_nonfinite`, `skip_spikes`.
   """
+  for name, flag in (("skip_nonfinite", skip_nonfinite),
+                     ("resume_after_halt", resume_after_halt),
+                     ("monitor", monitor), ("per_layer", per_layer),
+                     ("histogram", histogram), ("zscore", zscore)):
+    _args.check_bool(name, flag)
   # Every argument is checked, also for a part switched off: a bad value
   # there is a mistake that would surface when the part is switched on.
   if max_norm is not None:
@@ -260,6 +266,8 @@ def guard(
       raise ValueError(
           f"`{unused[0]}` sets how the non-finite skip halts, but "
           "`skip_nonfinite=False` switches it off; drop one of the two.")
+  else:
+    _nonfinite.check_halting(max_consecutive, resume_after_halt)
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)

@@ -400,6 +400,9 @@ def monitor(
     networks" (https://arxiv.org/abs/1211.5063); Philipp et al., 2018, "The
     exploding gradient problem demystified" (https://arxiv.org/abs/1712.05577).
   """
+  for name, flag in (("per_layer", per_layer), ("histogram", histogram),
+                     ("zscore", zscore)):
+    _args.check_bool(name, flag)
   _args.check_int("every", every, minimum=1)
   _args.check_choice("kind", kind, ("grad", "update"))
   _args.check_number("loss_ema_decay", loss_ema_decay, maximum=1.0,

@@ -111,6 +111,15 @@ def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
       halted=halted)
 
 
+def check_halting(max_consecutive: Any, resume_after_halt: Any) -> None:
+  """Refuses `resume_after_halt=True` where nothing halts (a no-op)."""
+  if max_consecutive is None and resume_after_halt:
+    raise ValueError(
+        "`resume_after_halt=True` sets how a halt ends, but "
+        "`max_consecutive=None` never halts; set `max_consecutive` (the bad "
+        "steps in a row that halt training) or drop `resume_after_halt`.")
+
+
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
@@ -158,7 +167,8 @@ def skip_nonfinite(
     inner: the transformation to protect (usually the whole optimizer).
     max_consecutive: halt after this many bad steps in a row; None never
       halts.
-    resume_after_halt: whether a finite step after a halt resumes training.
+    resume_after_halt: whether a finite step after a halt resumes training
+      (True needs `max_consecutive`, without which nothing halts).
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers, counted layer by
       layer (see `monitor`).
@@ -191,6 +201,8 @@ def skip_nonfinite(
   """
   _args.check_int("max_consecutive", max_consecutive, minimum=1,
                   allow_none=True, injectable=True)
+  _args.check_bool("resume_after_halt", resume_after_halt)
+  check_halting(max_consecutive, resume_after_halt)
   _stats.check_axis_name(axis_name)
   layers = _metrics.Layers(stacked, groups)
   inner = _skip.check_inner(inner)

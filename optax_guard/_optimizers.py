@@ -393,6 +393,7 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
 def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
                mask, nesterov, state_type) -> GuardAwareTransformation:
   factory = "adamw" if state_type is AdamwState else "adam"
+  _args.check_bool("nesterov", nesterov)
   for name, value in (("b1", b1), ("b2", b2)):
     # At 1 the bias correction `1 - b**t` is 0, and every update 0/0 = NaN.
     _args.check_number(name, value, maximum=1.0, strict_max=True)
@@ -615,6 +616,7 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     _args.check_number("learning_rate", learning_rate)
   if momentum is not None:
     _args.check_number("momentum", momentum, minimum=-1.0, maximum=1.0)
+  _args.check_bool("nesterov", nesterov)
 
   acc_dtype = _args.float_dtype("accumulator_dtype", accumulator_dtype)
 

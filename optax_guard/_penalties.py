@@ -170,6 +170,8 @@ def gradient_norm_penalty(
     (https://arxiv.org/abs/2202.03599), Algorithm 1.
   """
   _check(strength, radius)
+  _args.check_bool("squared", squared)
+  _args.check_bool("has_aux", has_aux)
   _args.check_choice("method", method, PENALTY_METHODS)
   _stats.check_axis_name(axis_name)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
@@ -331,6 +333,7 @@ def add_gradient_norm_penalty(
     (https://arxiv.org/abs/2202.03599), Algorithm 1.
   """
   _check(strength, radius)
+  _args.check_bool("squared", squared)
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):

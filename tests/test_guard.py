@@ -267,6 +267,19 @@ def test_metric_names_of_the_guard():
      r"switches it off; drop one of the two\.$"),
     ({"skip_nonfinite": False, "resume_after_halt": True},
      r"^`resume_after_halt=True` sets how the non-finite skip halts"),
+    # A no-op: nothing halts.
+    ({"resume_after_halt": True}, r"^`resume_after_halt=True` sets how a "
+     r"halt ends, but `max_consecutive=None` never halts; set "
+     r"`max_consecutive` \(the bad steps in a row that halt training\) or "
+     r"drop `resume_after_halt`\.$"),
+    # Taken by its truth, "False" kept the skip on.
+    ({"skip_nonfinite": "False"}, r"^`skip_nonfinite` must be True or False, "
+     r"but got 'False'\.$"),
+    ({"per_layer": None}, r"^`per_layer` must be True or False, but got "
+     r"None\.$"),
+    ({"max_consecutive": 2**31}, r"^`max_consecutive` must be an integer >= "
+     r"1 or None, but got 2147483648\. It is compared with int32 counters, "
+     r"so it must be at most 2147483647 \(2\*\*31 - 1\)\.$"),
 ])
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -455,6 +455,10 @@ def test_metrics_inside_jit_on_host_and_one_transfer():
     ({"loss_ema_decay": 1.0}, r"`loss_ema_decay` must be a finite real "
      r"number >= 0 and < 1, but got 1\.0\."),
     ({"prefix": 3}, r"`prefix` must be a string, but got 3\."),
+    ({"histogram": "no"}, r"^`histogram` must be True or False, but got "
+     r"'no'\.$"),
+    ({"every": 10**10}, r"^`every` must be an integer >= 1, but got "
+     r"10000000000\. It is compared with int32 counters"),
     ({"zscore_decay": 1.0}, r"`zscore_decay` must be a finite real number "
      r"> 0 and < 1, but got 1\.0\."),
     ({"zscore_decay": 0.0}, r"`zscore_decay` must be a finite real number "

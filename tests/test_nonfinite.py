@@ -957,6 +957,36 @@ def test_metrics_and_check_of_an_ensemble_vmapped_inside_pmap():
   ), str(info.value)
 
 
+def test_check_inside_jit_is_a_sentence():
+  """og.check reads on the host; inside the step it says what to do
+  instead (a ConcretizationTypeError about `is_fully_addressable` before)."""
+  tx = og.guard(og.sgd(0.1))
+  params = {"w": jnp.ones(2)}
+
+  @jax.jit
+  def step(state):
+    _, state = tx.update({"w": jnp.ones(2)}, state, params)
+    og.check(state)
+    return state
+
+  with pytest.raises(ValueError, match=re.escape(
+      "og.check reads the state on the host, after a step, but got traced "
+      "values: call it on the state the jitted step returned, outside jit "
+      "(inside the step, return og.metrics(opt_state) instead).")):
+    step(tx.init(params))
+
+
+def test_resume_after_halt_needs_a_halt():
+  with pytest.raises(ValueError, match=re.escape(
+      "`resume_after_halt=True` sets how a halt ends, but "
+      "`max_consecutive=None` never halts")):
+    og.skip_nonfinite(optax.sgd(0.1), resume_after_halt=True)
+  with pytest.raises(ValueError, match=re.escape(
+      "`resume_after_halt` must be True or False, but got 'yes'.")):
+    og.skip_nonfinite(optax.sgd(0.1), max_consecutive=2,
+                      resume_after_halt="yes")
+
+
 def test_check_names_the_loss():
   params = _params()
   tx, step = _cached("sgd")

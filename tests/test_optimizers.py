@@ -878,6 +878,10 @@ def test_fast_path_needs_no_parameter_sized_temporary(name):
      "`b1` must be a finite real number >= 0 and < 1, but got 1.5."),
     (og.adam, {"learning_rate": 0.1, "b2": -0.1},
      "`b2` must be a finite real number >= 0 and < 1, but got -0.1."),
+    (og.adamw, {"learning_rate": 0.1, "nesterov": jnp.asarray(True)},
+     "`nesterov` must be True or False, but got Array(True, dtype=bool)."),
+    (og.sgd, {"learning_rate": 0.1, "momentum": 0.9, "nesterov": "True"},
+     "`nesterov` must be True or False, but got 'True'."),
     (og.adam, {"learning_rate": 0.1, "b1": 0.99999999},  # Inf updates
      "`b1` must be a finite real number >= 0 and < 1, but got 0.99999999. "
      "It rounds to 1 in float32, the dtype it is computed in."),
