@@ -79,7 +79,7 @@ class MetricsLog:
   `lag` steps ahead of the device; raise `lag` to let it run further). Works with donated states (the copy
   survives the donation), Flax nnx optimizer states, sharded states (a
   replicated statistic is read from one local copy) and states already
-  fetched to the host. A state from `pmap` (or a `vmap`ped ensemble's) is
+  fetched to the host. A state from `pmap` (or an ensemble's, under `vmap`) is
   recorded with one value per device (or member) in every metric; one log
   takes states of one device layout.
 
