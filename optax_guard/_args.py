@@ -40,14 +40,17 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
                  strict_max: bool = False, at_minimum: str = "") -> None:
   """Raises a `ValueError` unless `value` is a real number in the range.
 
-  A strict maximum holds in float32 too, the dtype the value is computed in
-  (`1 - 1e-9` is 1.0 there). `at_minimum`: a sentence said when `value` is
+  A strict bound holds in float32 too, the dtype the value is computed in
+  (`1 - 1e-9` is 1.0 there, and XLA flushes `1e-40` to 0). `at_minimum`: a sentence said when `value` is
   the excluded minimum (what it would do, and what to pass instead).
   """
   number = concrete_number(value)
   if number is None:
     return
-  low_ok = number > minimum if strict else number >= minimum
+  with np.errstate(under="ignore"):
+    flushed = (strict and minimum == 0 and 0 < abs(number) and
+               abs(np.float32(number)) < np.finfo(np.float32).tiny)
+  low_ok = (number > minimum and not flushed) if strict else number >= minimum
   with np.errstate(over="ignore"):  # -1e300 is -inf in float32: refused
     rounds_up = (strict_max and maximum is not None and
                  number < maximum <= np.float32(number))
@@ -59,6 +62,10 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
     high = ("" if maximum is None else
             f" and {'<' if strict_max else '<='} {maximum:g}")
     hint = f" {at_minimum}" if at_minimum and number == minimum else ""
+    if flushed:
+      hint = (" It is 0 in float32, the dtype it is computed in (XLA flushes "
+              f"magnitudes below {np.finfo(np.float32).tiny:.3g} to 0)."
+              f"{' ' + at_minimum if at_minimum else ''}")
     if rounds_up:
       hint = (f" It rounds to {maximum:g} in float32, the dtype it is "
               "computed in.")

@@ -130,8 +130,10 @@ def clip_by_global_norm(
     everything by `max_norm / inf = 0`, zeroing every finite leaf silently and
     turning the Inf into NaN): the step's `grad/norm` is then non-finite, and
     `skip_nonfinite` or `guard` placed around the optimizer skips it;
-  * treats `max_norm = 0` with a zero gradient as nothing to clip (optax
-    returns NaN).
+  * refuses `max_norm = 0`, which would zero every update (optax takes it,
+    and returns NaN for a zero gradient); set to 0 through
+    `optax.inject_hyperparams`' state, where it cannot be refused, a zero
+    gradient stays 0.
 
   Args:
     max_norm: the largest allowed global norm, a float `> 0`.

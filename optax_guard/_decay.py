@@ -10,6 +10,7 @@ in the metrics they record.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -88,17 +89,28 @@ Mask = Any  # a tree of bools, a callable params -> tree of bools, or None
 _DEFAULT = object()
 
 
-def mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
-  """One Python bool per parameter leaf."""
+def _is_flag(x: Any) -> bool:
+  """A bool, NumPy bool or 0-d bool array, or the integer 0 or 1."""
+  if isinstance(x, (bool, np.bool_)):
+    return True
+  if isinstance(x, numbers.Integral):
+    return x in (0, 1)
+  return (isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype == np.bool_)
+
+
+def mask_leaves(mask: Mask, params: Any, factory: str, *,
+                whole: bool = False) -> list[bool]:
+  """One Python bool per parameter leaf (`whole`: a single flag stands for
+  every leaf, as optax's masks take it)."""
   leaves = jax.tree_util.tree_leaves(params)
   if mask is None:
     return [True] * len(leaves)
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
-  if isinstance(tree, (bool, np.bool_)) and len(leaves) == 1:
-    return [bool(tree)]  # the parameters are one array: its own flag
-  if isinstance(tree, (bool, np.bool_)):
+  if _is_flag(tree) and (whole or len(leaves) == 1):
+    return [bool(tree)] * len(leaves)  # (one array: its own flag)
+  if _is_flag(tree):
     raise ValueError(
         f"The `mask` of `{factory}` must be a tree of bools like the "
         f"parameters (or a prefix of it), a callable returning one, or None "
@@ -118,10 +130,10 @@ def mask_leaves(mask: Mask, params: Any, factory: str) -> list[bool]:
         f"parameters or a prefix of it (or be a callable returning such a "
         f"tree), but it does not: {e}") from None
   for path_flag in flags:
-    if not isinstance(path_flag, (bool, np.bool_)):
+    if not _is_flag(path_flag):
       raise ValueError(
-          f"The `mask` of `{factory}` must hold one Python bool per "
-          f"parameter leaf, but got {path_flag!r}.")
+          f"The `mask` of `{factory}` must hold one bool per parameter "
+          f"leaf, but got {path_flag!r}.")
   return [bool(flag) for flag in flags]
 
 

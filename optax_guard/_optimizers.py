@@ -411,7 +411,8 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
   def init_fn(params):
     _check_denominator(eps, eps_root, params)
     if decays:
-      _decay.mask_leaves(mask, params, factory)  # refused here, not at update
+      # Refused here, not at the first update.
+      _decay.mask_leaves(mask, params, factory, whole=True)
     return state_type(
         count=jnp.zeros((), jnp.int32),
         # zeros_like keeps each parameter's sharding and varying-axes type.
@@ -437,7 +438,7 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     ps = (treedef.flatten_up_to(params) if params is not None
           else [None] * len(leaves))
-    masked = (_decay.mask_leaves(mask, params, factory) if decays
+    masked = (_decay.mask_leaves(mask, params, factory, whole=True) if decays
               else [False] * len(leaves))
     static, traced = _split_hyper(lr=lr, scheduled=callable(learning_rate),
                                   wd=wd, b1=b1, b2=b2, eps=eps,

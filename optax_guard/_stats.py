@@ -605,15 +605,26 @@ def _sum_axis(terms: tuple[jax.Array, ...], axis: int
               ) -> tuple[jax.Array, ...]:
   """Sums `terms` over `axis` in rows of at most `_ROW` terms.
 
-  A long axis is first split into `gcd(length, device count)` blocks, which
-  are summed apart and then together: an axis sharded `k` ways (`k` divides
-  both) then holds whole blocks on each device, so its rows never straddle
-  two shards. Rows that did made XLA gather the whole leaf onto every
-  device (61 MiB of temporaries per device for a 256 x 11008 kernel split 8
-  ways), and under `jit` on a mesh of Explicit axes the reshape was refused.
+  A long axis is first split into `gcd(length, device count)` blocks (or a
+  multiple of its shard count, where its type names the Explicit mesh axes
+  that shard it), which are summed apart and then together: an axis
+  sharded `k` ways (`k` divides both) then holds whole blocks on each
+  device, so its rows never straddle two shards. Rows that did made XLA
+  gather the whole leaf onto every device (61 MiB of temporaries per device
+  for a 256 x 11008 kernel split 8 ways), and under `jit` on a mesh of
+  Explicit axes the reshape was refused.
   """
   n = terms[0].shape[axis]
-  blocks = math.gcd(n, jax.device_count()) if n > _ROW else 1
+  blocks = 1
+  if n > _ROW:
+    blocks = math.gcd(n, jax.device_count())
+    spec = sharding_spec(terms[0])
+    if spec and spec[axis]:
+      mesh = jax.typeof(terms[0]).sharding.mesh
+      shards = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[name]
+                         for name in spec[axis])
+      if n % shards == 0:  # (a mesh of 6 of 8 devices, say)
+        blocks = math.lcm(blocks, shards)
   if blocks > 1:
     shape = terms[0].shape
     split = shape[:axis] + (blocks, n // blocks) + shape[axis + 1:]

@@ -461,6 +461,12 @@ def test_a_bound_of_zero_is_refused(factory, arg):
       f"`{arg}` must be a finite real number > 0, but got 0. A bound of 0 "
       f"would zero every update; {how}.")):
     factory(0)
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{arg}` must be a finite real number > 0, but got 1e-40. It is 0 in "
+      "float32, the dtype it is computed in (XLA flushes magnitudes below "
+      f"1.18e-38 to 0). A bound of 0 would zero every update; {how}.")):
+    factory(1e-40)
+  factory(1e-37)  # a normal float32
 
 
 @pytest.mark.parametrize("name,make", [

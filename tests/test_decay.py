@@ -261,8 +261,8 @@ def test_errors():
                        r"number >= 0, but got -0\.1\."):
       factory(-0.1)
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must hold "
-                       r"one Python bool per parameter leaf, but got 1\."):
-      factory(0.1, mask=jax.tree.map(lambda _: 1, params)).init(params)
+                       r"one bool per parameter leaf, but got 'no'\."):
+      factory(0.1, mask=jax.tree.map(lambda _: "no", params)).init(params)
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
                        r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)

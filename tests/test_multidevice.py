@@ -736,22 +736,28 @@ def test_jit_explicit_mesh_leaves_of_one_shape_sharded_differently(make):
 
 
 @pytest.mark.standard_promotion  # optax.adamw mixes Python floats and int32
-@pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "auto"])
-def test_jit_long_sharded_axis_is_summed_shard_by_shard(explicit):
+@pytest.mark.parametrize("explicit,devices", [
+    (True, NUM_DEVICES), (True, 6), (False, NUM_DEVICES)],
+                         ids=["explicit", "explicit 6 of 8", "auto"])
+def test_jit_long_sharded_axis_is_summed_shard_by_shard(explicit, devices):
   """An axis longer than the CPU path's rows of 4,096 terms, sharded so that
-  those rows would straddle the shards (5,504 = 8 x 688): on Explicit axes
-  the reshape into rows was refused while tracing, and on Auto axes XLA
-  gathered the whole leaf onto every device. Now the guard's NaN step is
-  skipped, its norms are numpy's, and the step keeps no leaf-sized
-  temporary (bare AdamW keeps none)."""
-  mesh = (_explicit_mesh() if explicit else
-          jax.sharding.Mesh(np.array(jax.devices()), ("d",)))
+  those rows would straddle the shards (5,504 = 8 x 688; 4,128 = 6 x 688 on
+  a mesh of 6 of the 8 devices): on Explicit axes the reshape into rows was
+  refused while tracing, and on Auto axes XLA gathered the whole leaf onto
+  every device. Now the guard's NaN step is skipped, its norms are numpy's,
+  and the step keeps no leaf-sized temporary (bare AdamW keeps none)."""
+  axis_types = (jax.sharding.AxisType.Explicit if explicit else
+                jax.sharding.AxisType.Auto,)
+  if explicit:
+    _explicit_mesh()  # skips on a jax without Explicit axes
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("d",),
+                           axis_types=axis_types)
   rng = np.random.default_rng(13)
-  shape = (4, 688 * NUM_DEVICES)
+  shape = (4, 688 * devices)
   params = {"kernel": rng.normal(size=shape).astype(np.float32)}
   grads = [{"kernel": (rng.normal(size=shape) * 1e-3).astype(np.float32)}
            for _ in range(2)]
-  grads[1]["kernel"][2, 3000] = np.nan  # on device 4 only.
+  grads[1]["kernel"][2, 3000] = np.nan  # on one device only.
   put = lambda tree: {"kernel": _put(mesh, tree["kernel"], P(None, "d"))}
   tx = og.guard(og.adamw(1e-2), monitor=True)
 
@@ -773,7 +779,7 @@ def test_jit_long_sharded_axis_is_summed_shard_by_shard(explicit):
   assert bool(m1["optim/skipped"]) and int(m1["grad/nonfinite/kernel"]) == 1
   np.testing.assert_array_equal(jax.device_get(p)["kernel"],
                                 p_before["kernel"])
-  shard_bytes = params["kernel"].nbytes // NUM_DEVICES
+  shard_bytes = params["kernel"].nbytes // devices
   assert compiled.memory_analysis().temp_size_in_bytes < shard_bytes // 4
 
 

@@ -947,21 +947,30 @@ def test_a_schedule_returning_an_array_is_refused(make, factory, name):
     tx.update(params, tx.init(params), params)
 
 
+@pytest.mark.standard_promotion  # traces optax.adamw
 def test_adamw_mask_is_checked_at_init():
   """As `add_decayed_weights`' mask: refused at init with a sentence (a
-  wrong structure failed at the first update inside jax's tree map, and a
-  single True decayed every leaf)."""
+  wrong structure failed at the first update inside jax's tree map), while
+  every mask optax.adamw takes is taken alike: a single flag for every
+  leaf, flags 0/1 and 0-d bool arrays."""
   params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   with pytest.raises(ValueError, match=re.escape(
       "The `mask` of `adamw` must have the structure of the parameters or a "
       "prefix of it")):
     og.adamw(0.1, mask={"Dense_0": {"kernel": True}}).init(params)
   with pytest.raises(ValueError, match=re.escape(
-      "The `mask` of `adamw` must be a tree of bools like the parameters (or "
-      "a prefix of it), a callable returning one, or None for every leaf, "
-      "but it is the single bool True")):
-    og.adamw(0.1, mask=True).init(params)
-  og.adamw(0.1, weight_decay=0.0, mask=True).init(params)  # decays nothing
+      "The `mask` of `adamw` must hold one bool per parameter leaf, but got "
+      "'no'.")):  # (the leaves in order: bias first)
+    og.adamw(0.1, mask={"Dense_0": {"kernel": "yes", "bias": "no"}}
+             ).init(params)
+  grads = jax.tree.map(lambda p: p * 0.5, params)
+  for mask in (True, False, {"Dense_0": {"kernel": 1, "bias": 0}},
+               {"Dense_0": {"kernel": np.array(True), "bias": np.array(False)}}):
+    ours, theirs = og.adamw(0.1, mask=mask), optax.adamw(0.1, mask=mask)
+    got, _ = ours.update(grads, ours.init(params), params)
+    want, _ = theirs.update(grads, theirs.init(params), params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=str(mask))
 
 
 @pytest.mark.parametrize("eps", [np.float32(0), jnp.float32(0), np.zeros(())])
