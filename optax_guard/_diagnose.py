@@ -35,9 +35,9 @@ _ADVICE = {
         "layers, non-saturating activations (ReLU, GELU) or a "
         "variance-preserving initialisation."),
     "healthy": (
-        "No sign of exploding or vanishing gradients: the gradient norms "
-        "change less than {ratio:.3g}x over the depth (at most {total:.3g}x, "
-        "fitted over the {kind})."),
+        "No sign of exploding or vanishing gradients{across}: the gradient "
+        "norms change less than {ratio:.3g}x over the depth (at most "
+        "{total:.3g}x, fitted over the {kind})."),
 }
 
 # Said first when the parameters themselves hold NaN/Inf: every gradient is
@@ -55,6 +55,15 @@ _DEAD = (
     "not: those layers learn nothing (dead ReLUs, a stop_gradient or a "
     "branch the loss does not reach). Check the activations and the graph; "
     "a leaky activation or a smaller learning rate revives dead units.")
+
+# Said after the verdict when some weights are used at every trip of a loop
+# (an RNN's recurrent weights, weights shared by the layers of a loop).
+_SHARED = (
+    "{layers} are used at every trip of a loop (scan or while): the trend "
+    "above runs over the parameters, not over the trips, so gradients that "
+    "grow or shrink through the loop (over time, in an RNN) are not "
+    "measured here; compare the gradients of the loop's first and last "
+    "inputs for that.")
 
 _ZERO = (
     "Every gradient is exactly zero: nothing learns. The loss does not "
@@ -164,7 +173,12 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   `"vanishing"` when it shrinks by at least `ratio`, and `"healthy"` in
   between. The verdict is about how the gradients change with depth at
   these parameters; it says nothing about the loss (a model whose weights
-  a bad step has damaged can be "healthy" at a high loss).
+  a bad step has damaged can be "healthy" at a high loss). Nor about
+  growth through the trips of a loop: a weight used whole at every trip (an
+  RNN's recurrent weights under `scan`) is one point of the fit, so the
+  advice names such weights and says that the gradient through time is
+  not measured (compare the gradients of the loop's first and last
+  inputs).
 
   Args:
     loss_fn: `loss_fn(params, *args)` returning a scalar loss.
@@ -286,9 +300,12 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   if bad:
     where = " in " + ", ".join(bad[:3]) + (
         f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
+  shared = [names[int(np.sum(counts[:i]))] for i, loops in
+            enumerate(first_uses(traced, len(leaves))[4]) if loops]
   advice = _ADVICE[verdict].format(
       where=where, kind=trend, growth=max(shown[0], 1.0 / shown[0]),
-      total=max(shown[1], 1.0 / shown[1]), ratio=ratio)
+      total=max(shown[1], 1.0 / shown[1]), ratio=ratio,
+      across=" across the parameters" if shared else "")
   bad_params = [names[i] for i, c in zip(order, param_nonfinite) if c > 0]
   if bad_params:
     advice = _BAD_PARAMS.format(layers=", ".join(bad_params[:3]) + (
@@ -300,6 +317,9 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
     dead_text = _DEAD.format(layers=", ".join(dead[:3]) + (
         f" and {len(dead) - 3} more" if len(dead) > 3 else ""))
     advice = dead_text if verdict == "vanishing" else f"{advice} {dead_text}"
+  if shared and not bad_params:
+    advice += " " + _SHARED.format(layers=", ".join(shared[:3]) + (
+        f" and {len(shared) - 3} more" if len(shared) > 3 else ""))
   return Diagnosis(
       loss=loss, layers=tuple(names[i] for i in order),
       grad_norms=grad_norms, param_norms=np.asarray(pstats.norms)[order],
@@ -330,19 +350,22 @@ _LOOPS = frozenset({"scan", "while"})
 
 def first_uses(closed: Any, count: int
                ) -> tuple[list[float], list[int | None], list[float],
-                          list[bool]]:
+                          list[bool], list[bool]]:
   """When the forward pass first uses each of the first `count` inputs of
   the jaxpr `closed` (the parameter leaves), inside which `scan` (an id, or
-  None), following nested calls, when it last uses it, and whether the scan
-  that slices it runs backwards. A leaf never used gets `inf` (and `-inf` as
-  its last use)."""
+  None), following nested calls, when it last uses it, whether the scan
+  that slices it runs backwards, and whether a loop uses it whole at every
+  trip (first used inside a scan or while body that does not slice it). A
+  leaf never used gets `inf` (and `-inf` as its last use)."""
   first: dict[int, tuple[int, int | None]] = {}
   last: dict[int, int] = {}
   xs_scan: dict[int, int] = {}  # the outermost scan that slices each leaf
   backwards: set[int] = set()  # the scans that run `reverse=True`
   clock, scans = [0], [0]
 
-  def walk(jaxpr, leaf_of, scan, outs=None):
+  in_loop: set[int] = set()  # the leaves first used inside a loop's body
+
+  def walk(jaxpr, leaf_of, scan, outs=None, looped=False):
     # `outs`: the outputs of `jaxpr` that feed the loss (None: all of them).
     # Only their equations count: an `aux` output computed from the
     # parameters, or dead code, is no use of them, inside a `jit` too.
@@ -377,10 +400,13 @@ def first_uses(closed: Any, count: int
             sub_outs = [s for s, o in zip(sub.outvars, eqn.outvars)
                         if o in needed]
           walk(sub, {s: leaf_of[o] for o, s in zip(operands, sub.invars)
-                     if _is_var(o) and o in leaf_of}, inner_scan, sub_outs)
+                     if _is_var(o) and o in leaf_of}, inner_scan, sub_outs,
+               looped or eqn.primitive.name in _LOOPS)
         continue
       clock[0] += 1
       for leaf in used:
+        if leaf not in first and looped:
+          in_loop.add(leaf)
         first.setdefault(leaf, (clock[0], scan))
         last[leaf] = clock[0]
 
@@ -393,7 +419,8 @@ def first_uses(closed: Any, count: int
           [xs_scan.get(i, first[i][1] if i in first else None)
            for i in range(count)],
           [last.get(i, -float("inf")) for i in range(count)],
-          [xs_scan.get(i) in backwards for i in range(count)])
+          [xs_scan.get(i) in backwards for i in range(count)],
+          [i in in_loop and i not in xs_scan for i in range(count)])
 
 
 def _calls(eqn: Any) -> list[tuple[Any, list[Any]]]:
@@ -418,7 +445,7 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
   before another's last): one loop reads them all, where two loops in a row
   (an encoder's stack, then a decoder's) do not.
   """
-  uses, scan_of, lasts, backwards = first_uses(closed, len(counts))
+  uses, scan_of, lasts, backwards, _ = first_uses(closed, len(counts))
   together: list[Any] = list(scan_of)
   loops: list[tuple[int, float, Any]] = []  # (layers, last use, group)
   for i in sorted(range(len(counts)), key=lambda i: uses[i]):

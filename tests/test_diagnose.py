@@ -287,6 +287,7 @@ def test_stacked_layers_in_scan_order():
             "embed": jnp.asarray(rng.normal(size=(4, 8)), jnp.float32)}
   x = jnp.ones((2, 4))
   d = og.diagnose(loss_fn, params, x, stacked=("blocks",))
+  assert "every trip of a loop" not in d.advice  # the scan slices them
   # The embedding first; then the scan's layers one after the other, each
   # with its kernel (read first in the body) before its bias.
   assert d.layers == ("embed",) + sum(
@@ -299,6 +300,39 @@ def test_stacked_layers_in_scan_order():
   # The trend is fitted over the six matrices (embed and the five kernels).
   slope = np.polyfit(np.arange(6), np.log(want), 1)[0]
   np.testing.assert_allclose(d.growth, np.exp(-slope), rtol=1e-5)
+
+
+def test_weights_used_at_every_trip_of_a_loop_are_named_in_the_advice():
+  """An RNN unrolled with `lax.scan` whose gradient through time vanishes
+  (1e-19 at the first step against the last): its weights are single
+  points of the fit, so the trend over the parameters cannot see it. The
+  advice says so and names them; layers that a scan slices (stacked
+  blocks) are layers of the depth, and get no such caveat."""
+  n, steps = 8, 40
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"W_x": jax.random.normal(keys[0], (n, n)) / np.sqrt(n),
+            "W_h": 0.5 * jnp.linalg.qr(jax.random.normal(keys[1], (n, n)))[0],
+            "W_o": jax.random.normal(keys[2], (n, 1)) / np.sqrt(n)}
+  xs = jax.random.normal(jax.random.key(3), (steps, 4, n))
+
+  def loss_fn(p, xs):
+    h, _ = lax.scan(lambda h, x: (jnp.tanh(x @ p["W_x"] + h @ p["W_h"]),
+                                  None), jnp.zeros((4, n)), xs)
+    return jnp.mean((h @ p["W_o"]) ** 2)
+
+  through_time = np.linalg.norm(np.asarray(
+      jax.grad(loss_fn, argnums=1)(params, xs)).reshape(steps, -1), axis=1)
+  assert through_time[0] / through_time[-1] < 1e-10  # vanishing over time
+  d = og.diagnose(loss_fn, params, xs)
+  assert d.verdict == "healthy"  # over the parameters, which is all it fits
+  assert d.advice.startswith("No sign of exploding or vanishing gradients "
+                             "across the parameters: "), d.advice
+  assert d.advice.endswith(
+      "W_h, W_x are used at every trip of a loop (scan or while): the trend "
+      "above runs over the parameters, not over the trips, so gradients that "
+      "grow or shrink through the loop (over time, in an RNN) are not "
+      "measured here; compare the gradients of the loop's first and last "
+      "inputs for that."), d.advice
 
 
 def test_a_reverse_scan_runs_its_last_layer_first():
