@@ -301,6 +301,14 @@ def add_gradient_norm_penalty(
   :math:`2\|g\|`), which the rest of the chain (clipping, `guard`, the
   optimizer) then treats as the gradient.
 
+  Keep it outside `optax.MultiSteps` and `optax.masked`: `grad_fn` sees the
+  current micro-batch and all the parameters, while inside `MultiSteps`
+  the transformation receives the mean of the micro-batches' gradients
+  (their difference would enter the penalty, amplified by
+  `strength / radius`), and inside `masked` only some of the parameters
+  (refused). Accumulate after it:
+  `optax.chain(og.add_gradient_norm_penalty(...), optax.MultiSteps(...))`.
+
   Args:
     strength: :math:`\lambda`, a float `>= 0`.
     squared: penalise :math:`\|\nabla L\|^2` instead of :math:`\|\nabla L\|`.
@@ -344,6 +352,14 @@ def add_gradient_norm_penalty(
   def update_fn(updates, state, params=None, **extra_args):
     del state
     _args.require_params(params, "add_gradient_norm_penalty")
+    if any(isinstance(x, optax.MaskedNode) for x in jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+      raise ValueError(
+          "`add_gradient_norm_penalty` evaluates `grad_fn` on the "
+          "parameters it is given, but inside `optax.masked` (or a "
+          "`multi_transform` part) some of them are masked out; put it "
+          "outside, ahead of the mask (or use og.gradient_norm_penalty on "
+          "a loss of the parameters to penalise).")
     grad_fn = extra_args.get("grad_fn")
     if not callable(grad_fn):
       raise ValueError(

@@ -476,3 +476,38 @@ def test_the_squared_penalty_is_recorded_where_the_square_alone_overflows():
   _, state = tx.update(w, tx.init(w), w, grad_fn=lambda p: p)
   np.testing.assert_allclose(og.metrics(state)["grad/norm_penalty"], 9e37,
                              rtol=1e-6)
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_penalty_ahead_of_multisteps_is_the_mean_of_micro_batch_penalties():
+  """The arrangement the docs give: each micro-batch's gradient is penalised
+  with its own `grad_fn` (closed form for H = I: g + s g / |g|), then
+  averaged by MultiSteps."""
+  w = jnp.array([1.0, -2.0])
+  xs = [jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])]
+  loss = lambda p, x: 0.5 * jnp.sum((p - x) ** 2)
+  strength = 0.1
+  tx = optax.chain(og.add_gradient_norm_penalty(strength, radius=1e-2),
+                   optax.MultiSteps(optax.sgd(1.0), 2))
+  state = tx.init(w)
+  for x in xs:
+    updates, state = tx.update(jax.grad(loss)(w, x), state, w,
+                               grad_fn=lambda p, x=x: jax.grad(loss)(p, x))
+  gs = [np.asarray(w - x, np.float64) for x in xs]
+  want = -np.mean([g + strength * g / np.linalg.norm(g) for g in gs], axis=0)
+  np.testing.assert_allclose(updates, want, rtol=1e-5)
+
+
+@pytest.mark.standard_promotion  # traces optax.masked
+def test_penalty_inside_masked_is_refused():
+  """`grad_fn` cannot be evaluated on parameters with masked-out leaves (a
+  TypeError about MaskedNode inside the user's loss, before)."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = optax.masked(og.add_gradient_norm_penalty(0.1), {"a": True, "b": False})
+  loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)
+  with pytest.raises(ValueError, match=re.escape(
+      "`add_gradient_norm_penalty` evaluates `grad_fn` on the parameters it "
+      "is given, but inside `optax.masked` (or a `multi_transform` part) some "
+      "of them are masked out; put it outside, ahead of the mask")):
+    tx.update(jax.grad(loss)(params), tx.init(params), params,
+              grad_fn=jax.grad(loss))
