@@ -295,8 +295,10 @@ class MetricsLog:
   def to_pandas(self) -> Any:
     """The record as a `pandas.DataFrame`, one row per step.
 
-    Scalar metrics are columns under their names; a vector metric (a
-    histogram) gives one column per entry, `<name>/<bucket>`.
+    Scalar metrics are columns under their names; a histogram gives one
+    column per bucket, `<name>/<bucket>`, and a state with leading axes (a
+    `pmap`ped state, a vmapped ensemble) one per device or member,
+    `<name>[i]` (`<name>[i,j]` for two axes), which no layer name can be.
 
     Returns:
       A `pandas.DataFrame` indexed by `step`.
@@ -315,11 +317,16 @@ class MetricsLog:
       if values.ndim == 1:
         columns[name] = values
         continue
-      labels = (_stats.HIST_BUCKETS if "/hist/" in name and
-                flat.shape[1] == len(_stats.HIST_BUCKETS)
-                else [str(j) for j in range(flat.shape[1])])
+      # A histogram's buckets are `<name>/<edge>`; a pmapped or vmapped
+      # state's devices or members `<name>[i]` (`[i,j]` for both), which no
+      # layer name can be (layers of a list are named "0", "1", ...).
+      if "/hist/" in name and values.shape[1:] == (len(_stats.HIST_BUCKETS),):
+        labels = [f"/{edge}" for edge in _stats.HIST_BUCKETS]
+      else:
+        labels = [f"[{','.join(map(str, index))}]"
+                  for index in np.ndindex(*values.shape[1:])]
       for j, label in enumerate(labels):
-        columns[f"{name}/{label}"] = flat[:, j]
+        columns[f"{name}{label}"] = flat[:, j]
     return pd.DataFrame(columns, index=pd.Index(steps, name="step"))
 
   def save(self, path: str | os.PathLike[str]) -> None:

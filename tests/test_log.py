@@ -271,6 +271,34 @@ def test_to_pandas_columns(monkeypatch):
   assert not any(v.ndim != 1 for v in columns.values())
 
 
+def test_to_pandas_names_ensemble_members_apart_from_layers(monkeypatch):
+  """Layers of a list are named "0", "1": an ensemble's members are columns
+  `name[i]`, so `grad/norm/0` is never member 0's total (it was)."""
+  made = {}
+  stub = types.SimpleNamespace(
+      DataFrame=lambda columns, index: made.update(columns=columns),
+      Index=lambda values, name: None)
+  monkeypatch.setitem(sys.modules, "pandas", stub)
+  params = [np.ones((2, 2), np.float32), np.ones((2, 3), np.float32)]
+  grads = [np.array([[1.0, 1.0], [3.0, 3.0]], np.float32),
+           np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]], np.float32)]
+  tx = og.monitor()
+  state = jax.vmap(tx.init)(params)
+  _, state = jax.jit(jax.vmap(tx.update))(grads, state, params)
+  log = og.MetricsLog(lag=0)
+  log.record(state)
+  log.to_pandas()
+  columns = made["columns"]
+  for member in range(2):
+    layers = [np.linalg.norm(g[member]) for g in grads]
+    np.testing.assert_allclose(columns[f"grad/norm[{member}]"],
+                               [np.linalg.norm(layers)], rtol=1e-6)
+    for layer, norm in enumerate(layers):
+      np.testing.assert_allclose(columns[f"grad/norm/{layer}[{member}]"],
+                                 [norm], rtol=1e-6)
+  assert "grad/norm/0" not in columns
+
+
 def test_to_pandas_without_pandas_says_what_to_do(monkeypatch):
   monkeypatch.setitem(sys.modules, "pandas", None)
   log = og.MetricsLog()
