@@ -157,16 +157,21 @@ def guard(
   (`mu_dtype=jnp.float16`), takes the generic path whatever the optimizer:
   in float16's range (65504) a finite gradient can make an infinite Adam
   step (where the second moment underflows) or momentum trace, and only the
-  generic path reads the update back (a float16 moment that overflows is
-  stored as Inf by a step whose update is still finite, and every step
-  after it is skipped: keep float16 moments under a clip). With the clip off (`max_norm=None`), gradient
+  generic path reads the update back (a float16 first moment or momentum
+  trace that overflows is stored as Inf by a step whose update is still
+  finite, and every step after it is skipped). Adam's second moment in
+  float16 is another matter: a gradient element of 256 or more squares
+  past 65504, and (as in optax) that element's second moment is Inf and its
+  update 0 for good, a finite update that nothing skips; with float16
+  parameters keep `max_norm` below 255, so that no element reaches 256
+  (or keep the parameters in bfloat16 or float32). With the clip off (`max_norm=None`), gradient
   elements near the top of the parameters' float range can overflow a
   momentum trace (`og.sgd`) to Inf, which the fast path then applies at
   every later step (the trace stays Inf), or Adam's second moment (above
   ~1.8e19 in float32; as in optax, that element's update is then 0 for
   good, with `nesterov=True` too, where optax's is NaN for gradients near
-  float32's maximum): keep a clip, or
-  take the generic path, which reads the update back.
+  float32's maximum): keep a clip (the generic path's read-back catches
+  the trace's Inf, not the second moment's, whose update is a finite 0).
 
   Args:
     inner: the optimizer to protect, e.g. `optax.adamw(1e-3)`.
