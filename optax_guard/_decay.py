@@ -145,7 +145,14 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    mask_leaves(mask, params, factory)  # a bad mask fails here
+    flags = mask_leaves(mask, params, factory)  # a bad mask fails here
+    for (path, p), flag in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                               flags):
+      if flag and jnp.result_type(_metrics.unwrap(p)) == jnp.bool_:
+        raise ValueError(
+            f"`{factory}` would decay the parameter "
+            f"{_metrics.path_name(path)!r}, which is boolean (a flag, not a "
+            "weight); leave it out with the mask.")
     return state_type(step=jnp.zeros((), jnp.int32),
                       rate=jnp.zeros((), jnp.float32),
                       penalty=jnp.zeros((), jnp.float32))

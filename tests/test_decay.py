@@ -263,6 +263,14 @@ def test_errors():
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must hold "
                        r"one bool per parameter leaf, but got 'no'\."):
       factory(0.1, mask=jax.tree.map(lambda _: "no", params)).init(params)
+    # A boolean leaf (a flag kept with the parameters) is no weight: L1's
+    # sign failed on it, the decays turned it into a float update.
+    flagged = {"w": jnp.ones((2, 2)), "keep": jnp.ones((2, 2), bool)}
+    with pytest.raises(ValueError, match=rf"^`{name}` would decay the "
+                       r"parameter 'keep', which is boolean \(a flag, not a "
+                       r"weight\); leave it out with the mask\.$"):
+      factory(0.1, mask=None).init(flagged)
+    factory(0.1, mask={"w": True, "keep": False}).init(flagged)
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
                        r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)
