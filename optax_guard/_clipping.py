@@ -132,8 +132,8 @@ def clip_by_global_norm(
     `skip_nonfinite` or `guard` placed around the optimizer skips it;
   * refuses `max_norm = 0`, which would zero every update (optax takes it,
     and returns NaN for a zero gradient); set to 0 through
-    `optax.inject_hyperparams`' state, where it cannot be refused, a zero
-    gradient stays 0.
+    `optax.inject_hyperparams`' state inside `jit`, where the factory
+    cannot see it, a zero gradient stays 0.
 
   Args:
     max_norm: the largest allowed global norm, a float `> 0`.

@@ -95,7 +95,9 @@ def _is_flag(x: Any) -> bool:
     return True
   if isinstance(x, numbers.Integral):
     return x in (0, 1)
-  return (isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype == np.bool_)
+  return (isinstance(x, (np.ndarray, jax.Array)) and
+          not isinstance(x, jax.core.Tracer) and x.ndim == 0 and
+          x.dtype == np.bool_)
 
 
 def mask_leaves(mask: Mask, params: Any, factory: str, *,

@@ -59,11 +59,11 @@ _DEAD = (
 # Said after the verdict when some weights are used at every trip of a loop
 # (an RNN's recurrent weights, weights shared by the layers of a loop).
 _SHARED = (
-    "{layers} are used at every trip of a loop (scan or while): the trend "
-    "above runs over the parameters, not over the trips, so gradients that "
-    "grow or shrink through the loop (over time, in an RNN) are not "
-    "measured here; compare the gradients of the loop's first and last "
-    "inputs for that.")
+    "{layers} {are} used whole at every trip of a loop (scan or while). Where "
+    "that loop carries a state from trip to trip (an RNN over time), the "
+    "trend above, which runs over the parameters, does not measure how the "
+    "gradients grow or shrink through the trips: compare the gradients of "
+    "the loop's first and last inputs for that.")
 
 _ZERO = (
     "Every gradient is exactly zero: nothing learns. The loss does not "
@@ -300,8 +300,10 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   if bad:
     where = " in " + ", ".join(bad[:3]) + (
         f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
+  # (A stacked leaf indexed layer by layer in a loop is layers of the fit.)
   shared = [names[int(np.sum(counts[:i]))] for i, loops in
-            enumerate(first_uses(traced, len(leaves))[4]) if loops]
+            enumerate(first_uses(traced, len(leaves))[4])
+            if loops and not flags[i]]
   advice = _ADVICE[verdict].format(
       where=where, kind=trend, growth=max(shown[0], 1.0 / shown[0]),
       total=max(shown[1], 1.0 / shown[1]), ratio=ratio,
@@ -318,8 +320,10 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
         f" and {len(dead) - 3} more" if len(dead) > 3 else ""))
     advice = dead_text if verdict == "vanishing" else f"{advice} {dead_text}"
   if shared and not bad_params:
-    advice += " " + _SHARED.format(layers=", ".join(shared[:3]) + (
-        f" and {len(shared) - 3} more" if len(shared) > 3 else ""))
+    advice += " " + _SHARED.format(
+        layers=", ".join(shared[:3]) + (
+            f" and {len(shared) - 3} more" if len(shared) > 3 else ""),
+        are="is" if len(shared) == 1 else "are")
   return Diagnosis(
       loss=loss, layers=tuple(names[i] for i in order),
       grad_norms=grad_norms, param_norms=np.asarray(pstats.norms)[order],

@@ -298,7 +298,8 @@ class MetricsLog:
     Scalar metrics are columns under their names; a histogram gives one
     column per bucket, `<name>/<bucket>`, and a state with leading axes (a
     `pmap`ped state, a vmapped ensemble) one per device or member,
-    `<name>[i]` (`<name>[i,j]` for two axes), which no layer name can be.
+    `<name>[i]` (`<name>[i,j]` for two axes; `<name>[i]/<bucket>` for a
+    histogram), which no layer name can be.
 
     Returns:
       A `pandas.DataFrame` indexed by `step`.
@@ -320,11 +321,12 @@ class MetricsLog:
       # A histogram's buckets are `<name>/<edge>`; a pmapped or vmapped
       # state's devices or members `<name>[i]` (`[i,j]` for both), which no
       # layer name can be (layers of a list are named "0", "1", ...).
-      if "/hist/" in name and values.shape[1:] == (len(_stats.HIST_BUCKETS),):
-        labels = [f"/{edge}" for edge in _stats.HIST_BUCKETS]
-      else:
-        labels = [f"[{','.join(map(str, index))}]"
-                  for index in np.ndindex(*values.shape[1:])]
+      hist = "/hist/" in name and values.shape[-1] == len(_stats.HIST_BUCKETS)
+      lead = values.shape[1:-1] if hist else values.shape[1:]
+      members = [f"[{','.join(map(str, i))}]" if i else ""
+                 for i in np.ndindex(*lead)]
+      labels = ([f"{m}/{edge}" for m in members
+                 for edge in _stats.HIST_BUCKETS] if hist else members)
       for j, label in enumerate(labels):
         columns[f"{name}{label}"] = flat[:, j]
     return pd.DataFrame(columns, index=pd.Index(steps, name="step"))

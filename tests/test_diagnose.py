@@ -328,11 +328,17 @@ def test_weights_used_at_every_trip_of_a_loop_are_named_in_the_advice():
   assert d.advice.startswith("No sign of exploding or vanishing gradients "
                              "across the parameters: "), d.advice
   assert d.advice.endswith(
-      "W_h, W_x are used at every trip of a loop (scan or while): the trend "
-      "above runs over the parameters, not over the trips, so gradients that "
-      "grow or shrink through the loop (over time, in an RNN) are not "
-      "measured here; compare the gradients of the loop's first and last "
-      "inputs for that."), d.advice
+      "W_h, W_x are used whole at every trip of a loop (scan or while). "
+      "Where that loop carries a state from trip to trip (an RNN over time), "
+      "the trend above, which runs over the parameters, does not measure how "
+      "the gradients grow or shrink through the trips: compare the gradients "
+      "of the loop's first and last inputs for that."), d.advice
+  # A stacked leaf indexed layer by layer in a loop is the fit's layers.
+  stacked = {"w": jax.random.normal(keys[0], (4, n, n)) / np.sqrt(n)}
+  by_index = lambda p, x: jnp.mean(lax.fori_loop(
+      0, 4, lambda i, h: jnp.tanh(h @ p["w"][i]), x) ** 2)
+  d = og.diagnose(by_index, stacked, xs[0], stacked=("w",))
+  assert "every trip of a loop" not in d.advice, d.advice
 
 
 def test_a_reverse_scan_runs_its_last_layer_first():

@@ -282,7 +282,7 @@ def test_to_pandas_names_ensemble_members_apart_from_layers(monkeypatch):
   params = [np.ones((2, 2), np.float32), np.ones((2, 3), np.float32)]
   grads = [np.array([[1.0, 1.0], [3.0, 3.0]], np.float32),
            np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]], np.float32)]
-  tx = og.monitor()
+  tx = og.monitor(histogram=True)
   state = jax.vmap(tx.init)(params)
   _, state = jax.jit(jax.vmap(tx.update))(grads, state, params)
   log = og.MetricsLog(lag=0)
@@ -297,6 +297,11 @@ def test_to_pandas_names_ensemble_members_apart_from_layers(monkeypatch):
       np.testing.assert_allclose(columns[f"grad/norm/{layer}[{member}]"],
                                  [norm], rtol=1e-6)
   assert "grad/norm/0" not in columns
+  hist = log.to_numpy()["grad/hist/1"]  # [steps, members, buckets]
+  for member in range(2):
+    for j, edge in enumerate(og.HIST_BUCKETS):
+      np.testing.assert_array_equal(columns[f"grad/hist/1[{member}]/{edge}"],
+                                    hist[:, member, j])
 
 
 def test_to_pandas_without_pandas_says_what_to_do(monkeypatch):
