@@ -41,8 +41,9 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
   """Raises a `ValueError` unless `value` is a real number in the range.
 
   A strict bound holds in float32 too, the dtype the value is computed in
-  (`1 - 1e-9` is 1.0 there, and XLA flushes `1e-40` to 0). `at_minimum`: a sentence said when `value` is
-  the excluded minimum (what it would do, and what to pass instead).
+  (`1 - 1e-9` is 1.0 there, and XLA flushes `1e-40` to 0). `at_minimum`: a
+  sentence said when `value` is the excluded minimum (what it would do, and
+  what to pass instead).
   """
   number = concrete_number(value)
   if number is None:

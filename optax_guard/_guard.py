@@ -166,9 +166,10 @@ def guard(
   256 its bias-corrected value, also float16, can overflow on some steps
   (update 0 there). With float16 parameters keep `max_norm` at 200 or
   below (no zero update in 30,000 steps at 220 for `b2` up to 0.99999;
-  some at 250), or keep the parameters in bfloat16 or float32. With the clip off (`max_norm=None`), gradient
-  elements near the top of the parameters' float range can overflow a
-  momentum trace (`og.sgd`) to Inf, which the fast path then applies at
+  some at 250), or keep the parameters in bfloat16 or float32. With the
+  clip off (`max_norm=None`), gradient elements near the top of the
+  parameters' float range can overflow a momentum trace (`og.sgd`) to
+  Inf, which the fast path then applies at
   every later step (the trace stays Inf), or Adam's second moment (above
   ~1.8e19 in float32; as in optax, that element's update is then 0 for
   good, with `nesterov=True` too, where optax's is NaN for gradients near

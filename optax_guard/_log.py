@@ -79,9 +79,9 @@ class MetricsLog:
   `lag` steps ahead of the device; raise `lag` to let it run further). Works with donated states (the copy
   survives the donation), Flax nnx optimizer states, sharded states (a
   replicated statistic is read from one local copy) and states already
-  fetched to the host. A state from `pmap` (or an ensemble's, under `vmap`) is
-  recorded with one value per device (or member) in every metric; one log
-  takes states of one device layout.
+  fetched to the host. A state from `pmap` (or an ensemble's, under
+  `vmap`) is recorded with one value per device (or member) in every
+  metric; one log takes states of one device layout.
 
   Read the record with `to_numpy()` (one array per metric, steps first),
   `to_pandas()` (needs pandas, which this package does not install), or

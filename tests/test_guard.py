@@ -500,7 +500,8 @@ def test_check_says_a_guard_without_skips_applied_the_step(bad):
   """A guard built not to skip applied the NaN step: og.check says so and
   what to pass, not that a guard is missing."""
   tx = og.guard(og.sgd(0.1), skip_nonfinite=False, spike_sigma=None)
-  params = {"a": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+  params = {"a": jnp.zeros((2,), jnp.float32),
+            "b": jnp.zeros((2,), jnp.float32)}
   grads = {"a": jnp.asarray([np.nan if bad == "grads" else 1.0, 1.0],
                             jnp.float32), "b": jnp.ones((2,), jnp.float32)}
   loss = jnp.float32(np.nan if bad == "loss" else 1.0)

@@ -965,7 +965,8 @@ def test_adamw_mask_is_checked_at_init():
              ).init(params)
   grads = jax.tree.map(lambda p: p * 0.5, params)
   for mask in (True, False, {"Dense_0": {"kernel": 1, "bias": 0}},
-               {"Dense_0": {"kernel": np.array(True), "bias": np.array(False)}}):
+               {"Dense_0": {"kernel": np.array(True),
+                            "bias": np.array(False)}}):
     ours, theirs = og.adamw(0.1, mask=mask), optax.adamw(0.1, mask=mask)
     got, _ = ours.update(grads, ours.init(params), params)
     want, _ = theirs.update(grads, theirs.init(params), params)
