@@ -256,7 +256,8 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   leaves = jax.tree_util.tree_leaves(params)
   flags = flags or [False] * len(leaves)
   counts = [np.shape(x)[0] if flag else 1 for x, flag in zip(leaves, flags)]
-  order = layer_order(traced, counts, flags)
+  uses = first_uses(traced, len(leaves))  # one walk of the jaxpr for both
+  order = layer_order(uses, counts, flags)
   grad_norms = np.asarray(gstats.norms)[order]
   nonfinite = np.asarray(gstats.nonfinite)[order]
   # A layer's own dimensions (a stacked leaf's leading axis is not one).
@@ -302,7 +303,7 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
         f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
   # (A stacked leaf indexed layer by layer in a loop is layers of the fit.)
   shared = [names[int(np.sum(counts[:i]))] for i, loops in
-            enumerate(first_uses(traced, len(leaves))[4])
+            enumerate(uses[4])
             if loops and not flags[i]]
   advice = _ADVICE[verdict].format(
       where=where, kind=trend, growth=max(shown[0], 1.0 / shown[0]),
@@ -436,10 +437,11 @@ def _calls(eqn: Any) -> list[tuple[Any, list[Any]]]:
   return [(j, eqn.invars) for j in subs if len(j.invars) == len(eqn.invars)]
 
 
-def layer_order(closed: Any, counts: list[int], stacked: list[bool]
-                ) -> np.ndarray:
-  """Layer indices in depth order (see `diagnose`), from the jaxpr of the
-  loss (`counts`: each leaf's layers; `stacked`: which leaves stack them).
+def layer_order(uses: tuple[Any, ...], counts: list[int],
+                stacked: list[bool]) -> np.ndarray:
+  """Layer indices in depth order (see `diagnose`), from `first_uses` of the
+  jaxpr of the loss (`counts`: each leaf's layers; `stacked`: which leaves
+  stack them).
 
   A leaf is placed by its first use. The layers of stacked leaves that a
   `scan` reads go layer by layer: all of layer 0's leaves (in their order of
@@ -449,7 +451,7 @@ def layer_order(closed: Any, counts: list[int], stacked: list[bool]
   before another's last): one loop reads them all, where two loops in a row
   (an encoder's stack, then a decoder's) do not.
   """
-  uses, scan_of, lasts, backwards, _ = first_uses(closed, len(counts))
+  uses, scan_of, lasts, backwards, _ = uses
   together: list[Any] = list(scan_of)
   loops: list[tuple[int, float, Any]] = []  # (layers, last use, group)
   for i in sorted(range(len(counts)), key=lambda i: uses[i]):
