@@ -162,17 +162,32 @@ def pmax(values: Any, axes: tuple[str, ...]) -> Any:
   """`lax.pmax` in which any device's non-finite value stays non-finite:
   NaN if a device has NaN (XLA's cross-device max on CPU drops it), else
   +Inf if one has +Inf, else -Inf if one has -Inf (a loss of -Inf on one
-  device must not be outvoted by the others' finite ones), else the max."""
+  device must not be outvoted by the others' finite ones), else the max.
+
+  Its derivative is each device's own: the values it agrees on are taken
+  to be replicated (`pmap`), so that `jax.grad` through it under `pmap`
+  equals the gradient on one device."""
   if isinstance(values, tuple):  # columns (see `per_leaf`)
     return tuple(pmax(v, axes) for v in values)
   if not jnp.issubdtype(values.dtype, jnp.inexact):
     return lax.pmax(values, axes)
+  return _worst(values, axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _worst(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   nan, minus_inf = jnp.isnan(values), values == -jnp.inf
   rows = lax.pmax(jnp.stack([jnp.where(nan, jnp.inf, values),
                              nan.astype(values.dtype),
                              minus_inf.astype(values.dtype)]), axes)
   top = jnp.where((rows[2] > 0) & jnp.isfinite(rows[0]), -jnp.inf, rows[0])
   return jnp.where(rows[1] > 0, jnp.nan, top)
+
+
+@_worst.defjvp
+def _worst_jvp(axes, primals, tangents):
+  # The selects above have no transpose; the local tangent is linear.
+  return _worst(primals[0], axes), tangents[0]
 
 
 def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
@@ -823,8 +838,8 @@ def _layer_stats(tree: Any, count_above: Any, axis_name: AxisName,
 def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
   # The norms' derivatives, taken directly (`_dot_over`): through the
   # statistics pass, a zero leaf, tiny elements or the rescaled squares of
-  # huge ones made NaN of every derivative of the tree (and the pass's
-  # `pmax` under `pmap` has none). Counts and sizes have none.
+  # huge ones made NaN of every derivative of the tree. Counts and sizes
+  # have none.
   tree, count_above = primals
   stats = _layer_stats(tree, count_above, axis_name, stacked, full)
   zero = jax.custom_derivatives.SymbolicZero
@@ -846,9 +861,13 @@ def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
     # cotangent of a NaN step that a guard skips.
     unit = jnp.where(factor != 0, wide, 0) * factor
     products.append(jnp.real(jnp.conj(unit) * dx.astype(wide.dtype)))
+  axes = axis_names(axis_name)
+  # Untyped (pmap): leaves taken as replicated, so each device's own
+  # derivative (that of `pmax`); the typed sums are linear, and kept.
+  summed_over = axis_name if is_typed(axes) else None
   dnorms = reduce_blocks(
-      blocks_of(products, axis_name, like=leaves, stacked=stacked),
-      lambda block, _: jnp.sum(block, axis=_rest(block)), axis_name, "sum")
+      blocks_of(products, summed_over, like=leaves, stacked=stacked),
+      lambda block, _: jnp.sum(block, axis=_rest(block)), summed_over, "sum")
   dglobal = _dot_over(stats.norms, dnorms, stats.global_norm)
   like = lambda x: zero(jax.typeof(x).to_tangent_aval())
   return stats, TreeStats(

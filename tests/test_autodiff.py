@@ -202,3 +202,55 @@ def test_derivatives_under_shard_map_with_axis_name():
   np.testing.assert_allclose(_flat(jax.jit(jax.grad(ours))(grads)),
                              _flat(jax.grad(reference)(grads)), rtol=1e-5,
                              atol=1e-7)
+
+
+def _unrolled(tx, pull, steps=3):
+  """The loss after `steps` steps on `0.5 |p - pull|^2`, whose gradients
+  (`p - pull`) depend on the earlier steps, so on the learning rate."""
+  params, state = PARAMS, tx.init(PARAMS)
+  for _ in range(steps):
+    grads = jax.tree.map(lambda p, c: p - c, params, pull)
+    updates, state = tx.update(grads, state, params, loss=jnp.float32(1.0))
+    params = optax.apply_updates(params, updates)
+  return sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "clip_by_layer_norm",
+                                  "adaptive_grad_clip", "guard(og.adam)",
+                                  "guard(og.sgd)", "guard(optax.sgd)"])
+def test_derivatives_under_pmap_with_axis_name(name):
+  """Meta-learning the learning rate under `pmap`: each device pulls the
+  parameters to its own point and the gradients are averaged (so the
+  statistics' agreement over devices is on equal values); every device's
+  derivative equals optax's with the mean pull. (`jax.grad` through the
+  agreement's selects had no transpose.)"""
+  with_axis = {
+      "clip_by_global_norm": lambda lr: optax.chain(
+          og.clip_by_global_norm(1.0, axis_name="d"), optax.sgd(lr)),
+      "clip_by_layer_norm": lambda lr: optax.chain(
+          og.clip_by_layer_norm(1.0, axis_name="d"), optax.sgd(lr)),
+      "adaptive_grad_clip": lambda lr: optax.chain(
+          og.adaptive_grad_clip(0.1, axis_name="d"), optax.sgd(lr)),
+      "guard(og.adam)": lambda lr: og.guard(og.adam(lr), max_norm=1.0,
+                                            axis_name="d"),
+      "guard(og.sgd)": lambda lr: og.guard(og.sgd(lr, momentum=0.9),
+                                           max_norm=1.0, axis_name="d"),
+      "guard(optax.sgd)": lambda lr: og.guard(
+          optax.sgd(lr, momentum=0.9), max_norm=1.0, axis_name="d"),
+  }[name]
+  devices = jax.device_count()
+  rng = np.random.default_rng(0)
+  pulls = jax.tree.map(
+      lambda p: 3 * rng.normal(size=(devices, *p.shape)).astype(np.float32),
+      PARAMS)
+
+  def derivative(lr, pull):
+    mean_pull = jax.lax.pmean(pull, "d")  # the data-parallel average
+    return jax.grad(lambda lr: _unrolled(with_axis(lr), mean_pull))(lr)
+
+  got = jax.pmap(derivative, axis_name="d", in_axes=(None, 0))(
+      jnp.float32(0.1), pulls)
+  mean = jax.tree.map(lambda c: jnp.asarray(c.mean(axis=0)), pulls)
+  want = jax.grad(lambda lr: _unrolled(CASES[name][1](lr), mean))(0.1)
+  np.testing.assert_allclose(np.asarray(got), np.full(devices, want),
+                             rtol=2e-5)
