@@ -168,21 +168,27 @@ def _field_comments(cls: type) -> list[tuple[str, str, str]]:
   """(name, annotation, comment) of each field of a NamedTuple state class.
 
   The states document each field with a trailing comment that gives its
-  dtype and meaning (``grad_norm: jax.Array  # f32[] global norm ...``); they
-  are shown in the API pages as a field list.
+  dtype and meaning (``grad_norm: jax.Array  # f32[] global norm ...``),
+  continued on the comment-only lines below it; they are shown in the API
+  pages as a field list.
   """
   try:
     source = inspect.getsource(cls)
   except (OSError, TypeError):
     return []
-  lines = source.splitlines()
   out = []
   fields = set(getattr(cls, "_fields", ()))
-  for line in lines:
+  for line in source.splitlines():
     match = re.match(r"^\s+(\w+):\s*([^#=]+?)\s*#\s*(.*)$", line)
     if match and match.group(1) in fields:
-      out.append(match.groups())
-  return out
+      out.append(list(match.groups()))
+      continue
+    more = re.match(r"^\s+#\s*(.*)$", line)
+    if more and out and out[-1] is not None:
+      out[-1][2] = f"{out[-1][2]} {more.group(1)}"
+    elif not more:
+      out.append(None)  # a comment below is no longer the field's
+  return [tuple(f) for f in out if f is not None]
 
 
 def _rst_escape(text: str) -> str:

@@ -110,6 +110,14 @@ def mask_leaves(mask: Mask, params: Any, factory: str, *,
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
+  if _is_flag(tree) and whole and not tree and len(leaves) > 1:
+    # What `inject_hyperparams` makes of `mask=og.decay_mask`: the mask of
+    # the step count (a scalar, so no leaf), which would silently stop the
+    # decay.
+    raise ValueError(
+        f"The `mask` of `{factory}` is the single bool False, which decays "
+        f"no leaf although `weight_decay` is set: pass weight_decay=0 for "
+        f"no decay, or a tree of bools.{_args.INJECTED_FUNCTION}")
   if _is_flag(tree) and (whole or len(leaves) == 1):
     return [bool(tree)] * len(leaves)  # (one array: its own flag)
   if _is_flag(tree):
@@ -156,7 +164,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
             f"{_metrics.path_name(path)!r}, which is boolean (a flag, not a "
             "weight); leave it out with the mask.")
     return state_type(step=jnp.zeros((), jnp.int32),
-                      rate=jnp.zeros((), jnp.float32),
+                      last_rate=jnp.zeros((), jnp.float32),
                       penalty=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -206,7 +214,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = (0.5 * r * norm) * norm  # no overflow before the rate
     return jax.tree.unflatten(treedef, out), state_type(
-        step=optax.safe_increment(state.step), rate=r, penalty=penalty)
+        step=optax.safe_increment(state.step), last_rate=r, penalty=penalty)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -219,18 +227,20 @@ class AddDecayedWeightsState(NamedTuple):
     >>> params = {"w": jnp.ones(2)}
     >>> tx = og.add_decayed_weights(0.1, mask=None)
     >>> _, state = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
-    >>> print(state.rate, f"{float(state.penalty):.3f}")  # 0.1 / 2 * 2
+    >>> print(state.last_rate, f"{float(state.penalty):.3f}")  # 0.1 / 2 * 2
     0.1 0.100
 
   References:
     Made by `add_decayed_weights` (see its references); `og.metrics` reads it.
   """
-  step: jax.Array     # i32[] steps taken (the schedule's argument).
-  rate: jax.Array     # f32[] the decay rate of the last step.
-  penalty: jax.Array  # f32[] rate/2 * ||W||^2 over the decayed leaves.
+  step: jax.Array       # i32[] steps taken (the schedule's argument).
+  last_rate: jax.Array  # f32[] the decay rate of the last step (not
+  # `rate`, which would make `optax.tree.get(state, "rate")` ambiguous
+  # under `optax.inject_hyperparams`).
+  penalty: jax.Array    # f32[] rate/2 * ||W||^2 over the decayed leaves.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
-    return {"param/weight_decay": self.rate,
+    return {"param/weight_decay": self.last_rate,
             "param/weight_decay_penalty": self.penalty}
 
 
@@ -252,7 +262,8 @@ class AddL2PenaltyState(AddDecayedWeightsState):
   def _og_metrics(self) -> dict[str, jax.Array]:
     # Its own name for the rate (as `add_l1_penalty`'s), so that a coupled
     # penalty chained beside a decoupled decay reads apart from it.
-    return {"param/l2_rate": self.rate, "param/l2_penalty": self.penalty}
+    return {"param/l2_rate": self.last_rate,
+            "param/l2_penalty": self.penalty}
 
 
 class AddL1PenaltyState(NamedTuple):
@@ -269,12 +280,14 @@ class AddL1PenaltyState(NamedTuple):
   References:
     Made by `add_l1_penalty` (see its references); `og.metrics` reads it.
   """
-  step: jax.Array     # i32[] steps taken (the schedule's argument).
-  rate: jax.Array     # f32[] the penalty rate of the last step.
-  penalty: jax.Array  # f32[] rate * ||W||_1 over the penalised leaves.
+  step: jax.Array       # i32[] steps taken (the schedule's argument).
+  last_rate: jax.Array  # f32[] the penalty rate of the last step (not
+  # `rate`: see `AddDecayedWeightsState`).
+  penalty: jax.Array    # f32[] rate * ||W||_1 over the penalised leaves.
 
   def _og_metrics(self) -> dict[str, jax.Array]:
-    return {"param/l1_rate": self.rate, "param/l1_penalty": self.penalty}
+    return {"param/l1_rate": self.last_rate,
+            "param/l1_penalty": self.penalty}
 
 
 

@@ -204,7 +204,7 @@ def guard(
       `monitor`); `og.check` then names that layer when a spike is skipped.
     zscore_decay: decay of the per-layer EMAs behind the z-scores.
     loss_ema_decay: decay of the monitor's loss EMA (`loss/ema`), in
-      `[0, 1)`.
+      `[0, 1)`; keep it the same for the whole run (see `monitor`).
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.
     stacked: the leaves whose leading axis stacks layers (`nn.scan`,
       `nnx.scan`), measured layer by layer in the per-layer metrics (see

@@ -361,7 +361,10 @@ def monitor(
       `static_args` (its default too: optax injects every number).
     kind: `"grad"` before the optimizer, `"update"` when last in the chain.
     prefix: prepended to every metric name, e.g. `"post_clip/"`.
-    loss_ema_decay: decay of the loss EMA, in `[0, 1)`.
+    loss_ema_decay: decay of the loss EMA, in `[0, 1)`. Keep it the same
+      for the whole run: the EMA is debiased as if every past loss had been
+      weighed with today's decay (changed in an `inject_hyperparams` state,
+      `loss/ema` is off until `decay**steps` is negligible).
     zscore: also record which layer spiked: `<k>/zscore/<layer>`, each
       layer's norm as a z-score against an EMA of its own history, and
       `<k>/spike_layer`, the index of the largest (in the order of the

@@ -263,6 +263,10 @@ def test_inject_hyperparams(name):
     # in float32 instead of float64 (optax's own adam differs the same way).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5),
                  u_inj, u_plain)
+  # optax.tree.get finds each injected hyperparameter, and only it (a state
+  # field of the same name would make it ambiguous).
+  for key, value in hyper.items():
+    np.testing.assert_allclose(optax.tree.get(s_inj, key), value, rtol=1e-7)
   # A changed hyperparameter takes effect without retracing.
   key = next(iter(hyper))
   s_inj.hyperparams[key] = jnp.asarray(hyper[key] * 0.5, jnp.float32)

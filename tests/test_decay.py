@@ -169,7 +169,7 @@ def test_schedules_follow_the_step():
            else params)
       jax.tree.map(lambda u, gg, dd: np.testing.assert_allclose(
           u, gg + rate * dd, rtol=1e-6, atol=1e-7), out, g, d)
-      np.testing.assert_allclose(state.rate, rate, atol=1e-7)
+      np.testing.assert_allclose(state.last_rate, rate, atol=1e-7)
     assert int(state.step) == 6
 
 

@@ -951,7 +951,7 @@ def test_a_schedule_returning_an_array_is_refused(make, factory, name):
 def test_adamw_mask_is_checked_at_init():
   """As `add_decayed_weights`' mask: refused at init with a sentence (a
   wrong structure failed at the first update inside jax's tree map), while
-  every mask optax.adamw takes is taken alike: a single flag for every
+  the masks optax.adamw takes are taken alike: a single True for every
   leaf, flags 0/1 and 0-d bool arrays."""
   params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   with pytest.raises(ValueError, match=re.escape(
@@ -963,8 +963,26 @@ def test_adamw_mask_is_checked_at_init():
       "'no'.")):  # (the leaves in order: bias first)
     og.adamw(0.1, mask={"Dense_0": {"kernel": "yes", "bias": "no"}}
              ).init(params)
+  # A single False with a decay: what `inject_hyperparams` makes of
+  # `mask=og.decay_mask` (its value at the step count), which stopped the
+  # decay without a word.
+  with pytest.raises(ValueError, match=re.escape(
+      "The `mask` of `adamw` is the single bool False, which decays no leaf "
+      "although `weight_decay` is set: pass weight_decay=0 for no decay, or "
+      "a tree of bools. If you passed a function through "
+      "`optax.inject_hyperparams`, list it in its `static_args`")):
+    optax.inject_hyperparams(og.adamw)(
+        learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask).init(params)
+  with pytest.raises(ValueError, match="is the single bool False"):
+    og.adamw(0.1, mask=False).init(params)
+  injected = optax.inject_hyperparams(og.adamw, static_args=("mask",))(
+      learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask)
+  decoupled, _ = injected.update(jax.tree.map(jnp.zeros_like, params),
+                                 injected.init(params), params)
+  np.testing.assert_allclose(decoupled["Dense_0"]["kernel"], -0.1 * 0.5)
+  np.testing.assert_array_equal(decoupled["Dense_0"]["bias"], 0.0)
   grads = jax.tree.map(lambda p: p * 0.5, params)
-  for mask in (True, False, {"Dense_0": {"kernel": 1, "bias": 0}},
+  for mask in (True, {"Dense_0": {"kernel": 1, "bias": 0}},
                {"Dense_0": {"kernel": np.array(True),
                             "bias": np.array(False)}}):
     ours, theirs = og.adamw(0.1, mask=mask), optax.adamw(0.1, mask=mask)
