@@ -24,15 +24,6 @@ from optax_guard import _spikes
 from optax_guard import _stats
 
 
-def _clip_to(updates: Any, norm: jax.Array, threshold: jax.Array,
-             state: _clipping.ClipByGlobalNormState
-             ) -> tuple[Any, _clipping.ClipByGlobalNormState]:
-  """Clips `updates` (global norm `norm`) to `threshold`, and records it."""
-  factors = _clipping.clip_factors(norm, threshold)
-  return (_clipping.scale_tree(updates, factors),
-          _clipping.record_global_clip(state, norm, factors))
-
-
 # --------------------------------------------------------------------------
 # AGC
 
@@ -433,7 +424,7 @@ def autoclip(
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     norms = _spikes.window_push(state.norms, norm, jnp.isfinite(norm))
     threshold = window_percentile(norms, percentile)
-    updates, clip = _clip_to(updates, norm, threshold, state.clip)
+    updates, clip = _clipping.clip_to(updates, norm, threshold, state.clip)
     return updates, AutoclipState(clip, norms, threshold)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -627,7 +618,7 @@ def zclip(
     if max_norm is not None:
       limit = jnp.minimum(limit, f32(max_norm))
       threshold = jnp.minimum(threshold, f32(max_norm))
-    updates, clip = _clip_to(updates, norm, limit, state.clip)
+    updates, clip = _clipping.clip_to(updates, norm, limit, state.clip)
     return updates, ZclipState(
         clip=clip, warmup=warmup, mean=mean, std=std,
         zscore=jnp.where(ready & finite, z, 0.0), threshold=threshold,

@@ -98,7 +98,7 @@ INJECTED_FUNCTION = (
     "the step count and passes on what it returns.")
 
 
-_INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1
 
 
 def check_int(name: str, value: Any, *, minimum: int,
@@ -117,12 +117,12 @@ def check_int(name: str, value: Any, *, minimum: int,
     if isinstance(value, jax.core.Tracer) or int(value) >= minimum:
       return
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < minimum) or value > _INT32_MAX:
+      value < minimum) or value > INT32_MAX:
     allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
     hint = ""
-    if isinstance(value, numbers.Integral) and value > _INT32_MAX:
+    if isinstance(value, numbers.Integral) and value > INT32_MAX:
       hint = (f" It is compared with int32 counters, so it must be at most "
-              f"{_INT32_MAX} (2**31 - 1).")
+              f"{INT32_MAX} (2**31 - 1).")
     if isinstance(value, (jax.Array, np.ndarray)) and not injectable:
       hint = (" It sets the structure of the state, so it must be a Python "
               "int (under `optax.inject_hyperparams`, list it in "

@@ -592,11 +592,12 @@ def check(opt_state: Any) -> None:
   """
   # The statistics only: no wrapped optimizer's moments cross to the host.
   found = _metrics.statistics(opt_state)
-  if _metrics.is_traced(found):
+  if _metrics.is_traced(found) or _metrics.is_abstract(found):
     raise ValueError(
         "og.check reads the state on the host, after a step, but got traced "
-        "values: call it on the state the jitted step returned, outside "
-        "jit (inside the step, return og.metrics(opt_state) instead).")
+        "(or abstract) values: call it on the state the jitted step "
+        "returned, outside jit (inside the step, return "
+        "og.metrics(opt_state) instead).")
   if not found:
     hint = (_metrics.PASS_THE_STATE
             if _metrics.holds_unwrapped_states(opt_state)

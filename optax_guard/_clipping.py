@@ -12,7 +12,6 @@ from optax_guard import _args
 from optax_guard import _metrics
 from optax_guard import _stats
 
-_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 # Above this norm (relative to max_norm) the clip factor is applied in two
@@ -109,6 +108,14 @@ def record_global_clip(state: ClipByGlobalNormState, norm: jax.Array,
       nonfinite=~jnp.isfinite(norm))
 
 
+def clip_to(updates: Any, norm: jax.Array, threshold: Any,
+            state: ClipByGlobalNormState
+            ) -> tuple[Any, ClipByGlobalNormState]:
+  """Clips `updates` (global norm `norm`) to `threshold`, and records it."""
+  factors = clip_factors(norm, threshold)
+  return scale_tree(updates, factors), record_global_clip(state, norm, factors)
+
+
 def clip_by_global_norm(
     max_norm: float, *, axis_name: _stats.AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -168,9 +175,7 @@ def clip_by_global_norm(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
-    factors = clip_factors(norm, max_norm)
-    return (scale_tree(updates, factors),
-            record_global_clip(state, norm, factors))
+    return clip_to(updates, norm, max_norm, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -13,8 +13,6 @@ from optax_guard import _args
 from optax_guard import _metrics
 from optax_guard import _stats
 
-VERDICTS = ("non-finite", "exploding", "vanishing", "healthy")
-
 _ADVICE = {
     "non-finite": (
         "The loss or the gradients hold NaN/Inf{where}. Look for log(0), "
@@ -127,6 +125,12 @@ class Diagnosis:
           f"{self.param_norms[i]:>10.4g}  {self.nonfinite[i]:>7d}")
     lines.append(self.advice)
     return "\n".join(lines)
+
+
+def _listed(names: list[str], noun: str = "") -> str:
+  """The first three names, and how many more (`noun` after the count)."""
+  more = f" and {len(names) - 3} more{noun}" if len(names) > 3 else ""
+  return ", ".join(names[:3]) + more
 
 
 def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
@@ -297,10 +301,7 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
   else:
     verdict = "healthy"
   bad = [names[i] for i, c in zip(order, nonfinite) if c > 0]
-  where = ""
-  if bad:
-    where = " in " + ", ".join(bad[:3]) + (
-        f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
+  where = f" in {_listed(bad, ' layers')}" if bad else ""
   # (A stacked leaf indexed layer by layer in a loop is layers of the fit.)
   shared = [names[int(np.sum(counts[:i]))] for i, loops in
             enumerate(uses[4])
@@ -311,20 +312,15 @@ def diagnose(loss_fn: Callable[..., Any], params: Any, *args: Any,
       across=" across the parameters" if shared else "")
   bad_params = [names[i] for i, c in zip(order, param_nonfinite) if c > 0]
   if bad_params:
-    advice = _BAD_PARAMS.format(layers=", ".join(bad_params[:3]) + (
-        f" and {len(bad_params) - 3} more layers" if len(bad_params) > 3
-        else ""))
+    advice = _BAD_PARAMS.format(layers=_listed(bad_params, " layers"))
   elif verdict == "vanishing" and not np.any(grad_norms > 0):
     advice = _ZERO
   elif dead:
-    dead_text = _DEAD.format(layers=", ".join(dead[:3]) + (
-        f" and {len(dead) - 3} more" if len(dead) > 3 else ""))
+    dead_text = _DEAD.format(layers=_listed(dead))
     advice = dead_text if verdict == "vanishing" else f"{advice} {dead_text}"
   if shared and not bad_params:
     advice += " " + _SHARED.format(
-        layers=", ".join(shared[:3]) + (
-            f" and {len(shared) - 3} more" if len(shared) > 3 else ""),
-        are="is" if len(shared) == 1 else "are")
+        layers=_listed(shared), are="is" if len(shared) == 1 else "are")
   return Diagnosis(
       loss=loss, layers=tuple(names[i] for i in order),
       grad_norms=grad_norms, param_norms=np.asarray(pstats.norms)[order],

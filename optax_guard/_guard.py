@@ -320,9 +320,7 @@ def guard(
                               count_above=1.0 if monitor else None,
                               stacked=layout.stacked, groups=layout.groups)
     norm = stats.global_norm
-    loss = _skip.loss_from(extra_args)
-    if loss is not None:
-      loss = _skip.global_loss(loss, axis_name)
+    loss = _skip.loss_from(extra_args, axis_name)
     new = state._replace()
     if monitor:
       new = new._replace(monitor=_monitor.record(

@@ -1,6 +1,7 @@
 """Metric naming and the read-out of statistics from any optimizer state.
 
-All metric names are made here. Names are lower case, `/`-separated (so
+Each state names its own metrics (its `_og_metrics`); the per-layer entries,
+prefixes and repeats are made here. Names are lower case, `/`-separated (so
 TensorBoard and W&B group them), with per-layer entries written
 `<metric>/<layer path>`, e.g. `grad/norm/Dense_0/kernel`.
 """
@@ -523,7 +524,8 @@ def _state_metrics(state: Any) -> dict[str, Any]:
           for name in rows[0]}
 
 
-def _collect(states: list[Any]) -> dict[str, Any]:
+def named(states: list[Any]) -> dict[str, Any]:
+  """The metrics of `statistics(...)` under their names (see `metrics`)."""
   out: dict[str, Any] = {}
   totals: set[str] = set()   # metrics given as a total so far
   layered: set[str] = set()  # metrics given per layer so far
@@ -599,7 +601,9 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   to those names before, so that a later state has the higher number).
   Give a monitor a `prefix` to choose its names yourself.
 
-  Inside a jitted step it returns device arrays (so a step can return them).
+  Inside a jitted step it returns device arrays (so a step can return them);
+  on an abstract state (`jax.eval_shape(tx.init, params)`), the shapes and
+  dtypes of the metrics (`jax.ShapeDtypeStruct`s).
   Outside, it fetches the statistics (never the wrapped optimizer's moments)
   to the host in one transfer and returns NumPy scalars, ready for a logger;
   a state already on the host works the same way.
@@ -630,6 +634,16 @@ def metrics(opt_state: Any) -> dict[str, Any]:
         "og.metrics found optax_guard states turned into plain mappings in "
         "`opt_state`, which say nothing about what their numbers are, and "
         f"reads nothing from them: {PASS_THE_STATE}.", stacklevel=2)
+  if is_abstract(states):  # e.g. to set up a logger before the first step
+    order: list[str] = []  # (eval_shape returns the dict sorted)
+
+    def traced(states):
+      found = named(states)
+      order.extend(found)
+      return found
+
+    shapes = jax.eval_shape(traced, states)
+    return {name: shapes[name] for name in order}
   if not is_traced(states):
     states = to_host(states)  # the statistics only, in one transfer
   return named(states)
@@ -678,13 +692,14 @@ def statistics_scopes(opt_state: Any) -> list[tuple[Any, ...]]:
   return [scope for scope, _ in _guard_states(strip_variables(opt_state))]
 
 
-def named(states: list[Any]) -> dict[str, Any]:
-  """The metrics of `statistics(...)` under their names (see `metrics`)."""
-  return _collect(states)
-
-
 def is_traced(tree: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer)
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def is_abstract(tree: Any) -> bool:
+  """Whether `tree` holds shapes without values (`jax.eval_shape`'s)."""
+  return any(isinstance(x, jax.ShapeDtypeStruct)
              for x in jax.tree_util.tree_leaves(tree))
 
 

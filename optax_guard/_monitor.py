@@ -456,9 +456,7 @@ def monitor(
                   zscore_decay=zscore_decay if zscore else None)
 
   def update_fn(updates, state, params=None, **extra_args):
-    loss = _skip.loss_from(extra_args)
-    if loss is not None:
-      loss = _skip.global_loss(loss, axis_name)
+    loss = _skip.loss_from(extra_args, axis_name)
     if every == 1:
       new_state = measure(updates, state, params, loss)
     else:

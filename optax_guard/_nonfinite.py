@@ -225,9 +225,9 @@ def skip_nonfinite(
     layout = layers.of(updates)
     stats = _stats.tree_stats(updates, axis_name=axis_name,
                               stacked=layout.stacked, groups=layout.groups)
-    loss = _skip.loss_from(extra_args)
+    loss = _skip.loss_from(extra_args, axis_name)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
-               jnp.isfinite(_skip.global_loss(loss, axis_name)))
+               jnp.isfinite(loss))
     if _skip.takes_decision(inner, updates, state.inner_state):
       # The fast path: the optimizer takes the decision in its own pass.
       keep, new_state = decide(

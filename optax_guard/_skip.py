@@ -19,8 +19,10 @@ from optax_guard import _optimizers
 from optax_guard import _stats
 
 
-def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
-  """The loss passed as `loss=` (or `value=`, optax's line-search name)."""
+def loss_from(extra_args: dict[str, Any],
+              axis_name: _stats.AxisName) -> jax.Array | None:
+  """The loss passed as `loss=` (or `value=`, optax's line-search name), as
+  every device agrees on it (`global_loss`), or None."""
   name = "loss" if "loss" in extra_args else "value"
   loss = extra_args.get(name)
   if loss is None:
@@ -41,7 +43,7 @@ def loss_from(extra_args: dict[str, Any]) -> jax.Array | None:
         "does (a masked mean, say) and pass that; with "
         "`jax.value_and_grad(..., has_aux=True)`, pass the loss, not the "
         "(loss, aux) pair.")
-  return loss.reshape(()).astype(jnp.float32)
+  return global_loss(loss.reshape(()).astype(jnp.float32), axis_name)
 
 
 def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
@@ -53,7 +55,7 @@ def global_loss(loss: jax.Array, axis_name: _stats.AxisName) -> jax.Array:
   as for every statistic there).
   """
   _stats.check_varying_covered(loss, axis_name, "loss (`loss=`)")
-  return _stats.all_reduce([loss], [loss], axis_name, "mean")[0]
+  return _stats.all_reduce([loss], axis_name, "mean")[0]
 
 
 def check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:

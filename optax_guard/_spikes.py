@@ -318,9 +318,7 @@ def skip_spikes(
 
   def update_fn(updates, state, params=None, **extra_args):
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
-    loss = _skip.loss_from(extra_args)
-    if loss is not None:
-      loss = _skip.global_loss(loss, axis_name)
+    loss = _skip.loss_from(extra_args, axis_name)
     spike, new_state = decide(state, norm, loss, sigma=sigma,
                               min_count=count,
                               max_consecutive=max_consecutive)

@@ -1,7 +1,9 @@
 """The one statistics pass over a gradient tree, and the cross-device reduce.
 
-Every transformation of the package measures gradients through `tree_stats`,
-which reads each block once (each larger leaf alone, small leaves of one
+The transformations measure gradient and parameter norms through
+`tree_stats` (AGC's per-unit norms and the L1 penalty reduce through
+`per_leaf`, the same blocks and cross-device reduce), which reads each block
+once (each larger leaf alone, small leaves of one
 shape, dtype and sharding stacked, which keeps the compiled program small).
 The full pass is one variadic reduction per block: three sums of squares,
 two rescaled by powers of two so that norms are right where squares overflow
@@ -15,7 +17,7 @@ compiled):
   copy of its predicate (a synchronisation) on every step.
 * On CPU, where XLA vectorises a plain sum of squares but runs the variadic
   reduction ~8x slower, for a tree of float32 leaves (other dtypes take the
-  full pass: see `tree_stats`), an ordinary step reads each block once for
+  full pass: see `_layer_stats`), an ordinary step reads each block once for
   its plain sum of squares, and the rest is decided from those sums by a
   `lax.cond` per block whose branch reads that block only: the full pass
   where a sum is not finite (a NaN or Inf, or overflow) or so small that
@@ -50,6 +52,7 @@ from jax import lax
 import numpy as np
 import optax
 
+from optax_guard import _args
 from optax_guard import _metrics
 
 AxisName = str | tuple[str, ...] | None
@@ -190,11 +193,11 @@ def _worst_jvp(axes, primals, tangents):
   return _worst(primals[0], axes), tangents[0]
 
 
-def all_reduce(rows: Sequence[jax.Array], like: Sequence[Any],
-               axis_name: AxisName, op: str) -> jax.Array:
+def all_reduce(rows: Sequence[jax.Array], axis_name: AxisName,
+               op: str) -> jax.Array:
   """Reduces a few per-leaf scalars over the devices (see `per_leaf`)."""
   return per_leaf(list(rows), lambda block, _: block, axis_name, op,
-                  like=like)
+                  like=rows)
 
 
 # Leaves of at most this many elements are measured stacked with the other
@@ -442,15 +445,13 @@ def count_if(flag: jax.Array, counter: jax.Array) -> jax.Array:
   return jnp.where(flag, optax.safe_increment(counter), counter)
 
 
-_INT32_MAX = np.iinfo(np.int32).max
-
-
 def total_count(counts: jax.Array) -> jax.Array:
   """The int32 sum of non-negative int32 counts (per layer), exact, and
   saturating at int32 max instead of wrapping to a negative number (a model
   of over 2**31 elements, every one NaN or clipped)."""
   if isinstance(counts, (np.ndarray, np.generic)):  # a state on the host
-    return np.int32(min(int(np.sum(counts, dtype=np.int64)), _INT32_MAX))
+    return np.int32(min(int(np.sum(counts, dtype=np.int64)),
+                        _args.INT32_MAX))
   # Plain sums only: a reduction with a computation of its own cannot be
   # split over devices (a count vector sharded under `jit` failed to
   # compile). The int32 sum is exact, or wraps: negative for a total in
@@ -460,7 +461,7 @@ def total_count(counts: jax.Array) -> jax.Array:
   exact = jnp.sum(counts, dtype=jnp.int32)
   rough = jnp.sum(counts, dtype=jnp.float32)
   wrapped = (exact < 0) | (rough >= 1.5 * 2.0**31)
-  return jnp.where(wrapped, jnp.int32(_INT32_MAX), exact)
+  return jnp.where(wrapped, jnp.int32(_args.INT32_MAX), exact)
 
 
 def check_varying_covered(tree: Any, axis_name: AxisName,

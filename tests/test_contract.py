@@ -166,7 +166,17 @@ def test_init_on_shape_dtype_structs(name):
   params = _params()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           params)
-  _assert_same_signature(jax.eval_shape(tx.init, abstract), tx.init(params))
+  abstract_state = jax.eval_shape(tx.init, abstract)
+  _assert_same_signature(abstract_state, tx.init(params))
+  # The metrics' names, shapes and dtypes before any step (to set up a
+  # logger): as those of the concrete state's (a TypeError before).
+  concrete = og.metrics(tx.init(params))
+  shapes = og.metrics(abstract_state)
+  assert list(shapes) == list(concrete)
+  for name, value in concrete.items():
+    assert isinstance(shapes[name], jax.ShapeDtypeStruct), name
+    assert (shapes[name].shape, shapes[name].dtype) == (
+        np.shape(value), np.asarray(value).dtype), name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -971,9 +971,13 @@ def test_check_inside_jit_is_a_sentence():
 
   with pytest.raises(ValueError, match=re.escape(
       "og.check reads the state on the host, after a step, but got traced "
-      "values: call it on the state the jitted step returned, outside jit "
-      "(inside the step, return og.metrics(opt_state) instead).")):
+      "(or abstract) values: call it on the state the jitted step returned, "
+      "outside jit (inside the step, return og.metrics(opt_state) "
+      "instead).")):
     step(tx.init(params))
+  with pytest.raises(ValueError, match=re.escape("got traced (or abstract) "
+                                                 "values")):
+    og.check(jax.eval_shape(tx.init, params))
 
 
 def test_resume_after_halt_needs_a_halt():
