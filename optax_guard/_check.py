@@ -100,7 +100,7 @@ class GradientExplosionError(GuardError):
 
 def _numbers_as_numbers(name: str) -> tuple[Any, ...]:
   """Sort key: digit runs compare as integers (`Dense_2` before `Dense_10`)."""
-  return tuple(int(part) if part.isdigit() else part
+  return tuple(int(part) if part.isdecimal() else part
                for part in re.split(r"(\d+)", name))
 
 
@@ -118,7 +118,7 @@ def _stack_roots(names: tuple[str, ...]) -> dict[str, str]:
   depth: dict[str, Any] = {}  # leaf -> its number of blocks (None: plain)
   for name in names:
     head, sep, index = name.rpartition("/")
-    if sep and index.isdigit():
+    if sep and index.isdecimal():
       depth[head] = max(depth.get(head) or 0, int(index) + 1)
     else:
       depth[name] = None
@@ -146,7 +146,7 @@ def _model_order(name: str, roots: dict[str, str]) -> tuple[Any, ...]:
   (`roots`, from `_stack_roots`) before the rest of their path, so that
   block 2's parameters come before block 9's."""
   head, sep, index = name.rpartition("/")
-  if sep and index.isdigit() and head in roots:
+  if sep and index.isdecimal() and head in roots:
     root = roots[head]
     return (_numbers_as_numbers(root), int(index),
             _numbers_as_numbers(head[len(root):]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import operator
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,10 @@ import numpy as np
 from optax_guard import _args
 from optax_guard import _metrics
 from optax_guard import _stats
+
+# A monitor's histogram, `<prefix><kind>/hist[.k]/<layer>` (and not a layer
+# whose path holds `hist`: `grad/norm/hist/w`).
+_HISTOGRAM = re.compile(r"(^|/)(grad|update)/hist(\.\d+)?/")
 
 
 # A copy on the device, so that the statistics outlive the state they came
@@ -321,7 +326,8 @@ class MetricsLog:
       # A histogram's buckets are `<name>/<edge>`; a pmapped or vmapped
       # state's devices or members `<name>[i]` (`[i,j]` for both), which no
       # layer name can be (layers of a list are named "0", "1", ...).
-      hist = "/hist/" in name and values.shape[-1] == len(_stats.HIST_BUCKETS)
+      hist = (_HISTOGRAM.search(name) is not None and
+              values.shape[-1] == len(_stats.HIST_BUCKETS))
       lead = values.shape[1:-1] if hist else values.shape[1:]
       members = [f"[{','.join(map(str, i))}]" if i else ""
                  for i in np.ndindex(*lead)]
@@ -358,12 +364,15 @@ class MetricsLog:
     if not os.path.exists(path) and os.path.exists(f"{os.fspath(path)}.npz"):
       path = f"{os.fspath(path)}.npz"  # as `save` (NumPy) named it
     with np.load(path) as data:
+      # NumPy stores each column as `<name>.npy` and also finds a file by a
+      # key that ends in `.npy`: a layer `w.npy` would read layer `w`'s.
+      read = lambda name: data[f"{name}.npy"]
       if "step" not in data:
         raise ValueError(
             f"{os.fspath(path)!r} is not a file written by MetricsLog.save: "
             "it has no 'step' array.")
-      log._steps = [int(s) for s in data["step"]]
+      log._steps = [int(s) for s in read("step")]
       log._next_step = log._steps[-1] + 1 if log._steps else 0
-      log._columns = {name: _Column(data[name]) for name in data.files
+      log._columns = {name: _Column(read(name)) for name in data.files
                       if name != "step"}
     return log

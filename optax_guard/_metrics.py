@@ -91,7 +91,7 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
   if stacked is None:
     return None
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  names = [path_name(path) for path, _ in paths]
+  names = leaf_names(tree)  # the names the metrics use
   if callable(stacked):
     flags = [bool(stacked(name)) for name in names]
   else:
@@ -130,12 +130,10 @@ def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
   whose paths still write one name (a key holding a `/`) are an error:
   one of their metrics would silently replace the other's.
   """
-  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-  flags = stacked_flags(tree, stacked) or [False] * len(paths)
-  short = collections.Counter(path_name(path) for path, _ in paths)
+  leaves = jax.tree_util.tree_leaves(tree)
+  flags = stacked_flags(tree, stacked) or [False] * len(leaves)
   names = []
-  for (path, leaf), flag in zip(paths, flags):
-    name = path_name(path, keep_collection=short[path_name(path)] > 1)
+  for name, leaf, flag in zip(leaf_names(tree), leaves, flags):
     names += ([f"{name}/{i}" for i in range(np.shape(leaf)[0])] if flag
               else [name])
   twice = [name for name, n in collections.Counter(names).items() if n > 1]
@@ -146,6 +144,21 @@ def layer_names(tree: Any, stacked: Stacked = None) -> tuple[str, ...]:
         "its path with '/', so rename the key that contains a '/' (or the "
         "one that ends like a stacked layer's index).")
   return tuple(names)
+
+
+def leaf_names(tree: Any) -> tuple[str, ...]:
+  """Each leaf's name, before stacked leaves are split (see `layer_names`).
+
+  Whether dropping `params` would give two leaves one name is decided over
+  the whole tree, the leaves that `optax.masked` or `multi_transform` hide
+  from this part (`MaskedNode`s) included: a leaf is named alike in every
+  part, and by the whole tree's monitor.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=masked)[0]
+  short = collections.Counter(path_name(path) for path, _ in paths)
+  return tuple(path_name(path, keep_collection=short[path_name(path)] > 1)
+               for path, leaf in paths if not masked(leaf))
 
 
 def leaf_paths(tree: Any) -> tuple[str, ...]:

@@ -415,3 +415,39 @@ def test_host_state_and_sharded_state():
   out = log.to_numpy()
   np.testing.assert_array_equal(out["optim/skipped"], [True, True])
   np.testing.assert_array_equal(out["grad/nonfinite/w"], [1, 1])
+
+
+def test_a_layer_named_like_a_numpy_file_survives_save_and_load(tmp_path):
+  """NumPy finds a stored column by a key ending in `.npy` too, so a layer
+  `w.npy` was loaded with layer `w`'s values."""
+  grads = {"w": jnp.array([3.0, 4.0]), "w.npy": jnp.array([1.0, 0.0])}
+  tx = og.monitor()
+  _, state = tx.update(grads, tx.init(grads), grads)
+  log = og.MetricsLog(lag=0)
+  log.record(state)
+  log.save(tmp_path / "m.npz")
+  loaded = og.MetricsLog.load(tmp_path / "m.npz").to_numpy()
+  np.testing.assert_allclose(loaded["grad/norm/w.npy"], [1.0])
+  np.testing.assert_allclose(loaded["grad/norm/w"], [5.0])
+
+
+def test_to_pandas_tells_a_histogram_from_a_layer_named_hist(monkeypatch):
+  """An ensemble of 18 members (as many as the histogram's buckets) with a
+  module named `hist`: its norms are members, not buckets."""
+  made = {}
+  stub = types.SimpleNamespace(
+      DataFrame=lambda columns, index: made.update(columns=columns),
+      Index=lambda values, name: None)
+  monkeypatch.setitem(sys.modules, "pandas", stub)
+  members = len(og.HIST_BUCKETS)
+  grads = {"hist": {"w": jnp.arange(1.0, members + 1)[:, None] *
+                    jnp.ones((members, 2))}}
+  tx = og.monitor()
+  state = jax.vmap(tx.init)(grads)
+  _, state = jax.vmap(tx.update)(grads, state, grads)
+  log = og.MetricsLog(lag=0)
+  log.record(state)
+  log.to_pandas()
+  for member in range(members):
+    np.testing.assert_allclose(made["columns"][f"grad/norm/hist/w[{member}]"],
+                               [(member + 1) * np.sqrt(2.0)], rtol=1e-6)

@@ -349,6 +349,32 @@ def test_a_collection_and_a_layer_of_one_name_keep_apart():
         np.sqrt(np.sum(np.square(np.asarray(x, np.float64)))), rtol=1e-6)
 
 
+def test_a_leaf_keeps_its_name_in_a_part_that_hides_its_twin():
+  """The collection is kept or dropped by the whole tree: a part of
+  `multi_transform` sees `params/w` without the top-level `w` (a
+  `MaskedNode`), and had named it `w`, the other leaf's name: its norm was
+  filed under `w`, and `og.check` named `w` for a NaN in `params/w`. The
+  same for `stacked=`, which refused the name the metrics use."""
+  params = {"params": {"w": jnp.array([3.0, 4.0])}, "w": jnp.array([1.0, 0.0])}
+  labels = {"params": {"w": "guarded"}, "w": "plain"}
+  tx = optax.chain(og.monitor(), optax.multi_transform(
+      {"guarded": og.guard(optax.sgd(0.1)), "plain": optax.sgd(0.1)}, labels))
+  _, state = tx.update(params, tx.init(params), params)
+  m = og.metrics(state)
+  np.testing.assert_allclose(m["grad/norm.1/params/w"], 5.0, rtol=1e-6)
+  assert "grad/norm.1/w" not in m
+  grads = {"params": {"w": jnp.array([jnp.nan, 1.0])}, "w": jnp.ones(2)}
+  _, state = tx.update(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError) as e:
+    og.check(state)
+  assert e.value.layers == {"params/w": 1}
+  stacked = {"params": {"w": jnp.ones((3, 2))}, "w": jnp.ones(2)}
+  names = og.metrics(og.monitor(stacked=("params/w",)).init(stacked))
+  assert sorted(k for k in names if k.startswith("grad/norm/")) == [
+      "grad/norm/params/w/0", "grad/norm/params/w/1", "grad/norm/params/w/2",
+      "grad/norm/w"]
+
+
 def test_two_leaves_writing_one_name_is_an_error():
   tree = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}}
   with pytest.raises(ValueError,

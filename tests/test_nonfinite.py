@@ -1188,3 +1188,15 @@ def test_nnx_optimizer_nan_loss_skips():
       np.asarray(jax.tree.leaves(params3)[0]),
       np.asarray(jax.tree.leaves(params2)[0]))
   og.check(optimizer.opt_state)
+
+
+@pytest.mark.parametrize("key", ["x²", "²"])
+def test_check_names_a_layer_whose_name_holds_a_superscript_digit(key):
+  """`"²".isdigit()` holds but `int("²")` fails: og.check crashed."""
+  params = {key: jnp.ones(2), "b": jnp.ones(2)}
+  tx = og.skip_nonfinite(optax.sgd(0.1))
+  grads = {key: jnp.array([jnp.nan, 1.0]), "b": jnp.ones(2)}
+  _, state = tx.update(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError) as e:
+    og.check(state)
+  assert e.value.layers == {key: 1}
