@@ -9,6 +9,7 @@ against the norm of that unit's weights.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -131,6 +132,7 @@ def _unit_sums(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   return jnp.stack(_stats.sum_terms(terms, reduce_axes))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _unit_norms(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   """Each unit's overflow-safe L2 norm, shaped to broadcast against `x`."""
   sumsq, big, small = _unit_sums(x, keep)
@@ -138,6 +140,23 @@ def _unit_norms(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   norms = _stats.pick_norm(sumsq, big, small, float(size))
   return jnp.expand_dims(
       norms, tuple(a for a in range(x.ndim) if a not in keep))
+
+
+@_unit_norms.defjvp
+def _unit_norms_jvp(keep, primals, tangents):
+  # d|u| = Re(conj(u / |u|) du) per unit, taken as 0 where the norm is 0 or
+  # not finite, as the layer norms' (`_stats._dot_over`): sqrt's own
+  # derivative at 0 is Inf, and a zero-initialised bias then made NaN of
+  # every derivative through the clip (optax's AGC does).
+  (x,), (dx,) = primals, tangents
+  norms = _unit_norms(x, keep)
+  ok = (norms > 0) & jnp.isfinite(norms)
+  wide = x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)
+  unit = jnp.where(ok, wide, 0) / jnp.where(ok, norms, 1.0)
+  reduce_axes = tuple(a for a in range(x.ndim) if a not in keep)
+  dnorms = jnp.sum(jnp.real(jnp.conj(unit) * dx.astype(unit.dtype)),
+                   axis=reduce_axes, keepdims=True)
+  return norms, jnp.where(ok, dnorms, 0.0).astype(norms.dtype)
 
 
 def adaptive_grad_clip(

@@ -487,7 +487,11 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       of the two must be > 0 in the parameters' dtype: optax's default
       `eps=1e-8` rounds to 0 in float16, where an all-zero gradient would
       make 0/0 = NaN, so float16 parameters are refused at `init` unless
-      given a larger `eps`, such as 1e-4).
+      given a larger `eps`, such as 1e-4). As in optax, differentiating
+      through the step (meta-learning) needs `eps_root > 0` (say 1e-12)
+      where a gradient element can be exactly 0: the square root's
+      derivative at 0 is Inf, and Inf * 0 is NaN. (Behind a clip, every
+      leaf's gradient depends on the clip factor, so on the others.)
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
       truncates).
@@ -535,7 +539,8 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
     eps: added to the denominator outside the square root.
     eps_root: added to the denominator inside the square root (at least one
       of the two must be > 0 in the parameters' dtype; float16 parameters
-      need a larger `eps` than optax's default, as in `adamw`).
+      need a larger `eps` than optax's default, as in `adamw`; and
+      differentiating through the step needs `eps_root > 0`, as there).
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
       truncates).

@@ -254,3 +254,61 @@ def test_derivatives_under_pmap_with_axis_name(name):
   want = jax.grad(lambda lr: _unrolled(CASES[name][1](lr), mean))(0.1)
   np.testing.assert_allclose(np.asarray(got), np.full(devices, want),
                              rtol=2e-5)
+
+
+def _agc_reference(clipping, eps):
+  """AGC written out: a unit is a kernel's output column (a vector's whole
+  self), and the norm's derivative at 0 is taken as 0 (its subgradient)."""
+  def norm(v, axes):
+    sumsq = jnp.sum(v * v, axis=axes, keepdims=True)
+    ok = sumsq > 0
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, sumsq, 1.0)), 0.0)
+
+  def update(grads, state, params):
+    def one(g, p):
+      axes = tuple(range(g.ndim - 1)) if g.ndim > 1 else None
+      limit = clipping * jnp.maximum(norm(p, axes), eps)
+      g_norm = norm(g, axes)
+      over = g_norm > limit
+      return jnp.where(over, g * limit / jnp.where(over, g_norm, 1.0), g)
+    return jax.tree.map(one, grads, params), state
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def test_agc_derivatives_through_zero_units_stay_finite():
+  """A zero-initialised bias and a unit whose gradient is 0: sqrt's
+  derivative at 0 made NaN of the whole derivative (optax's AGC too); it
+  equals the AGC written out, and a finite difference."""
+  params = {"kernel": jnp.array([[0.5, -1.0], [2.0, 0.3]]),
+            "bias": jnp.zeros(2)}
+  inputs = jnp.array([1.0, -0.5])
+  loss = lambda p: jnp.sum((jnp.tanh(inputs @ p["kernel"] + p["bias"])
+                            - 1.0) ** 2)
+
+  def final_loss(tx, p):
+    state = tx.init(p)
+    for _ in range(2):
+      updates, state = tx.update(jax.grad(loss)(p), state, p)
+      p = optax.apply_updates(p, updates)
+    return loss(p)
+
+  ours = optax.chain(og.adaptive_grad_clip(0.05), optax.sgd(0.1))
+  reference = optax.chain(_agc_reference(0.05, 1e-3), optax.sgd(0.1))
+  got = jax.grad(lambda p: final_loss(ours, p))(params)
+  want = jax.grad(lambda p: final_loss(reference, p))(params)
+  np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5)
+  h = 1e-3
+  shift = lambda s: {**params, "bias": params["bias"].at[0].add(s)}
+  difference = (final_loss(ours, shift(h)) - final_loss(ours, shift(-h))) / (
+      2 * h)
+  np.testing.assert_allclose(got["bias"][0], difference, rtol=1e-3)
+
+  # With respect to the gradients, where a unit's gradient is 0.
+  weights = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+  kernel = {"kernel": jnp.ones((2, 2))}
+  grads = {"kernel": jnp.array([[10.0, 0.0], [10.0, 0.0]])}
+  through = lambda tx: jax.grad(lambda g: jnp.sum(
+      tx.update(g, tx.init(kernel), kernel)[0]["kernel"] * weights))(grads)
+  np.testing.assert_allclose(
+      through(og.adaptive_grad_clip(0.05))["kernel"],
+      through(_agc_reference(0.05, 1e-3))["kernel"], rtol=1e-5)
