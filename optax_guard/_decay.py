@@ -103,7 +103,25 @@ def _is_flag(x: Any) -> bool:
 def mask_leaves(mask: Mask, params: Any, factory: str, *,
                 whole: bool = False) -> list[bool]:
   """One Python bool per parameter leaf (`whole`: a single flag stands for
-  every leaf, as optax's masks take it)."""
+  every leaf, as optax's masks take it); raises where it picks a leaf that
+  is no weight."""
+  flags = _mask_flags(mask, params, factory, whole)
+  for (path, p), flag in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                             flags):
+    dtype = jnp.result_type(_metrics.unwrap(p))
+    if flag and not jnp.issubdtype(dtype, jnp.inexact):
+      what = ("boolean (a flag, not a weight)" if dtype == jnp.bool_ else
+              f"of dtype {dtype} (a count or an index, not a weight; "
+              "`optax.apply_updates` would truncate its decay)")
+      raise ValueError(
+          f"`{factory}` would decay the parameter "
+          f"{_metrics.path_name(path)!r}, which is {what}; leave it out "
+          "with the mask.")
+  return flags
+
+
+def _mask_flags(mask: Mask, params: Any, factory: str,
+                whole: bool) -> list[bool]:
   leaves = jax.tree_util.tree_leaves(params)
   if mask is None:
     return [True] * len(leaves)
@@ -155,14 +173,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
   _stats.check_axis_name(axis_name)
 
   def init_fn(params):
-    flags = mask_leaves(mask, params, factory)  # a bad mask fails here
-    for (path, p), flag in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                               flags):
-      if flag and jnp.result_type(_metrics.unwrap(p)) == jnp.bool_:
-        raise ValueError(
-            f"`{factory}` would decay the parameter "
-            f"{_metrics.path_name(path)!r}, which is boolean (a flag, not a "
-            "weight); leave it out with the mask.")
+    mask_leaves(mask, params, factory)  # a bad mask fails here
     return state_type(step=jnp.zeros((), jnp.int32),
                       last_rate=jnp.zeros((), jnp.float32),
                       penalty=jnp.zeros((), jnp.float32))

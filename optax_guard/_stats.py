@@ -225,7 +225,7 @@ class Blocks(NamedTuple):
 def as_inexact(x: Any) -> jax.Array:
   """`x` as an array of floats: an integer one (or a Python number) in the
   default float dtype, as optax's arithmetic on it with a float gives."""
-  x = jnp.asarray(x)
+  x = as_arrays([x])[0]
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(jnp.result_type(float))
   return x

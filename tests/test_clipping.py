@@ -511,16 +511,24 @@ def test_integer_gradients_of_float_parameters_are_scaled_as_floats(make,
 
 def test_float0_gradients_are_a_sentence():
   """`jax.grad(..., allow_int=True)` gives an integer leaf a float0
-  gradient, with no values: a monitor names it instead of failing inside."""
+  gradient, with no values: every transformation names it instead of
+  failing inside (the value clip: "setting an array element with a
+  sequence") or taking it as zeros (the optimizers, which then decayed the
+  integer parameter alone). A decay's mask leaves it out, untouched (and a
+  decay refuses an integer parameter it picks: see test_decay)."""
   params = {"w": jnp.ones(3), "idx": jnp.asarray([1, 2], jnp.int32)}
   grads = jax.grad(lambda q: jnp.sum(q["w"] ** 2), allow_int=True)(params)
-  tx = og.monitor()
-  with pytest.raises(ValueError, match=re.escape(
-      "A gradient leaf has dtype float0, which is what "
-      "jax.grad(..., allow_int=True) gives an integer parameter: it holds "
-      "no values to measure or scale. Leave integer parameters out of the "
-      "tree (or out of the transformation with optax.masked).")):
-    tx.update(grads, tx.init(params), params)
+  for tx in (og.monitor(), og.clip_by_value(1.0),
+             og.adamw(0.1, weight_decay=0.0), og.adam(0.1), og.sgd(0.1)):
+    with pytest.raises(ValueError, match=re.escape(
+        "A gradient leaf has dtype float0, which is what "
+        "jax.grad(..., allow_int=True) gives an integer parameter: it holds "
+        "no values to measure or scale. Leave integer parameters out of the "
+        "tree (or out of the transformation with optax.masked).")):
+      tx.update(grads, tx.init(params), params)
+  decay = og.add_decayed_weights(0.1, mask={"w": True, "idx": False})
+  updates, _ = decay.update(grads, decay.init(params), params)
+  assert updates["idx"].dtype == jax.dtypes.float0
 
 
 def test_bad_axis_name():

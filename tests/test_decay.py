@@ -215,8 +215,8 @@ def test_a_prefix_mask_stands_for_every_leaf_below_it_as_in_optax():
 def test_unusual_trees_decay_as_in_optax():
   """One array as the whole parameters (default mask, or a callable giving
   one bool); keys whose paths write one name (`"enc/out"` beside
-  `enc/out`: no per-layer metric here to confuse); Python floats, eager;
-  integers, decayed as floats."""
+  `enc/out`: no per-layer metric here to confuse); Python floats, eager.
+  (Integer parameters are refused: see `test_errors`.)"""
   kernel = jnp.asarray([[1.0, -2.0], [3.0, 0.5]])
   cases = [
       (kernel, og.decay_mask, lambda p: True),          # a kernel: decayed
@@ -225,7 +225,6 @@ def test_unusual_trees_decay_as_in_optax():
       ({"enc/out": jnp.ones(2), "enc": {"out": jnp.full(2, 2.0)}}, None,
        None),
       ({"a": 3.0, "w": jnp.ones(2)}, None, None),
-      ({"i": jnp.asarray([5, -7, 0], jnp.int32)}, None, None),
   ]
   for params, mask, optax_mask in cases:
     grads = jax.tree.map(lambda p: jnp.full(jnp.shape(p), 0.1), params)
@@ -271,6 +270,15 @@ def test_errors():
                        r"weight\); leave it out with the mask\.$"):
       factory(0.1, mask=None).init(flagged)
     factory(0.1, mask={"w": True, "keep": False}).init(flagged)
+    # An integer leaf (a count, an index): optax.apply_updates truncates
+    # its decay (a rate of 1e-5 took 1 off every step).
+    counted = {"w": jnp.ones((2, 2)), "n": jnp.asarray([1, 5, 100])}
+    with pytest.raises(ValueError, match=rf"^`{name}` would decay the "
+                       r"parameter 'n', which is of dtype int32 \(a count or "
+                       r"an index, not a weight; `optax.apply_updates` would "
+                       r"truncate its decay\); leave it out with the mask\.$"):
+      factory(0.1, mask=None).init(counted)
+    factory(0.1, mask={"w": True, "n": False}).init(counted)
     with pytest.raises(ValueError, match=rf"The `mask` of `{name}` must have "
                        r"the structure of the parameters or a prefix of it"):
       factory(0.1, mask={"w": True}).init(params)

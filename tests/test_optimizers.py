@@ -975,6 +975,13 @@ def test_adamw_mask_is_checked_at_init():
         learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask).init(params)
   with pytest.raises(ValueError, match="is the single bool False"):
     og.adamw(0.1, mask=False).init(params)
+  # An integer parameter that the decay picks: optax.adamw's decay of it is
+  # truncated by optax.apply_updates (n = [1, 5, 100] became [0, 2, 97]).
+  counted = {**params, "n": jnp.asarray([1, 5, 100])}
+  with pytest.raises(ValueError, match=re.escape(
+      "`adamw` would decay the parameter 'n', which is of dtype int32")):
+    og.adamw(0.1).init(counted)
+  og.adamw(0.1, mask=og.decay_mask).init(counted)  # a vector: not decayed
   injected = optax.inject_hyperparams(og.adamw, static_args=("mask",))(
       learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask)
   decoupled, _ = injected.update(jax.tree.map(jnp.zeros_like, params),
