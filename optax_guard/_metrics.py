@@ -616,7 +616,7 @@ def metrics(opt_state: Any) -> dict[str, Any]:
 
   Inside a jitted step it returns device arrays (so a step can return them);
   on an abstract state (`jax.eval_shape(tx.init, params)`), the shapes and
-  dtypes of the metrics (`jax.ShapeDtypeStruct`s).
+  dtypes of the metrics (as `jax.ShapeDtypeStruct` values).
   Outside, it fetches the statistics (never the wrapped optimizer's moments)
   to the host in one transfer and returns NumPy scalars, ready for a logger;
   a state already on the host works the same way.
