@@ -128,7 +128,7 @@ def _mask_flags(mask: Mask, params: Any, factory: str,
   if mask is _DEFAULT:
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
-  if _is_flag(tree) and whole and not tree and len(leaves) > 1:
+  if _is_flag(tree) and whole and not tree:
     # What `inject_hyperparams` makes of `mask=og.decay_mask`: the mask of
     # the step count (a scalar, so no leaf), which would silently stop the
     # decay.
@@ -136,7 +136,8 @@ def _mask_flags(mask: Mask, params: Any, factory: str,
         f"The `mask` of `{factory}` is the single bool False, which decays "
         f"no leaf although `weight_decay` is set: pass weight_decay=0 for "
         f"no decay, or a tree of bools.{_args.INJECTED_FUNCTION}")
-  if _is_flag(tree) and (whole or len(leaves) == 1):
+  bare = jax.tree_util.treedef_is_leaf(jax.tree.structure(params))
+  if _is_flag(tree) and (whole or bare):
     return [bool(tree)] * len(leaves)  # (one array: its own flag)
   if _is_flag(tree):
     raise ValueError(
@@ -208,7 +209,8 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
         out.append(u)
         continue
       chosen.append(p)
-      # Python numbers too; an integer leaf decays as a float, as in optax.
+      # Python numbers too; an integer update (of a float parameter: an
+      # integer one is refused) decays as a float, as in optax.
       u = _stats.as_inexact(u)
       d = jnp.sign(p) if l1 else p
       # The rate in the leaf's own dtype, as optax does (exact in float64).

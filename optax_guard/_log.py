@@ -18,7 +18,7 @@ from optax_guard import _stats
 
 # A monitor's histogram, `<prefix><kind>/hist[.k]/<layer>` (and not a layer
 # whose path holds `hist`: `grad/norm/hist/w`).
-_HISTOGRAM = re.compile(r"(^|/)(grad|update)/hist(\.\d+)?/")
+_HISTOGRAM = re.compile(r"(grad|update)/hist(\.\d+)?/")
 
 
 # A copy on the device, so that the statistics outlive the state they came
@@ -150,11 +150,11 @@ class MetricsLog:
         the last one (0, 1, 2, ... from a new log).
     """
     states = _metrics.statistics(opt_state)
-    if _metrics.is_traced(states):
+    if _metrics.is_traced(states) or _metrics.is_abstract(states):
       raise ValueError(
           "MetricsLog.record takes the optimizer state that a jitted step "
-          "returned, but got traced values; call it after the step, outside "
-          "jit.")
+          "returned, but got traced (or abstract) values; call it after the "
+          "step, outside jit.")
     if not jax.tree_util.tree_leaves(states):
       if _metrics.holds_unwrapped_states(opt_state):
         raise ValueError(

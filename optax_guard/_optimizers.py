@@ -502,7 +502,12 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       parameters are decayed; None decays all, biases and normalisation
       scales included, as `optax.adamw` does. (`og.add_decayed_weights`
       defaults to `og.decay_mask`, kernels and embeddings only: pass
-      `mask=og.decay_mask` here for the same rule.)
+      `mask=og.decay_mask` here for the same rule.) Two masks that
+      `optax.adamw` takes are refused at `init`, with `weight_decay` set:
+      the single bool False (it decays nothing; it is what
+      `optax.inject_hyperparams` makes of a callable mask not listed in
+      `static_args`), and one that picks an integer or boolean parameter
+      (`optax.apply_updates` would truncate its decay).
     nesterov: use Nesterov momentum (NAdamW).
 
   Returns:

@@ -1,9 +1,8 @@
 """The one statistics pass over a gradient tree, and the cross-device reduce.
 
 The transformations measure gradient and parameter norms through
-`tree_stats` (AGC's per-unit norms and the L1 penalty reduce through
-`per_leaf`, the same blocks and cross-device reduce), which reads each block
-once (each larger leaf alone, small leaves of one
+`tree_stats` (AGC's per-unit norms use its `sum_terms` and `pmax`, the L1
+penalty its `per_leaf`), which reads each block once (each larger leaf alone, small leaves of one
 shape, dtype and sharding stacked, which keeps the compiled program small).
 The full pass is one variadic reduction per block: three sums of squares,
 two rescaled by powers of two so that norms are right where squares overflow
@@ -225,7 +224,7 @@ class Blocks(NamedTuple):
 def as_inexact(x: Any) -> jax.Array:
   """`x` as an array of floats: an integer one (or a Python number) in the
   default float dtype, as optax's arithmetic on it with a float gives."""
-  x = as_arrays([x])[0]
+  x = jnp.asarray(as_arrays([x])[0])  # (as_arrays refuses float0)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(jnp.result_type(float))
   return x

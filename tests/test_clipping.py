@@ -1,6 +1,7 @@
 """Clipping family against numpy references and optax's own clip."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -560,3 +561,16 @@ def test_inside_jit_and_chain_with_momentum():
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert int(og.metrics(s1)["optim/num_clipped"]) == 5
+
+
+def test_numpy_float64_gradients_pass_eagerly_without_warnings():
+  """NumPy float64 gradients (eager, x64 off) are taken as JAX takes them:
+  float32, without a dtype warning per leaf."""
+  grads = {"w": np.array([3.0, 4.0]), "b": np.array([1e-3])}
+  params = {"w": np.ones(2, np.float32), "b": np.ones(1, np.float32)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for tx in (og.clip_by_global_norm(1.0), og.clip_by_value(0.5),
+               og.add_decayed_weights(0.1, mask=None)):
+      updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], [3.1, 4.1], rtol=1e-6)

@@ -293,6 +293,9 @@ def test_errors():
         r"its `static_args`")):
       injected = optax.inject_hyperparams(factory)(0.1, mask=og.decay_mask)
       injected.update(_grads(0), injected.init(params), params)
+    one_leaf = {"Dense_0": {"kernel": jnp.ones((2, 2))}}  # (was its flag)
+    with pytest.raises(ValueError, match="it is the single bool False"):
+      injected.init(one_leaf)
     # Updates are paired with parameters by position: trees must match.
     state = tx.init(params)
     renamed = {("Other_0" if k == "Embed_0" else k): v

@@ -451,3 +451,38 @@ def test_to_pandas_tells_a_histogram_from_a_layer_named_hist(monkeypatch):
   for member in range(members):
     np.testing.assert_allclose(made["columns"][f"grad/norm/hist/w[{member}]"],
                                [(member + 1) * np.sqrt(2.0)], rtol=1e-6)
+
+
+def test_record_inside_jit_or_on_an_abstract_state_is_a_sentence():
+  tx = og.monitor()
+  params = {"w": jnp.ones(2)}
+  log = og.MetricsLog()
+  message = re.escape(
+      "MetricsLog.record takes the optimizer state that a jitted step "
+      "returned, but got traced (or abstract) values; call it after the "
+      "step, outside jit.")
+  with pytest.raises(ValueError, match=message):
+    log.record(jax.eval_shape(tx.init, params))
+  with pytest.raises(ValueError, match=message):
+    jax.jit(lambda s: log.record(s))(tx.init(params))
+
+
+def test_to_pandas_finds_the_histogram_of_a_monitor_with_a_bare_prefix(
+    monkeypatch):
+  """`prefix="pre_"`: the histogram is `pre_grad/hist/w`, still buckets."""
+  made = {}
+  stub = types.SimpleNamespace(
+      DataFrame=lambda columns, index: made.update(columns=columns),
+      Index=lambda values, name: None)
+  monkeypatch.setitem(sys.modules, "pandas", stub)
+  grads = {"w": jnp.array([0.5, 3e-3, 0.0])}
+  tx = og.monitor(histogram=True, prefix="pre_")
+  _, state = tx.update(grads, tx.init(grads), grads)
+  log = og.MetricsLog(lag=0)
+  log.record(state)
+  log.to_pandas()
+  counts = {edge: int(made["columns"][f"pre_grad/hist/w/{edge}"][0])
+            for edge in og.HIST_BUCKETS}
+  # 0.5 in [0.1, 1), 3e-3 in [1e-3, 1e-2), and one zero.
+  assert {k: v for k, v in counts.items() if v} == {
+      "1e-1": 1, "1e-3": 1, "zero": 1}

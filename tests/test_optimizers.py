@@ -975,6 +975,11 @@ def test_adamw_mask_is_checked_at_init():
         learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask).init(params)
   with pytest.raises(ValueError, match="is the single bool False"):
     og.adamw(0.1, mask=False).init(params)
+  for one_leaf in ({"Dense_0": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2)):
+    with pytest.raises(ValueError, match="is the single bool False"):
+      optax.inject_hyperparams(og.adamw)(
+          learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask
+      ).init(one_leaf)
   # An integer parameter that the decay picks: optax.adamw's decay of it is
   # truncated by optax.apply_updates (n = [1, 5, 100] became [0, 2, 97]).
   counted = {**params, "n": jnp.asarray([1, 5, 100])}
