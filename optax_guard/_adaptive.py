@@ -440,6 +440,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _spikes.check_history(state.norms, window, "autoclip", "window")
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     norms = _spikes.window_push(state.norms, norm, jnp.isfinite(norm))
     threshold = window_percentile(norms, percentile)
@@ -591,6 +592,7 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _spikes.check_history(state.warmup, warmup_steps, "zclip", "warmup_steps")
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     a, zt = f32(alpha), f32(z_thresh)
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm

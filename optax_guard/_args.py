@@ -90,6 +90,14 @@ CLIP_TO_ZERO_OR_NONE = ("A bound of 0 would zero every update; `max_norm=None` "
                         "clips nothing.")
 
 
+# Said where a state does not fit the transformation that was given it.
+OTHER_CONFIGURATION = (
+    "the state was made by a transformation built otherwise (a checkpoint, "
+    "or a state kept after rebuilding the optimizer): re-initialise it with "
+    "`tx.init(params)`, or restore checkpoints into "
+    "`jax.eval_shape(tx.init, params)`, which refuses such a mismatch.")
+
+
 # Said where a function argument arrives as something else: optax's
 # `inject_hyperparams` calls every callable argument as a schedule.
 INJECTED_FUNCTION = (

@@ -312,6 +312,19 @@ def guard(
         for name, part in parts.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
+    for name, part in parts.items():
+      if (getattr(state, name) is None) != (part is None):
+        raise ValueError(
+            f"The guard's state {'has no' if part else 'has a'} `{name}` "
+            f"part, but this guard was built with it "
+            f"{'on' if part else 'off'}; {_args.OTHER_CONFIGURATION}")
+    if monitor:
+      _monitor.check_fields(state.monitor, per_layer=per_layer,
+                            histogram=histogram, zscore=zscore,
+                            factory="guard")
+    if spike_sigma is not None:
+      _spikes.check_history(state.spikes.norms, spike_window, "guard",
+                            "spike_window")
     fast = _skip.takes_decision(inner, updates, state.inner_state)
     if skip_nonfinite:  # the monitor checks its own, when it keeps layers
       layers.check(updates, state.nonfinite.last_bad_counts.names, "guard")

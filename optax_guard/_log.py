@@ -86,7 +86,11 @@ class MetricsLog:
   replicated statistic is read from one local copy) and states already
   fetched to the host. A state from `pmap` (or an ensemble's, under
   `vmap`) is recorded with one value per device (or member) in every
-  metric; one log takes states of one device layout.
+  metric; one log takes states of one device layout. The states a
+  `lax.scan` over several steps returns (one per step, stacked) are
+  several records: record each, `log.record(jax.tree.map(lambda x: x[i],
+  states))` for each step `i`, not the stack (it would be taken as one
+  step of a `pmap`ped state).
 
   Read the record with `to_numpy()` (one array per metric, steps first),
   `to_pandas()` (needs pandas, which this package does not install), or
@@ -257,7 +261,9 @@ class MetricsLog:
             f"{name!r} of shape {shape} ({dtype}), but the steps before it "
             f"hold shape {was} ({was_dtype}); record states of one device "
             f"layout in one MetricsLog (a `pmap`ped state has one value "
-            f"per device).")
+            f"per device; the states a `lax.scan` stacks are one record "
+            f"per step: record `jax.tree.map(lambda x: x[i], states)` for "
+            f"each step `i`).")
 
   @staticmethod
   def _check_names(got: set[str], before: set[str], step: int) -> None:

@@ -329,12 +329,26 @@ def _register_with_flax_serialization(serialization: Any) -> None:
   msgpack refuses every state with per-layer statistics. A Flax whose API
   has changed gets a warning, never a failed import.
   """
+  def restored(target: PerLayer, state: Any) -> PerLayer:
+    # Rows are restored by position: another number of them is another
+    # layout of layers (`stacked=`, `groups=`, a layer added), whose values
+    # would be filed under the target's names.
+    rows = None if state is None else np.shape(state.get("values"))[:1]
+    if rows != np.shape(target.values)[:1]:
+      raise ValueError(
+          f"The saved state holds {'no' if rows is None else rows[0]} rows "
+          f"of per-layer statistics where the target has "
+          f"{len(target.names)} ({list(target.names)[:5]}"
+          f"{' ...' if len(target.names) > 5 else ''}); "
+          f"{_args.OTHER_CONFIGURATION}")
+    return PerLayer(serialization.from_state_dict(
+        target.values, state["values"]), target.names)
+
   try:
     serialization.register_serialization_state(
         PerLayer,
         lambda x: {"values": serialization.to_state_dict(x.values)},
-        lambda target, state: PerLayer(serialization.from_state_dict(
-            target.values, state["values"]), target.names))
+        restored)
     # No data, so nothing to save: the target's own naming is restored.
     serialization.register_serialization_state(
         Naming, lambda x: {}, lambda target, state: target)
@@ -531,10 +545,24 @@ def _state_metrics(state: Any) -> dict[str, Any]:
   if not is_replicated(state):
     return state._og_metrics()
   first = jax.tree_util.tree_leaves(state)[0]
-  rows = [_state_metrics(jax.tree.map(lambda x, i=i: unwrap(x)[i], state))
-          for i in range(np.shape(unwrap(first))[0])]
-  return {name: array_module(rows[0][name]).stack([r[name] for r in rows])
-          for name in rows[0]}
+  rows = np.shape(unwrap(first))[0]
+  if is_traced(state) or rows == 0:
+    # Traced (the states a `lax.scan` stacked, read in the step): one
+    # program for all rows, not a copy per row (compile time grew with
+    # them). No rows (a scan of no steps): the metrics' empty columns.
+    order: list[str] = []  # (a transformed function's dict comes sorted)
+
+    def one_row(row):
+      found = _state_metrics(row)
+      order[:] = found
+      return found
+
+    out = jax.vmap(one_row)(jax.tree.map(unwrap, state))
+    return {k: out[k] if rows else np.asarray(out[k]) for k in order}
+  each = [_state_metrics(jax.tree.map(lambda x, i=i: unwrap(x)[i], state))
+          for i in range(rows)]
+  return {name: array_module(each[0][name]).stack([r[name] for r in each])
+          for name in each[0]}
 
 
 def named(states: list[Any]) -> dict[str, Any]:

@@ -192,6 +192,20 @@ def after_params_read(updates: Any, state: MonitorState) -> Any:
                       updates)
 
 
+def check_fields(state: MonitorState, *, per_layer: bool, histogram: bool,
+                 zscore: bool, factory: str) -> None:
+  """Raises unless `state` keeps the entries these options ask for (a state
+  of a monitor built otherwise would report stale ones as current)."""
+  for field, on, option in (("layer_norms", per_layer, "per_layer"),
+                            ("histograms", histogram, "histogram"),
+                            ("zscores", zscore, "zscore")):
+    if (getattr(state, field) is None) == on:
+      raise ValueError(
+          f"The monitor's state {'has no' if on else 'has'} `{field}`, but "
+          f"this `{factory}` was built with {option}={on}; "
+          f"{_args.OTHER_CONFIGURATION}")
+
+
 def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
            params: Any, loss: jax.Array | None, *, per_layer: bool,
            histogram: bool, loss_ema_decay: float,
@@ -456,6 +470,8 @@ def monitor(
                   zscore_decay=zscore_decay if zscore else None)
 
   def update_fn(updates, state, params=None, **extra_args):
+    check_fields(state, per_layer=per_layer, histogram=histogram,
+                 zscore=zscore, factory="monitor")
     loss = _skip.loss_from(extra_args, axis_name)
     if every == 1:
       new_state = measure(updates, state, params, loss)
@@ -467,6 +483,6 @@ def monitor(
     if params is not None:
       updates = after_params_read(updates, new_state)
     return updates, new_state._replace(
-        step=optax.safe_increment(state.step))
+        step=optax.safe_increment(state.step), naming=naming)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -341,15 +341,17 @@ def skip_nonfinite_microbatch(
   guard), so that every device drops the micro-batch together. Its
   decision and count keep optax's names (`should_skip`, `num_not_finite`),
   which `og.metrics` reports as `optim/microbatch_skipped` and
-  `grad/microbatch_nonfinite`.
+  `grad/microbatch_nonfinite` where MultiSteps wraps an optax_guard
+  transformation (a guard; around a bare optimizer, og.adamw's included,
+  they are optax's state, not read).
 
   Args:
     axis_name: mesh axis name(s) over which the gradients are sharded or
       differ, inside `shard_map` or `pmap`; None: the local values, as
-      `optax.skip_not_finite`. Where none of the axes is bound (a
-      MultiSteps `init` called outside `shard_map`), the local values are
-      counted: a misspelt name is reported by the guard given the same
-      `axis_name`, not here.
+      `optax.skip_not_finite`. Outside any `shard_map` or `pmap` (a
+      MultiSteps `init` called outside the map), the local values are
+      counted; inside one, an axis that is not bound there (a misspelt
+      name) is an error.
       Under `pmap` or `shard_map(check_vma=False)`, where values carry no
       sharding types, the count is the largest device's (each leaf taken
       as replicated, see the user guide's multi-device section); the
@@ -382,9 +384,12 @@ def skip_nonfinite_microbatch(
 
   def should_skip_update(updates, gradient_step, params):
     del gradient_step, params
-    # None bound: a MultiSteps init outside the map (zeros, a local count
-    # is the count); some bound: `tree_stats` names those that are not.
-    axes = axis_name if _stats.any_axis_bound(axis_name) else None
+    # Outside any map: a MultiSteps init (zeros, a local count is the
+    # count). Inside one, `tree_stats` names an axis that is not bound (a
+    # misspelt one, taken as local, had one device drop a micro-batch
+    # alone: the others then waited for it in the guard's all-reduce).
+    inside = _stats.any_axis_bound(axis_name) or _stats.inside_a_map()
+    axes = axis_name if inside else None
     count = _stats.total_count(
         _stats.tree_stats(updates, axis_name=axes).nonfinite)
     skip = count > 0

@@ -27,6 +27,18 @@ def window_init(size: int) -> Window:
   return Window(jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32))
 
 
+def check_history(window: Window, size: int, factory: str,
+                  argument: str) -> None:
+  """Raises unless `window` holds `size` values: a history of another size
+  would make the baseline of another span (never ready, if shorter than the
+  warm-up). Static: free per step."""
+  held = window.values.shape[-1]
+  if held != size:
+    raise ValueError(
+        f"The state's history holds {held} values, but this `{factory}` was "
+        f"built with {argument}={size}; {_args.OTHER_CONFIGURATION}")
+
+
 def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   """Appends `value` where `accept` holds; the oldest value drops out."""
   size = window.values.shape[0]
@@ -317,6 +329,7 @@ def skip_spikes(
         last_loss=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
+    check_history(state.norms, window, "skip_spikes", "window")
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     loss = _skip.loss_from(extra_args, axis_name)
     spike, new_state = decide(state, norm, loss, sigma=sigma,

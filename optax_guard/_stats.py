@@ -77,6 +77,13 @@ def any_axis_bound(axis_name: AxisName) -> bool:
   return False
 
 
+def inside_a_map() -> bool:
+  """Whether this runs inside `shard_map` or `pmap` (which JAX runs as a
+  `shard_map`), over whichever axes."""
+  mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+  return bool(getattr(mesh, "manual_axes", ()))
+
+
 def check_axis_name(axis_name: Any) -> None:
   ok = axis_name is None or isinstance(axis_name, str) or (
       isinstance(axis_name, (tuple, list)) and axis_name and

@@ -195,6 +195,40 @@ def test_survives_lax_scan(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_metrics_of_the_states_a_scan_stacks(name):
+  """The per-step states a scan returns, read inside the jitted step (one
+  vmapped program: a Python loop over the steps made one copy of every
+  metric per step) and outside, equal the steps' own metrics; a scan of no
+  steps gives empty columns (an IndexError before)."""
+  tx = _make(name)
+  params = _params()
+
+  def body(carry, i):
+    p, s = carry
+    u, s = tx.update(_grads(i), s, p)
+    return (optax.apply_updates(p, u), s), s
+
+  def run(steps):
+    return jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))[1]
+
+  stacked = jax.jit(lambda: run(3))()
+  inside = jax.jit(lambda: og.metrics(run(3)))()
+  outside = og.metrics(stacked)
+  assert sorted(inside) == sorted(outside)  # (jit returns a dict sorted)
+  for step in range(3):
+    one = og.metrics(jax.tree.map(lambda x, step=step: x[step], stacked))
+    for metric, value in one.items():
+      np.testing.assert_array_equal(np.asarray(inside[metric])[step], value,
+                                    err_msg=metric)
+      np.testing.assert_array_equal(outside[metric][step], value,
+                                    err_msg=metric)
+  empty = og.metrics(jax.jit(lambda: run(0))())
+  assert list(empty) == list(outside)
+  assert all(np.shape(empty[k]) == (0, *np.shape(outside[k])[1:])
+             for k in empty)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_no_retrace_over_five_steps(name):
   tx = _make(name)
   params = _params()

@@ -274,3 +274,19 @@ def test_gradient_norm_penalty_takes_an_nnx_grad_fn():
   jax.tree.map(np.testing.assert_array_equal, *results)
   assert not np.array_equal(results[0][0], jax.tree.leaves(
       nnx.as_pure(nnx.state(model, nnx.Param)))[0])
+
+
+def test_flax_restore_of_another_layout_of_layers_is_refused():
+  """`from_bytes` checks no shapes: 4 rows saved with `stacked=` (3 layers
+  and the head) were restored into 2 names, and `og.metrics` filed one
+  stacked layer's norm under `head` before the first update failed to
+  broadcast."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  params = {"blocks": {"kernel": jnp.ones((3, 2))}, "head": jnp.ones(2)}
+  saved = og.guard(optax.sgd(0.1), stacked=("blocks",)).init(params)
+  with pytest.raises(ValueError, match=(
+      r"The saved state holds 4 rows of per-layer statistics where the "
+      r"target has 2 \(\['blocks/kernel', 'head'\]\); the state was made by "
+      r"a transformation built otherwise")):
+    serialization.from_bytes(og.guard(optax.sgd(0.1)).init(params),
+                             serialization.to_bytes(saved))

@@ -721,3 +721,66 @@ def test_check_tells_skipped_zeroed_and_applied_apart():
   with pytest.raises(og.NonFiniteGradientError,
                      match=r"^Step 0: the loss is nan\."):
     og.check(state)
+
+
+_ANOTHER_CONFIGURATION = re.escape(
+    "the state was made by a transformation built otherwise (a checkpoint, "
+    "or a state kept after rebuilding the optimizer): re-initialise it with "
+    "`tx.init(params)`, or restore checkpoints into "
+    "`jax.eval_shape(tx.init, params)`, which refuses such a mismatch.")
+
+
+@pytest.mark.parametrize("saved, given, words", [
+    (lambda: og.guard(optax.sgd(0.1), spike_window=8),
+     lambda: og.guard(optax.sgd(0.1)),
+     "The state's history holds 8 values, but this `guard` was built with "
+     "spike_window=128"),
+    (lambda: og.skip_spikes(optax.sgd(0.1), window=16),
+     lambda: og.skip_spikes(optax.sgd(0.1), window=8, warmup_steps=4),
+     "The state's history holds 16 values, but this `skip_spikes` was built "
+     "with window=8"),
+    (lambda: og.autoclip(window=4), lambda: og.autoclip(window=100),
+     "The state's history holds 4 values, but this `autoclip` was built with "
+     "window=100"),
+    (lambda: og.zclip(warmup_steps=10), lambda: og.zclip(warmup_steps=25),
+     "The state's history holds 10 values, but this `zclip` was built with "
+     "warmup_steps=25"),
+    (lambda: og.guard(optax.sgd(0.1)),
+     lambda: og.guard(optax.sgd(0.1), skip_nonfinite=False),
+     "The guard's state has a `nonfinite` part, but this guard was built "
+     "with it off"),
+    (lambda: og.guard(optax.sgd(0.1), monitor=False),
+     lambda: og.guard(optax.sgd(0.1)),
+     "The guard's state has no `monitor` part, but this guard was built with "
+     "it on"),
+    (lambda: og.guard(optax.sgd(0.1), histogram=True),
+     lambda: og.guard(optax.sgd(0.1)),
+     "The monitor's state has `histograms`, but this `guard` was built with "
+     "histogram=False"),
+    (lambda: og.monitor(), lambda: og.monitor(zscore=True),
+     "The monitor's state has no `zscores`, but this `monitor` was built "
+     "with zscore=True"),
+])
+def test_a_state_of_another_configuration_is_refused(saved, given, words):
+  """A state kept (or restored by flax, which checks no shapes) after the
+  optimizer was rebuilt otherwise: a spike history of 8 under a window of
+  128 never filled its warm-up (spike skipping off for good), a stale part
+  was reported as current (`optim/skipped` on every step)."""
+  params = {"w": jnp.ones(3)}
+  state = saved().init(params)
+  with pytest.raises(ValueError, match=re.escape(words) + ".*" +
+                     _ANOTHER_CONFIGURATION):
+    given().update({"w": jnp.full(3, 0.5)}, state, params)
+
+
+def test_a_monitor_state_takes_the_monitor_s_own_names():
+  """A state of a monitor with another prefix is named by the monitor that
+  updates it (it kept the old names)."""
+  params = {"w": jnp.ones(3)}
+  old = og.monitor(prefix="old/").init(params)
+  tx = og.monitor(prefix="new/")
+  _, state = tx.update({"w": jnp.full(3, 2.0)}, old, params)
+  metrics = og.metrics(state)
+  np.testing.assert_allclose(metrics["new/grad/norm"], 2.0 * np.sqrt(3.0),
+                             rtol=1e-6)
+  assert not any(name.startswith("old/") for name in metrics)

@@ -381,7 +381,9 @@ def test_a_state_of_another_device_layout_is_refused_when_recorded(tmp_path):
              r"shape \(\) \(float32\), but the steps before it hold shape "
              r"\(8,\) \(float32\); record states of one device layout in "
              r"one MetricsLog \(a `pmap`ped state has one value per "
-             r"device\)\.$")
+             r"device; the states a `lax.scan` stacks are one record per "
+             r"step: record `jax.tree.map\(lambda x: x\[i\], states\)` for "
+             r"each step `i`\)\.$")
   for lag in (0, 2):
     log = og.MetricsLog(lag=lag)
     log.record(per_device)

@@ -756,6 +756,19 @@ def test_microbatch_skip_counts_over_devices_and_locally_where_unbound():
   with pytest.raises(ValueError, match=r"`axis_name` must be None, a mesh "
                      r"axis name or a tuple of them, but got 3\."):
     og.skip_nonfinite_microbatch(axis_name=3)
+  # Inside a map over other axes, a misspelt name is an error: taken as
+  # local, it had device 3 drop its NaN micro-batch alone (the others then
+  # waited for it in the guard's all-reduce until XLA aborted, or, without
+  # a guard, went on a step ahead).
+  misspelt = og.skip_nonfinite_microbatch(axis_name="data")
+  message = r"axis_name='data' names mesh axes \['data'\] that are not bound"
+  with pytest.raises(ValueError, match=message):
+    jax.pmap(lambda x: misspelt({"w": x}, 0, None)[0], axis_name="d")(
+        values.reshape(N, 2))
+  with pytest.raises(ValueError, match=message):
+    jax.jit(jax.shard_map(lambda x: misspelt({"w": x}, 0, None)[0],
+                          mesh=_mesh(), in_specs=P("d"), out_specs=P(),
+                          check_vma=False))(values)
 
 
 def test_microbatch_skip_reports_an_unbound_axis_beside_a_bound_one():
