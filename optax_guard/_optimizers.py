@@ -426,6 +426,16 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
     _check_updates(updates, state.mu, None, factory)
+    for m, v in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)):
+      # `init` puts mu in `mu_dtype`, else in nu's (the parameter's) dtype:
+      # a state of another `mu_dtype` would keep its own.
+      want = mu_dtype or jnp.result_type(v)
+      if jnp.result_type(m) != want:
+        raise ValueError(
+            f"The state's first moments are {jnp.result_type(m)}, but this "
+            f"`{factory}` keeps them in {jnp.dtype(want)} (mu_dtype="
+            f"{mu_dtype if mu_dtype is None else jnp.dtype(mu_dtype).name}); "
+            f"{_args.OTHER_CONFIGURATION}")
     if decays:
       _args.require_params(params, factory)
     count_inc = optax.safe_increment(state.count)

@@ -1187,3 +1187,21 @@ def test_an_update_that_does_not_name_the_protocol_is_refused():
   with pytest.raises(ValueError, match=r"does not name guard_keep or "
                      r"guard_scale"):
     og.GuardAwareTransformation(inner.init, cycle)
+
+
+def test_a_state_of_another_mu_dtype_is_refused():
+  """A state restored by flax (which checks no dtypes) or kept after the
+  optimizer was rebuilt with another `mu_dtype` kept its own: bfloat16
+  moments under `mu_dtype=None`, where `init` gives float32."""
+  params = {"w": jnp.ones(4)}
+  old = og.adamw(1e-3, mu_dtype=jnp.bfloat16).init(params)
+  with pytest.raises(ValueError, match=re.escape(
+      "The state's first moments are bfloat16, but this `adamw` keeps them "
+      "in float32 (mu_dtype=None); the state was made by a transformation "
+      "built otherwise")):
+    og.adamw(1e-3).update(params, old, params)
+  with pytest.raises(ValueError, match=re.escape(
+      "The state's first moments are float32, but this `adam` keeps them in "
+      "bfloat16 (mu_dtype=bfloat16)")):
+    og.adam(1e-3, mu_dtype=jnp.bfloat16).update(
+        params, og.adam(1e-3).init(params))
