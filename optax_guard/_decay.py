@@ -136,9 +136,12 @@ def _mask_flags(mask: Mask, params: Any, factory: str,
         f"The `mask` of `{factory}` is the single bool False, which decays "
         f"no leaf although `weight_decay` is set: pass weight_decay=0 for "
         f"no decay, or a tree of bools.{_args.INJECTED_FUNCTION}")
+  # One array: its own flag. One leaf in a container: True is its flag,
+  # while False there is what `inject_hyperparams` makes of a callable mask
+  # (refused below, as for more leaves).
   bare = jax.tree_util.treedef_is_leaf(jax.tree.structure(params))
-  if _is_flag(tree) and (whole or bare):
-    return [bool(tree)] * len(leaves)  # (one array: its own flag)
+  if _is_flag(tree) and (whole or bare or (tree and len(leaves) == 1)):
+    return [bool(tree)] * len(leaves)
   if _is_flag(tree):
     raise ValueError(
         f"The `mask` of `{factory}` must be a tree of bools like the "

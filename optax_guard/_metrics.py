@@ -558,7 +558,9 @@ def _state_metrics(state: Any) -> dict[str, Any]:
       return found
 
     out = jax.vmap(one_row)(jax.tree.map(unwrap, state))
-    return {k: out[k] if rows else np.asarray(out[k]) for k in order}
+    traced = is_traced(state)
+    return {k: out[k] if rows or traced else np.asarray(out[k])
+            for k in order}
   each = [_state_metrics(jax.tree.map(lambda x, i=i: unwrap(x)[i], state))
           for i in range(rows)]
   return {name: array_module(each[0][name]).stack([r[name] for r in each])

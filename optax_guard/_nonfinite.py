@@ -348,10 +348,10 @@ def skip_nonfinite_microbatch(
   Args:
     axis_name: mesh axis name(s) over which the gradients are sharded or
       differ, inside `shard_map` or `pmap`; None: the local values, as
-      `optax.skip_not_finite`. Outside any `shard_map` or `pmap` (a
-      MultiSteps `init` called outside the map), the local values are
-      counted; inside one, an axis that is not bound there (a misspelt
-      name) is an error.
+      `optax.skip_not_finite`. Where the axes are not bound (a MultiSteps
+      `init` outside the map or in a `pmap` without them, a misspelt name),
+      the count is over the axes the enclosing `shard_map` or `pmap` binds,
+      or local outside any: every device decides alike either way.
       Under `pmap` or `shard_map(check_vma=False)`, where values carry no
       sharding types, the count is the largest device's (each leaf taken
       as replicated, see the user guide's multi-device section); the
@@ -384,12 +384,13 @@ def skip_nonfinite_microbatch(
 
   def should_skip_update(updates, gradient_step, params):
     del gradient_step, params
-    # Outside any map: a MultiSteps init (zeros, a local count is the
-    # count). Inside one, `tree_stats` names an axis that is not bound (a
-    # misspelt one, taken as local, had one device drop a micro-batch
-    # alone: the others then waited for it in the guard's all-reduce).
-    inside = _stats.any_axis_bound(axis_name) or _stats.inside_a_map()
-    axes = axis_name if inside else None
+    # Unbound: a MultiSteps init (zeros: any count is the count), or a
+    # name that is not the map's (misspelt). Counted over the axes the map
+    # binds, every device decides alike: counted locally, one device had
+    # dropped a micro-batch alone, and the others waited for it in the
+    # guard's all-reduce until XLA aborted. Outside any map: locally.
+    axes = (axis_name if _stats.any_axis_bound(axis_name) else
+            _stats.bound_axes() or None)
     count = _stats.total_count(
         _stats.tree_stats(updates, axis_name=axes).nonfinite)
     skip = count > 0

@@ -429,7 +429,8 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     for m, v in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)):
       # `init` puts mu in `mu_dtype`, else in nu's (the parameter's) dtype:
       # a state of another `mu_dtype` would keep its own.
-      want = mu_dtype or jnp.result_type(v)
+      want = (jnp.result_type(v) if mu_dtype is None else
+              jax.dtypes.canonicalize_dtype(mu_dtype))
       if jnp.result_type(m) != want:
         raise ValueError(
             f"The state's first moments are {jnp.result_type(m)}, but this "

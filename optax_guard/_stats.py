@@ -77,11 +77,11 @@ def any_axis_bound(axis_name: AxisName) -> bool:
   return False
 
 
-def inside_a_map() -> bool:
-  """Whether this runs inside `shard_map` or `pmap` (which JAX runs as a
-  `shard_map`), over whichever axes."""
+def bound_axes() -> tuple[str, ...]:
+  """The axes of the `shard_map`s (and `pmap`s, which JAX runs as one)
+  this runs inside, or () (also on a JAX that does not say)."""
   mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
-  return bool(getattr(mesh, "manual_axes", ()))
+  return tuple(getattr(mesh, "manual_axes", ()))
 
 
 def check_axis_name(axis_name: Any) -> None:

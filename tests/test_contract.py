@@ -226,6 +226,8 @@ def test_metrics_of_the_states_a_scan_stacks(name):
   assert list(empty) == list(outside)
   assert all(np.shape(empty[k]) == (0, *np.shape(outside[k])[1:])
              for k in empty)
+  traced = jax.jit(lambda: og.metrics(run(0)))()
+  assert all(np.shape(traced[k]) == np.shape(empty[k]) for k in empty)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -296,6 +296,12 @@ def test_errors():
     one_leaf = {"Dense_0": {"kernel": jnp.ones((2, 2))}}  # (was its flag)
     with pytest.raises(ValueError, match="it is the single bool False"):
       injected.init(one_leaf)
+    # True is still the one leaf's flag there, as in optax.
+    decay = factory(0.1, mask=True)
+    got, _ = decay.update(jax.tree.map(jnp.zeros_like, one_leaf),
+                          decay.init(one_leaf), one_leaf)
+    # rate * W (rate * sign(W) for L1): 0.1 for a kernel of ones.
+    np.testing.assert_allclose(got["Dense_0"]["kernel"], 0.1)
     # Updates are paired with parameters by position: trees must match.
     state = tx.init(params)
     renamed = {("Other_0" if k == "Embed_0" else k): v

@@ -1205,3 +1205,15 @@ def test_a_state_of_another_mu_dtype_is_refused():
       "bfloat16 (mu_dtype=bfloat16)")):
     og.adam(1e-3, mu_dtype=jnp.bfloat16).update(
         params, og.adam(1e-3).init(params))
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+def test_a_float64_mu_dtype_without_x64_is_no_mismatch():
+  """float64 without x64 is float32 in `init` too (as in optax)."""
+  params = {"w": jnp.ones(4)}
+  ours, theirs = og.adam(1e-3, mu_dtype=jnp.float64), optax.adam(
+      1e-3, mu_dtype=jnp.float64)
+  got, _ = ours.update(params, ours.init(params))
+  want, _ = theirs.update(params, theirs.init(params))
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
