@@ -90,7 +90,7 @@ class MetricsLog:
   `lax.scan` over several steps returns (one per step, stacked) are
   several records: record each, `log.record(jax.tree.map(lambda x: x[i],
   states))` for each step `i`, not the stack (it would be taken as one
-  step of a `pmap`ped state).
+  step of a state from `pmap`).
 
   Read the record with `to_numpy()` (one array per metric, steps first),
   `to_pandas()` (needs pandas, which this package does not install), or
