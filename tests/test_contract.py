@@ -179,18 +179,24 @@ def test_init_on_shape_dtype_structs(name):
         np.shape(value), np.asarray(value).dtype), name
 
 
+def _scan(tx, params, steps):
+  """`steps` steps of `tx` in one `lax.scan`: the last state, and every
+  step's state stacked."""
+  def body(carry, i):
+    p, s = carry
+    u, s = tx.update(_grads(i), s, p)
+    return (optax.apply_updates(p, u), s), s
+
+  (_, state), states = jax.lax.scan(body, (params, tx.init(params)),
+                                    jnp.arange(steps))
+  return state, states
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_survives_lax_scan(name):
   tx = _make(name)
   params = _params()
-
-  def body(carry, i):
-    p, s = carry
-    u, s = tx.update(_grads(i), s, p)
-    return (optax.apply_updates(p, u), s), None
-
-  (p, state), _ = jax.lax.scan(body, (params, tx.init(params)),
-                               jnp.arange(4))
+  state, _ = _scan(tx, params, 4)
   _assert_same_signature(state, tx.init(params))
 
 
@@ -202,14 +208,7 @@ def test_metrics_of_the_states_a_scan_stacks(name):
   steps gives empty columns (an IndexError before)."""
   tx = _make(name)
   params = _params()
-
-  def body(carry, i):
-    p, s = carry
-    u, s = tx.update(_grads(i), s, p)
-    return (optax.apply_updates(p, u), s), s
-
-  def run(steps):
-    return jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))[1]
+  run = lambda steps: _scan(tx, params, steps)[1]
 
   stacked = jax.jit(lambda: run(3))()
   inside = jax.jit(lambda: og.metrics(run(3)))()
