@@ -2,8 +2,9 @@
 
 The transformations measure gradient and parameter norms through
 `tree_stats` (AGC's per-unit norms use its `sum_terms` and `pmax`, the L1
-penalty its `per_leaf`), which reads each block once (each larger leaf alone, small leaves of one
-shape, dtype and sharding stacked, which keeps the compiled program small).
+penalty its `per_leaf`), which reads each block once (each larger leaf
+alone, small leaves of one shape, dtype and sharding stacked, which keeps
+the compiled program small).
 The full pass is one variadic reduction per block: three sums of squares,
 two rescaled by powers of two so that norms are right where squares overflow
 or underflow (elements above ~1.8e19, large bf16 values), the count of
