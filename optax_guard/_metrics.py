@@ -550,21 +550,29 @@ def _state_metrics(state: Any) -> dict[str, Any]:
     # Traced (the states a `lax.scan` stacked, read in the step): one
     # program for all rows, not a copy per row (compile time grew with
     # them). No rows (a scan of no steps): the metrics' empty columns.
-    order: list[str] = []  # (a transformed function's dict comes sorted)
-
-    def one_row(row):
-      found = _state_metrics(row)
-      order[:] = found
-      return found
-
-    out = jax.vmap(one_row)(jax.tree.map(unwrap, state))
+    out = _in_order(jax.vmap, _state_metrics, jax.tree.map(unwrap, state))
     traced = is_traced(state)
-    return {k: out[k] if rows or traced else np.asarray(out[k])
-            for k in order}
+    return {k: v if rows or traced else np.asarray(v)
+            for k, v in out.items()}
   each = [_state_metrics(jax.tree.map(lambda x, i=i: unwrap(x)[i], state))
           for i in range(rows)]
   return {name: array_module(each[0][name]).stack([r[name] for r in each])
           for name in each[0]}
+
+
+def _in_order(transform: Callable[[Any], Any], metrics_of: Any,
+              tree: Any) -> dict[str, Any]:
+  """`transform(metrics_of)(tree)`, a dict, in `metrics_of`'s key order (a
+  transformed function's dict comes back sorted by key)."""
+  order: list[str] = []
+
+  def traced(tree):
+    found = metrics_of(tree)
+    order[:] = found
+    return found
+
+  out = transform(traced)(tree)
+  return {name: out[name] for name in order}
 
 
 def named(states: list[Any]) -> dict[str, Any]:
@@ -678,15 +686,8 @@ def metrics(opt_state: Any) -> dict[str, Any]:
         "`opt_state`, which say nothing about what their numbers are, and "
         f"reads nothing from them: {PASS_THE_STATE}.", stacklevel=2)
   if is_abstract(states):  # e.g. to set up a logger before the first step
-    order: list[str] = []  # (eval_shape returns the dict sorted)
-
-    def traced(states):
-      found = named(states)
-      order.extend(found)
-      return found
-
-    shapes = jax.eval_shape(traced, states)
-    return {name: shapes[name] for name in order}
+    return _in_order(lambda f: functools.partial(jax.eval_shape, f), named,
+                     states)
   if not is_traced(states):
     states = to_host(states)  # the statistics only, in one transfer
   return named(states)

@@ -147,7 +147,7 @@ def _check_updates(updates: Any, moments: Any, params: Any,
   """Raises unless `updates` has the layers and shapes of the parameters
   (as `init` saw them in `moments`, else as given), naming what differs. A
   None update (a frozen leaf, as optax takes) stands for its parameter."""
-  _stats.as_arrays(jax.tree.leaves(updates))  # refuses float0 gradients
+  _stats.refuse_float0(jax.tree.leaves(updates))
   like = params if moments is None else moments
   if like is None:
     return

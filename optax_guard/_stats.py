@@ -232,21 +232,27 @@ class Blocks(NamedTuple):
 def as_inexact(x: Any) -> jax.Array:
   """`x` as an array of floats: an integer one (or a Python number) in the
   default float dtype, as optax's arithmetic on it with a float gives."""
-  x = jnp.asarray(as_arrays([x])[0])  # (as_arrays refuses float0)
+  refuse_float0([x])
+  x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     x = x.astype(jnp.result_type(float))
   return x
 
 
-def as_arrays(leaves: Sequence[Any]) -> list[Any]:
-  """The leaves, Python numbers among them as arrays (optax takes a tree of
-  floats as parameters)."""
+def refuse_float0(leaves: Sequence[Any]) -> None:
+  """Raises where a gradient leaf is float0 (no values to use)."""
   if any(getattr(x, "dtype", None) == jax.dtypes.float0 for x in leaves):
     raise ValueError(
         "A gradient leaf has dtype float0, which is what "
         "jax.grad(..., allow_int=True) gives an integer parameter: it holds "
         "no values to measure or scale. Leave integer parameters out of the "
         "tree (or out of the transformation with optax.masked).")
+
+
+def as_arrays(leaves: Sequence[Any]) -> list[Any]:
+  """The leaves, Python numbers among them as arrays (optax takes a tree of
+  floats as parameters); float0 ones refused."""
+  refuse_float0(leaves)
   return [x if hasattr(x, "shape") else jnp.asarray(x) for x in leaves]
 
 
