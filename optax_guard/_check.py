@@ -289,7 +289,7 @@ def _spike_layer(monitor: MonitorState | None, step: int
     return "", {}
   index = int(monitor.zscores.spike_layer)
   if index < 0:  # (the step's own finite norms are already counted)
-    seen = int(monitor.zscores.steps) - 1
+    seen = int(np.max(monitor.zscores.steps, initial=1)) - 1
     return (f"; the per-layer z-scores cannot name a layer yet (they were "
             f"still warming up, after {_plural(seen, 'finite step')})"), {}
   name = monitor.zscores.zscores.names[index]

@@ -37,21 +37,22 @@ class LayerZscores(NamedTuple):
   spike_layer: jax.Array      # i32[] the layer of the largest, -1: warm-up.
   mean: jax.Array             # f32[L] EMA of each layer's norm.
   var: jax.Array              # f32[L] EMA of its variance.
-  steps: jax.Array            # i32[] finite steps in the EMAs.
+  steps: jax.Array            # i32[L] each layer's finite steps in its EMAs.
 
 
 def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
                    decay: Any) -> LayerZscores:
   """The z-score of each layer's norm against its EMA, then the EMA update.
 
-  Before `ceil(1 / (1 - decay))` finite steps (the EMA's span) the z-scores
-  read 0 and `spike_layer` -1. A non-finite layer norm has z-score +Inf; a
-  step with any non-finite norm leaves the history as it was. A norm enters
-  the EMAs clipped (to `mean + 3 * spread`; in the warm-up, to 10 times
-  the mean), so that one huge step cannot swamp the history; a layer's
-  first norm, and its first non-zero one after norms of 0 (a layer
-  initialised to 0), starts its EMAs as it is. (`decay` may be traced:
-  `optax.inject_hyperparams`.)
+  A layer's history starts at its first non-zero norm (a layer initialised
+  to 0, or frozen for a while, has only zeros before), and until it holds
+  `ceil(1 / (1 - decay))` finite steps (the EMA's span) that layer's z-score
+  reads 0 and `spike_layer` does not name it (-1 while no layer is warm).
+  A non-finite layer norm has z-score +Inf; a step with any non-finite
+  norm leaves the history as it was. A norm enters the EMAs clipped (to
+  `mean + 3 * spread`; in the warm-up, to 10 times the mean), so that one
+  huge step cannot swamp the history; a layer's first non-zero norm starts
+  its EMAs as it is. (`decay` may be traced: `optax.inject_hyperparams`.)
   """
   if isinstance(decay, (int, float)):  # the span as written: 0.8 gives 5
     span = math.ceil(round(1.0 / (1.0 - decay), 6))
@@ -61,6 +62,8 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
     span = 1.0 / (1.0 - jnp.asarray(decay, jnp.float32))
     span = jnp.ceil(span - span * span * 2**-25)
   decay = jnp.asarray(decay, jnp.float32)
+  # Per layer: one that starts late would otherwise be scored against a
+  # mean of 0 (+Inf) and then a variance of one sample.
   ready = z.steps.astype(jnp.float32) >= span
   # The spread is floored at a thousandth of the mean: a layer whose norm
   # never varied would otherwise give an infinite z-score for any change.
@@ -69,7 +72,9 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   zscores = jnp.where(jnp.isfinite(norms),
                       jnp.where(ready, (norms - z.mean) / spread, 0.0),
                       jnp.inf)
-  spike_layer = (jnp.where(ready, jnp.argmax(zscores), -1).astype(jnp.int32)
+  named = jnp.where(ready | ~jnp.isfinite(norms), zscores, -jnp.inf)
+  spike_layer = (jnp.where(jnp.any(ready), jnp.argmax(named), -1)
+                 .astype(jnp.int32)
                  if norms.shape[0] else jnp.full((), -1, jnp.int32))
   first = (z.steps == 0) | (z.mean == 0)  # per layer
   value = jnp.minimum(norms, jnp.where(
@@ -80,18 +85,20 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   var = jnp.where(first, 0.0, decay * (z.var + (1.0 - decay) * delta * delta))
   # Finite even where a first step's huge norm squares beyond float32.
   var = jnp.minimum(var, jnp.finfo(jnp.float32).max)
+  started = jnp.where(finite & (mean == 0), jnp.zeros_like(z.steps),
+                      _stats.count_if(finite, z.steps))
   return LayerZscores(
       _metrics.PerLayer(zscores, z.zscores.names), spike_layer,
       jnp.where(finite, mean, z.mean), jnp.where(finite, var, z.var),
-      _stats.count_if(finite, z.steps))
+      started)
 
 
 def init_zscores(names: tuple[str, ...]) -> LayerZscores:
   # Separate buffers, each its own (a donated state must not share one).
-  zeros = lambda: jnp.zeros((len(names),), jnp.float32)
+  zeros = lambda dtype=jnp.float32: jnp.zeros((len(names),), dtype)
   return LayerZscores(_metrics.PerLayer(zeros(), names),
                       jnp.full((), -1, jnp.int32), zeros(), zeros(),
-                      jnp.zeros((), jnp.int32))
+                      zeros(jnp.int32))
 
 
 class MonitorState(NamedTuple):
@@ -383,11 +390,13 @@ def monitor(
       layer's norm as a z-score against an EMA of its own history, and
       `<k>/spike_layer`, the index of the largest (in the order of the
       per-layer entries; `og.check` names it, when its z-score is above
-      0). They read 0 and -1 during the EMA's first
-      `ceil(1 / (1 - zscore_decay))` finite steps. A norm enters its
-      layer's history clipped at 3 standard deviations above the mean (in
-      those first steps, at 10 times the mean; a layer's first non-zero
-      norm as it is), so that one spike barely moves it.
+      0). A layer's history starts at its first non-zero norm; its
+      z-score reads 0, and `spike_layer` does not name it, during the
+      first `ceil(1 / (1 - zscore_decay))` finite steps of its history
+      (`spike_layer` reads -1 while no layer is past them). A norm enters
+      its layer's history clipped at 3 standard deviations above the mean
+      (in those first steps, at 10 times the mean; a layer's first
+      non-zero norm as it is), so that one spike barely moves it.
     zscore_decay: decay of the per-layer EMAs of the mean and variance, in
       `(0, 1)`.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`.

@@ -529,40 +529,38 @@ def test_updates_that_do_not_match_the_parameters(factory):
 
 def _np_zscores(norms, decay):
   """Each layer's norm against an EMA of its own history, written out in
-  float64: z-scores are 0 (and the spike layer -1) until ceil(1/(1-decay))
-  finite steps are in the history; a norm enters it clipped at 3 spreads
-  above the mean, the spread being the EMA standard deviation floored at a
-  thousandth of the mean (in the warm-up at 10 times the mean); a layer's
-  first norm, and its first after a mean of 0, starts its EMAs as it is;
-  the variance saturates at float32's largest value; a non-finite layer
-  scores +Inf and its step leaves the history alone."""
+  float64. A layer's history starts at its first non-zero norm; its z-score
+  is 0 until ceil(1/(1-decay)) finite steps are in its history, and the
+  spike layer is the largest z-score among the layers past that (or
+  non-finite), -1 while none is; a norm enters the history clipped at 3
+  spreads above the mean, the spread being the EMA standard deviation
+  floored at a thousandth of the mean (in the warm-up at 10 times the
+  mean); a layer's first non-zero norm starts its EMAs as it is; the
+  variance saturates at float32's largest value; a non-finite layer scores
+  +Inf and its step leaves every history alone."""
   warmup = int(np.ceil(round(1.0 / (1.0 - decay), 9)))  # 0.8: 5, not 6
-  mean = var = None
-  steps, out = 0, []
+  count = len(norms[0])
+  mean, var = np.zeros(count), np.zeros(count)
+  steps, out = np.zeros(count, int), []
   for x in norms:
     ready = steps >= warmup
-    if ready:
-      spread = np.maximum(np.sqrt(var), 1e-3 * np.abs(mean))
-      z = np.where(np.isfinite(x), (x - mean) / spread, np.inf)
-      layer = int(np.argmax(z))
-    else:
-      z = np.where(np.isfinite(x), 0.0, np.inf)
-      layer = -1
-    out.append((z, layer))
+    spread = np.maximum(np.sqrt(var), 1e-3 * np.abs(mean))
+    with np.errstate(divide="ignore", invalid="ignore"):
+      z = np.where(np.isfinite(x), np.where(ready, (x - mean) / spread, 0.0),
+                   np.inf)
+    candidates = np.where(ready | ~np.isfinite(x), z, -np.inf)
+    out.append((z, int(np.argmax(candidates)) if ready.any() else -1))
     if not np.all(np.isfinite(x)):
       continue
-    if steps == 0:
-      mean, var = x.copy(), np.zeros_like(x)
-    else:
-      first = mean == 0
-      value = np.minimum(x, np.where(
-          first, np.inf, mean + 3.0 * spread if ready else 10.0 * mean))
-      delta = value - mean
-      mean = np.where(first, value, mean + (1.0 - decay) * delta)
-      var = np.where(first, 0.0, np.minimum(
-          decay * (var + (1.0 - decay) * delta * delta),
-          np.finfo(np.float32).max))
-    steps += 1
+    first = steps == 0
+    value = np.minimum(x, np.where(
+        first, np.inf, np.where(ready, mean + 3.0 * spread, 10.0 * mean)))
+    delta = value - mean
+    mean = np.where(first, value, mean + (1.0 - decay) * delta)
+    var = np.where(first, 0.0, np.minimum(
+        decay * (var + (1.0 - decay) * delta * delta),
+        np.finfo(np.float32).max))
+    steps = np.where(mean == 0, 0, steps + 1)
   return out
 
 
@@ -628,6 +626,41 @@ def test_zscores_and_spike_layer_against_numpy():
   assert all(abs(z[zero_start]) < 10 for z, _ in got[5:12])
   assert got[20][1] == names.index("Dense_0/bias")
   assert got[20][0][names.index("Dense_0/bias")] == np.inf
+
+
+def test_a_layer_that_starts_late_warms_up_on_its_own():
+  """A layer frozen (zero gradients) until after the others' warm-up is
+  scored against its own history only once that holds a warm-up's worth of
+  steps: not against a mean of 0 (+Inf), nor a variance of one sample."""
+  decay, warmup, late = 0.97, 34, 40
+  rng = np.random.default_rng(0)
+  tx = og.monitor(zscore=True, zscore_decay=decay)
+  state, step = tx.init({"a": jnp.ones(64), "b": jnp.ones(64)}), None
+  step = jax.jit(tx.update)
+  norms, got = [], []
+  for t in range(late + warmup + 30):
+    grads = {k: rng.normal(size=64).astype(np.float32) for k in "ab"}
+    if t < late:
+      grads["b"] = np.zeros(64, np.float32)
+    _, state = step(grads, state)
+    norms.append(np.array([np.linalg.norm(grads[k]) for k in "ab"]))
+    m = og.metrics(state)
+    got.append((np.array([m["grad/zscore/a"], m["grad/zscore/b"]]),
+                int(m["grad/spike_layer"])))
+  for t, ((z, layer), (wz, wlayer)) in enumerate(
+      zip(got, _np_zscores(norms, decay))):
+    np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4,
+                               err_msg=f"step {t}")
+    assert layer == wlayer, t
+  z_b = np.array([z[1] for z, _ in got])
+  assert np.all(z_b[:late + warmup] == 0)
+  assert all(layer == 0 for _, layer in got[warmup:late + warmup])
+  # Drawn like a's, b then scores as a did after its own warm-up (on the
+  # old code: +Inf at its first step, and up to 39 in the next ten).
+  z_a = np.array([z[0] for z, _ in got])
+  first_b = np.abs(z_b[late + warmup:late + warmup + 30])
+  first_a = np.abs(z_a[warmup:warmup + 30])
+  assert 0 < first_b.max() < 2 * first_a.max() < 12
 
 
 def _one_layer_spikes_at_step_39(tx, params, at=39):
