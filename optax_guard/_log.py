@@ -9,7 +9,6 @@ import re
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from optax_guard import _args
@@ -21,10 +20,21 @@ from optax_guard import _stats
 _HISTOGRAM = re.compile(r"(grad|update)/hist(\.\d+)?/")
 
 
-# A copy on the device, so that the statistics outlive the state they came
-# from: a training step usually donates its optimizer state, which deletes
-# the state's buffers once the next step runs.
-_device_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+def _device_copy(tree: Any) -> Any:
+  """`tree` with each array copied where it lives, so that the statistics
+  outlive the state they came from: a training step usually donates its
+  optimizer state, which deletes the state's buffers once the next step
+  runs. (Not by a `jax.jit`: one computation takes its arrays on one set of
+  devices, but a multi-host state mixes this process's own copies of the
+  replicated statistics with any statistic split over every process, and
+  under `jax.set_mesh` a jit wants the whole mesh's devices.)"""
+  leaves, structure = jax.tree_util.tree_flatten(tree)
+  at = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+  copies = jax.device_put([leaves[i] for i in at],
+                          [leaves[i].sharding for i in at], may_alias=False)
+  for i, copy in zip(at, copies):
+    leaves[i] = copy
+  return structure.unflatten(leaves)
 
 
 class _Column:
@@ -188,8 +198,7 @@ class MetricsLog:
     # A replicated multi-host statistic is copied from its local copy: the
     # record then needs no other process (any other needs them all).
     states = _metrics.local_copies(states)
-    if any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(states)):
-      states = _device_copy(states)
+    states = _device_copy(states)
     self._pending.append((step, states))
     while len(self._pending) > self._lag:
       self._fetch_oldest()

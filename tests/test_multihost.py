@@ -166,6 +166,46 @@ def _worker(process_id: int, port: int, out_path: str) -> None:
         jax.jit(fs_step, donate_argnums=(0, 1)), p0, s0,
         lambda t: ({k: put(v, specs[k]) for k, v in grads[t].items()},))
 
+  # The guide's explicit-mesh set-up: the step and `jax.jit(tx.init)` under
+  # `jax.set_mesh`. Beside it, a `MetricsLog` of the same states with
+  # every per-layer statistic split over an axis that crosses the
+  # processes, as a rule such as "shard dim 0 where it divides" would.
+  across = NamedSharding(
+      Mesh(np.array(jax.devices()).reshape(NUM_PROCESSES, LOCAL_DEVICES),
+           ("host", "local")), P("host"))
+  layers = len(params)
+
+  def split(state):
+    return jax.tree.map(
+        lambda x: jax.device_put(x, across) if x.shape == (layers,) else x,
+        state)
+
+  tx = og.guard(og.adamw(LR), max_norm=MAX_NORM)
+
+  def mesh_step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  with jax.set_mesh(mesh):
+    p = {k: put(v, specs[k]) for k, v in params.items()}
+    state = jax.jit(tx.init)(p)
+    step = jax.jit(mesh_step, donate_argnums=(0, 1))
+    log, split_log, split_metrics = og.MetricsLog(), og.MetricsLog(), []
+    for t in range(STEPS):
+      p, state = step(p, state,
+                      {k: put(v, specs[k]) for k, v in grads[t].items()})
+      log.record(state, step=t)
+      split_state = split(state)
+      assert not all(x.is_fully_addressable
+                     for x in jax.tree.leaves(split_state))
+      split_log.record(split_state, step=t)
+      split_metrics.append(
+          {k: v.tolist() for k, v in og.metrics(split_state).items()})
+  result["set_mesh"] = {
+      "log": {k: v.tolist() for k, v in log.to_numpy().items()},
+      "split_log": {k: v.tolist() for k, v in split_log.to_numpy().items()},
+      "split_metrics": split_metrics}
+
   with open(out_path, "w") as f:
     json.dump(result, f)
   jax.distributed.shutdown()
@@ -247,7 +287,8 @@ def test_both_processes_read_the_same_and_the_bad_element_is_remote(results):
   # The bad element is on a device of process 1: process 0 sees it only
   # through the reduction across hosts.
   assert first["bad_dp_process"] == first["bad_fs_process"] == 1
-  for setup in ("shard_map", "sharded_og_adamw", "sharded_optax_adamw"):
+  for setup in ("shard_map", "sharded_og_adamw", "sharded_optax_adamw",
+                "set_mesh"):
     assert first[setup] == second[setup], setup
 
 
@@ -322,6 +363,20 @@ def test_check_and_metrics_log_work_on_every_process(results, setup):
     assert log["step"] == list(range(STEPS))
     assert log["optim/skipped"] == [t == BAD_STEP for t in range(STEPS)]
     assert log["grad/norm"] == [m["grad/norm"] for m in got["metrics"]]
+
+
+def test_metrics_log_records_under_set_mesh_and_split_statistics(results):
+  """The run of `sharded_og_adamw` again, under `jax.set_mesh`: its record
+  is that run's (checked against optax above), and so is the record and
+  `og.metrics` of the same states with the per-layer statistics split
+  across the processes (a jitted copy refused both: it wanted the mesh's
+  devices, or one set of devices for this process's copies and the split
+  arrays)."""
+  for result in results:
+    got, want = result["set_mesh"], result["sharded_og_adamw"]
+    assert got["log"] == want["log"]
+    assert got["split_log"] == want["log"]
+    assert got["split_metrics"] == want["metrics"]
 
 
 if __name__ == "__main__":
