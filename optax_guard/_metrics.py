@@ -598,6 +598,10 @@ def named(states: list[Any]) -> dict[str, Any]:
     taken = {metric(name) for name in named
              if name in out or metric(name) in (
                  layered if name == metric(name) else totals)}
+    # A spike layer is an index into its own state's z-score entries, which
+    # must then not merge with another state's into one view.
+    taken |= {m[:-len("spike_layer")] + "zscore" for m in taken
+              if m.endswith("/spike_layer")}
     renamed = [name for name in named if metric(name) in taken]
     if renamed:
       k = 1 + max(last_repeat.get(m, 0) for m in taken)
@@ -644,7 +648,8 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   Naming rule for repeats: when two states record the same name (two
   monitors in one chain, say), or one a metric's total and the other its
   per-layer entries (a per-layer clip's `grad/norm/<layer>` and a global
-  clip's `grad/norm`: not their total), the first in the
+  clip's `grad/norm`: not their total; and a `spike_layer` with the
+  `zscore` entries it indexes), the first in the
   tree's order (the earlier one in a chain) keeps the plain name and a later
   one gets `.1`, `.2`, ... at the end
   of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`

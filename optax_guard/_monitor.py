@@ -413,7 +413,9 @@ def monitor(
       entry per top-level module. The per-layer entries are then per group:
       the norm of the group's layers together, NaN/Inf counts, histograms
       and element counts summed, z-scores of the group norms. Groups come in
-      the order of their first layer.
+      the order of their first layer. (Under `optax.inject_hyperparams`,
+      list a function given to `stacked` or `groups` in `static_args`:
+      optax calls a function argument as a schedule of the step count.)
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `MonitorState`.

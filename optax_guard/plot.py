@@ -219,7 +219,7 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
   names, values = _layers(columns, metric,
                           "record a monitor or guard with per_layer=True")
   if log is None:
-    log = not metric.endswith("zscore")
+    log = re.search(r"zscore(\.\d+)?$", metric) is None
   shown = values.astype(np.float64)
   with np.errstate(divide="ignore", invalid="ignore"):
     if log:

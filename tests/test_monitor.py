@@ -815,6 +815,15 @@ def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   with pytest.raises(og.GradientExplosionError,
                      match="moved most against its own history: head/out "):
     og.check(state)
+  # In the metrics, each guard's spike layer indexes its own z-scores,
+  # which are renamed with it (merged with the first guard's, index 1 of
+  # `grad/zscore/<layer>` was body/mid).
+  m = og.metrics(state)
+  head = [k for k in m if k.startswith("grad/zscore.1/")]
+  assert head == ["grad/zscore.1/head/bias", "grad/zscore.1/head/out"]
+  assert head[int(m["grad/spike_layer.1"])] == "grad/zscore.1/head/out"
+  body = [k for k in m if k.startswith("grad/zscore/")]
+  assert body == ["grad/zscore/body/embed", "grad/zscore/body/mid"]
   # A monitor measuring every other step did not see step 39.
   chain = optax.chain(og.monitor(zscore=True, every=2),
                       og.skip_spikes(optax.sgd(0.1), window=16))

@@ -197,6 +197,14 @@ def test_layer_heatmap_of_zscores_is_linear_and_centred():
   assert (kwargs["vmin"], kwargs["vmax"]) == (-top, top)
   (_, colorbar), = ax.named("colorbar")
   assert colorbar["label"] == "grad/zscore"
+  # A second monitor's z-scores (`grad/zscore.1/<layer>`) alike.
+  again = {"step": data["step"], **{
+      k.replace("grad/zscore/", "grad/zscore.1/"): v for k, v in data.items()
+      if k.startswith("grad/zscore/")}}
+  ax = og.plot.layer_heatmap(again, metric="grad/zscore.1", ax=_Recorder())
+  (image, kwargs), _ = ax.named("pcolormesh")
+  np.testing.assert_allclose(image[2], want)
+  assert (kwargs["vmin"], kwargs["vmax"]) == (-top, top)
 
 
 def test_histograms_of_one_layer_and_of_all():
