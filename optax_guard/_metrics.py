@@ -259,9 +259,9 @@ class Layers:
     keys = []
     for name in names:
       key = self.groups(name)
-      if not isinstance(key, str):
+      if not isinstance(key, str) or not key:  # "" would name no entry
         raise ValueError(
-            f"`groups` must return a string (the group's name) for every "
+            f"`groups` must return a non-empty string (the group's name) for every "
             f"layer, but returned {key!r} for {name!r}.")
       keys.append(key)
     order = list(dict.fromkeys(keys))  # groups in order of their first layer

@@ -236,8 +236,8 @@ def test_bad_groups_are_sentences():
       og.sgd(0.1), groups=lambda name: "all")
   state = tx.init(_tree(_arrays(0)))
   assert "grad/norm/all" in og.metrics(state)
-  tx = og.monitor(groups=lambda name: len(name))
-  with pytest.raises(ValueError, match=(
-      r"^`groups` must return a string \(the group's name\) for every layer, "
-      r"but returned 12 for 'Dense_0/bias'\.$")):
-    tx.init(_tree(_arrays(0)))
+  for groups, got in ((lambda name: len(name), "12"), (lambda name: "", "''")):
+    with pytest.raises(ValueError, match=(
+        r"^`groups` must return a non-empty string \(the group's name\) for "
+        rf"every layer, but returned {got} for 'Dense_0/bias'\.$")):
+      og.monitor(groups=groups).init(_tree(_arrays(0)))
