@@ -559,8 +559,9 @@ def check(opt_state: Any) -> None:
   `optax.skip_not_finite` or `og.skip_nonfinite_microbatch`, else as an
   explosion).
   Warns when `opt_state` holds no optax_guard
-  state at all (nothing to check: a plain optax state, or a checkpoint
-  restored without a target).
+  state that watches for NaN/Inf or spikes (nothing to check: a plain optax
+  state, a checkpoint restored without a target, or a chain whose only
+  optax_guard parts are `clip_by_value`, decays or penalties).
 
   Args:
     opt_state: an optimizer state, on device or already fetched to the host.
@@ -598,14 +599,20 @@ def check(opt_state: Any) -> None:
         "(or abstract) values: call it on the state the jitted step "
         "returned, outside jit (inside the step, return "
         "og.metrics(opt_state) instead).")
-  if not found:
+  watching = [s for s in found
+              if isinstance(s, GuardState) or type(s) in _CHECKS]
+  if not watching:
     hint = (_metrics.PASS_THE_STATE
-            if _metrics.holds_unwrapped_states(opt_state)
+            if not found and _metrics.holds_unwrapped_states(opt_state)
             else "put og.guard (or og.monitor, og.skip_nonfinite, "
             "og.skip_spikes) in the optimizer")
-    warnings.warn(
-        "og.check found no optax_guard state in `opt_state`, so it checks "
-        f"nothing: {hint}.", stacklevel=2)
+    # E.g. a Keras-style chain of og.clip_by_value and a decay alone.
+    only = ", ".join(sorted({type(s).__name__ for s in found}))
+    what = (f"found no optax_guard state in `opt_state` that watches for "
+            f"NaN/Inf or spikes (only {only})" if found else
+            "found no optax_guard state in `opt_state`")
+    warnings.warn(f"og.check {what}, so it checks nothing: {hint}.",
+                  stacklevel=2)
   members = _members(_metrics.to_host(found))
   scopes = _metrics.statistics_scopes(opt_state)
   errors = [_first_error(_states(member, scopes)) for _, member in members]

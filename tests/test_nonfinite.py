@@ -14,6 +14,7 @@ import functools
 import math
 import pickle
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -818,6 +819,20 @@ def test_check_warns_when_the_state_holds_nothing_to_check():
                       r"state in `opt_state`, so it checks nothing: put "
                       r"og\.guard"):
       og.check(state)
+  # optax_guard parts that watch for nothing: a NaN step went through.
+  tx = optax.chain(og.clip_by_value(1.0), og.add_decayed_weights(1e-2),
+                   og.adam(0.1))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(lambda p: p * np.nan, params), state,
+                       params)
+  with pytest.warns(UserWarning, match=(
+      r"^og\.check found no optax_guard state in `opt_state` that watches "
+      r"for NaN/Inf or spikes \(only AddDecayedWeightsState, "
+      r"ClipByValueState\), so it checks nothing: put og\.guard")):
+    og.check(state)
+  with warnings.catch_warnings():  # and none where one part watches
+    warnings.simplefilter("error")
+    og.check(optax.chain(og.monitor(), tx).init(params))
   # A guard's state turned into plain mappings (a target-less restore).
   tx = og.guard(optax.sgd(0.1))
   state = tx.init(params)
