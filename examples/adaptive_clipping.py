@@ -15,6 +15,7 @@ training diverged and every clipper ended below a tenth of its starting loss.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -89,7 +90,9 @@ def contenders(learning_rate: float = 0.05) -> dict[str, optax.GradientTransform
   }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.parse_args(argv)  # no options: --help says what it does
   print(f"{'run':26s} {'loss@0':>9s} {'loss@48':>9s} {'final':>10s} "
         f"{'max':>10s} {'clipped steps':>14s}")
   finals = {}
