@@ -446,18 +446,28 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
     lr = _value(learning_rate, state.count, factory, "learning_rate")
     wd = (_value(weight_decay, state.count, factory, "weight_decay")
           if decays else None)
-    leaves, treedef = jax.tree.flatten(updates)
+    # A None gradient (a frozen parameter, Equinox's `filter_grad`) stays
+    # None and keeps its moments, as `sgd` keeps its trace.
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda g: g is None)
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     ps = (treedef.flatten_up_to(params) if params is not None
           else [None] * len(leaves))
-    masked = (_decay.mask_leaves(mask, params, factory, whole=True) if decays
-              else [False] * len(leaves))
+    masked = [False] * len(leaves)
+    if decays:  # one flag per parameter leaf: none for a None parameter
+      flags = iter(_decay.mask_leaves(mask, params, factory, whole=True))
+      masked = [[next(flags) for _ in jax.tree.leaves(p)] for p in ps]
+      masked = [g is not None and bool(f[0]) for g, f in zip(leaves, masked)]
     static, traced = _split_hyper(lr=lr, scheduled=callable(learning_rate),
                                   wd=wd, b1=b1, b2=b2, eps=eps,
                                   eps_root=eps_root)
     corrections = (correction1, correction2, correction_next)
     out_u, out_mu, out_nu = [], [], []
     for g, m, v, p, decay in zip(leaves, mus, nus, ps, masked):
+      if g is None:
+        out_u.append(None)
+        out_mu.append(m)
+        out_nu.append(v)
+        continue
       u, m_new, v_new = _adam_leaf(
           g, m, v, p if decay else None, decision, corrections, traced,
           static=static, nesterov=nesterov)

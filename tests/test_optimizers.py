@@ -1129,6 +1129,43 @@ def test_sgd_with_momentum_takes_a_none_gradient_like_optax(nesterov):
 
 
 @pytest.mark.standard_promotion  # traces optax.adamw
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_keeps_a_none_gradient_and_its_moments(name):
+  """A frozen parameter's None gradient (Equinox's `filter_grad`) stays
+  None and keeps its moments; the other leaves step as optax's optimizer on
+  the tree without the frozen leaf (optax's own adam fails on the None).
+  The decay's mask still picks the leaves it would (the head's bias is not
+  decayed) beside a None parameter and the frozen leaf, which come first."""
+  rng = np.random.default_rng(0)
+  params = {"act": None,  # a non-array field, filtered out (eqx.partition)
+            "embed": {"w": jnp.ones((2, 2))},
+            "head": {"bias": jnp.ones(3), "kernel": jnp.ones((2, 3))}}
+  mask = {"mask": og.decay_mask} if name == "adamw" else {}
+  ours = getattr(og, name)(0.1, **mask)
+  theirs = getattr(optax, name)(0.1, **mask)
+  live = {"head": params["head"]}
+  s1, s2 = jax.jit(ours.init)(params), theirs.init(live)
+  p1, p2 = params, live
+  for _ in range(3):
+    grads = jax.tree.map(
+        lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), live)
+    u1, s1 = jax.jit(ours.update)(
+        {**grads, "act": None, "embed": {"w": None}}, s1, p1)
+    u2, s2 = theirs.update(grads, s2, p2)
+    assert u1["embed"]["w"] is None
+    # As `eqx.apply_updates` (optax's does not take a None update).
+    p1 = jax.tree.map(lambda p, u: p if u is None else p + u, p1, u1,
+                      is_leaf=lambda u: u is None)
+    p2 = optax.apply_updates(p2, u2)
+  for k in ("bias", "kernel"):
+    np.testing.assert_allclose(p1["head"][k], p2["head"][k], rtol=1e-6,
+                               err_msg=k)
+  np.testing.assert_array_equal(p1["embed"]["w"], params["embed"]["w"])
+  for moment in (s1.mu, s1.nu):
+    np.testing.assert_array_equal(moment["embed"]["w"], np.zeros((2, 2)))
+
+
+@pytest.mark.standard_promotion  # traces optax.adamw
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_an_overflowing_second_moment_gives_a_zero_update_not_nan(nesterov):
   """Unclipped, an element near float32's top overflows Adam's second moment
