@@ -139,18 +139,43 @@ def _stack_roots(names: tuple[str, ...]) -> dict[str, str]:
   return roots
 
 
-def _model_order(name: str, roots: dict[str, str]) -> tuple[Any, ...]:
-  """Sort key in the model's layer order as far as names tell it: numbers
-  as numbers, and the layers of a stacked leaf (`blocks/kernel/3`,
+@functools.lru_cache(maxsize=16)
+def _ranks(names: tuple[str, ...]) -> dict[tuple[str, ...], dict[str, int]]:
+  """Each path component's rank among its siblings, from `names` in the
+  tree's order: that order (a dataclass's or NamedTuple's fields as
+  declared, an Equinox module's, a list's), except where the siblings come
+  in string order, as JAX sorts a dict's keys: there numbers count as
+  numbers (`Dense_2` before `Dense_10`)."""
+  children: dict[tuple[str, ...], dict[str, None]] = {}
+  for name in names:
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+      children.setdefault(tuple(parts[:i]), {})[part] = None
+  ranks = {}
+  for parent, kids in children.items():
+    order = list(kids)
+    if order == sorted(order):
+      order.sort(key=_numbers_as_numbers)
+    ranks[parent] = {kid: rank for rank, kid in enumerate(order)}
+  return ranks
+
+
+def _model_order(name: str, roots: dict[str, str],
+                 ranks: dict[tuple[str, ...], dict[str, int]]
+                 ) -> tuple[Any, ...]:
+  """Sort key in the model's layer order as far as the tree tells it (see
+  `_ranks`), and the layers of a stacked leaf (`blocks/kernel/3`,
   `blocks/Dense_0/kernel/3`) by their block index under their stacked root
   (`roots`, from `_stack_roots`) before the rest of their path, so that
   block 2's parameters come before block 9's."""
   head, sep, index = name.rpartition("/")
-  if sep and index.isdecimal() and head in roots:
-    root = roots[head]
-    return (_numbers_as_numbers(root), int(index),
-            _numbers_as_numbers(head[len(root):]))
-  return (_numbers_as_numbers(name), -1, ())
+  stacked = bool(sep and index.isdecimal() and head in roots)
+  parts = (head if stacked else name).split("/")
+  place = tuple(ranks[tuple(parts[:i])][part] for i, part in enumerate(parts))
+  if stacked:
+    depth = roots[head].count("/") + 1
+    return (place[:depth], int(index), place[depth:])
+  return (place, -1, ())
 
 
 def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
@@ -167,9 +192,10 @@ def _bad_layers(counts: _metrics.PerLayer | None) -> dict[str, int]:
 def in_model_order(items: list[tuple[str, Any]], names: tuple[str, ...]
                    ) -> dict[str, Any]:
   """`items` (layer, value) as a dict in the model's layer order, `names`
-  being all the layers of their tree (for the stacked roots)."""
-  roots = _stack_roots(tuple(names))
-  return dict(sorted(items, key=lambda item: _model_order(item[0], roots)))
+  being all the layers of their tree, in its order."""
+  roots, ranks = _stack_roots(tuple(names)), _ranks(tuple(names))
+  return dict(sorted(items,
+                     key=lambda item: _model_order(item[0], roots, ranks)))
 
 
 def _describe(layers: dict[str, int]) -> str:
@@ -532,9 +558,10 @@ def check(opt_state: Any) -> None:
   wrapped optimizer's moments) and looks at every guard state in it. Raises
   `NonFiniteGradientError` when the last step's gradients, loss, update or
   parameters held NaN/Inf (or the guard has halted), naming the step, the
-  first layers that went bad with their counts (in name order, numbers
-  compared as numbers: `Dense_2` before `Dense_10`; a stacked leaf's layers
-  block by block), and what the guard did. A clip (`clip_by_global_norm`,
+  first layers that went bad with their counts (in the tree's order, but a
+  dict's keys with numbers compared as numbers: `Dense_2` before
+  `Dense_10`; a stacked leaf's layers block by block), and what the guard
+  did. A clip (`clip_by_global_norm`,
   `clip_by_layer_norm`, `adaptive_grad_clip`, `autoclip`, `zclip`) that saw
   a NaN/Inf norm passed the gradients on unscaled: it is reported too, where
   nothing else reports the step (no skipper after it, no monitor that

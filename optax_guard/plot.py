@@ -66,8 +66,8 @@ def _require(columns: dict[str, np.ndarray], name: str, hint: str) -> None:
 def _layers(columns: dict[str, np.ndarray], metric: str, hint: str
             ) -> tuple[list[str], np.ndarray]:
   """The per-layer entries `<metric>/<layer>`, in the model's order as far
-  as names tell it (`Dense_2` before `Dense_10`, where the tree sorts them
-  as strings): (layer names, [L, T, ...])."""
+  as the tree tells it (its order, but `Dense_2` before `Dense_10` where it
+  sorts a dict's keys as strings): (layer names, [L, T, ...])."""
   prefix = metric + "/"
   names = [k[len(prefix):] for k in columns if k.startswith(prefix)]
   if not names:
@@ -182,8 +182,8 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
   """Per-layer `metric` over the steps: layers down, steps across, log10
   colour (zeros blank), or linear for z-scores; NaN/Inf cells black.
 
-  Layers go in the model's order as far as their names tell it (`Dense_2`
-  before `Dense_10`); each column is centred on its step, as `history`
+  Layers go in the model's order as far as the tree tells it (its order,
+  but `Dense_2` before `Dense_10` among a dict's keys); each column is centred on its step, as `history`
   draws it, and a jump in the recorded steps (a resumed run) is left blank.
 
   Args:

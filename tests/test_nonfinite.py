@@ -10,11 +10,13 @@ in `test_multidevice_skip.py`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import pickle
 import re
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -910,6 +912,51 @@ def test_check_names_bad_layers_in_numeric_order():
   assert list(info.value.layers.items()) == [
       ("Dense_2/kernel", 2), ("Dense_3/kernel", 1), ("Dense_10/kernel", 2),
       ("Dense_11/kernel", 1)]
+
+
+@dataclasses.dataclass
+class _Block:  # an Equinox-style module: fields in the order they run
+  attn: Any
+  mlp: Any
+
+
+@dataclasses.dataclass
+class _Model:
+  embed: Any
+  blocks: list[_Block]
+  unembed: Any
+
+
+for _cls in (_Block, _Model):
+  jax.tree_util.register_dataclass(
+      _cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
+      meta_fields=[])
+
+
+def test_check_names_bad_layers_of_a_module_tree_in_field_order():
+  """A module's fields come in the order they were declared (the order they
+  run), not sorted: a NaN made in `blocks[1].mlp`'s backward pass reaches
+  every layer before it, and the message lists them in the tree's order,
+  the one it started in last (not `blocks/...` before `embed`)."""
+  ones = lambda *shape: np.ones(shape, np.float32)
+  params = _Model(ones(4, 2), [_Block(ones(2, 2), ones(2, 2))
+                               for _ in range(3)], ones(2, 4))
+  grads = jax.tree.map(np.copy, params)
+  for leaf in (grads.embed, grads.blocks[0].attn, grads.blocks[0].mlp,
+               grads.blocks[1].attn, grads.blocks[1].mlp):
+    leaf[0] = np.nan
+  tx = og.guard(og.sgd(0.1))
+  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError) as info:
+    og.check(state)
+  bad = [og._metrics.path_name(path)  # pylint: disable=protected-access
+         for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
+         if np.isnan(leaf).any()]
+  assert list(info.value.layers) == bad == [
+      "embed", "blocks/0/attn", "blocks/0/mlp", "blocks/1/attn",
+      "blocks/1/mlp"]
+  assert "and 2 more, the last being blocks/1/mlp (2 NaN/Inf)" in str(
+      info.value)
 
 
 def test_check_looks_at_every_member_of_a_vmapped_ensemble():
