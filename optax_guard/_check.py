@@ -305,6 +305,11 @@ def _spike_error(s: SkipSpikesState, monitor: MonitorState | None = None,
       step, layers)
 
 
+# The z-score above which `check` names a layer as the one that moved most:
+# below, every layer is within its own noise.
+_NAMED_ZSCORE = 3.0
+
+
 def _spike_layer(monitor: MonitorState | None, step: int
                  ) -> tuple[str, dict[str, float]]:
   """Words naming the layer that moved most, and `{layer: z-score}`, when
@@ -318,12 +323,28 @@ def _spike_layer(monitor: MonitorState | None, step: int
     seen = int(np.max(monitor.zscores.steps, initial=1)) - 1
     return (f"; the per-layer z-scores cannot name a layer yet (they were "
             f"still warming up, after {_plural(seen, 'finite step')})"), {}
-  name = monitor.zscores.zscores.names[index]
-  z = float(np.asarray(monitor.zscores.zscores.values)[index])
-  if not z > 0:  # no layer rose against its history: none to name
+  names = monitor.zscores.zscores.names
+  values = np.asarray(monitor.zscores.zscores.values)
+  name, z = names[index], float(values[index])
+  if z > _NAMED_ZSCORE:
+    return (f"; the layer that moved most against its own history: {name} "
+            f"(z-score {z:.3g})"), {name: z}
+  # No layer with a history rose clearly (a noise-sized z-score names
+  # nobody). The culprit may be one whose history began later and is still
+  # warming up (its z-score reads 0): an expert routed nothing at first, a
+  # layer unfrozen by a schedule.
+  steps = np.broadcast_to(np.asarray(monitor.zscores.steps), values.shape)
+  later = [n for n, v, t in zip(names, values, steps)
+           if v == 0 and t < steps[index]]
+  if not later:
     return "", {}
-  return (f"; the layer that moved most against its own history: {name} "
-          f"(z-score {z:.3g})"), {name: z}
+  shown = ", ".join(later[:_MAX_LAYERS]) + (
+      f" and {len(later) - _MAX_LAYERS} more" if len(later) > _MAX_LAYERS
+      else "")
+  return (f"; no layer rose clearly against its own history (the largest "
+          f"z-score is {name}'s, {z:.3g}), but the per-layer z-scores cannot "
+          f"name a layer whose history began later and is still warming up: "
+          f"{shown}"), {}
 
 
 def _measured_last(s: MonitorState) -> bool:

@@ -390,7 +390,7 @@ def monitor(
       layer's norm as a z-score against an EMA of its own history, and
       `<k>/spike_layer`, the index of the largest (in the order of the
       per-layer entries; `og.check` names it, when its z-score is above
-      0). A layer's history starts at its first non-zero norm; its
+      3). A layer's history starts at its first non-zero norm; its
       z-score reads 0, and `spike_layer` does not name it, during the
       first `ceil(1 / (1 - zscore_decay))` finite steps of its history
       (`spike_layer` reads -1 while no layer is past them). A norm enters

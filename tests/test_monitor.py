@@ -799,6 +799,33 @@ def _head_out_spikes_last(tx, params, steps, rng):
   return state
 
 
+def test_a_spike_in_a_layer_still_warming_up_names_no_other_layer():
+  """A layer frozen (zero gradients) for 60 steps wakes up at 50 times the
+  others' norm and the guard skips the step: its history is still warming
+  up, so no z-score can name it, and the message does not name a layer
+  whose z-score is noise-sized; it says which layer it cannot score."""
+  rng = np.random.default_rng(0)
+  params = {"a": jnp.ones(64), "b": jnp.ones(64), "c": jnp.ones(64)}
+  tx = og.guard(og.sgd(0.01), zscore=True, spike_window=32)
+  state, step = tx.init(params), jax.jit(tx.update)
+  for t in range(61):
+    grads = {k: rng.normal(size=64).astype(np.float32) for k in "abc"}
+    grads["b"] = grads["b"] * (50.0 if t == 60 else 0.0)
+    _, state = step(grads, state, params)
+  m = og.metrics(state)
+  assert bool(m["optim/skipped"]) and float(m["grad/zscore/b"]) == 0.0
+  z = {k: float(m[f"grad/zscore/{k}"]) for k in "ac"}
+  top = max(z, key=z.get)
+  assert int(m["grad/spike_layer"]) == "abc".index(top) and z[top] < 3
+  with pytest.raises(og.GradientExplosionError) as e:
+    og.check(state)
+  assert (f"; no layer rose clearly against its own history (the largest "
+          f"z-score is {top}'s, {z[top]:.3g}), but the per-layer z-scores "
+          "cannot name a layer whose history began later and is still "
+          "warming up: b. The guard skipped") in str(e.value)
+  assert e.value.layers == {}
+
+
 def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   """Two guards in a multi_transform: the second skips a spike in `head/out`,
   and the message takes the layer from that guard's z-scores, not from the
