@@ -648,7 +648,8 @@ def check(opt_state: Any) -> None:
         "returned, outside jit (inside the step, return "
         "og.metrics(opt_state) instead).")
   watching = [s for s in found
-              if isinstance(s, GuardState) or type(s) in _CHECKS]
+              if isinstance(s, GuardState) or type(s) in _CHECKS and not (
+                  isinstance(s, _metrics.MultiStepsView) and not s.skip_fn)]
   if not watching:
     hint = (_metrics.PASS_THE_STATE
             if not found and _metrics.holds_unwrapped_states(opt_state)

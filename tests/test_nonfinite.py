@@ -835,6 +835,12 @@ def test_check_warns_when_the_state_holds_nothing_to_check():
   with warnings.catch_warnings():  # and none where one part watches
     warnings.simplefilter("error")
     og.check(optax.chain(og.monitor(), tx).init(params))
+    og.check(optax.MultiSteps(
+        tx, 2, should_skip_update_fn=og.skip_nonfinite_microbatch())
+             .init(params))
+  # Nor does an optax.MultiSteps without a `should_skip_update_fn`.
+  with pytest.warns(UserWarning, match=r"that watches for NaN/Inf"):
+    og.check(optax.MultiSteps(tx, 2).init(params))
   # A guard's state turned into plain mappings (a target-less restore).
   tx = og.guard(optax.sgd(0.1))
   state = tx.init(params)
