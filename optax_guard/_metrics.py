@@ -194,6 +194,12 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
   if stacked is not None and set(stack(got)) == set(stack(names)):
     hint = (" A stacked leaf has another number of layers than at `init`: "
             f"{_SPLIT_STACK}")
+  elif missing and any(x is None for x in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: x is None)):
+    hint = (" A None update (a frozen leaf, as Equinox's `filter_grad` "
+            "gives) has no layer here: pass zeros for it, or keep it from "
+            "this transformation with `optax.masked` (or freeze it with "
+            "`optax.multi_transform` and `optax.set_to_zero`).")
   raise ValueError(
       f"`{factory}` {names_from} {len(names)} parameter layers but "
       f"got {what}; the trees must match. Only in the parameters: "

@@ -536,6 +536,31 @@ def test_updates_with_other_layers_are_refused_without_the_monitor(kwargs):
     tx.update({"s": jnp.ones((3, 3))}, tx.init({"s": jnp.ones((2, 3))}))
 
 
+def test_a_none_gradient_is_refused_with_the_ways_to_freeze_a_leaf():
+  """Equinox's `filter_grad` gives None for a frozen leaf; the guard
+  measures every layer it was initialised with, and says what to do."""
+  params = {"embed": jnp.ones(2), "head": jnp.ones(3)}
+  grads = {"embed": None, "head": jnp.ones(3)}
+  tx = og.guard(og.adamw(0.1))
+  with pytest.raises(ValueError, match=re.escape(
+      "Only in the parameters: ['embed']; only in the updates: none. A None "
+      "update (a frozen leaf, as Equinox's `filter_grad` gives) has no layer "
+      "here: pass zeros for it, or keep it from this transformation with "
+      "`optax.masked` (or freeze it with `optax.multi_transform` and "
+      "`optax.set_to_zero`).")):
+    tx.update(grads, tx.init(params), params)
+  # The first way: the guard sees the head alone, as a guard of it would.
+  masked = optax.masked(tx, {"embed": False, "head": True})
+  updates, state = jax.jit(masked.update)(grads, masked.init(params), params)
+  alone = og.guard(og.adamw(0.1))
+  want, _ = alone.update({"head": grads["head"]},
+                         alone.init({"head": params["head"]}),
+                         {"head": params["head"]})
+  assert updates["embed"] is None
+  np.testing.assert_array_equal(updates["head"], want["head"])
+  assert og.metrics(state)["grad/norm"] == pytest.approx(np.sqrt(3.0))
+
+
 def test_a_guard_inside_a_guard_is_refused():
   params = {"w": jnp.ones(3)}
   for inner in (og.guard(og.adamw(0.1)),
