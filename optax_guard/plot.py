@@ -119,7 +119,9 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
 
   Draws `metric` (a solid line), `<metric>_clipped` when a clip recorded it
   (dashed), the thresholds the spike skip or adaptive clip used
-  (`grad/spike_threshold`, `grad/clip_threshold`, dotted), and a vertical
+  (`grad/spike_threshold`, `grad/clip_threshold`, dotted; for a repeated
+  state's `grad/norm.1`, its own `grad/norm_clipped.1` and thresholds,
+  where they were renamed with it), and a vertical
   line at every skipped step (`optim/skipped`, and `optim/skipped.1`, ... of
   the skippers inside it), where a NaN/Inf norm cannot
   be drawn and the clipped norm is left out (a skipped step's clip state is
@@ -150,7 +152,9 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
     networks" (https://arxiv.org/abs/1211.5063), Fig. 6.
   """
   columns = _columns(record)
-  _require(columns, metric, "record a monitor, a clip or a guard")
+  norms = [k for k in columns if re.fullmatch(r"(.*/)?grad/norm(\.\d+)?", k)]
+  _require(columns, metric, f"the global norms it holds are {norms}" if norms
+           else "record a monitor, a clip or a guard")
   ax = _axes(ax)
   steps = columns["step"]
   ax.semilogy(steps, columns[metric], label=metric)
@@ -159,12 +163,25 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   flags = [np.asarray(values, bool) for name, values in columns.items()
            if re.fullmatch(r"optim/skipped(\.\d+)?", name)]
   skipped = np.logical_or.reduce(flags + [np.zeros(len(steps), bool)])
-  for name, style in ((metric + "_clipped", "--"),
-                      ("grad/spike_threshold", ":"),
-                      ("grad/clip_threshold", ":")):
-    if name in columns and name != metric:
+  # The lines of the state that recorded `metric`: a repeated state's
+  # names end in its number (`grad/norm.1`, `grad/norm_clipped.1`), and
+  # where only its norm was renamed (another state recorded `grad/norm`
+  # without the rest), its others are the plain names, which then belong
+  # to no plain-named norm.
+  base, number = re.fullmatch(r"(.*?)(\.\d+)?", metric).groups()
+  space = base.rpartition("/")[0]
+  def own(name):
+    if number and name + number in columns:
+      return name + number
+    if name in columns and (not number or base not in columns):
+      return name
+    return None
+  for name, style in ((own(base + "_clipped"), "--"),
+                      (own(f"{space}/spike_threshold"), ":"),
+                      (own(f"{space}/clip_threshold"), ":")):
+    if name is not None and name != metric:
       values = np.asarray(columns[name], np.float64)
-      if name == metric + "_clipped":
+      if style == "--":
         values = np.where(skipped, np.nan, values)
       ax.semilogy(steps, values, linestyle=style, label=name)
   if flags:

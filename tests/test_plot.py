@@ -2,6 +2,7 @@
 (no matplotlib needed), and a real matplotlib figure where it is installed."""
 
 import functools
+import re
 import sys
 
 import jax
@@ -108,6 +109,40 @@ def test_history_marks_the_skips_of_every_skipper_in_a_chain():
                 if k["label"] == "grad/norm_clipped"]
   assert np.isnan(clipped[1][[5, 7]]).all()
   assert np.isfinite(clipped[1][[4, 6, 8]]).all()
+
+
+def test_history_of_a_repeated_norm_draws_its_own_state_s_lines():
+  """Two guards in a multi_transform: part b's norm is `grad/norm.1`, drawn
+  with its own `grad/norm_clipped.1` and spike threshold, not part a's. A
+  layer clip before a global clip: the global clip's norm is
+  `grad/norm.1`, its clipped norm the plain `grad/norm_clipped` (no plain
+  `grad/norm` to pair with), and the default metric's absence names the
+  norms the record holds."""
+  import optax  # pylint: disable=g-import-not-at-top
+  guard = lambda: og.guard(og.sgd(0.1), max_norm=0.01, spike_warmup_steps=2)
+  params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+  for tx, metric, want in (
+      (optax.multi_transform({"x": guard(), "y": guard()},
+                             {"a": "x", "b": "y"}),
+       "grad/norm.1", ["grad/norm.1", "grad/norm_clipped.1",
+                       "grad/spike_threshold.1"]),
+      (optax.chain(og.clip_by_layer_norm(4.0), og.clip_by_global_norm(1.0)),
+       "grad/norm.1", ["grad/norm.1", "grad/norm_clipped"])):
+    state, log = tx.init(params), og.MetricsLog()
+    for t in range(1, 6):
+      grads = {"a": jnp.full(3, 10.0 * t), "b": jnp.full(3, 0.1 * t)}
+      _, state = tx.update(grads, state, params)
+      log.record(state)
+    data = log.to_numpy()
+    lines = og.plot.history(log, metric=metric, ax=_Recorder()).named(
+        "semilogy")
+    assert [k["label"] for _, k in lines] == want
+    for (args, _), name in zip(lines, want):
+      np.testing.assert_array_equal(args[1], data[name])
+  with pytest.raises(ValueError, match=re.escape(
+      "The record holds no 'grad/norm' metric; the global norms it holds "
+      "are ['grad/norm.1'].")):
+    og.plot.history(log)
 
 
 def test_layer_heatmap_is_log10_of_the_layer_norms():
