@@ -334,7 +334,8 @@ class MetricsLog:
     steps = data.pop("step")
     columns = {}
     for name, values in data.items():
-      flat = values.reshape(len(values), -1)
+      # (Not `-1`: a log with no rows, after `truncate(-1)`, has none.)
+      flat = values.reshape(len(values), int(np.prod(values.shape[1:])))
       if values.ndim == 1:
         columns[name] = values
         continue

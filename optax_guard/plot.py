@@ -31,15 +31,20 @@ def _columns(record: Any) -> dict[str, np.ndarray]:
     raise TypeError(
         "Expected an og.MetricsLog or the dict its to_numpy() returns, but "
         f"got {type(record).__name__}.")
-  # Metrics without a layer part (`grad/norm`, `optim/skipped`) are one
-  # number per step; recorded from a `pmap`ped state, they have a device axis.
-  scalars = [v for k, v in columns.items() if k != "step" and k.count("/") == 1]
-  if scalars and all(np.ndim(v) >= 2 for v in scalars):
+  # Every metric is one number per step (a histogram one row of counts);
+  # recorded from a `pmap`ped state or a vmapped ensemble, each has an axis
+  # more, over the devices or members (decided from the shapes: a prefix
+  # such as "post/" puts more '/' in the names).
+  extra = [np.ndim(v) - (2 if _log._HISTOGRAM.search(k) else 1)  # pylint: disable=protected-access
+           for k, v in columns.items() if k != "step"]
+  if extra and all(e >= 1 for e in extra):
     raise ValueError(
-        "The record holds one value per device for every metric: it was "
-        "recorded from a `pmap`ped state. Plot one device's: record "
-        "`jax.tree.map(lambda x: x[0], state)` (with `axis_name` given, "
-        "the devices hold the same statistics).")
+        "The record holds more than one value per step for every metric: "
+        "it was recorded from a `pmap`ped state (one value per device) or "
+        "an ensemble trained under `vmap` (one per member). Plot one of "
+        "them: record `jax.tree.map(lambda x: x[i], state)` (with "
+        "`axis_name` given, a pmap's devices hold the same statistics; an "
+        "ensemble's members do not).")
   return columns
 
 

@@ -269,6 +269,11 @@ def test_to_pandas_columns(monkeypatch):
     np.testing.assert_array_equal(columns[f"grad/hist/w/{bucket}"],
                                   out["grad/hist/w"][:, j])
   assert not any(v.ndim != 1 for v in columns.values())
+  # With no rows (every record truncated away), the same columns, empty.
+  log.truncate(-1)
+  assert log.to_pandas() == "frame"
+  assert made["columns"].keys() == columns.keys()
+  assert all(v.shape == (0,) for v in made["columns"].values())
 
 
 def test_to_pandas_names_ensemble_members_apart_from_layers(monkeypatch):

@@ -310,13 +310,21 @@ def test_errors_are_sentences(monkeypatch):
   # A record of a `pmap`ped state: one value per device in every metric.
   per_device = {k: (v if k == "step" else np.stack([v] * 8, axis=1))
                 for k, v in _log(histogram=True).to_numpy().items()}
-  for plot in (og.plot.history, og.plot.layer_heatmap, og.plot.histograms):
+  # The same under a monitor's prefix (more '/' in every name).
+  prefixed = {("step" if k == "step" else "post/" + k): v
+              for k, v in per_device.items()}
+  for plot, kwargs in ((og.plot.history, {}), (og.plot.layer_heatmap, {}),
+                       (og.plot.histograms, {}),
+                       (og.plot.history, {"metric": "post/grad/norm"}),
+                       (og.plot.histograms, {"kind": "post/grad"})):
     with pytest.raises(ValueError, match=(
-        r"^The record holds one value per device for every metric: it was "
-        r"recorded from a `pmap`ped state\. Plot one device's: record "
-        r"`jax\.tree\.map\(lambda x: x\[0\], state\)` \(with `axis_name` "
-        r"given, the devices hold the same statistics\)\.$")):
-      plot(per_device, ax=_Recorder())
+        r"^The record holds more than one value per step for every metric: "
+        r"it was recorded from a `pmap`ped state \(one value per device\) "
+        r"or an ensemble trained under `vmap` \(one per member\)\. Plot one "
+        r"of them: record `jax\.tree\.map\(lambda x: x\[i\], state\)` "
+        r"\(with `axis_name` given, a pmap's devices hold the same "
+        r"statistics; an ensemble's members do not\)\.$")):
+      plot(prefixed if kwargs else per_device, ax=_Recorder(), **kwargs)
   # A single-device record cut down to its per-layer columns is not one.
   record = _log(histogram=True).to_numpy()
   og.plot.histograms({k: v for k, v in record.items()
