@@ -363,8 +363,9 @@ def diagnosis(result: _diagnose.Diagnosis, *, ax: Any = None) -> Any:
   ax.set_xticks(depth)
   ax.set_xticklabels(result.layers, rotation=90, fontsize="x-small")
   ax.set_xlabel("depth (input side first)")
-  title = (f"{result.verdict}: growth {result.growth:.3g}x per layer "
-           "toward the input")
+  title = result.verdict
+  if np.isfinite(result.growth):  # (NaN where no fit could be made)
+    title += f": growth {result.growth:.3g}x per layer toward the input"
   if np.isfinite(result.bias_growth):
     title += f" ({result.bias_growth:.3g}x over the biases and norm scales)"
   ax.set_title(title)

@@ -1,6 +1,7 @@
 """`optax_guard.plot`: what each plot draws, checked on a recording `Axes`
 (no matplotlib needed), and a real matplotlib figure where it is installed."""
 
+import dataclasses
 import functools
 import re
 import sys
@@ -272,7 +273,11 @@ def test_diagnosis_plot():
   np.testing.assert_array_equal(grads[0][1], d.grad_norms)
   np.testing.assert_array_equal(weights[0][1], d.param_norms)
   assert [a[0] for a, _ in ax.named("axvline")] == [0]   # `a` holds the Inf
-  assert ax.named("set_title")[0][0][0].startswith("non-finite: growth")
+  # No growth can be fitted through the Inf (NaN): the title gives none.
+  assert np.isnan(d.growth) and ax.named("set_title")[0][0][0] == "non-finite"
+  ax = og.plot.diagnosis(dataclasses.replace(d, growth=2.0), ax=_Recorder())
+  assert ax.named("set_title")[0][0][0] == (
+      "non-finite: growth 2x per layer toward the input")
 
 
 def test_diagnosis_title_gives_the_bias_fit_too():
