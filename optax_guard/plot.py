@@ -269,7 +269,7 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
 
 
 def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
-               ax: Any = None) -> Any:
+               metric: str | None = None, ax: Any = None) -> Any:
   """The log10-magnitude histograms over the steps: buckets up, steps across,
   colour the log10 of the count (a monitor with `histogram=True`).
 
@@ -277,6 +277,8 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
     record: an `og.MetricsLog` or its `to_numpy()` dict.
     layer: the layer to draw; None sums every layer's counts.
     kind: the monitor's `kind` (`"grad"` or `"update"`).
+    metric: the histograms' metric, `<kind>/hist` by default; name another
+      where several monitors record them (`"grad/hist.1"`, the second's).
     ax: the matplotlib `Axes` to draw on; a new figure's when None.
 
   Returns:
@@ -299,7 +301,7 @@ def histograms(record: Any, *, layer: str | None = None, kind: str = "grad",
     TensorBoard's histogram dashboard; `optax_guard.HIST_BUCKETS` (buckets).
   """
   columns = _columns(record)
-  metric = f"{kind}/hist"
+  metric = f"{kind}/hist" if metric is None else metric
   if layer is None:
     _, values = _layers(columns, metric,
                         "record a monitor or guard with histogram=True")

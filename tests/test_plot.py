@@ -260,6 +260,17 @@ def test_histograms_of_one_layer_and_of_all():
     assert tuple(ax.named("set_yticklabels")[0][0][0]) == og.HIST_BUCKETS
   # Step 2 is NaN: both layers' elements fall in the "nan" bucket.
   assert data["grad/hist/w"][2][og.HIST_BUCKETS.index("nan")] == 2
+  # A second monitor's histograms (`grad/hist.1/<layer>`), by their metric.
+  again = {"step": data["step"], **{
+      k.replace("grad/hist/", "grad/hist.1/"): v for k, v in data.items()
+      if k.startswith("grad/hist/")}}
+  ax = og.plot.histograms(again, metric="grad/hist.1", layer="w",
+                          ax=_Recorder())
+  (image, _), = ax.named("pcolormesh")
+  with np.errstate(divide="ignore"):
+    want = np.log10(data["grad/hist/w"].T.astype(np.float64))
+  want[~np.isfinite(want)] = np.nan
+  np.testing.assert_allclose(image[2], want)
 
 
 def test_diagnosis_plot():
