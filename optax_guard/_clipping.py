@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -30,7 +31,11 @@ def clip_factors(norm: jax.Array, max_norm: Any
   update (optax's clip turns one Inf into a whole update of zeros and NaNs);
   it is left to the non-finite defences downstream, which see it unchanged.
   """
-  max_norm = jnp.asarray(max_norm, jnp.float32)
+  # A barrier: where `max_norm` is a product (AGC's `clipping * |unit|`),
+  # XLA would fold `* _SPLIT_ABOVE` into its constant factor, which can
+  # overflow (clipping 3e8 * 2**100) and so never split a factor that then
+  # flushes to 0 (a huge gradient zeroed instead of clipped).
+  max_norm = lax.optimization_barrier(jnp.asarray(max_norm, jnp.float32))
   clip = jnp.isfinite(norm) & (norm > max_norm)
   split = clip & (norm > max_norm * _SPLIT_ABOVE)
   safe = jnp.where(clip & ~split, norm, 1.0)

@@ -203,6 +203,20 @@ def test_agc_caps_a_huge_unit_instead_of_zeroing_it():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("clipping, eps", [(3e8, 1e-8), (1e30, 1e-30)])
+def test_agc_with_a_huge_clipping_caps_a_huge_unit_under_jit(clipping, eps):
+  """The unit's limit is the product `clipping * eps` (3 and 1 here); XLA
+  folded the split test's `* 2**100` into `clipping`, which overflowed, so
+  the factor 1e-38 went unsplit, flushed to 0 and zeroed the update."""
+  params = {"w": jnp.zeros((1,), jnp.float32)}
+  grads = {"w": jnp.asarray([3e38], jnp.float32)}
+  tx = og.adaptive_grad_clip(clipping, eps)
+  limit = float(np.float32(clipping) * np.float32(eps))
+  for update in (jax.jit(tx.update), tx.update):
+    out, _ = update(grads, tx.init(params), params)
+    np.testing.assert_allclose(out["w"], [limit], rtol=1e-6)
+
+
 def test_agc_bf16_gradients_are_measured_in_float32():
   params = {"w": jnp.full((4, 2), 1.0, jnp.bfloat16)}
   grads = {"w": jnp.full((4, 2), 3.0e19, jnp.bfloat16)}  # squares overflow
