@@ -171,7 +171,18 @@ def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
   a Python float does in optax; a NumPy float64 would promote there)."""
   if scheduled:
     return jnp.asarray(-lr, dtype=u.dtype) * u
-  return -lr * u
+  return _mul(-lr, u)
+
+
+def _mul(h: Any, x: jax.Array) -> jax.Array:
+  """`h * x` promoted as JAX's standard rules promote it, written out so that
+  a hyperparameter array of another float dtype (float32 on bfloat16
+  leaves) also works under `jax.numpy_dtype_promotion("strict")`."""
+  if isinstance(h, (int, float)):  # weakly typed: stays in x's dtype
+    return h * x
+  with jax.numpy_dtype_promotion("standard"):
+    wide = jnp.result_type(h, x)
+  return jnp.asarray(h).astype(wide) * x.astype(wide)
 
 
 def _wider(a: Any, b: Any) -> Any:
@@ -185,7 +196,7 @@ def _wider(a: Any, b: Any) -> Any:
 
 def _ema(decay: Any, g: jax.Array, t: jax.Array) -> jax.Array:
   """`(1 - decay) * g + decay * t` with optax's dtypes, under any promotion."""
-  return _sum((1 - decay) * g, decay * t)
+  return _sum(_mul(1 - decay, g), _mul(decay, t))
 
 
 def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -261,8 +272,8 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   m_new = _keep(keep, m_new, m.astype(m_new.dtype))
   v_new = _keep(keep, v_new, v.astype(v_new.dtype))
   if nesterov:
-    m_hat = _sum(b1 * (m_new / correction_next.astype(m_new.dtype)),
-                 (1 - b1) * (g / correction1.astype(g.dtype)))
+    m_hat = _sum(_mul(b1, m_new / correction_next.astype(m_new.dtype)),
+                 _mul(1 - b1, g / correction1.astype(g.dtype)))
   else:
     m_hat = m_new / correction1.astype(m_new.dtype)
   v_hat = v_new / correction2.astype(v_new.dtype)
@@ -275,7 +286,7 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
     # Inf/Inf, as plain Adam's finite m / Inf gives.
     u = jnp.where(jnp.isinf(denominator), jnp.zeros_like(u), u)
   if p is not None:  # weight decay applies to this leaf
-    u = _sum(u, wd * p)
+    u = _sum(u, _mul(wd, p))
   u = _times_rate(lr, u, h["scheduled"])
   # The state keeps its dtypes (optax's own can drift with the gradients').
   return (_keep(keep, u, jnp.zeros_like(u)), m_new.astype(m_dtype),
@@ -304,9 +315,9 @@ def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
   keep, g = _prepare(decision, g)
   t_out = None
   if momentum is not None:
-    t_new = _sum(g, momentum * t)
+    t_new = _sum(g, _mul(momentum, t))
     t_new = _keep(keep, t_new, t.astype(t_new.dtype))
-    step = _sum(g, momentum * t_new) if nesterov else t_new
+    step = _sum(g, _mul(momentum, t_new)) if nesterov else t_new
     t_out = t_new.astype(t.dtype)
   else:
     step = g

@@ -485,36 +485,43 @@ def test_inject_hyperparams_with_bfloat16_params():
   injected.init(params)
 
 
-@pytest.mark.standard_promotion
 @pytest.mark.parametrize("make", [
     lambda m, lr: m.adamw(lr, weight_decay=0.1),
+    lambda m, lr: m.adamw(1e-3, weight_decay=lr),
     lambda m, lr: m.sgd(lr, momentum=0.9, nesterov=True),
-], ids=["adamw", "sgd"])
+], ids=["adamw", "adamw_decay", "sgd"])
 def test_a_float32_array_rate_on_bfloat16_params_promotes_like_optax(make):
   """A constant rate given as a float32 array (as `optax.inject_hyperparams`
   with `hyperparam_dtype=jnp.float32` passes it) multiplies the bf16 update
   in float32, as optax's `scale` does; a schedule's value is cast to bf16,
-  as optax's `scale_by_schedule` does. Updates and parameters agree with
-  optax's bit for bit, dtypes included."""
+  as optax's `scale_by_schedule` does; a float32 weight decay, array or
+  schedule, promotes as in optax's `add_decayed_weights`. Updates and
+  parameters agree with optax's bit for bit, dtypes included. Ours run
+  under strict dtype promotion (the promotion is written out), optax's
+  under the standard promotion it needs."""
   params = {"w": jnp.linspace(-1.0, 1.0, 24, dtype=F32).astype(BF16),
             "b": jnp.full((3,), 0.3, BF16)}
   keys = jax.random.split(jax.random.PRNGKey(7), 5)
   for lr in (jnp.asarray(1.3e-3, F32), optax.linear_schedule(1.3e-3, 1e-4, 4)):
-    ours, theirs = make(og, lr), make(optax, lr)
+    with _standard():
+      ours, theirs = make(og, lr), make(optax, lr)
+      s2 = theirs.init(params)
     p1 = p2 = params
-    s1, s2 = ours.init(params), theirs.init(params)
+    s1 = ours.init(params)
     for key in keys:
       g = jax.tree.map(lambda x: jax.random.normal(key, x.shape, x.dtype),
                        params)
       u1, s1 = jax.jit(ours.update)(g, s1, p1)
-      u2, s2 = jax.jit(theirs.update)(g, s2, p2)
+      with _standard():
+        u2, s2 = jax.jit(theirs.update)(g, s2, p2)
+        p2 = optax.apply_updates(p2, u2)
       for name in params:
         assert u1[name].dtype == u2[name].dtype, (lr, name)
         np.testing.assert_array_equal(np.asarray(u1[name], np.float32),
                                       np.asarray(u2[name], np.float32))
-      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+      with _standard():  # optax's own, onto bf16 from a float32 update
+        p1 = optax.apply_updates(p1, u1)
     chex.assert_trees_all_equal(p1, p2)
-  assert u1["w"].dtype == BF16  # the schedule's value was cast
 
 
 @pytest.mark.parametrize("name", ["b1", "b2"])
