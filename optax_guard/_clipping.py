@@ -378,7 +378,7 @@ def clip_by_value(
     for dtype, leaves in by_dtype.items():
       stats = _stats.tree_stats(
           leaves, axis_name=axis_name,
-          count_above=jnp.asarray(max_abs, dtype).astype(jnp.float32))
+          count_above=jnp.asarray(max_abs, dtype))
       above += jnp.sum(stats.count_above.astype(jnp.float32))
       sizes += jnp.sum(stats.sizes)
     frac = above / jnp.maximum(sizes, 1.0)

@@ -559,8 +559,12 @@ def _dot_over(x: jax.Array, dx: jax.Array, norm: jax.Array) -> jax.Array:
 
 
 def magnitude(x: jax.Array) -> jax.Array:
-  """`|x|` in float32 (the modulus of a complex `x`)."""
-  return jnp.abs(x).astype(jnp.float32)
+  """`|x|` in float32 (the modulus of a complex `x`). A real `x` is cast
+  first: `abs` in an integer type wraps its minimum (int8's -128) to
+  itself."""
+  if jnp.iscomplexobj(x):
+    return jnp.abs(x).astype(jnp.float32)
+  return jnp.abs(x.astype(jnp.float32))
 
 
 def at_least_float32(dtype: Any) -> Any:
@@ -949,6 +953,15 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
   return TreeStats(norms, nonfinite, sizes, counts, combine_norms(norms))
 
 
+def _counted(block: jax.Array) -> jax.Array:
+  """`|block|` as compared with a count's threshold: the modulus of a complex
+  block; a float64 one in float64 (through float32, an element just above
+  the threshold would not be counted)."""
+  if jnp.iscomplexobj(block):
+    return magnitude(block)
+  return jnp.abs(block.astype(at_least_float32(block.dtype)))
+
+
 def _count_above(blocks: Blocks, threshold: Any,
                  axis_name: AxisName) -> jax.Array:
   """i32[L]: elements with `|x| > threshold` in each (finite) leaf."""
@@ -957,8 +970,9 @@ def _count_above(blocks: Blocks, threshold: Any,
     # `sign(max(|x| - t, 0))` is 1 above the threshold and 0 elsewhere; as
     # arithmetic (not a `where`) XLA:CPU fuses it into a vectorised sum
     # instead of writing the 0/1 values out as a leaf-sized temporary.
-    x = block.astype(jnp.float32)
-    above = jnp.sign(jnp.maximum(jnp.abs(x) - threshold, 0.0))
+    x = _counted(block)
+    above = jnp.sign(jnp.maximum(x - jnp.asarray(threshold).astype(x.dtype),
+                                 0.0))
     return jnp.sum(above, axis=_rest(block))
 
   return reduce_blocks(blocks, count_block, axis_name, "sum").astype(
@@ -972,14 +986,14 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
   def one_pass(block, _):
     # One variadic reduction: XLA reads the block once for all the sums
     # (separate `jnp.sum`s may each re-read it and materialise their inputs).
-    x = magnitude(block) if jnp.iscomplexobj(block) else block.astype(
-        jnp.float32)
     # Finite in the block's own dtype: a float64 beyond float32's range is
     # no NaN/Inf (its norm overflows, which the guard says as such).
     terms = square_terms(block) + [
         (~jnp.isfinite(block)).astype(jnp.int32)]
     if count_above is not None:
-      terms.append((jnp.abs(x) > count_above).astype(jnp.int32))
+      x = _counted(block)
+      terms.append((x > jnp.asarray(count_above).astype(x.dtype)
+                    ).astype(jnp.int32))
     reduced = sum_terms(terms, _rest(block))
     size = jnp.full((block.shape[0],), math.prod(block.shape[1:]), jnp.float32)
     return (*reduced, size)

@@ -348,6 +348,17 @@ try:
   raise AssertionError("no error")
 except og.NonFiniteGradientError as e:
   assert "finite gradients whose global norm overflows float32" in str(e), e
+# Counts of float64 elements just above a threshold (by less than float32
+# resolves) are taken in float64, on both statistics paths (the usual one
+# and the one a NaN elsewhere in the leaf takes).
+for tail in ([], [np.nan]):
+  g = {"w": jnp.array([1.0 + 1e-12, 1.0, -1.0 - 1e-12, 0.5] + tail)}
+  u, s = og.clip_by_value(1.0).update(g, og.clip_by_value(1.0).init(g))
+  assert np.asarray(u["w"])[:4].tolist() == [1.0, 1.0, -1.0, 0.5], u
+  want = 2 / len(g["w"])
+  assert float(og.metrics(s)["grad/frac_clipped"]) == np.float32(want), s
+  _, s = og.monitor().update(g, og.monitor().init(g))
+  assert float(og.metrics(s)["grad/frac_above_1/w"]) == np.float32(want), s
 print("ok")
 """
 

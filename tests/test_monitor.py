@@ -220,9 +220,15 @@ def test_histogram_against_numpy():
   tx = og.monitor(histogram=True)
   _, state = tx.update({"w": x}, tx.init({"w": x}))
   hist = np.asarray(og.metrics(state)["grad/hist/w"])
+  np.testing.assert_array_equal(hist, _np_histogram(x))
+  assert hist.sum() == x.size
+
+
+def _np_histogram(x):
+  """Counts per decade of |x| (zero, 1e-10 ... 1e4 and above, NaN, Inf)."""
   a = np.abs(np.asarray(x, np.float64))
   want = np.zeros(len(og.HIST_BUCKETS), np.int64)
-  for v in a:
+  for v in a.ravel():
     if np.isnan(v):
       want[-2] += 1
     elif np.isinf(v):
@@ -232,8 +238,19 @@ def test_histogram_against_numpy():
     else:
       k = int(np.clip(np.floor(np.log10(v)), -10, 4))
       want[1 + k + 10] += 1
-  np.testing.assert_array_equal(hist, want)
-  assert hist.sum() == x.size
+  return want
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int16, jnp.int32])
+def test_histogram_of_an_integer_leaf_counts_its_minimum_by_size(dtype):
+  """`abs` in the integer type wraps the minimum (int8's -128) to itself:
+  it was counted as zero."""
+  info = jnp.iinfo(dtype)
+  x = jnp.asarray([info.min, 0, 5, -7, info.max, -1], dtype)
+  tx = og.monitor(histogram=True)
+  _, state = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
+  np.testing.assert_array_equal(og.metrics(state)["grad/hist/w"],
+                                _np_histogram(x))
 
 
 def test_every_gates_on_device_without_retrace():
