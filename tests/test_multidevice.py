@@ -736,6 +736,44 @@ def test_jit_explicit_mesh_leaves_of_one_shape_sharded_differently(make):
 
 
 @pytest.mark.standard_promotion  # optax.adamw mixes Python floats and int32
+@pytest.mark.parametrize("inner", [og.adamw, optax.adamw])
+def test_jit_explicit_mesh_zero2_moments_sharded_like_the_gradients(inner):
+  """ZeRO-2 on Explicit axes (the guide's recipe): parameters replicated,
+  gradients and moments sharded (`tx.init` of parameters placed like the
+  gradients). The updates, resharded to the parameters, equal a
+  single-device run's, a NaN in one shard skipping the step everywhere."""
+  mesh = _explicit_mesh()
+  rng = np.random.default_rng(3)
+  params = {"kernel": rng.normal(size=(16, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32)}
+  specs = {"kernel": P("d", None), "bias": P()}
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(
+      np.float32), params) for _ in range(3)]
+  grads[1]["kernel"][9, 2] = np.nan  # in device 4's shard only
+  tx = og.guard(inner(1e-2))
+
+  def run(put, replicate):
+    state = jax.jit(tx.init)(put(params))
+    step = jax.jit(lambda g, s, p: (lambda u, s: (
+        optax.apply_updates(p, replicate(u)), s, og.metrics(s)))(
+            *tx.update(g, s, p)))
+    p, skipped = params, []
+    for g in grads:
+      p, state, m = step(put(g), state, p)
+      skipped.append(bool(m["optim/skipped"]))
+    return jax.device_get(p), skipped
+
+  with jax.set_mesh(mesh):
+    p_sharded, skipped = run(
+        lambda t: jax.tree.map(lambda x, s: _put(mesh, x, s), t, specs),
+        lambda u: jax.tree.map(lambda x: jax.sharding.reshard(x, P()), u))
+  p_single, skipped_single = run(lambda t: t, lambda u: u)
+  assert skipped == skipped_single == [False, True, False]
+  for got, want in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.standard_promotion  # optax.adamw mixes Python floats and int32
 @pytest.mark.parametrize("explicit,devices", [
     (True, NUM_DEVICES), (True, 6), (False, NUM_DEVICES)],
                          ids=["explicit", "explicit 6 of 8", "auto"])
