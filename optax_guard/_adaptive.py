@@ -478,7 +478,7 @@ class ZclipState(NamedTuple):
                           # deviation (kept as a root: no overflow).
   zscore: jax.Array       # f32[] the last step's z-score (0 in warm-up).
   threshold: jax.Array    # f32[] norm above which the last step was clipped.
-  num_spikes: jax.Array   # i32[] steps whose z-score exceeded `z_thresh`.
+  num_spikes: jax.Array   # i32[] steps clipped as spikes (after warm-up).
 
   def _og_metrics(self) -> dict[str, jax.Array]:
     return {**self.clip._og_metrics(),
@@ -515,7 +515,10 @@ def zclip(
     the spike;
   * `mode="mean"`: if :math:`z > z_{thr}`, clip to :math:`g^* = \mu`;
   * `mode="percentile"` (the code's fixed rule): if
-    :math:`g > \mu + z_{thr}\,\sigma`, clip to that value.
+    :math:`g > \mu + z_{thr}\,\sigma`, clip to that value. The test has no
+    :math:`\epsilon` (as in the code), so the z-score recorded, which has,
+    may read below :math:`z_{thr}` on a clipped step where :math:`\sigma`
+    is near :math:`\epsilon`.
 
   The EMAs are then updated with the clipped norm :math:`g^*` (or :math:`g`
   when nothing was clipped): :math:`\mu \leftarrow \alpha\mu + (1-\alpha)g^*`,
@@ -536,8 +539,8 @@ def zclip(
     max_norm: an optional fixed ceiling on the global norm, `> 0`.
     eps: :math:`\epsilon`, added to :math:`\sigma` in the z-score (the
       authors' `eps`), `> 0`. It is absolute: where the global norm is
-      near 1e-5 or below, it outweighs :math:`\sigma` and hides spikes;
-      give a smaller one there.
+      near 1e-5 or below, it outweighs :math:`\sigma` and hides spikes
+      from the `"reciprocal"` and `"mean"` tests; give a smaller one there.
     axis_name: mesh axis name(s) to reduce over under `shard_map` or `pmap`;
       the statistics are then identical on every replica.
 
@@ -569,7 +572,9 @@ def zclip(
       "spread is 0, and every step above it would be clipped.")
   _args.check_number("z_thresh", z_thresh, strict=True)
   _args.check_choice("mode", mode, ZCLIP_MODES)
-  if warmup_steps == 1 and not isinstance(warmup_steps, bool):
+  # (A Python int only: a traced one, under `optax.inject_hyperparams`,
+  # gets `check_int`'s message to list it in `static_args`.)
+  if type(warmup_steps) is int and warmup_steps == 1:
     raise ValueError(
         "`warmup_steps` must be at least 2: ZClip's warm-up measures the "
         "spread of the norms it collects, and a single norm has none, so "

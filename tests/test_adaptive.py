@@ -600,6 +600,19 @@ def test_zclip_errors():
                      r"warm-up would start again at every step and never "
                      r"clip\.$"):
     og.zclip(warmup_steps=1)
+  # Traced (`optax.inject_hyperparams` without `static_args`), on every route
+  # to `init`: the message says what to do (was a TracerBoolConversionError
+  # under jit and eval_shape).
+  injected = optax.inject_hyperparams(og.zclip)(warmup_steps=4)
+  params = {"w": jnp.zeros(3)}
+  for init in (injected.init, jax.jit(injected.init),
+               functools.partial(jax.eval_shape, injected.init)):
+    with pytest.raises(ValueError, match=r"`warmup_steps` must be an "
+                       r"integer >= 2, but got .*It sets the structure of "
+                       r"the state, so it must be a Python int \(under "
+                       r"`optax.inject_hyperparams`, list it in "
+                       r"`static_args`\)\."):
+      init(params)
   with pytest.raises(ValueError, match=r"`eps` must be a finite real number "
                      r"> 0, but got 0\.0\."):
     og.zclip(eps=0.0)
