@@ -187,10 +187,12 @@ def decide(state: SkipSpikesState, norm: jax.Array, loss: jax.Array | None,
   spike = spike | ~finite
   keep = ~spike
   # Runs count finite spikes only: a NaN/Inf step says nothing about the
-  # scale, so it neither extends nor breaks a run (nor restarts the history).
+  # scale, so it neither extends nor breaks a run (nor restarts the history);
+  # nor does a taken step of norm 0 (no gradient: padding, a frozen phase),
+  # whose breaking the run would let a lasting jump be skipped for ever.
   consecutive = jnp.where(
-      finite, jnp.where(spike, optax.safe_increment(state.consecutive), 0),
-      state.consecutive)
+      finite & spike, optax.safe_increment(state.consecutive),
+      jnp.where(finite & (norm > 0), 0, state.consecutive))
   # A norm of exactly 0 (no gradient at all: a frozen phase, a batch of
   # padding) says nothing about the scale; a run of them in the history
   # would make every ordinary step after it a spike.
@@ -263,7 +265,8 @@ def skip_spikes(
   Because a spike never enters the history, a lasting jump of the gradient
   norm (a new data mixture, layers unfrozen) would otherwise be skipped for
   ever and training would stop. So after `max_consecutive` finite spikes in
-  a row (32 by default; a NaN/Inf step neither counts nor breaks the run)
+  a row (32 by default; a NaN/Inf step, or one without gradient (norm 0),
+  neither counts nor breaks the run)
   the history is cleared and warms up again: the new scale is learned
   instead (the finite steps of the new warm-up are taken, and
   `optim/num_spikes` keeps the count). Pass None to skip for ever.

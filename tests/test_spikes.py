@@ -71,7 +71,7 @@ def _reference(norms, losses=None, *, sigma, window, warmup=None,
       pass  # a NaN/Inf step neither extends nor breaks a run of spikes
     elif spike:
       consecutive += 1
-    else:
+    elif n != 0:  # nor does a taken step without gradient
       consecutive = 0
     if not spike or (spikes_enter_history and np.isfinite(n) and (
         losses is None or np.isfinite(losses[t]))):
@@ -233,7 +233,8 @@ def _check_stream(norms, losses, *, sigma, window, warmup, max_consecutive,
       g = grads[k][t].astype(np.float64)
       mu[k] = B1 * mu[k] + (1 - B1) * g
       nu[k] = B2 * nu[k] + (1 - B2) * g * g
-      assert np.all(np.asarray(updates[k])[t] != 0), (t, k)
+      if t > 0 or fed[t] != 0:  # a first zero gradient moves nothing
+        assert np.all(np.asarray(updates[k])[t] != 0), (t, k)
   for k in SHAPES:
     np.testing.assert_allclose(np.asarray(adam.mu[k])[-1], mu[k], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(adam.nu[k])[-1], nu[k], rtol=1e-5)
@@ -346,6 +347,24 @@ def test_non_finite_steps_neither_count_nor_break_a_run_of_spikes():
                              max_consecutive=3)
   assert np.all(skip[40:80]) and not np.any(skip[80:90])
   assert np.all(skip[90:94]) and not np.any(skip[94:102])  # new warm-up
+
+
+@pytest.mark.standard_promotion
+def test_steps_without_gradient_do_not_break_a_run_of_spikes():
+  """A lasting 10x jump with a step of norm 0 (no gradient) every 5 steps:
+  those steps are taken but do not break the run, so the 4th finite spike
+  in a row clears the history and the new scale is learned (they broke it,
+  and the jump was skipped for ever)."""
+  rng = np.random.default_rng(5)
+  norms = _lognormal(rng, 200, 0.1)
+  norms[100:] *= 10.0
+  norms[::5] = 0.0
+  skip, _, _ = _check_stream(norms, None, sigma=4.0, window=16, warmup=8,
+                             max_consecutive=4)
+  # 101..104 are the 4 spikes in a row (100 and 105 are zero steps), then
+  # 12 steps of the new warm-up (8 of them with a gradient) are taken.
+  assert np.flatnonzero(skip[95:]).tolist() == [6, 7, 8, 9]
+  assert not np.any(skip[110:])
 
 
 @pytest.mark.standard_promotion
