@@ -44,8 +44,9 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
                    decay: Any) -> LayerZscores:
   """The z-score of each layer's norm against its EMA, then the EMA update.
 
-  A layer's history starts at its first non-zero norm (a layer initialised
-  to 0, or frozen for a while, has only zeros before), and until it holds
+  A norm of exactly 0 (a layer initialised to 0, or frozen for a while)
+  says nothing about the layer's scale and stays out of its history, which
+  starts at its first non-zero norm; until that history holds
   `ceil(1 / (1 - decay))` finite steps (the EMA's span) that layer's z-score
   reads 0 and `spike_layer` does not name it (-1 while no layer is warm).
   A non-finite layer norm has z-score +Inf; a step with any non-finite
@@ -85,12 +86,11 @@ def update_zscores(z: LayerZscores, norms: jax.Array, finite: jax.Array,
   var = jnp.where(first, 0.0, decay * (z.var + (1.0 - decay) * delta * delta))
   # Finite even where a first step's huge norm squares beyond float32.
   var = jnp.minimum(var, jnp.finfo(jnp.float32).max)
-  started = jnp.where(finite & (mean == 0), jnp.zeros_like(z.steps),
-                      _stats.count_if(finite, z.steps))
+  learn = finite & (norms > 0)  # per layer
   return LayerZscores(
       _metrics.PerLayer(zscores, z.zscores.names), spike_layer,
-      jnp.where(finite, mean, z.mean), jnp.where(finite, var, z.var),
-      started)
+      jnp.where(learn, mean, z.mean), jnp.where(learn, var, z.var),
+      _stats.count_if(learn, z.steps))
 
 
 def init_zscores(names: tuple[str, ...]) -> LayerZscores:

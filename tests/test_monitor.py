@@ -546,7 +546,8 @@ def test_updates_that_do_not_match_the_parameters(factory):
 
 def _np_zscores(norms, decay):
   """Each layer's norm against an EMA of its own history, written out in
-  float64. A layer's history starts at its first non-zero norm; its z-score
+  float64. A norm of 0 stays out of a layer's history, which starts at its
+  first non-zero norm; its z-score
   is 0 until ceil(1/(1-decay)) finite steps are in its history, and the
   spike layer is the largest z-score among the layers past that (or
   non-finite), -1 while none is; a norm enters the history clipped at 3
@@ -573,11 +574,13 @@ def _np_zscores(norms, decay):
     value = np.minimum(x, np.where(
         first, np.inf, np.where(ready, mean + 3.0 * spread, 10.0 * mean)))
     delta = value - mean
-    mean = np.where(first, value, mean + (1.0 - decay) * delta)
-    var = np.where(first, 0.0, np.minimum(
+    learn = x > 0
+    mean = np.where(~learn, mean, np.where(
+        first, value, mean + (1.0 - decay) * delta))
+    var = np.where(~learn, var, np.where(first, 0.0, np.minimum(
         decay * (var + (1.0 - decay) * delta * delta),
-        np.finfo(np.float32).max))
-    steps = np.where(mean == 0, 0, steps + 1)
+        np.finfo(np.float32).max)))
+    steps = np.where(learn, steps + 1, steps)
   return out
 
 
@@ -678,6 +681,37 @@ def test_a_layer_that_starts_late_warms_up_on_its_own():
   first_b = np.abs(z_b[late + warmup:late + warmup + 30])
   first_a = np.abs(z_a[warmup:warmup + 30])
   assert 0 < first_b.max() < 2 * first_a.max() < 12
+
+
+def test_a_layer_frozen_mid_run_is_scored_against_its_history_before():
+  """A layer frozen (zero gradients) for 150 steps mid-run, then trained
+  again at its old scale, is no spike: the zeros stay out of its EMAs (they
+  pulled its mean towards 0, and it scored 17 on return, above the layer
+  that truly spiked, which `og.check` then missed)."""
+  decay = 0.97
+  rng = np.random.default_rng(1)
+  tx = og.monitor(zscore=True, zscore_decay=decay)
+  state, step = tx.init({"a": jnp.ones(64), "b": jnp.ones(64)}), None
+  step = jax.jit(tx.update)
+  norms, got = [], []
+  for t in range(260):
+    grads = {k: rng.normal(size=64).astype(np.float32) for k in "ab"}
+    if 100 <= t < 250:
+      grads["b"] = np.zeros(64, np.float32)
+    if t == 250:
+      grads["a"] = grads["a"] * 2.5  # the true spike, as b returns
+    _, state = step(grads, state)
+    norms.append(np.array([np.linalg.norm(grads[k]) for k in "ab"]))
+    m = og.metrics(state)
+    got.append((np.array([m["grad/zscore/a"], m["grad/zscore/b"]]),
+                int(m["grad/spike_layer"])))
+  for t, ((z, layer), (wz, wlayer)) in enumerate(
+      zip(got, _np_zscores(norms, decay))):
+    np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4,
+                               err_msg=f"step {t}")
+    assert layer == wlayer, t
+  assert got[250][1] == 0 and got[250][0][0] > 3
+  assert np.all(np.abs([z[1] for z, _ in got[250:]]) < 4)
 
 
 def _one_layer_spikes_at_step_39(tx, params, at=39):
