@@ -76,6 +76,14 @@ def decay_mask(params: Any, *, stacked: _metrics.Stacked = None) -> Any:
     (Devlin et al., 2019) of not decaying biases and normalisation scales.
   """
   _metrics.check_stacked(stacked)
+  if (isinstance(params, jax.Array) and params.ndim == 0 and
+      jnp.issubdtype(params.dtype, jnp.integer)):
+    # A mask of it would be a Python False, which for a single-array
+    # parameter is that array's own flag: its decay would silently stop.
+    raise ValueError(
+        "`decay_mask` was called with a 0-d integer array, not parameters: "
+        "the step count, as `optax.inject_hyperparams` calls a function "
+        f"argument.{_args.INJECTED_FUNCTION}")
   paths, treedef = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=_metrics.is_variable)
   flags = _metrics.stacked_flags(params, stacked) or [False] * len(paths)
@@ -129,7 +137,7 @@ def _mask_flags(mask: Mask, params: Any, factory: str,
     mask = decay_mask
   tree = mask(params) if callable(mask) else mask
   if _is_flag(tree) and whole and not tree:
-    # What `inject_hyperparams` makes of `mask=og.decay_mask`: the mask of
+    # What `inject_hyperparams` makes of a callable mask: the mask of
     # the step count (a scalar, so no leaf), which would silently stop the
     # decay.
     raise ValueError(

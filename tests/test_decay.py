@@ -291,11 +291,25 @@ def test_errors():
         r"touch every leaf or none \(pass None, or a rate of 0\)\. If you "
         r"passed a function through `optax.inject_hyperparams`, list it in "
         r"its `static_args`")):
-      injected = optax.inject_hyperparams(factory)(0.1, mask=og.decay_mask)
+      injected = optax.inject_hyperparams(factory)(
+          0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
       injected.update(_grads(0), injected.init(params), params)
     one_leaf = {"Dense_0": {"kernel": jnp.ones((2, 2))}}  # (was its flag)
     with pytest.raises(ValueError, match="it is the single bool False"):
       injected.init(one_leaf)
+    # `og.decay_mask` itself says so, also where its False would have been
+    # a single array's own flag (the decay silently stopped) and where
+    # `stacked=` was blamed.
+    for mask in (og.decay_mask,
+                 functools.partial(og.decay_mask, stacked=("Dense_0",))):
+      injected = optax.inject_hyperparams(factory)(0.1, mask=mask)
+      for tree in (params, jnp.ones((2, 2))):
+        with pytest.raises(ValueError, match=(
+            r"^`decay_mask` was called with a 0-d integer array, not "
+            r"parameters: the step count, as `optax.inject_hyperparams` "
+            r"calls a function argument\. If you passed a function through "
+            r"`optax.inject_hyperparams`, list it in its `static_args`")):
+          injected.init(tree)
     # True is still the one leaf's flag there, as in optax.
     decay = factory(0.1, mask=True)
     got, _ = decay.update(jax.tree.map(jnp.zeros_like, one_leaf),

@@ -970,23 +970,28 @@ def test_adamw_mask_is_checked_at_init():
       "'no'.")):  # (the leaves in order: bias first)
     og.adamw(0.1, mask={"Dense_0": {"kernel": "yes", "bias": "no"}}
              ).init(params)
-  # A single False with a decay: what `inject_hyperparams` makes of
-  # `mask=og.decay_mask` (its value at the step count), which stopped the
-  # decay without a word.
+  # A single False with a decay: what `inject_hyperparams` makes of a
+  # callable mask (its value at the step count), which stopped the decay
+  # without a word.
+  ndim_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
   with pytest.raises(ValueError, match=re.escape(
       "The `mask` of `adamw` is the single bool False, which decays no leaf "
       "although `weight_decay` is set: pass weight_decay=0 for no decay, or "
       "a tree of bools. If you passed a function through "
       "`optax.inject_hyperparams`, list it in its `static_args`")):
     optax.inject_hyperparams(og.adamw)(
-        learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask).init(params)
+        learning_rate=0.1, weight_decay=0.5, mask=ndim_mask).init(params)
   with pytest.raises(ValueError, match="is the single bool False"):
     og.adamw(0.1, mask=False).init(params)
   for one_leaf in ({"Dense_0": {"kernel": jnp.ones((2, 2))}}, jnp.ones(2)):
     with pytest.raises(ValueError, match="is the single bool False"):
       optax.inject_hyperparams(og.adamw)(
-          learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask
+          learning_rate=0.1, weight_decay=0.5, mask=ndim_mask
       ).init(one_leaf)
+  with pytest.raises(ValueError, match=re.escape(  # og.decay_mask says so
+      "`decay_mask` was called with a 0-d integer array, not parameters")):
+    optax.inject_hyperparams(og.adamw)(
+        learning_rate=0.1, weight_decay=0.5, mask=og.decay_mask).init(params)
   # An integer parameter that the decay picks: optax.adamw's decay of it is
   # truncated by optax.apply_updates (n = [1, 5, 100] became [0, 2, 97]).
   counted = {**params, "n": jnp.asarray([1, 5, 100])}
