@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _metrics
 from optax_guard import _stats
 
 PENALTY_METHODS = ("exact", "finite_difference")
@@ -367,6 +368,19 @@ def add_gradient_norm_penalty(
           "loss on the current batch: call `update(grads, state, params, "
           "grad_fn=...)` with `grad_fn(params) -> grads`; it got "
           f"grad_fn={grad_fn!r}.")
+    # The probe steps each parameter along its update: paired by position.
+    # (None in both, an Equinox-style filtered tree, is no leaf at all.)
+    none = lambda x: x is None
+    u_leaves, u_def = jax.tree.flatten(updates, is_leaf=none)
+    p_leaves, p_def = jax.tree.flatten(params, is_leaf=none)
+    if u_def == p_def and any(u is None and p is not None
+                              for u, p in zip(u_leaves, p_leaves)):
+      raise ValueError(
+          "`add_gradient_norm_penalty` got a None update (a frozen leaf, as "
+          "Equinox's `filter_grad` gives); it steps every parameter along "
+          "its update to evaluate `grad_fn`, so pass zeros for that leaf.")
+    _metrics.check_same_tree(updates, params, "add_gradient_norm_penalty",
+                             per_layer=False)
     updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too
     norm = _norm(updates, axis_name, "add_gradient_norm_penalty")
     step = _fd_direction(updates, norm)

@@ -498,6 +498,35 @@ def test_penalty_ahead_of_multisteps_is_the_mean_of_micro_batch_penalties():
   np.testing.assert_allclose(updates, want, rtol=1e-5)
 
 
+def test_penalty_refuses_a_none_update_and_other_trees():
+  """A None update (Equinox's frozen leaf) was a bare TypeError from inside
+  the probe; optax.masked, which the generic message offers, is refused
+  here (below), so the message says to pass zeros."""
+  params = {"a": jnp.array([1.0, 2.0]), "frozen": jnp.array([3.0])}
+  grad_fn = jax.grad(lambda p: jnp.sum(p["a"] ** 4) + jnp.sum(p["frozen"]))
+  tx = og.add_gradient_norm_penalty(0.1)
+  with pytest.raises(ValueError, match=re.escape(
+      "`add_gradient_norm_penalty` got a None update (a frozen leaf, as "
+      "Equinox's `filter_grad` gives); it steps every parameter along its "
+      "update to evaluate `grad_fn`, so pass zeros for that leaf.")):
+    tx.update({"a": jnp.ones(2), "frozen": None}, tx.init(params), params,
+              grad_fn=grad_fn)
+  with pytest.raises(ValueError, match=re.escape(
+      "`add_gradient_norm_penalty` was called with 2 parameter layers but "
+      "got updates with 1")):
+    tx.update({"a": jnp.ones(2)}, tx.init(params), params, grad_fn=grad_fn)
+  # None in both (an Equinox-style filtered tree): no leaf, as without it.
+  filtered = {"a": params["a"], "frozen": None}
+  fn = lambda p: {"a": grad_fn({**p, "frozen": params["frozen"]})["a"],
+                  "frozen": None}
+  got, _ = tx.update(fn(filtered), tx.init(filtered), filtered, grad_fn=fn)
+  want, _ = tx.update({"a": fn(filtered)["a"]}, tx.init({"a": params["a"]}),
+                      {"a": params["a"]}, grad_fn=lambda p: {"a": fn(
+                          {**p, "frozen": None})["a"]})
+  assert got["frozen"] is None
+  np.testing.assert_array_equal(got["a"], want["a"])
+
+
 @pytest.mark.standard_promotion  # traces optax.masked
 def test_penalty_inside_masked_is_refused():
   """`grad_fn` cannot be evaluated on parameters with masked-out leaves (a
