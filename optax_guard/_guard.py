@@ -326,8 +326,11 @@ def guard(
       _spikes.check_history(state.spikes.norms, spike_window, "guard",
                             "spike_window")
     fast = _skip.takes_decision(inner, updates, state.inner_state)
-    if skip_nonfinite:  # the monitor checks its own, when it keeps layers
+    # Before `layers.of`, whose `stacked=` would blame the parameters.
+    if skip_nonfinite:
       layers.check(updates, state.nonfinite.last_bad_counts.names, "guard")
+    elif monitor:
+      _monitor.check_layers(state.monitor, updates, layers)
     layout = layers.of(updates)
     stats = _stats.tree_stats(updates, axis_name=axis_name,
                               count_above=1.0 if monitor else None,

@@ -174,8 +174,13 @@ def check_layers(tree: Any, names: tuple[str, ...], factory: str,
   """Raises when `tree` has not the layers the state was initialised with
   (`naming`: how entries are named, if not `layer_names`; `names_from`: where
   `names` came from, for the message)."""
-  got = tuple(naming(tree) if naming is not None
-              else layer_names(tree, stacked))
+  try:
+    got = tuple(naming(tree) if naming is not None
+                else layer_names(tree, stacked))
+  except ValueError:
+    if stacked is None:
+      raise
+    got = layer_names(tree)  # `stacked` names what the updates lack: below
   # Names, not only their number: the per-layer values are labelled by the
   # names of `init`, and a renamed layer would be reported under another's
   # name. (Static: this costs nothing per step.)

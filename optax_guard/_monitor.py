@@ -223,14 +223,10 @@ def record(state: MonitorState, stats: _stats.TreeStats, updates: Any,
 
   `stats` must come from `tree_stats(updates, count_above=1.0)` (with the
   layout of the same `layers`); `guard` passes the ones it has already
-  measured, so nothing is read twice.
+  measured, so nothing is read twice. The caller has checked the layers
+  (`check_layers`).
   """
   layout = layers.of(updates)
-  recorded = [x for x in (state.layer_norms, state.histograms,
-                          state.zscores and state.zscores.zscores)
-              if x is not None]
-  if recorded:
-    layers.check(updates, recorded[0].names, "monitor")
 
   def entries(values, like):
     return _metrics.PerLayer(values, like.names) if per_layer else None
@@ -287,6 +283,16 @@ def record_loss(state: MonitorState, loss: jax.Array | None,
       loss=loss, loss_ema_raw=raw, loss_steps=steps,
       loss_ema=jnp.where(steps > 0, raw / jnp.maximum(debias, _TINY), 0.0),
       loss_nonfinite=_stats.count_if(~finite, state.loss_nonfinite))
+
+
+def check_layers(state: MonitorState, updates: Any,
+                 layers: _metrics.Layers) -> None:
+  """Raises unless `updates` have the layers the monitor recorded."""
+  recorded = [x for x in (state.layer_norms, state.histograms,
+                          state.zscores and state.zscores.zscores)
+              if x is not None]
+  if recorded:
+    layers.check(updates, recorded[0].names, "monitor")
 
 
 # The states of the wrappers that roll their inner state back on a skipped
@@ -471,6 +477,7 @@ def monitor(
         naming=naming)
 
   def measure(updates, state, params, loss):
+    check_layers(state, updates, layers)  # before `stacked=` reads them
     layout = layers.of(updates)
     stats = _stats.tree_stats(
         updates, axis_name=axis_name, count_above=1.0,

@@ -275,6 +275,25 @@ def test_errors_are_sentences():
       tx.init({"step": jnp.zeros(shape), "w": jnp.ones((2, 2))})
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["missing", "None"])
+def test_updates_without_the_stacked_leaf_are_named_as_the_updates(frozen):
+  """The parameters hold the stacked leaf and the updates do not: the
+  message said the parameters had no such layer."""
+  params = {"a": jnp.ones(3), "b": jnp.ones((4, 2))}
+  updates = {"a": jnp.ones(3), **({"b": None} if frozen else {})}
+  for tx in (og.clip_by_layer_norm(1.0, stacked=("b",)),
+             og.monitor(stacked=("b",)),
+             og.guard(og.sgd(0.1), stacked=("b",)),
+             og.guard(og.sgd(0.1), stacked=("b",), skip_nonfinite=False),
+             og.skip_nonfinite(og.sgd(0.1), stacked=("b",))):
+    with pytest.raises(ValueError, match=(
+        r"was initialised with 5 parameter layers but got updates with 1; "
+        r"the trees must match\. Only in the parameters: \['b/0', 'b/1', "
+        r"'b/2', 'b/3'\]; only in the updates: none\." +
+        (r" A None update \(a frozen leaf" if frozen else "$"))):
+      tx.update(updates, tx.init(params), params)
+
+
 def test_clip_by_layer_norm_clips_each_stacked_layer_against_numpy():
   """Block 0 (norm 0.2) stays as it is beside block 1 (norm 100): the whole
   stack's norm would have scaled it by ~0.01."""
