@@ -48,7 +48,7 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0,
   number = concrete_number(value)
   if number is None:
     return
-  with np.errstate(under="ignore"):
+  with np.errstate(under="ignore", over="ignore"):
     flushed = (strict and minimum == 0 and 0 < abs(number) and
                abs(np.float32(number)) < np.finfo(np.float32).tiny)
   low_ok = (number > minimum and not flushed) if strict else number >= minimum

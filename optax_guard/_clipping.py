@@ -309,6 +309,23 @@ class ClipByValueState(NamedTuple):
             "optim/num_clipped": self.num_clipped}
 
 
+def _bound(max_abs: Any, dtype: Any) -> jax.Array:
+  """`max_abs` in `dtype`: no more than its largest finite value (Inf would
+  let ±Inf through); refused where it rounds to 0 there (every element of
+  the leaf would be zeroed; a traced bound is the caller's to keep)."""
+  info = jnp.finfo(dtype)
+  if not isinstance(max_abs, (int, float)):
+    return jnp.minimum(jnp.asarray(max_abs, dtype),
+                       jnp.asarray(info.max, dtype))
+  if max_abs <= float(info.smallest_subnormal) / 2:  # rounds to 0 there
+    raise ValueError(
+        f"`max_abs` {max_abs!r} rounds to 0 in {info.dtype.name}, the dtype "
+        "of some updates, so every element of them would be zeroed; give a "
+        f"bound of at least {float(info.smallest_subnormal):.3g} (that "
+        "dtype's smallest number), or clip in float32.")
+  return jnp.asarray(min(max_abs, float(info.max)), dtype)
+
+
 def clip_by_value(
     max_abs: float, *, axis_name: _stats.AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -316,7 +333,8 @@ def clip_by_value(
 
   NaN elements stay NaN (they are the non-finite defences' business); ±Inf
   become ±`max_abs`, as in `optax.clip`, so an overflowed step comes out
-  finite: where such a step should be skipped, put this clip inside
+  finite (a bound beyond a leaf dtype's largest value clips there to that
+  value, where optax's would be Inf and let ±Inf through): where such a step should be skipped, put this clip inside
   `skip_nonfinite` or `guard`, which check the gradients they receive
   before their inner chain runs. Records the fraction of elements that
   were clipped.
@@ -378,13 +396,13 @@ def clip_by_value(
     for dtype, leaves in by_dtype.items():
       stats = _stats.tree_stats(
           leaves, axis_name=axis_name,
-          count_above=jnp.asarray(max_abs, dtype))
+          count_above=_bound(max_abs, dtype))
       above += jnp.sum(stats.count_above.astype(jnp.float32))
       sizes += jnp.sum(stats.sizes)
     frac = above / jnp.maximum(sizes, 1.0)
     clipped = jax.tree.map(
-        lambda g: jnp.clip(g, -jnp.asarray(max_abs, g.dtype),
-                           jnp.asarray(max_abs, g.dtype)), updates)
+        lambda g: jnp.clip(g, -_bound(max_abs, g.dtype),
+                           _bound(max_abs, g.dtype)), updates)
     return clipped, ClipByValueState(
         frac_clipped=frac,
         num_clipped=_stats.count_if(above > 0, state.num_clipped))

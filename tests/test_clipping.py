@@ -406,6 +406,34 @@ def test_value_clip_counts_what_it_changes_in_each_dtype():
   assert int(state.num_clipped) == 1
 
 
+@pytest.mark.parametrize("dtype, max_abs", [
+    (jnp.float16, 1e5), (jnp.bfloat16, 1e39), (jnp.float32, 1e39)])
+def test_value_clip_beyond_a_dtypes_range_still_makes_inf_finite(dtype,
+                                                                max_abs):
+  """A bound past the dtype's largest value was Inf there (as in optax),
+  and ±Inf came through: it clips to the largest value instead, and counts
+  what it changed."""
+  top = float(jnp.finfo(dtype).max)
+  x = jnp.asarray([np.inf, -np.inf, 2.0, -3.0, np.nan], dtype)
+  tx = og.clip_by_value(max_abs)
+  got, state = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
+  np.testing.assert_array_equal(np.asarray(got["w"], np.float64),
+                                [top, -top, 2.0, -3.0, np.nan])
+  assert float(state.frac_clipped) == np.float32(2 / 5)
+
+
+def test_value_clip_refuses_a_bound_that_rounds_to_zero_in_a_dtype():
+  grads = {"w": jnp.ones(2, jnp.float16), "b": jnp.ones(2)}
+  tx = og.clip_by_value(1e-8)  # a float32 number, 0 in float16
+  with pytest.raises(ValueError, match=re.escape(
+      "`max_abs` 1e-08 rounds to 0 in float16, the dtype of some updates, "
+      "so every element of them would be zeroed; give a bound of at least "
+      "5.96e-08 (that dtype's smallest number), or clip in float32.")):
+    tx.update(grads, tx.init(grads))
+  got, _ = tx.update({"b": grads["b"]}, tx.init({"b": grads["b"]}))
+  np.testing.assert_allclose(got["b"], np.float32(1e-8))
+
+
 def test_an_infinite_step_through_the_value_clip_is_skipped_from_inside():
   """clip_by_value makes ±Inf ±max_abs, as optax.clip does; inside
   skip_nonfinite (as the docs place it) the raw Inf is seen and the step
