@@ -383,11 +383,6 @@ def _monitor_error(s: MonitorState, skipped: str = "",
         f"Step {step}: finite {kind} whose global norm overflows float32 "
         f"(above ~3.4e38; a clip cannot scale them and passes them on). "
         f"{action}", step, {})
-  if measured and int(s.param_nonfinite) > 0:
-    return NonFiniteGradientError(
-        f"Step {step}: the parameters hold "
-        f"{_plural(int(s.param_nonfinite), 'NaN/Inf element')}; training "
-        "cannot recover from this without a restore.", step, {})
   if step >= 0 and not loss_reported and not np.isfinite(float(s.loss)):
     return NonFiniteGradientError(
         f"Step {step}: the loss is {float(s.loss)}. "
@@ -682,8 +677,26 @@ def check(opt_state: Any) -> None:
   raise error
 
 
+def _params_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
+  """Non-finite parameters, which a monitor measured at its last step: the
+  cause of whatever else went wrong, and past what any skip can mend."""
+  for s, _ in states:
+    if (isinstance(s, MonitorState) and _measured_last(s) and
+        int(s.param_nonfinite) > 0):
+      step = int(s.step) - 1
+      return NonFiniteGradientError(
+          f"Step {step}: the parameters hold "
+          f"{_plural(int(s.param_nonfinite), 'NaN/Inf element')}; training "
+          "cannot recover from this without a restore (gradients through "
+          "them are NaN/Inf, and a skip would skip every step).", step, {})
+  return None
+
+
 def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   """The error to raise for one member's checked states, or None."""
+  poisoned = _params_error(states)
+  if poisoned is not None:
+    return poisoned
   clips = [(s, c) for s, c in states if type(s) in _CLIPS]
   states = [(s, c) for s, c in states if type(s) not in _CLIPS]
   # A monitor's NaN/Inf (or overflow) report is left to what handled the

@@ -999,3 +999,28 @@ def test_gradients_computed_in_the_step_keep_no_parameter_copy(make):
 
   kernel_bytes = 128 * 8192 * 4
   assert temporaries(make()) - temporaries(optax.adam(1e-3)) < kernel_bytes // 4
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+def test_check_says_the_parameters_hold_nan_before_their_gradients_do():
+  """A NaN parameter makes the gradients NaN: `og.check` named only those
+  (and with a guard, the skip, which would go on for ever), never the
+  parameters, which no skip can mend."""
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)).at[0, 0].set(jnp.nan),
+                        "bias": jnp.zeros(2)}}
+  x = jnp.ones((4, 3))
+  loss_fn = lambda p: jnp.mean(jnp.square(
+      x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] - 1.0))
+  for tx in (optax.chain(og.monitor(), og.clip_by_global_norm(1.0),
+                         optax.adam(1e-3)),
+             og.guard(og.adamw(1e-3))):
+    state = tx.init(params)
+    for _ in range(3):
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      assert not np.isfinite(np.asarray(grads["Dense_0"]["kernel"])).all()
+      _, state = jax.jit(tx.update)(grads, state, params, loss=loss)
+    with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+        "Step 2: the parameters hold 1 NaN/Inf element; training cannot "
+        "recover from this without a restore (gradients through them are "
+        "NaN/Inf, and a skip would skip every step).")):
+      og.check(state)
