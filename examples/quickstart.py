@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", metavar="PNG", help="write a grad-norm plot")
   args = parser.parse_args(argv)
+  if args.steps < 1 or args.log_every < 1:
+    parser.error("--steps and --log-every must be at least 1")
   start = time.perf_counter()
 
   x, y = make_data(args.seed)

@@ -50,3 +50,13 @@ def test_which_layer_blames_the_corrupted_blocks(started):
           f"the block that moved most: block_{example.SPIKE_BLOCK} " in out)
   assert (f"step {example.NAN_STEP}: skipped: non-finite gradients in "
           f"block_{example.NAN_BLOCK} " in out)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--log-every"])
+def test_quickstart_refuses_a_count_below_one(flag, capsys):
+  """`--steps 0` was an IndexError, `--log-every 0` a ZeroDivisionError."""
+  with pytest.raises(SystemExit) as exit_info:
+    _constants("quickstart").main([flag, "0"])
+  assert exit_info.value.code == 2
+  assert ("--steps and --log-every must be at least 1"
+          in capsys.readouterr().err)
