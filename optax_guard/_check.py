@@ -741,7 +741,8 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
       error = _monitor_error(s, skipped, loss_reported, context.unskipped)
     else:
       error = _CHECKS[type(s)](s)
-    if isinstance(error, NonFiniteGradientError) and context.hint:
+    if (isinstance(error, NonFiniteGradientError) and context.hint and
+        _nonfinite_gradients(s)):
       error = type(error)(f"{error}{context.hint}", error.step, error.layers)
     return error
 
@@ -762,6 +763,17 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   errors = [((False, False), e) for e in applied] + errors
   errors.sort(key=lambda pair: pair[0])
   return errors[0][1] if errors else None
+
+
+def _nonfinite_gradients(s: Any) -> bool:
+  """Whether `s`'s error is about NaN/Inf gradients (what MultiSteps keeps
+  in its accumulator), not a loss, an inner optimizer's output or a finite
+  overflow."""
+  if isinstance(s, SkipNonfiniteState):
+    return int(s.last_bad_reason) == REASON_GRADS
+  if isinstance(s, MonitorState):
+    return int(s.num_nonfinite) > 0
+  return True
 
 
 def _handlers(states: list[tuple[Any, _Context]]

@@ -430,6 +430,20 @@ def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
       (8, "Step 2: non-finite gradients; first bad layers: w (1 NaN/Inf). "
           "The guard skipped the step (2 bad in a row, 2 skipped in total). "
           + hint)]
+  # A NaN loss with finite gradients leaves the accumulator finite (the next
+  # step is applied): no such hint.
+  state = tx.init(params)
+  g = {"w": jnp.full((3,), 0.5, jnp.float32)}
+  for loss in (1.0, 1.0, np.nan):
+    _, state = step(g, state, params, loss=jnp.float32(loss))
+  with pytest.raises(og.NonFiniteGradientError, match=(
+      r"^Step 0: non-finite loss\. The guard skipped the step \(1 bad in a "
+      r"row, 1 skipped in total\)\.$")):
+    og.check(state)
+  for _ in range(3):
+    updates, state = step(g, state, params, loss=jnp.float32(1.0))
+  assert not bool(og.metrics(state)["optim/skipped"])
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5)
 
 
 @pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
