@@ -58,8 +58,18 @@ def _fd_direction(grads: Any, norm: jax.Array) -> Any:
 
 
 def _probe(radius: Any) -> Callable[[Any, Any], Any]:
-  """`p + radius * n` in the parameter's dtype (a Python number's too)."""
-  return lambda p, n: p + jnp.asarray(radius, jnp.result_type(p)) * n
+  """`p + radius * n` in the parameter's dtype (a Python number's too) and,
+  on Explicit mesh axes, with its sharding: `grad_fn` is given parameters
+  typed as the real ones (ZeRO-2's gradients are sharded, its parameters
+  not)."""
+  def probe(p, n):
+    dtype = jnp.result_type(p)
+    step = jnp.asarray(radius, dtype) * n.astype(dtype)
+    spec = _stats.sharding_spec(step)
+    if spec is not None and spec != _stats.sharding_spec(p):
+      step = jax.sharding.reshard(step, jax.typeof(p).sharding.spec)
+    return p + step
+  return probe
 
 
 def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
@@ -309,6 +319,12 @@ def add_gradient_norm_penalty(
   `strength / radius`), and inside `masked` only some of the parameters
   (refused). Accumulate after it:
   `optax.chain(og.add_gradient_norm_penalty(...), optax.MultiSteps(...))`.
+
+  Data parallel, `grad_fn` must return the gradients as the chain receives
+  them: where each device's gradients are averaged (`lax.pmean`) before the
+  update, average `grad_fn`'s too, `lambda q: lax.pmean(jax.grad(loss)(q,
+  batch), "data")`; a device's own there would be taken against the mean,
+  and the replicas would drift apart.
 
   Args:
     strength: :math:`\lambda`, a float `>= 0`.

@@ -12,6 +12,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 import pytest
@@ -540,3 +541,44 @@ def test_penalty_inside_masked_is_refused():
       "of them are masked out; put it outside, ahead of the mask")):
     tx.update(jax.grad(loss)(params), tx.init(params), params,
               grad_fn=jax.grad(loss))
+
+
+def test_the_probe_has_the_parameters_dtype_and_sharding():
+  """`grad_fn` is evaluated on parameters typed as the real ones: bf16
+  parameters stay bf16 beside float32 gradients (they were promoted, and
+  strict promotion refused them), and on Explicit mesh axes ZeRO-2's
+  replicated parameters stay replicated beside sharded gradients (they took
+  the gradients' sharding, and a loss slicing them failed)."""
+  lam, radius = 0.1, 1e-2
+  loss = lambda p: jnp.sum(p["w"].astype(jnp.float32)[:3] ** 4)
+  seen = []
+
+  def grad_fn(p):
+    seen.append((p["w"].dtype, jax.typeof(p["w"]).sharding.spec))
+    return jax.tree.map(lambda g: g.astype(jnp.float32), jax.grad(loss)(p))
+
+  params = {"w": jnp.linspace(0.5, 2.0, 8).astype(jnp.bfloat16)}
+  grads = grad_fn(params)
+  tx = og.add_gradient_norm_penalty(lam, radius=radius)
+  got, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  assert [dtype for dtype, _ in seen] == [jnp.bfloat16] * 2
+  g = np.asarray(grads["w"], np.float64)
+  n = (g / np.linalg.norm(g)).astype(np.float32)
+  probe = {"w": params["w"] + jnp.bfloat16(radius) * jnp.asarray(
+      n).astype(jnp.bfloat16)}
+  q = np.asarray(jax.grad(loss)(probe)["w"], np.float64)
+  np.testing.assert_allclose(got["w"], g + lam * (q - g) / radius, rtol=1e-5)
+
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",), axis_types=(
+      jax.sharding.AxisType.Explicit,))
+  params = {"w": jnp.linspace(0.5, 2.0, 8)}
+  want, _ = tx.update(grad_fn(params), tx.init(params), params,
+                      grad_fn=grad_fn)
+  seen.clear()
+  with jax.set_mesh(mesh):
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    zero2 = lambda p: {"w": jax.sharding.reshard(grad_fn(p)["w"], P("d"))}
+    got, _ = jax.jit(lambda p: tx.update(zero2(p), tx.init(p), p,
+                                         grad_fn=zero2))(replicated)
+  assert [spec for _, spec in seen] == [P(None)] * 2
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
