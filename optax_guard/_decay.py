@@ -213,7 +213,9 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       raise ValueError(
           f"`{factory}`'s rate schedule returned an array of shape "
           f"{np.shape(raw_rate)}; a schedule must return one number.")
-    r = jnp.asarray(raw_rate, jnp.float32)  # what the state records
+    # What the state records: a buffer of its own (a float32 array rate, as
+    # `optax.inject_hyperparams` passes it, would otherwise be held twice).
+    r = jnp.array(raw_rate, jnp.float32, copy=True)
     out, chosen = [], []
     for u, p, flag in zip(u_leaves, p_leaves, flags):
       if not flag:
@@ -237,6 +239,12 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     else:
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = (0.5 * r * norm) * norm  # no overflow before the rate
+    # The decayed updates wait for the penalty, which read the parameters
+    # (else XLA copies each donated parameter: `_stats.waiting_for`). A
+    # rate is never negative; a NaN one fails the test too.
+    waited = iter(_stats.waiting_for(penalty < 0, [
+        u for u, flag in zip(out, flags) if flag]))
+    out = [next(waited) if flag else u for u, flag in zip(out, flags)]
     return jax.tree.unflatten(treedef, out), state_type(
         step=optax.safe_increment(state.step), last_rate=r, penalty=penalty)
 

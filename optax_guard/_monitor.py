@@ -182,21 +182,12 @@ def _ratio(num: Any, den: Any) -> Any:
 
 
 def after_params_read(updates: Any, state: MonitorState) -> Any:
-  """The updates, made to depend on the parameter and update statistics.
-
-  Nothing else orders the read of the parameters before their in-place
-  update, and XLA then copies every donated parameter buffer. Nor, with the
-  gradients computed in the step, the backward pass's read of a layer's
-  parameters (for the gradient of the layers below it) before that layer's
-  update: XLA copied the largest kernel of an MLP (16 MB) until every
-  update waited for the norm of all the gradients, as a clip's does. The
-  select never fires (a norm is never negative, and NaN < 0 is false), so
-  the updates pass unchanged, but XLA cannot know that and keeps the order.
-  """
-  never = _stats.computed_once(  # not once per leaf
-      (state.param_norm < 0) | (state.norm < 0))
-  return jax.tree.map(lambda u: jnp.where(never, jnp.zeros_like(u), u),
-                      updates)
+  """The updates, made to wait for the parameter and update statistics
+  (`_stats.waiting_for`): XLA copied the largest kernel of an MLP (16 MB)
+  until every update also waited for the norm of all the gradients, as a
+  clip's does. (A norm is never negative, and NaN < 0 is false.)"""
+  return _stats.waiting_for((state.param_norm < 0) | (state.norm < 0),
+                            updates)
 
 
 def check_fields(state: MonitorState, *, per_layer: bool, histogram: bool,

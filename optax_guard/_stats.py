@@ -393,6 +393,21 @@ def _rest(block: jax.Array) -> tuple[int, ...]:
   return tuple(range(1, block.ndim))
 
 
+def waiting_for(never: jax.Array, tree: Any) -> Any:
+  """`tree` unchanged, made to depend on `never`, a predicate that is never
+  true (a statistic compared with an impossible value).
+
+  Nothing else orders a transformation's read of the parameters before
+  their in-place update, and XLA then copies every donated parameter
+  buffer; with the gradients computed in the step, it also copied a
+  layer's kernel that the backward pass still reads. Each update made to
+  wait for the statistic of the parameters keeps that order. The select
+  never fires, but XLA cannot know that.
+  """
+  never = computed_once(never)  # not once per leaf
+  return jax.tree.map(lambda u: jnp.where(never, jnp.zeros_like(u), u), tree)
+
+
 def computed_once(scalars: Any) -> Any:
   """`scalars` (a tree of 0-d arrays), bit for bit, computed once per step.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -488,3 +489,47 @@ def test_a_schedule_returning_an_array_is_refused():
       r"`add_decayed_weights`'s rate schedule returned an array of shape "
       r"\(2,\); a schedule must return one number\.")):
     tx.update(params, tx.init(params), params)
+
+
+def test_injected_rate_gets_a_buffer_of_its_own_for_donation():
+  """Under `optax.inject_hyperparams` the rate arrives as a float32 array,
+  which an eager update recorded as the state's `last_rate` itself: the
+  state then held one buffer twice, and a donated step refused it."""
+  params = _params()
+  for factory in (og.add_decayed_weights, og.add_l2_penalty,
+                  og.add_l1_penalty):
+    tx = optax.inject_hyperparams(factory)(0.1)
+    _, state = tx.update(_grads(0), tx.init(params), params)  # eagerly
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(pointers) == len(set(pointers)), factory.__name__
+    step = jax.jit(tx.update, donate_argnums=1)
+    updates, state = step(_grads(0), state, params)
+    np.testing.assert_allclose(
+        optax.tree.get(state, "last_rate"), np.float32(0.1))
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.parametrize("factory", ["add_decayed_weights", "add_l2_penalty",
+                                     "add_l1_penalty"])
+def test_decay_copies_no_donated_parameter(factory):
+  """The penalty reads the parameters; nothing ordered that read before
+  their in-place update, and XLA copied every donated kernel (optax's own
+  decay copies none)."""
+  params = {"a": jnp.zeros((512, 1024)), "b": jnp.zeros((1024, 512)),
+            "bias": jnp.zeros((512,))}
+
+  def copies(decay):
+    tx = optax.chain(decay, optax.adam(1e-3))
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params), params).compile().as_text()
+    return [line for line in text.splitlines()
+            if re.search(r"\bcopy\(", line) and
+            re.search(r"f32\[(512,1024|1024,512)\]", line.split("copy(")[0])]
+
+  assert copies(getattr(og, factory)(0.1, mask=None)) == copies(
+      optax.add_decayed_weights(0.1)) == []
