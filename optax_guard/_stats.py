@@ -1050,21 +1050,25 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     # Subnormals count as zero: XLA may flush them to zero in one comparison
     # and not in another (twice counted), but `a < tiny` holds either way.
     a = jnp.where(a < np.finfo(np.float32).tiny, 0.0, a)
-    count = lambda m: jnp.sum(m, axis=axes, dtype=jnp.int32)
     # In the block's own dtype: a float64 beyond float32's range (an Inf
     # `a`) is finite, in the top decade.
     finite, nan = jnp.isfinite(block), jnp.isnan(block)
-    # The zero bucket is what the decades leave of the finite elements.
-    nonzero = finite & (a > 0)
-    # at_least[j]: finite non-zero elements with |x| >= edges[j] (the zeros
-    # are like the counts: a stacked leaf may be sharded along its layers).
-    at_least = [count(nonzero)] + [count(finite & (a >= e)) for e in edges]
+    # at_least[j]: finite non-zero elements with |x| >= edges[j]. All the
+    # counts in one variadic reduction: one per mask made XLA:CPU write
+    # each mask out first (temporaries of 18x the gradients).
+    masks = [finite, nan, finite & (a > 0)] + [finite & (a >= e)
+                                              for e in edges]
+    n_finite, n_nan, *at_least = sum_terms(
+        [m.astype(jnp.int32) for m in masks], axes)
+    # (The zeros are like the counts: a stacked leaf may be sharded along
+    # its layers.)
     at_least = jnp.stack(at_least + [jnp.zeros_like(at_least[0])], 1)
     decades = at_least[:, :-1] - at_least[:, 1:]
-    zero = count(finite) - at_least[:, 0]
-    return jnp.concatenate([zero[:, None], decades,
-                            count(nan)[:, None],
-                            count(~finite & ~nan)[:, None]], 1)
+    # The zero bucket is what the decades leave of the finite elements.
+    zero = n_finite - at_least[:, 0]
+    inf = math.prod(block.shape[1:]) - n_finite - n_nan
+    return jnp.concatenate([zero[:, None], decades, n_nan[:, None],
+                            inf[:, None]], 1)
 
   counts = per_leaf(leaves, histogram, axis_name, "sum", stacked=stacked)
   return counts if groups is None else group_sums(counts, groups)
