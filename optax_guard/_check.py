@@ -404,6 +404,23 @@ def _zero_error(s: ZeroNonfiniteState) -> GuardError | None:
       "the step went on.", -1, layers)
 
 
+def _dropped(s: _metrics.ApplyIfFiniteView) -> str:
+  return (f"optax.apply_if_finite dropped the step ({int(s.in_a_row)} in a "
+          f"row, {int(s.total)} in total), unless more than its "
+          "`max_consecutive_errors` came in a row.")
+
+
+def _aif_error(s: _metrics.ApplyIfFiniteView) -> GuardError | None:
+  """optax.apply_if_finite saw NaN/Inf updates at the latest call (said
+  where no monitor ahead of it measured them)."""
+  if bool(s.last_finite):
+    return None
+  return NonFiniteGradientError(
+      f"The updates that reached optax.apply_if_finite hold NaN/Inf: "
+      f"{_dropped(s)} It counts no steps, so the error's `step` is -1.",
+      -1, {})
+
+
 def _microbatch_error(s: _metrics.MultiStepsView) -> GuardError | None:
   """optax.MultiSteps dropped the latest micro-batch."""
   if s.skipped is None or not bool(s.skipped):
@@ -475,6 +492,7 @@ _CHECKS = {SkipNonfiniteState: _nonfinite_error,
            SkipSpikesState: _spike_error,
            MonitorState: _monitor_error,
            _metrics.MultiStepsView: _microbatch_error,
+           _metrics.ApplyIfFiniteView: _aif_error,
            ZeroNonfiniteState: _zero_error,
            **{clip: _clip_error for clip in _CLIPS}}
 
@@ -536,9 +554,15 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
   # then inside each).
   views: list[list[Any]] = []
   steps_seen = [0]
+  # A NaN/Inf step that `optax.apply_if_finite` dropped: what a monitor
+  # ahead of it says of it.
+  dropped = next((_dropped(s) for s in statistics
+                  if isinstance(s, _metrics.ApplyIfFiniteView) and
+                  not bool(s.last_finite)), "")
   for s, scope in zip(statistics, scopes):
     stale = any(not bool(v.completed) for _, v in views)
-    hint = _ACCUMULATED if any(not v.skip_fn for _, v in views) else ""
+    hint = _ACCUMULATED if any(isinstance(v, _metrics.MultiStepsView) and
+                               not v.skip_fn for _, v in views) else ""
     for level in views:
       level[0] -= 1
     if not stale:
@@ -546,8 +570,8 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
-      unskipped = ("" if not isinstance(s, GuardState) or s.nonfinite
-                   else _GUARD_DOES_NOT_SKIP.format(
+      unskipped = (dropped if not isinstance(s, GuardState) else
+                   "" if s.nonfinite else _GUARD_DOES_NOT_SKIP.format(
                        spikes="" if s.spikes else " and `spike_sigma=None`"))
       if isinstance(s, MonitorState) and scoring(s) is not None:
         nearest, nearest_scope = s, scope
@@ -561,7 +585,8 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
     while views and views[-1][0] == 0:
       views.pop()
       steps_seen.pop()
-    if isinstance(s, _metrics.MultiStepsView) and s.num_inner:
+    if (isinstance(s, (_metrics.MultiStepsView, _metrics.ApplyIfFiniteView))
+        and s.num_inner):
       views.append([s.num_inner, s])
       steps_seen.append(0)
   return out
@@ -600,7 +625,8 @@ def check(opt_state: Any) -> None:
   that complete a step (so a bad step is reported once), and a micro-batch
   that its `should_skip_update_fn` dropped raises too (as non-finite for
   `optax.skip_not_finite` or `og.skip_nonfinite_microbatch`, else as an
-  explosion).
+  explosion). A NaN/Inf step that `optax.apply_if_finite` dropped is said
+  to be its doing, and the states below it are not read on that call.
   Warns when `opt_state` holds no optax_guard
   state that watches for NaN/Inf or spikes (nothing to check: a plain optax
   state, a checkpoint restored without a target, or a chain whose only

@@ -497,6 +497,32 @@ def _multisteps_view(state: optax.MultiStepsState,
       num_inner, skip_fn=not (isinstance(skip, tuple) and not skip))
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["last_finite", "in_a_row", "total"], meta_fields=["num_inner"])
+@dataclasses.dataclass(frozen=True)
+class ApplyIfFiniteView:
+  """What `optax.apply_if_finite` did at its latest call, read from its state.
+
+  On a call whose updates were not finite it ran nothing below it (unless
+  more than its `max_consecutive_errors` came in a row, which its state
+  does not record): the `num_inner` statistics states that follow it in
+  `statistics(...)` then hold an earlier step.
+  """
+  last_finite: Any  # bool[]: the latest call's updates were finite.
+  in_a_row: Any     # i32[]: non-finite calls in a row, up to this one.
+  total: Any        # i32[]: non-finite calls in all.
+  num_inner: int = 0
+
+  @property
+  def completed(self) -> Any:
+    return self.last_finite
+
+  def _og_metrics(self) -> dict[str, jax.Array]:
+    return {"optim/aif_nonfinite": ~self.last_finite,
+            "optim/aif_num_nonfinite": self.total}
+
+
 def _guard_states(opt_state: Any, scope: tuple[Any, ...] = ()
                   ) -> list[tuple[tuple[Any, ...], Any]]:
   """Every guard state in tree order, a wrapper before its inner states,
@@ -509,8 +535,8 @@ def _guard_states(opt_state: Any, scope: tuple[Any, ...] = ()
   """
   found = []
   partial = (optax.MultiTransformState, optax.MaskedState)
-  is_leaf = lambda x: (_is_guard_state(x) or
-                       isinstance(x, (optax.MultiStepsState, *partial)))
+  is_leaf = lambda x: (_is_guard_state(x) or isinstance(
+      x, (optax.MultiStepsState, optax.ApplyIfFiniteState, *partial)))
   for path, state in jax.tree_util.tree_flatten_with_path(
       opt_state, is_leaf=is_leaf)[0]:
     path = scope + tuple(path)
@@ -531,6 +557,14 @@ def _guard_states(opt_state: Any, scope: tuple[Any, ...] = ()
       inner = _guard_states(state.inner_opt_state, scope)
       if inner:
         found += [(scope, _multisteps_view(state, len(inner)))] + inner
+      continue
+    if isinstance(state, optax.ApplyIfFiniteState):
+      # Read beside optax_guard states too (`statistics` leaves it out
+      # where there are none): a monitor ahead of it says what it dropped.
+      inner = _guard_states(state.inner_state, scope)
+      found += [(scope, ApplyIfFiniteView(
+          state.last_finite, state.notfinite_count, state.total_notfinite,
+          len(inner)))] + inner
       continue
     if not _is_guard_state(state):
       continue
@@ -649,7 +683,9 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   hold the last completed step's statistics) and the decision of its
   `should_skip_update_fn` (`optim/microbatch_skipped`;
   `grad/microbatch_nonfinite` with `og.skip_nonfinite_microbatch` or
-  `optax.skip_not_finite`).
+  `optax.skip_not_finite`); from an `optax.apply_if_finite` state, whether
+  it dropped its latest call's NaN/Inf updates (`optim/aif_nonfinite`,
+  `optim/aif_num_nonfinite`). Alone, optax's wrappers report nothing.
 
   A `pmap`ped state read outside the `pmap` (a leading device axis on every
   leaf) gives each metric one value per device, layers included; so does an
@@ -741,15 +777,25 @@ def holds_unwrapped_states(tree: Any) -> bool:
   return False
 
 
+def _found(opt_state: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """`_guard_states`, or none where all it found is optax's own wrappers (a
+  plain optax state is optax's alone)."""
+  found = _guard_states(strip_variables(opt_state))
+  views = (ApplyIfFiniteView, MultiStepsView)
+  if all(isinstance(s, views) for _, s in found):
+    return []
+  return found
+
+
 def statistics(opt_state: Any) -> list[Any]:
   """The `optax_guard` states in `opt_state`, without any wrapped optimizer's
   state: the arrays `metrics` names, and nothing as large as the model."""
-  return [state for _, state in _guard_states(strip_variables(opt_state))]
+  return [state for _, state in _found(opt_state)]
 
 
 def statistics_scopes(opt_state: Any) -> list[tuple[Any, ...]]:
   """The scope of each of `statistics(opt_state)` (see `_guard_states`)."""
-  return [scope for scope, _ in _guard_states(strip_variables(opt_state))]
+  return [scope for scope, _ in _found(opt_state)]
 
 
 def is_traced(tree: Any) -> bool:

@@ -823,3 +823,52 @@ def test_a_monitor_state_takes_the_monitor_s_own_names():
   np.testing.assert_allclose(metrics["new/grad/norm"], 2.0 * np.sqrt(3.0),
                              rtol=1e-6)
   assert not any(name.startswith("old/") for name in metrics)
+
+
+@pytest.mark.standard_promotion  # optax.adam mixes Python floats and int32
+def test_check_and_metrics_read_optax_apply_if_finite():
+  """A step that `optax.apply_if_finite` dropped: a monitor ahead of it said
+  that nothing skipped it, and a guard inside it (which never ran) had its
+  older step reported again. Alone, apply_if_finite stays optax's."""
+  params = {"w": jnp.ones(3)}
+  nan = {"w": jnp.array([1.0, jnp.nan, 0.0])}
+  plain = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=5)
+  assert og.metrics(plain.update(nan, plain.init(params), params)[1]) == {}
+
+  tx = optax.chain(og.monitor(), optax.apply_if_finite(
+      optax.adam(0.1), max_consecutive_errors=5))
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(nan, state, params)
+  np.testing.assert_array_equal(updates["w"], 0.0)
+  m = og.metrics(state)
+  assert bool(m["optim/aif_nonfinite"]) and int(m["optim/aif_num_nonfinite"]) == 2
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "Step 1: the gradients hold 1 NaN/Inf element; first bad layers: w "
+      "(1 NaN/Inf). optax.apply_if_finite dropped the step (2 in a row, 2 in "
+      "total), unless more than its `max_consecutive_errors` came in a "
+      "row.")):
+    og.check(state)
+
+  tx = optax.apply_if_finite(og.guard(og.adam(0.1), spike_sigma=None),
+                             max_consecutive_errors=5)
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(3)}, state, params,
+                       loss=jnp.float32(jnp.nan))  # the guard skips it
+  with pytest.raises(og.NonFiniteGradientError, match="^Step 0: non-finite "
+                     "loss"):
+    og.check(state)
+  _, state = tx.update(nan, state, params, loss=jnp.float32(1.0))
+  with pytest.raises(og.NonFiniteGradientError) as error:
+    og.check(state)
+  assert error.value.step == -1 and str(error.value) == (
+      "The updates that reached optax.apply_if_finite hold NaN/Inf: "
+      "optax.apply_if_finite dropped the step (1 in a row, 1 in total), "
+      "unless more than its `max_consecutive_errors` came in a row. It "
+      "counts no steps, so the error's `step` is -1.")
+  _, state = tx.update({"w": jnp.ones(3)}, state, params,
+                       loss=jnp.float32(1.0))
+  og.check(state)  # quiet again
+  log = og.MetricsLog()
+  log.record(state)
+  assert log.to_numpy()["optim/aif_num_nonfinite"].tolist() == [1]
