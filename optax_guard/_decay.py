@@ -235,14 +235,15 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
               _stats.magnitude(block),
               axis=tuple(range(1, block.ndim))), axis_name, "sum")
                       ) if chosen else jnp.zeros((), jnp.float32)
-      penalty = r * total
+      penalty, measured = r * total, total
     else:
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = (0.5 * r * norm) * norm  # no overflow before the rate
-    # The decayed updates wait for the penalty, which read the parameters
-    # (else XLA copies each donated parameter: `_stats.waiting_for`). A
-    # rate is never negative; a NaN one fails the test too.
-    waited = iter(_stats.waiting_for(penalty < 0, [
+      measured = norm
+    # The decayed updates wait for the statistic of the parameters (else
+    # XLA copies each donated parameter: `_stats.waiting_for`); a norm or a
+    # sum of magnitudes is never negative, and NaN < 0 is false.
+    waited = iter(_stats.waiting_for(measured < 0, [
         u for u, flag in zip(out, flags) if flag]))
     out = [next(waited) if flag else u for u, flag in zip(out, flags)]
     return jax.tree.unflatten(treedef, out), state_type(

@@ -533,3 +533,19 @@ def test_decay_copies_no_donated_parameter(factory):
 
   assert copies(getattr(og, factory)(0.1, mask=None)) == copies(
       optax.add_decayed_weights(0.1)) == []
+
+
+@pytest.mark.parametrize("factory", ["add_decayed_weights", "add_l2_penalty",
+                                     "add_l1_penalty"])
+def test_a_negative_scheduled_rate_is_applied_as_given(factory):
+  """Only a constant rate is checked to be >= 0; a schedule's negative value
+  is applied as written (was: the whole decayed update zeroed, gradient
+  included, by the select that orders the parameters' read)."""
+  params = {"w": jnp.full((3,), 2.0)}
+  grads = {"w": jnp.full((3,), 0.5)}
+  tx = getattr(og, factory)(optax.linear_schedule(1e-2, -1e-2, 1), mask=None)
+  state = tx.init(params)
+  for rate in (1e-2, -1e-2):
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    d = np.sign(2.0) if factory == "add_l1_penalty" else 2.0
+    np.testing.assert_allclose(updates["w"], 0.5 + rate * d, rtol=1e-6)
