@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, NamedTuple
+import operator
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,11 +179,20 @@ def _mul(h: Any, x: jax.Array) -> jax.Array:
   """`h * x` promoted as JAX's standard rules promote it, written out so that
   a hyperparameter array of another float dtype (float32 on bfloat16
   leaves) also works under `jax.numpy_dtype_promotion("strict")`."""
-  if isinstance(h, (int, float)):  # weakly typed: stays in x's dtype
-    return h * x
+  return _promoted(operator.mul, h, x)
+
+
+def _plus(x: jax.Array, h: Any) -> jax.Array:
+  """`x + h`, promoted as `_mul`."""
+  return _promoted(operator.add, x, h)
+
+
+def _promoted(op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+  if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+    return op(a, b)  # weakly typed: stays in the other's dtype
   with jax.numpy_dtype_promotion("standard"):
-    wide = jnp.result_type(h, x)
-  return jnp.asarray(h).astype(wide) * x.astype(wide)
+    wide = jnp.result_type(a, b)
+  return op(jnp.asarray(a).astype(wide), jnp.asarray(b).astype(wide))
 
 
 def _wider(a: Any, b: Any) -> Any:
@@ -277,7 +287,7 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   else:
     m_hat = m_new / correction1.astype(m_new.dtype)
   v_hat = v_new / correction2.astype(v_new.dtype)
-  denominator = jnp.sqrt(v_hat + eps_root) + eps
+  denominator = _plus(jnp.sqrt(_plus(v_hat, eps_root)), eps)
   wide = _wider(m_hat.dtype, denominator.dtype)
   u = m_hat.astype(wide) / denominator.astype(wide)
   if nesterov:

@@ -524,6 +524,28 @@ def test_a_float32_array_rate_on_bfloat16_params_promotes_like_optax(make):
     chex.assert_trees_all_equal(p1, p2)
 
 
+@pytest.mark.parametrize("kwargs", [{"eps": 1e-3}, {"eps_root": 1e-8}],
+                         ids=["eps", "eps_root"])
+def test_a_float32_eps_on_bfloat16_params_promotes_like_optax(kwargs):
+  """Under strict promotion too (ours), bit for bit with optax's under the
+  standard promotion it needs; dtypes included."""
+  kwargs = {k: jnp.float32(v) for k, v in kwargs.items()}
+  params = {"w": jnp.linspace(-1.0, 1.0, 24, dtype=F32).astype(BF16)}
+  ours = og.adam(1e-2, **kwargs)
+  with _standard():
+    theirs = optax.adam(1e-2, **kwargs)
+    s2 = theirs.init(params)
+  s1 = ours.init(params)
+  for key in jax.random.split(jax.random.PRNGKey(3), 3):
+    g = {"w": jax.random.normal(key, (24,), BF16)}
+    u1, s1 = jax.jit(ours.update)(g, s1, params)
+    with _standard():
+      u2, s2 = jax.jit(theirs.update)(g, s2, params)
+    assert u1["w"].dtype == u2["w"].dtype
+    np.testing.assert_array_equal(np.asarray(u1["w"], np.float32),
+                                  np.asarray(u2["w"], np.float32))
+
+
 @pytest.mark.parametrize("name", ["b1", "b2"])
 def test_a_moment_decay_of_one_is_refused(name):
   with pytest.raises(ValueError, match=(
