@@ -799,6 +799,8 @@ def _nonfinite_gradients(s: Any) -> bool:
     return int(s.last_bad_reason) == REASON_GRADS
   if isinstance(s, MonitorState):
     return int(s.num_nonfinite) > 0
+  if isinstance(s, SkipSpikesState):
+    return not np.isfinite(float(s.last_norm))
   return True
 
 

@@ -314,16 +314,17 @@ def _bound(max_abs: Any, dtype: Any) -> jax.Array:
   let ±Inf through); refused where it rounds to 0 there (every element of
   the leaf would be zeroed; a traced bound is the caller's to keep)."""
   info = jnp.finfo(dtype)
-  if not isinstance(max_abs, (int, float)):
+  number = _args.concrete_number(max_abs)
+  if number is None:  # traced
     return jnp.minimum(jnp.asarray(max_abs, dtype),
                        jnp.asarray(info.max, dtype))
-  if max_abs <= float(info.smallest_subnormal) / 2:  # rounds to 0 there
+  if number <= float(info.smallest_subnormal) / 2:  # rounds to 0 there
     raise ValueError(
         f"`max_abs` {max_abs!r} rounds to 0 in {info.dtype.name}, the dtype "
         "of some updates, so every element of them would be zeroed; give a "
         f"bound of at least {float(info.smallest_subnormal):.3g} (that "
         "dtype's smallest number), or clip in float32.")
-  return jnp.asarray(min(max_abs, float(info.max)), dtype)
+  return jnp.asarray(min(number, float(info.max)), dtype)
 
 
 def clip_by_value(

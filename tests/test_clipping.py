@@ -430,6 +430,9 @@ def test_value_clip_refuses_a_bound_that_rounds_to_zero_in_a_dtype():
       "so every element of them would be zeroed; give a bound of at least "
       "5.96e-08 (that dtype's smallest number), or clip in float32.")):
     tx.update(grads, tx.init(grads))
+  for bound in (np.float32(1e-8), jnp.float32(1e-8)):  # any concrete number
+    with pytest.raises(ValueError, match="rounds to 0 in float16"):
+      og.clip_by_value(bound).update(grads, tx.init(grads))
   got, _ = tx.update({"b": grads["b"]}, tx.init({"b": grads["b"]}))
   np.testing.assert_allclose(got["b"], np.float32(1e-8))
 

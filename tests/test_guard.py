@@ -444,6 +444,15 @@ def test_inside_multisteps_check_reads_the_guard_on_completed_steps_only():
     updates, state = step(g, state, params, loss=jnp.float32(1.0))
   assert not bool(og.metrics(state)["optim/skipped"])
   np.testing.assert_allclose(updates["w"], -0.1 * 0.5)
+  for inner in (og.skip_spikes(og.sgd(0.1)),
+                og.guard(og.sgd(0.1), skip_nonfinite=False)):
+    tx = optax.MultiSteps(inner, every_k_schedule=1)
+    _, state = tx.update(g, tx.init(params), params,
+                         loss=jnp.float32(np.nan))
+    with pytest.raises(og.NonFiniteGradientError) as error:
+      og.check(state)
+    assert str(error.value).startswith("Step 0: the loss is nan.")
+    assert "accumulator" not in str(error.value)
 
 
 @pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
