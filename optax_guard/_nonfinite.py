@@ -92,10 +92,12 @@ def decide(state: SkipNonfiniteState, *, stats: _stats.TreeStats,
                      jnp.where(stats.norm_overflows, REASON_OVERFLOW,
                                jnp.where(~loss_ok, REASON_LOSS,
                                          REASON_INNER)))
-  # Per-layer counts of whatever was bad: the gradients', else the update's.
+  # Per-layer counts of whatever was bad: the gradients', else the update's
+  # where that was the reason (not beside a bad loss or an overflowing norm,
+  # whose update is never applied, nor a spike's, in `guard`).
   counts = stats.nonfinite
   if inner_nonfinite is not None:
-    counts = jnp.where(stats.finite, inner_nonfinite, counts)
+    counts = jnp.where(grads_ok & loss_ok & ~inner_ok, inner_nonfinite, counts)
   return keep, state._replace(
       step=optax.safe_increment(state.step),
       skipped=~keep,

@@ -881,3 +881,26 @@ def test_check_and_metrics_read_optax_apply_if_finite():
   log = og.MetricsLog()
   log.record(state)
   assert log.to_numpy()["optim/aif_num_nonfinite"].tolist() == [1]
+
+
+@pytest.mark.standard_promotion  # traces optax.sgd
+def test_an_unapplied_update_has_no_nonfinite_counts():
+  """Finite gradients whose norm overflows float32 (also a spike): the
+  generic path counted the NaN/Inf of the inner update that was never
+  applied, and og.check named them as bad layers of 'finite gradients';
+  the fast path and the chain of the pieces count none."""
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  grads = {"a": jnp.full(3, 3e38), "b": jnp.full(2, 3e38)}
+  sgd = lambda m: m.sgd(1.0, momentum=0.9, nesterov=True)
+  for tx in (og.guard(sgd(optax), max_norm=None, monitor=False),
+             og.guard(sgd(og), max_norm=None, monitor=False),
+             og.skip_nonfinite(og.skip_spikes(sgd(optax)))):
+    _, state = tx.update(grads, tx.init(params), params)
+    m = og.metrics(state)
+    assert int(m["optim/last_bad_reason"]) == 4
+    assert int(m["optim/last_bad_nonfinite/a"]) == 0
+    assert int(m["optim/last_bad_nonfinite/b"]) == 0
+    with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+        "Step 0: finite gradients whose global norm overflows float32. The "
+        "guard skipped the step (1 bad in a row, 1 skipped in total).")):
+      og.check(state)
