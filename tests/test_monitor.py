@@ -648,20 +648,18 @@ def test_zscores_and_spike_layer_against_numpy():
   assert got[20][0][names.index("Dense_0/bias")] == np.inf
 
 
-def test_a_layer_that_starts_late_warms_up_on_its_own():
-  """A layer frozen (zero gradients) until after the others' warm-up is
-  scored against its own history only once that holds a warm-up's worth of
-  steps: not against a mean of 0 (+Inf), nor a variance of one sample."""
-  decay, warmup, late = 0.97, 34, 40
-  rng = np.random.default_rng(0)
+def _run_two_layers(steps, decay, seed, edit):
+  """A z-scoring monitor over layers a and b (64 unit normals each, changed
+  by `edit(t, grads)`), checked step by step against `_np_zscores`;
+  returns each step's (z-scores of a and b, spike layer)."""
+  rng = np.random.default_rng(seed)
   tx = og.monitor(zscore=True, zscore_decay=decay)
-  state, step = tx.init({"a": jnp.ones(64), "b": jnp.ones(64)}), None
+  state = tx.init({"a": jnp.ones(64), "b": jnp.ones(64)})
   step = jax.jit(tx.update)
   norms, got = [], []
-  for t in range(late + warmup + 30):
+  for t in range(steps):
     grads = {k: rng.normal(size=64).astype(np.float32) for k in "ab"}
-    if t < late:
-      grads["b"] = np.zeros(64, np.float32)
+    edit(t, grads)
     _, state = step(grads, state)
     norms.append(np.array([np.linalg.norm(grads[k]) for k in "ab"]))
     m = og.metrics(state)
@@ -672,6 +670,20 @@ def test_a_layer_that_starts_late_warms_up_on_its_own():
     np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4,
                                err_msg=f"step {t}")
     assert layer == wlayer, t
+  return got
+
+
+def test_a_layer_that_starts_late_warms_up_on_its_own():
+  """A layer frozen (zero gradients) until after the others' warm-up is
+  scored against its own history only once that holds a warm-up's worth of
+  steps: not against a mean of 0 (+Inf), nor a variance of one sample."""
+  decay, warmup, late = 0.97, 34, 40
+
+  def frozen_until_late(t, grads):
+    if t < late:
+      grads["b"] = np.zeros(64, np.float32)
+
+  got = _run_two_layers(late + warmup + 30, decay, 0, frozen_until_late)
   z_b = np.array([z[1] for z, _ in got])
   assert np.all(z_b[:late + warmup] == 0)
   assert all(layer == 0 for _, layer in got[warmup:late + warmup])
@@ -688,28 +700,14 @@ def test_a_layer_frozen_mid_run_is_scored_against_its_history_before():
   again at its old scale, is no spike: the zeros stay out of its EMAs (they
   pulled its mean towards 0, and it scored 17 on return, above the layer
   that truly spiked, which `og.check` then missed)."""
-  decay = 0.97
-  rng = np.random.default_rng(1)
-  tx = og.monitor(zscore=True, zscore_decay=decay)
-  state, step = tx.init({"a": jnp.ones(64), "b": jnp.ones(64)}), None
-  step = jax.jit(tx.update)
-  norms, got = [], []
-  for t in range(260):
-    grads = {k: rng.normal(size=64).astype(np.float32) for k in "ab"}
+
+  def frozen_mid_run(t, grads):
     if 100 <= t < 250:
       grads["b"] = np.zeros(64, np.float32)
     if t == 250:
       grads["a"] = grads["a"] * 2.5  # the true spike, as b returns
-    _, state = step(grads, state)
-    norms.append(np.array([np.linalg.norm(grads[k]) for k in "ab"]))
-    m = og.metrics(state)
-    got.append((np.array([m["grad/zscore/a"], m["grad/zscore/b"]]),
-                int(m["grad/spike_layer"])))
-  for t, ((z, layer), (wz, wlayer)) in enumerate(
-      zip(got, _np_zscores(norms, decay))):
-    np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4,
-                               err_msg=f"step {t}")
-    assert layer == wlayer, t
+
+  got = _run_two_layers(260, 0.97, 1, frozen_mid_run)
   assert got[250][1] == 0 and got[250][0][0] > 3
   assert np.all(np.abs([z[1] for z, _ in got[250:]]) < 4)
 
