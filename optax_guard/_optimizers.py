@@ -243,8 +243,11 @@ def _split_hyper(**values: Any) -> tuple[tuple[tuple[str, Any], ...], dict]:
   low-precision dtypes) is exactly optax's; arrays (schedules,
   `optax.inject_hyperparams`) are passed as arguments.
   """
-  static = tuple(sorted((k, v) for k, v in values.items()
-                        if v is None or isinstance(v, (int, float))))
+  # A NumPy float64 as the Python float it equals: as a jit key it would
+  # share the compiled leaf of that float, whose dtypes differ from its own.
+  static = tuple(sorted(
+      (k, float(v) if isinstance(v, float) else v) for k, v in values.items()
+      if v is None or isinstance(v, (int, float))))
   traced = {k: v for k, v in values.items() if k not in dict(static)}
   return static, traced
 

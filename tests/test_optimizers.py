@@ -1288,3 +1288,21 @@ def test_a_float64_mu_dtype_without_x64_is_no_mismatch():
   got, _ = ours.update(params, ours.init(params))
   want, _ = theirs.update(params, theirs.init(params))
   np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+
+
+def test_a_numpy_float_hyperparameter_is_the_python_float_it_equals():
+  """A NumPy float64 stays a static number in the update's dtype, as a
+  Python float does (its documented behaviour). As a jit key it equalled
+  that float and shared its compiled leaf, so the dtype of an update hung
+  on which had run first (and under strict promotion it failed)."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=F32).astype(BF16)}
+  grads = {"w": jnp.full((6,), 0.5, BF16)}
+  runs = []
+  for make in (lambda: og.adam(np.float64(1.3e-2), eps=np.float64(1e-6)),
+               lambda: og.adam(1.3e-2, eps=1e-6),
+               lambda: og.sgd(np.float64(0.1), momentum=np.float64(0.9))):
+    tx = make()
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert updates["w"].dtype == BF16
+    runs.append(np.asarray(updates["w"], np.float32))
+  np.testing.assert_array_equal(runs[0], runs[1])
