@@ -554,12 +554,15 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
   # then inside each).
   views: list[list[Any]] = []
   steps_seen = [0]
-  # A NaN/Inf step that `optax.apply_if_finite` dropped: what a monitor
-  # ahead of it says of it.
-  dropped = next((_dropped(s) for s in statistics
-                  if isinstance(s, _metrics.ApplyIfFiniteView) and
-                  not bool(s.last_finite)), "")
+  # The NaN/Inf steps that `optax.apply_if_finite` dropped, by its scope:
+  # what a monitor (or a guard that does not skip) in that part of the model
+  # says of them; the other parts' NaN/Inf went on.
+  drops = [(scope, _dropped(s)) for s, scope in zip(statistics, scopes)
+           if isinstance(s, _metrics.ApplyIfFiniteView) and
+           not bool(s.last_finite)]
   for s, scope in zip(statistics, scopes):
+    dropped = next((text for where, text in drops if _within(scope, where)),
+                   "")
     stale = any(not bool(v.completed) for _, v in views)
     hint = _ACCUMULATED if any(isinstance(v, _metrics.MultiStepsView) and
                                not v.skip_fn for _, v in views) else ""
@@ -571,7 +574,7 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
       unskipped = (dropped if not isinstance(s, GuardState) else
-                   "" if s.nonfinite else _GUARD_DOES_NOT_SKIP.format(
+                   "" if s.nonfinite else dropped or _GUARD_DOES_NOT_SKIP.format(
                        spikes="" if s.spikes else " and `spike_sigma=None`"))
       if isinstance(s, MonitorState) and scoring(s) is not None:
         nearest, nearest_scope = s, scope
@@ -588,7 +591,10 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
     if (isinstance(s, (_metrics.MultiStepsView, _metrics.ApplyIfFiniteView))
         and s.num_inner):
       views.append([s.num_inner, s])
-      steps_seen.append(0)
+      # Below apply_if_finite the steps go on counting (a MultiSteps' count
+      # micro-batches apart).
+      steps_seen.append(steps_seen[-1]
+                        if isinstance(s, _metrics.ApplyIfFiniteView) else 0)
   return out
 
 
@@ -773,9 +779,11 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     return error
 
   # What was applied or skipped comes before a zeroing that let the step go
-  # on (a skip after it may still have skipped the step, for its loss), and
-  # non-finite values before spikes.
-  rank = lambda s, e: (isinstance(s, ZeroNonfiniteState),
+  # on (a skip after it may still have skipped the step, for its loss) and
+  # before apply_if_finite's drop (which may cover a part of the model
+  # only), and non-finite values before spikes.
+  rank = lambda s, e: (isinstance(s, (ZeroNonfiniteState,
+                                      _metrics.ApplyIfFiniteView)),
                        isinstance(e, GradientExplosionError))
   errors = [(rank(s, e), e) for s, e in ((s, error_of(s, c))
                                          for s, c in states) if e is not None]
@@ -799,8 +807,8 @@ def _nonfinite_gradients(s: Any) -> bool:
     return int(s.last_bad_reason) == REASON_GRADS
   if isinstance(s, MonitorState):
     return int(s.num_nonfinite) > 0
-  if isinstance(s, SkipSpikesState):
-    return not np.isfinite(float(s.last_norm))
+  if isinstance(s, SkipSpikesState):  # (Inf may be a finite overflow)
+    return bool(np.isnan(float(s.last_norm)))
   return True
 
 

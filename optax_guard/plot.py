@@ -165,8 +165,9 @@ def history(record: Any, *, metric: str = "grad/norm", ax: Any = None
   ax.semilogy(steps, columns[metric], label=metric)
   # Every skipper's flag: in a chain, `skip_nonfinite(skip_spikes(...))`
   # records the spike skips as `optim/skipped.1`.
+  # (And `optax.apply_if_finite`'s drops.)
   flags = [np.asarray(values, bool) for name, values in columns.items()
-           if re.fullmatch(r"optim/skipped(\.\d+)?", name)]
+           if re.fullmatch(r"optim/(skipped|aif_nonfinite)(\.\d+)?", name)]
   skipped = np.logical_or.reduce(flags + [np.zeros(len(steps), bool)])
   # The lines of the state that recorded `metric`: a repeated state's
   # names end in its number (`grad/norm.1`, `grad/norm_clipped.1`), and

@@ -904,3 +904,62 @@ def test_an_unapplied_update_has_no_nonfinite_counts():
         "Step 0: finite gradients whose global norm overflows float32. The "
         "guard skipped the step (1 bad in a row, 1 skipped in total).")):
       og.check(state)
+
+
+@pytest.mark.standard_promotion  # optax.sgd mixes Python floats and int32
+def test_check_reads_apply_if_finite_in_its_own_part_only():
+  """apply_if_finite over one part of the model: the other part's NaN was
+  applied, and og.check said it was dropped. A guard built not to skip says
+  what dropped the step inside it; the spike skipper below it keeps its
+  training-step numbers."""
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  grads = {"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.array([jnp.nan, 1.0])}
+  labels = {"a": "x", "b": "y"}
+  for tx in (optax.chain(og.monitor(), optax.multi_transform(
+                 {"x": optax.apply_if_finite(optax.sgd(0.1), 5),
+                  "y": optax.sgd(0.1)}, labels)),
+             optax.multi_transform(
+                 {"x": optax.apply_if_finite(optax.sgd(0.1), 5),
+                  "y": optax.chain(og.monitor(), optax.sgd(0.1))}, labels)):
+    updates, state = tx.update(grads, tx.init(params), params)
+    assert np.isnan(updates["b"][0])  # applied in b
+    with pytest.raises(og.NonFiniteGradientError) as error:
+      og.check(state)
+    assert "b (1 NaN/Inf)" in str(error.value)
+    assert str(error.value).endswith("Nothing in this chain skips such a "
+                                     "step unless a `skip_nonfinite` or "
+                                     "`guard` stands around the optimizer.")
+
+  tx = og.guard(optax.apply_if_finite(optax.sgd(0.1), 5),
+                skip_nonfinite=False, spike_sigma=None)
+  _, state = tx.update(grads, tx.init(params), params)
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "optax.apply_if_finite dropped the step (1 in a row, 1 in total), "
+      "unless more than its `max_consecutive_errors` came in a row.")):
+    og.check(state)
+
+  tx = og.skip_nonfinite(optax.apply_if_finite(
+      og.skip_spikes(optax.sgd(0.1), window=4, warmup_steps=2), 5))
+  state = tx.init(params)
+  for g in (1.0, np.nan, 1.1, 1.0, 50.0):
+    _, state = tx.update({"a": jnp.full(3, g), "b": jnp.full(2, g)}, state,
+                         params)
+  with pytest.raises(og.GradientExplosionError, match="^Step 4: "):
+    og.check(state)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+def test_no_accumulator_hint_for_a_finite_overflow_inside_multisteps():
+  """Finite micro-batches whose mean's norm overflows float32 leave the
+  accumulator finite (the next step is applied): no NaN/Inf hint."""
+  params = {"w": jnp.ones(3)}
+  tx = optax.MultiSteps(og.skip_spikes(og.sgd(0.1)), every_k_schedule=2)
+  state = tx.init(params)
+  for g in (3e38, 1e38):
+    _, state = tx.update({"w": jnp.full(3, g)}, state, params)
+  with pytest.raises(og.NonFiniteGradientError) as error:
+    og.check(state)
+  assert "accumulator" not in str(error.value)
+  for _ in range(2):
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+  np.testing.assert_allclose(updates["w"], -0.1)

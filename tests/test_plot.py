@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_guard as og
@@ -93,7 +94,6 @@ def test_history_marks_the_skips_of_every_skipper_in_a_chain():
   """In the chain `guard` equals, the spike skips are `skip_spikes`' own
   `optim/skipped.1`: a spike (step 5) and a NaN (step 7) are both marked,
   and neither step's clipped norm is drawn."""
-  import optax  # pylint: disable=g-import-not-at-top
   tx = optax.chain(og.monitor(), og.skip_nonfinite(og.skip_spikes(
       optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1)), window=8,
       warmup_steps=4)))
@@ -119,7 +119,6 @@ def test_history_of_a_repeated_norm_draws_its_own_state_s_lines():
   `grad/norm.1`, its clipped norm the plain `grad/norm_clipped` (no plain
   `grad/norm` to pair with), and the default metric's absence names the
   norms the record holds."""
-  import optax  # pylint: disable=g-import-not-at-top
   guard = lambda: og.guard(og.sgd(0.1), max_norm=0.01, spike_warmup_steps=2)
   params = {"a": jnp.ones(3), "b": jnp.ones(3)}
   for tx, metric, want in (
@@ -378,3 +377,17 @@ def test_real_figures(tmp_path):
   left = min(t.get_window_extent(renderer).x0
              for t in ax.get_yticklabels())
   assert left >= 0, left
+
+
+def test_history_marks_the_steps_apply_if_finite_dropped():
+  """Around a guard, optax.apply_if_finite drops a NaN step before the
+  guard sees it (`optim/aif_nonfinite`): it is a skipped step too."""
+  tx = optax.apply_if_finite(og.guard(og.sgd(0.1)), max_consecutive_errors=5)
+  params = {"w": jnp.ones(2)}
+  state, log = tx.init(params), og.MetricsLog()
+  for g in (0.3, 4.0, float("nan"), 1.0):
+    with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic
+      _, state = tx.update({"w": jnp.full(2, g)}, state, params)
+    log.record(state)
+  ax = og.plot.history(log, ax=_Recorder())
+  assert [a[0] for a, _ in ax.named("axvline")] == [2]
