@@ -370,8 +370,9 @@ def monitor(
 
   Args:
     per_layer: record per-layer entries (else only the global ones).
-    histogram: record per-layer log-magnitude histograms (extra passes;
-      recorded also when `per_layer=False`).
+    histogram: record per-layer log-magnitude histograms (one more read of
+      the updates, all buckets counted together: ~1.3x the monitor's step
+      alone on the CPU; recorded also when `per_layer=False`).
     every: measure on every `every`-th step only; the decision is taken on the
       device (`lax.cond`) and the state keeps the last measured values
       (the loss entries, a few scalars, follow every step). It shapes the
