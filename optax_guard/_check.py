@@ -410,6 +410,25 @@ def _dropped(s: _metrics.ApplyIfFiniteView) -> str:
           "`max_consecutive_errors` came in a row.")
 
 
+def _dropped_in(scope: tuple[Any, ...],
+                drops: list[tuple[tuple[Any, ...], Any]]) -> str:
+  """What to say of a NaN/Inf step seen at `scope`, given the `(scope,
+  view)` of each `optax.apply_if_finite` that dropped this call's updates:
+  one around the whole of `scope` dropped it; one over a part of it only
+  (a `multi_transform` part, `optax.masked`) dropped that part's, and which
+  layers those are, its state does not say."""
+  for where, s in drops:
+    if _within(scope, where):
+      return _dropped(s)
+  for where, s in drops:
+    if _within(where, scope):
+      return (f"An optax.apply_if_finite over a part of the model dropped "
+              f"that part's update ({int(s.in_a_row)} in a row, "
+              f"{int(s.total)} in total); the other parts' went on unless "
+              "something else skipped them.")
+  return ""
+
+
 def _aif_error(s: _metrics.ApplyIfFiniteView) -> GuardError | None:
   """optax.apply_if_finite saw NaN/Inf updates at the latest call (said
   where no monitor ahead of it measured them)."""
@@ -548,34 +567,37 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
   step reported before."""
   scoring = lambda m: (m if m is not None and m.zscores is not None and
                        m.naming.kind == "grad" else None)
-  out, nearest, nearest_scope = [], None, ()
+  nearest, nearest_scope = None, ()
   # The MultiSteps views the next states lie below, as [states left, view],
   # and the steps a skip_nonfinite has seen at each level (outside them,
   # then inside each).
   views: list[list[Any]] = []
   steps_seen = [0]
-  # The NaN/Inf steps that `optax.apply_if_finite` dropped, by its scope:
-  # what a monitor (or a guard that does not skip) in that part of the model
-  # says of them; the other parts' NaN/Inf went on.
-  drops = [(scope, _dropped(s)) for s, scope in zip(statistics, scopes)
-           if isinstance(s, _metrics.ApplyIfFiniteView) and
-           not bool(s.last_finite)]
+  # The `optax.apply_if_finite`s that dropped this call's updates (not those
+  # below a MultiSteps that completed no step: they did not run), which a
+  # monitor (or a guard that does not skip) ahead of them must know of.
+  drops, pending = [], []
   for s, scope in zip(statistics, scopes):
-    dropped = next((text for where, text in drops if _within(scope, where)),
-                   "")
     stale = any(not bool(v.completed) for _, v in views)
     hint = _ACCUMULATED if any(isinstance(v, _metrics.MultiStepsView) and
                                not v.skip_fn for _, v in views) else ""
     for level in views:
       level[0] -= 1
     if not stale:
+      if (isinstance(s, _metrics.ApplyIfFiniteView) and
+          not bool(s.last_finite)):
+        drops.append((scope, s))
       parts = ((s.nonfinite, s.spikes, s.monitor, s.clip)
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
-      unskipped = (dropped if not isinstance(s, GuardState) else
-                   "" if s.nonfinite else dropped or _GUARD_DOES_NOT_SKIP.format(
-                       spikes="" if s.spikes else " and `spike_sigma=None`"))
+      # (None: what `_dropped_in` says; "": the guard's skip says it.)
+      unskipped = (None if not isinstance(s, GuardState) or not s.nonfinite
+                   else "")
+      not_skipping = ("" if not isinstance(s, GuardState) or s.nonfinite else
+                      _GUARD_DOES_NOT_SKIP.format(
+                          spikes="" if s.spikes else
+                          " and `spike_sigma=None`"))
       if isinstance(s, MonitorState) and scoring(s) is not None:
         nearest, nearest_scope = s, scope
       if not _within(scope, nearest_scope):
@@ -583,8 +605,9 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
       for part in (p for p in parts if p is not None):
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
-        out.append((part, _Context(own or nearest, steps_seen[-1], hint,
-                                   scope, unskipped)))
+        pending.append((part, _Context(own or nearest, steps_seen[-1],
+                                       hint, scope), unskipped,
+                        not_skipping))
     while views and views[-1][0] == 0:
       views.pop()
       steps_seen.pop()
@@ -595,7 +618,10 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
       # micro-batches apart).
       steps_seen.append(steps_seen[-1]
                         if isinstance(s, _metrics.ApplyIfFiniteView) else 0)
-  return out
+  return [(part, context._replace(unskipped=(
+      said if said is not None else
+      _dropped_in(context.scope, drops) or not_skipping)))
+          for part, context, said, not_skipping in pending]
 
 
 def check(opt_state: Any) -> None:
@@ -782,9 +808,9 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   # on (a skip after it may still have skipped the step, for its loss) and
   # before apply_if_finite's drop (which may cover a part of the model
   # only), and non-finite values before spikes.
-  rank = lambda s, e: (isinstance(s, (ZeroNonfiniteState,
-                                      _metrics.ApplyIfFiniteView)),
-                       isinstance(e, GradientExplosionError))
+  rank = lambda s, e: (isinstance(s, ZeroNonfiniteState),
+                       isinstance(e, GradientExplosionError),
+                       isinstance(s, _metrics.ApplyIfFiniteView))
   errors = [(rank(s, e), e) for s, e in ((s, error_of(s, c))
                                          for s, c in states) if e is not None]
   if not errors:
@@ -794,7 +820,7 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
     # clip saw is all there is.
     errors = [(rank(s, e), e) for s, e in ((s, error_of(s, c))
                                            for s, c in clips) if e is not None]
-  errors = [((False, False), e) for e in applied] + errors
+  errors = [((False, False, False), e) for e in applied] + errors
   errors.sort(key=lambda pair: pair[0])
   return errors[0][1] if errors else None
 
@@ -807,8 +833,8 @@ def _nonfinite_gradients(s: Any) -> bool:
     return int(s.last_bad_reason) == REASON_GRADS
   if isinstance(s, MonitorState):
     return int(s.num_nonfinite) > 0
-  if isinstance(s, SkipSpikesState):  # (Inf may be a finite overflow)
-    return bool(np.isnan(float(s.last_norm)))
+  if isinstance(s, SkipSpikesState):  # (an Inf norm may be an overflow)
+    return not np.isfinite(float(s.last_norm))
   return True
 
 
