@@ -168,8 +168,10 @@ def _times_rate(lr: Any, u: jax.Array, scheduled: bool) -> jax.Array:
   the update's dtype (optax's `scale_by_schedule`), an array promotes with
   it (`scale`), so a float32 array (`optax.inject_hyperparams` with
   `hyperparam_dtype=jnp.float32`) makes bf16 parameters' updates float32.
-  A Python or NumPy float stays a static number in the update's dtype (as
-  a Python float does in optax; a NumPy float64 would promote there)."""
+  A Python float, or a NumPy float64 (a Python float's subclass), stays a
+  static number in the update's dtype (as a Python float does in optax; a
+  NumPy float64 would promote there); a NumPy float32 is an array, as in
+  optax."""
   if scheduled:
     return jnp.asarray(-lr, dtype=u.dtype) * u
   return _mul(-lr, u)
