@@ -19,6 +19,7 @@ from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import REASON_GRADS
+from optax_guard._penalties import AddGradientNormPenaltyState
 from optax_guard._nonfinite import REASONS
 from optax_guard._nonfinite import SkipNonfiniteState
 from optax_guard._nonfinite import ZeroNonfiniteState
@@ -352,6 +353,12 @@ def _measured_last(s: MonitorState) -> bool:
   return int(s.step) >= 1 and (int(s.step) - 1) % s.naming.every == 0
 
 
+# Said of NaN/Inf gradients after a penalty that received finite ones.
+_PROBED = (" The gradients were finite where og.add_gradient_norm_penalty "
+           "received them (norm {norm:.4g}): the gradients at its probe, "
+           "`params + radius * g / |g|`, hold NaN/Inf (a point outside the "
+           "loss's domain?); a smaller `radius` keeps the probe closer.")
+
 _NOTHING_SKIPS = ("Nothing in this chain skips such a step unless a "
                   "`skip_nonfinite` or `guard`{given} stands around the "
                   "optimizer.")
@@ -577,16 +584,22 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
   # below a MultiSteps that completed no step: they did not run), which a
   # monitor (or a guard that does not skip) ahead of them must know of.
   drops, pending = [], []
+  probed = None  # (scope, words) of a penalty that received finite gradients
   for s, scope in zip(statistics, scopes):
     stale = any(not bool(v.completed) for _, v in views)
     hint = _ACCUMULATED if any(isinstance(v, _metrics.MultiStepsView) and
                                not v.skip_fn for _, v in views) else ""
+    if probed is not None and _within(scope, probed[0]):
+      hint = probed[1] + hint
     for level in views:
       level[0] -= 1
     if not stale:
       if (isinstance(s, _metrics.ApplyIfFiniteView) and
           not bool(s.last_finite)):
         drops.append((scope, s))
+      if (isinstance(s, AddGradientNormPenaltyState) and
+          np.isfinite(float(s.grad_norm))):
+        probed = (scope, _PROBED.format(norm=float(s.grad_norm)))
       parts = ((s.nonfinite, s.spikes, s.monitor, s.clip)
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())

@@ -582,3 +582,32 @@ def test_the_probe_has_the_parameters_dtype_and_sharding():
                                          grad_fn=zero2))(replicated)
   assert [spec for _, spec in seen] == [P(None)] * 2
   np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+
+
+def test_check_says_when_the_penalty_probe_made_the_nan():
+  """Finite gradients, but the probe point leaves the loss's domain (sqrt
+  of a negative): the guard skips NaN gradients it never saw the origin of;
+  og.check says where they came from."""
+  params = {"a": jnp.asarray([1e-5, 1.0]), "w": jnp.ones(3)}
+  loss = lambda p: -jnp.sum(jnp.sqrt(p["a"])) + jnp.sum(p["w"] ** 2)
+  grad_fn = jax.grad(loss)
+  grads = grad_fn(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  tx = optax.chain(og.add_gradient_norm_penalty(0.1, radius=0.01),
+                   og.guard(og.adamw(1e-3)))
+  _, state = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+  norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
+                     for g in jax.tree.leaves(grads)))
+  with pytest.raises(og.NonFiniteGradientError, match=re.escape(
+      "The guard skipped the step (1 bad in a row, 1 skipped in total). The "
+      "gradients were finite where og.add_gradient_norm_penalty received "
+      f"them (norm {norm:.4g}): the gradients at its probe, `params + radius "
+      "* g / |g|`, hold NaN/Inf (a point outside the loss's domain?); a "
+      "smaller `radius` keeps the probe closer.")):
+    og.check(state)
+  # A NaN that came in with the gradients is not the probe's.
+  bad = {"a": jnp.asarray([jnp.nan, 1.0]), "w": jnp.ones(3)}
+  _, state = tx.update(bad, tx.init(params), params, grad_fn=grad_fn)
+  with pytest.raises(og.NonFiniteGradientError) as error:
+    og.check(state)
+  assert "probe" not in str(error.value)
