@@ -812,9 +812,12 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
       error = _monitor_error(s, skipped, loss_reported, context.unskipped)
     else:
       error = _CHECKS[type(s)](s)
-    if (isinstance(error, NonFiniteGradientError) and context.hint and
-        _nonfinite_gradients(s)):
-      error = type(error)(f"{error}{context.hint}", error.step, error.layers)
+    kind = _nonfinite_gradients(s)
+    if isinstance(error, NonFiniteGradientError) and context.hint and kind:
+      hint = context.hint
+      if kind == _MAYBE:
+        hint = hint.replace(" Inside optax.MultiSteps", _IF_INF, 1)
+      error = type(error)(f"{error}{hint}", error.step, error.layers)
     return error
 
   # What was applied or skipped comes before a zeroing that let the step go
@@ -838,16 +841,23 @@ def _first_error(states: list[tuple[Any, _Context]]) -> GuardError | None:
   return errors[0][1] if errors else None
 
 
-def _nonfinite_gradients(s: Any) -> bool:
+# What `_nonfinite_gradients` says where it cannot tell, and the words then.
+_MAYBE = "maybe"
+_IF_INF = (" If the gradients held Inf elements (not only a norm beyond "
+           "float32's range): inside optax.MultiSteps")
+
+
+def _nonfinite_gradients(s: Any) -> bool | str:
   """Whether `s`'s error is about NaN/Inf gradients (what MultiSteps keeps
   in its accumulator), not a loss, an inner optimizer's output or a finite
-  overflow."""
+  overflow; `_MAYBE` where its state cannot tell."""
   if isinstance(s, SkipNonfiniteState):
     return int(s.last_bad_reason) == REASON_GRADS
   if isinstance(s, MonitorState):
     return int(s.num_nonfinite) > 0
-  if isinstance(s, SkipSpikesState):  # (an Inf norm may be an overflow)
-    return not np.isfinite(float(s.last_norm))
+  if isinstance(s, SkipSpikesState):  # an Inf norm may be an overflow
+    norm = float(s.last_norm)
+    return True if np.isnan(norm) else _MAYBE if np.isinf(norm) else False
   return True
 
 

@@ -993,3 +993,32 @@ def test_check_on_apply_if_finite_over_a_part_and_below_multisteps():
   with pytest.raises(og.NonFiniteGradientError) as error:
     og.check(state)
   assert "dropped" not in str(error.value)
+
+
+@pytest.mark.standard_promotion  # optax.MultiSteps mixes int32 and float32
+@pytest.mark.parametrize("micro_batches, poisoned", [
+    ((3e38, 1e38), False),       # finite, the mean's norm overflows
+    ((1.0, float("inf")), True),  # an Inf element
+], ids=["overflow", "inf"])
+def test_accumulator_hint_for_an_infinite_spike_norm_is_conditional(
+    micro_batches, poisoned):
+  """A spike skipper records only the norm, which is Inf for an Inf element
+  (which stays in MultiSteps' accumulator) and for a finite overflow (which
+  does not): the hint says which case it is for."""
+  params = {"w": jnp.ones(3)}
+  tx = optax.MultiSteps(og.skip_spikes(og.sgd(0.1)), every_k_schedule=2)
+  state = tx.init(params)
+  for g in micro_batches:
+    _, state = tx.update({"w": jnp.full(3, g)}, state, params)
+  with pytest.raises(og.NonFiniteGradientError) as error:
+    og.check(state)
+  assert (" If the gradients held Inf elements (not only a norm beyond "
+          "float32's range): inside optax.MultiSteps, a NaN/Inf micro-batch "
+          "that its `should_skip_update_fn` does not drop stays in its "
+          "accumulator") in str(error.value)
+  for _ in range(2):
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+  if poisoned:
+    np.testing.assert_array_equal(updates["w"], 0.0)  # skipped for good
+  else:
+    np.testing.assert_allclose(updates["w"], -0.1)
