@@ -19,10 +19,10 @@ from optax_guard._clipping import ClipByLayerNormState
 from optax_guard._guard import GuardState
 from optax_guard._monitor import MonitorState
 from optax_guard._nonfinite import REASON_GRADS
-from optax_guard._penalties import AddGradientNormPenaltyState
 from optax_guard._nonfinite import REASONS
 from optax_guard._nonfinite import SkipNonfiniteState
 from optax_guard._nonfinite import ZeroNonfiniteState
+from optax_guard._penalties import AddGradientNormPenaltyState
 from optax_guard._spikes import SkipSpikesState
 
 _MAX_LAYERS = 3  # layers named in a message
@@ -604,10 +604,10 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
                if isinstance(s, GuardState)
                else (s,) if type(s) in _CHECKS else ())
       own = scoring(s.monitor) if isinstance(s, GuardState) else None
-      # (None: what `_dropped_in` says; "": the guard's skip says it.)
-      unskipped = (None if not isinstance(s, GuardState) or not s.nonfinite
-                   else "")
-      not_skipping = ("" if not isinstance(s, GuardState) or s.nonfinite else
+      # A guard that skips says what it did itself; one built not to says
+      # so, unless an apply_if_finite dropped the step (`_dropped_in`).
+      skips = isinstance(s, GuardState) and s.nonfinite is not None
+      not_skipping = ("" if not isinstance(s, GuardState) or skips else
                       _GUARD_DOES_NOT_SKIP.format(
                           spikes="" if s.spikes else
                           " and `spike_sigma=None`"))
@@ -619,8 +619,7 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
         if isinstance(part, SkipNonfiniteState):
           steps_seen[-1] = max(steps_seen[-1], int(part.step))
         pending.append((part, _Context(own or nearest, steps_seen[-1],
-                                       hint, scope), unskipped,
-                        not_skipping))
+                                       hint, scope), skips, not_skipping))
     while views and views[-1][0] == 0:
       views.pop()
       steps_seen.pop()
@@ -631,10 +630,9 @@ def _states(statistics: list[Any], scopes: list[tuple[Any, ...]]
       # micro-batches apart).
       steps_seen.append(steps_seen[-1]
                         if isinstance(s, _metrics.ApplyIfFiniteView) else 0)
-  return [(part, context._replace(unskipped=(
-      said if said is not None else
+  return [(part, context._replace(unskipped="" if skips else (
       _dropped_in(context.scope, drops) or not_skipping)))
-          for part, context, said, not_skipping in pending]
+          for part, context, skips, not_skipping in pending]
 
 
 def check(opt_state: Any) -> None:

@@ -335,9 +335,10 @@ def clip_by_value(
   NaN elements stay NaN (they are the non-finite defences' business); ±Inf
   become ±`max_abs`, as in `optax.clip`, so an overflowed step comes out
   finite (a bound beyond a leaf dtype's largest value clips there to that
-  value, where optax's would be Inf and let ±Inf through): where such a step should be skipped, put this clip inside
-  `skip_nonfinite` or `guard`, which check the gradients they receive
-  before their inner chain runs. Records the fraction of elements that
+  value, where optax's would be Inf and let ±Inf through): where such a
+  step should be skipped, put this clip inside `skip_nonfinite` or
+  `guard`, which check the gradients they receive before their inner chain
+  runs. Records the fraction of elements that
   were clipped.
 
   Args:
@@ -393,17 +394,17 @@ def clip_by_value(
     by_dtype: dict[Any, list[jax.Array]] = {}
     for g in jax.tree_util.tree_leaves(updates):
       by_dtype.setdefault(jnp.dtype(g.dtype), []).append(g)
+    bounds = {dtype: _bound(max_abs, dtype) for dtype in by_dtype}
     above = sizes = jnp.zeros((), jnp.float32)
     for dtype, leaves in by_dtype.items():
-      stats = _stats.tree_stats(
-          leaves, axis_name=axis_name,
-          count_above=_bound(max_abs, dtype))
+      stats = _stats.tree_stats(leaves, axis_name=axis_name,
+                                count_above=bounds[dtype])
       above += jnp.sum(stats.count_above.astype(jnp.float32))
       sizes += jnp.sum(stats.sizes)
     frac = above / jnp.maximum(sizes, 1.0)
     clipped = jax.tree.map(
-        lambda g: jnp.clip(g, -_bound(max_abs, g.dtype),
-                           _bound(max_abs, g.dtype)), updates)
+        lambda g: jnp.clip(g, -bounds[jnp.dtype(g.dtype)],
+                           bounds[jnp.dtype(g.dtype)]), updates)
     return clipped, ClipByValueState(
         frac_clipped=frac,
         num_clipped=_stats.count_if(above > 0, state.num_clipped))

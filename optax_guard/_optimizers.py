@@ -190,6 +190,8 @@ def _plus(x: jax.Array, h: Any) -> jax.Array:
 
 
 def _promoted(op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+  """`op(a, b)` in the dtype JAX's standard promotion gives (a Python
+  number is weakly typed: the other operand's dtype)."""
   if isinstance(a, (int, float)) or isinstance(b, (int, float)):
     return op(a, b)  # weakly typed: stays in the other's dtype
   with jax.numpy_dtype_promotion("standard"):

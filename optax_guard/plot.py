@@ -206,8 +206,9 @@ def layer_heatmap(record: Any, *, metric: str = "grad/norm",
   colour (zeros blank), or linear for z-scores; NaN/Inf cells black.
 
   Layers go in the model's order as far as the tree tells it (its order,
-  but `Dense_2` before `Dense_10` among a dict's keys); each column is centred on its step, as `history`
-  draws it, and a jump in the recorded steps (a resumed run) is left blank.
+  but `Dense_2` before `Dense_10` among a dict's keys); each column is
+  centred on its step, as `history` draws it, and a jump in the recorded
+  steps (a resumed run) is left blank.
 
   Args:
     record: an `og.MetricsLog` or its `to_numpy()` dict, with per-layer
