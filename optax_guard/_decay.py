@@ -10,6 +10,7 @@ in the metrics they record.
 
 from __future__ import annotations
 
+import enum
 import numbers
 from typing import Any, NamedTuple
 
@@ -94,7 +95,21 @@ def decay_mask(params: Any, *, stacked: _metrics.Stacked = None) -> Any:
 
 
 Mask = Any  # a tree of bools, a callable params -> tree of bools, or None
-_DEFAULT = object()
+
+
+class _DefaultMask(enum.Enum):
+  """The default `mask`: `decay_mask`. Not the function itself, which
+  `optax.inject_hyperparams` would call with the step count; an enum
+  member, which a by-value pickle of the factories' closures (cloudpickle,
+  for Ray or Dask) brings back as itself, where a bare `object()` came
+  back as a new object, taken for a mask."""
+  DECAY_MASK = "decay_mask"
+
+  def __repr__(self) -> str:
+    return "decay_mask"
+
+
+_DEFAULT = _DefaultMask.DECAY_MASK
 
 
 def _is_flag(x: Any) -> bool:

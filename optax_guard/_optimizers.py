@@ -219,11 +219,6 @@ def _sum(a: jax.Array, b: jax.Array) -> jax.Array:
   return a.astype(wide) + b.astype(wide)
 
 
-def _abs_sq(g: jax.Array) -> jax.Array:
-  """`|g|**2`, real for a complex `g` (as optax's second moment)."""
-  return (g * jnp.conj(g)).real if jnp.iscomplexobj(g) else g**2
-
-
 def _bias_correction(decay: Any, count: jax.Array) -> jax.Array:
   # In the default float dtype, as optax's: float64 under `jax_enable_x64`.
   dtype = jnp.result_type(float)
@@ -285,7 +280,7 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
   # computation only and XLA can overwrite them in place.
   m_dtype, v_dtype = m.dtype, v.dtype
   m_new = _ema(b1, g, m)
-  v_new = _ema(b2, _abs_sq(g), v)
+  v_new = _ema(b2, _stats.abs_sq(g), v)  # (as optax's, real)
   m_new = _keep(keep, m_new, m.astype(m_new.dtype))
   v_new = _keep(keep, v_new, v.astype(v_new.dtype))
   if nesterov:
@@ -310,6 +305,20 @@ def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
           v_new.astype(v_dtype))
 
 
+def _check_moment_dtype(params: Any, dtype: Any, name: str) -> None:
+  """Raises where a real moment `dtype` would keep a complex parameter's
+  moment (its imaginary part would be dropped at every step)."""
+  if dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
+    return
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if jnp.iscomplexobj(_metrics.unwrap(p)):
+      raise ValueError(
+          f"`{name}`={jnp.dtype(dtype).name} is real, but the parameter "
+          f"{_metrics.path_name(path)!r} is {jnp.result_type(p)}: its "
+          "moment would lose its imaginary part at every step. Pass a "
+          f"complex dtype ({name}=jnp.complex64) or leave {name}=None.")
+
+
 def _moment(param: Any, dtype: Any) -> jax.Array:
   """Zeros for a moment of `param`: of `dtype`, else of the parameter's own
   dtype when it is a float; an integer parameter's moments are floats, as
@@ -317,11 +326,17 @@ def _moment(param: Any, dtype: Any) -> jax.Array:
   second moment stuck at 0). Never weakly typed (a `jnp.array(0.0)`
   parameter), as `update` returns it. `zeros_like` keeps the parameter's
   sharding and varying-axes type."""
-  if dtype is None:
-    dtype = jnp.dtype(jnp.result_type(param))
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      dtype = jnp.dtype(jnp.result_type(float))
-  return jnp.zeros_like(param, dtype=dtype)
+  return jnp.zeros_like(param, dtype=_moment_dtype(param, dtype))
+
+
+def _moment_dtype(param: Any, dtype: Any) -> Any:
+  """The dtype of `_moment(param, dtype)`."""
+  if dtype is not None:
+    return jax.dtypes.canonicalize_dtype(dtype)
+  dtype = jnp.dtype(jnp.result_type(param))
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.dtype(jnp.result_type(float))
+  return dtype
 
 
 @functools.partial(jax.jit, static_argnames=("static", "nesterov"))
@@ -439,6 +454,7 @@ def _adam_like(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay,
 
   def init_fn(params):
     _check_denominator(eps, eps_root, params)
+    _check_moment_dtype(params, mu_dtype, "mu_dtype")
     if decays:
       # Refused here, not at the first update.
       _decay.mask_leaves(mask, params, factory, whole=True)
@@ -544,7 +560,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       leaf's gradient depends on the clip factor, so on the others.)
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
-      truncates).
+      truncates). A real dtype is refused for complex parameters, whose
+      moments it would make real.
     weight_decay: decoupled decay strength, a float or a schedule, multiplied
       by the learning rate as in optax.
     mask: a tree of bools (or a callable returning one) saying which
@@ -598,7 +615,8 @@ def adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
       differentiating through the step needs `eps_root > 0`, as there).
     mu_dtype: dtype of the first moment (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose moments optax
-      truncates).
+      truncates). A real dtype is refused for complex parameters, whose
+      moments it would make real.
     nesterov: use Nesterov momentum (NAdam).
 
   Returns:
@@ -654,7 +672,8 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
     nesterov: use Nesterov momentum.
     accumulator_dtype: dtype of the trace (None: the parameters' dtype;
       JAX's default float for an integer parameter, whose trace optax
-      truncates).
+      truncates). A real dtype is refused for complex parameters, whose
+      trace it would make real.
 
   Returns:
     A `GuardAwareTransformation` whose state is an `SgdState`.
@@ -684,13 +703,32 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
   def init_fn(params):
     trace = None
     if momentum is not None:
+      _check_moment_dtype(params, acc_dtype, "accumulator_dtype")
       trace = jax.tree.map(lambda p: _moment(p, acc_dtype), params)
     return SgdState(count=jnp.zeros((), jnp.int32), trace=trace)
 
   def update_fn(updates, state, params=None, *, guard_keep=None,
                 guard_scale=None, **extra_args):
     del extra_args
+    if (state.trace is None) != (momentum is None):
+      raise ValueError(
+          f"The state {'has no' if state.trace is None else 'has a'} "
+          f"momentum trace, but this `sgd` has momentum={momentum!r}; "
+          f"{_args.OTHER_CONFIGURATION}")
     _check_updates(updates, state.trace, params, "sgd")
+    if momentum is not None and (acc_dtype is not None or params is not None):
+      # `init` puts the trace in `accumulator_dtype`, else in the
+      # parameter's: a state of another would keep its own.
+      owners = (jax.tree.leaves(state.trace) if params is None else
+                        jax.tree.leaves(params))
+      for t, p in zip(jax.tree.leaves(state.trace), owners):
+        want = _moment_dtype(p, acc_dtype)
+        if jnp.result_type(t) != want:
+          raise ValueError(
+              f"The state's momentum trace is {jnp.result_type(t)}, but this "
+              f"`sgd` keeps it in {want} (accumulator_dtype="
+              f"{None if acc_dtype is None else jnp.dtype(acc_dtype).name}); "
+              f"{_args.OTHER_CONFIGURATION}")
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
     static, traced = _split_hyper(lr=_value(learning_rate, state.count,

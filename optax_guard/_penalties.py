@@ -38,22 +38,26 @@ def _safe_norm(tree: Any) -> jax.Array:
   """The L2 norm of a tree, differentiable at zero.
 
   In float32, or float64 where a leaf is (64-bit mode), so that the
-  finite-difference direction is a unit vector to the gradients' precision.
+  finite-difference direction is a unit vector to the gradients' precision;
+  a complex leaf by its modulus.
   """
   leaves = jax.tree.leaves(tree)
-  dtype = max((_stats.at_least_float32(x.dtype) for x in leaves),
+  dtype = max((jnp.finfo(_stats.computed_in(x.dtype)).dtype for x in leaves),
               key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
-  return _safe_sqrt(sum((jnp.sum(jnp.square(x.astype(dtype)))
-                         for x in leaves), jnp.zeros((), dtype)))
+  return _safe_sqrt(sum(
+      (jnp.sum(_stats.abs_sq(x.astype(_stats.computed_in(x.dtype, dtype))))
+       for x in leaves), jnp.zeros((), dtype)))
 
 
 def _fd_direction(grads: Any, norm: jax.Array) -> Any:
-  """`g / ||g||` (zero for a zero gradient)."""
+  """The unit vector of steepest ascent, `g / ||g||` (zero for a zero
+  gradient). For a complex leaf, `conj(g) / ||g||`: JAX's gradient of a real
+  loss w.r.t. a complex parameter is the conjugate of that direction."""
   inv = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
   def scale(g):
-    dtype = max(_stats.at_least_float32(g.dtype), inv.dtype,
-                key=lambda d: d.itemsize)
-    return (g.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
+    dtype = _stats.computed_in(g.dtype, inv.dtype)
+    ascent = jnp.conj(g.astype(dtype)) if jnp.iscomplexobj(g) else g
+    return (ascent.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
   return jax.tree.map(scale, grads)
 
 
@@ -76,10 +80,11 @@ def _fd_combine(grads: Any, probe: Any, norm: jax.Array, strength: Any,
                 radius: Any, squared: bool) -> Any:
   """`g + c * (probe - g) / r`: `c = strength` (times `2||g||` if squared).
 
-  In float32, or in the leaf's own precision where that is wider (float64).
+  In float32, or in the leaf's own precision where that is wider (float64);
+  complex for a complex leaf.
   """
   def combine(g, q):
-    dtype = _stats.at_least_float32(g.dtype)
+    dtype = _stats.computed_in(g.dtype)
     c = jnp.asarray(strength, dtype) / jnp.asarray(radius, dtype)
     if squared:
       c = c * 2 * norm.astype(dtype)
@@ -229,7 +234,7 @@ def _norm(grads: Any, axis_name: _stats.AxisName, who: str) -> jax.Array:
         "gradient's; if each device is to penalise its own gradient "
         "(parameters made per-device), run the step under `pmap` or "
         "`shard_map(..., check_vma=False)`.")
-  if any(x.dtype == jnp.float64 for x in leaves):
+  if any(jnp.finfo(x.dtype).dtype == jnp.float64 for x in leaves):
     return _safe_norm(leaves)  # (squares overflow only beyond ~1e154)
   return _stats.tree_stats(leaves).global_norm
 
@@ -427,9 +432,9 @@ def input_gradient_penalty(fn: Callable[[Any], jax.Array],
   `fn` maps a batch `[B, ...]` to one score per example `[B]` (or `[B, 1]`),
   each score depending on its own example only (no batch normalisation
   across the batch); the per-example gradients are then those of the sum.
-  The batch may be a tree of float arrays (an image and a one-hot label, for
-  a conditional critic): each example's gradient norm is then taken over
-  all its leaves.
+  The batch may be a tree of float (or complex) arrays (an image and a
+  one-hot label, for a conditional critic): each example's gradient norm is
+  then taken over all its leaves (a complex one's by its modulus).
   The result is differentiable w.r.t. whatever `fn` closes over (the
   critic's parameters), by double backprop; a zero input gradient has a zero
   penalty gradient.
@@ -486,7 +491,8 @@ def input_gradient_penalty(fn: Callable[[Any], jax.Array],
         f"shape ({batch},) or ({batch}, 1), but it returned "
         f"{getattr(scores, 'shape', type(scores).__name__)}.")
   grads = jax.grad(lambda x: jnp.sum(fn(x)))(inputs)
-  sumsq = sum(jnp.sum(jnp.square(g.reshape(batch, -1).astype(jnp.float32)),
-                      axis=1) for g in jax.tree.leaves(grads))
+  sumsq = sum(jnp.sum(_stats.abs_sq(g.reshape(batch, -1).astype(
+      _stats.computed_in(g.dtype))).astype(jnp.float32), axis=1)
+              for g in jax.tree.leaves(grads))
   norms = _safe_sqrt(sumsq)
   return jnp.mean(jnp.square(norms - jnp.asarray(target, jnp.float32)))

@@ -588,6 +588,24 @@ def at_least_float32(dtype: Any) -> Any:
                    else jnp.float32)
 
 
+def computed_in(dtype: Any, at_least: Any = jnp.float32) -> Any:
+  """The dtype a float or complex leaf of `dtype` is computed in: its real
+  part's at least as wide as float32 (and `at_least`), complex for a complex
+  leaf, whose imaginary part a real dtype would drop."""
+  dtype = jnp.dtype(dtype)
+  real = max(at_least_float32(jnp.finfo(dtype).dtype), jnp.dtype(at_least),
+             key=lambda d: d.itemsize)
+  if not jnp.issubdtype(dtype, jnp.complexfloating):
+    return real
+  return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+  """`|x|**2`, real for a complex `x` (differentiable everywhere, unlike
+  the square of `abs`)."""
+  return (x * jnp.conj(x)).real if jnp.iscomplexobj(x) else jnp.square(x)
+
+
 def scale_leaf(g: jax.Array, a: jax.Array, b: jax.Array | None = None
                ) -> jax.Array:
   """`(g * a) * b` in `g`'s dtype, computed in float32 or wider: complex and
@@ -892,7 +910,7 @@ def _layer_stats_jvp(axis_name, stacked, full, primals, tangents):
     # Where a layer's norm is 0 or not finite its factor is 0: its elements
     # are not read either, or the transpose would make 0 * NaN of the
     # cotangent of a NaN step that a guard skips.
-    unit = jnp.where(factor != 0, wide, 0) * factor
+    unit = jnp.where(factor != 0, wide, 0) * factor.astype(wide.dtype)
     products.append(jnp.real(jnp.conj(unit) * dx.astype(wide.dtype)))
   axes = axis_names(axis_name)
   # Untyped (pmap): leaves taken as replicated, so each device's own

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import pickle
 import re
 
 import flax.linen as nn
@@ -549,3 +551,26 @@ def test_a_negative_scheduled_rate_is_applied_as_given(factory):
     updates, state = jax.jit(tx.update)(grads, state, params)
     d = np.sign(2.0) if factory == "add_l1_penalty" else 2.0
     np.testing.assert_allclose(updates["w"], 0.5 + rate * d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [og.add_decayed_weights, og.add_l2_penalty,
+                                     og.add_l1_penalty])
+def test_the_default_mask_survives_a_pickle_by_value(factory):
+  """cloudpickle (Ray, Dask) pickles the factories' closures by value, so
+  their default `mask` came back as a new object, taken for a mask tree:
+  `init` failed. Pickled, the default must still be the default."""
+  default = inspect.signature(factory).parameters["mask"].default
+  again = pickle.loads(pickle.dumps(default))
+  params, grads = _params(), _grads(0)
+  tx = factory(0.1, mask=again)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for path, flag in jax.tree_util.tree_flatten_with_path(DEFAULT)[0]:
+    moved = not np.array_equal(_at(updates, path), _at(grads, path))
+    assert moved == flag, path
+  assert repr(default) == "decay_mask"
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return np.asarray(tree)

@@ -1278,6 +1278,32 @@ def test_a_state_of_another_mu_dtype_is_refused():
         params, og.adam(1e-3).init(params))
 
 
+def test_a_state_of_another_sgd_configuration_is_refused():
+  """The trace of another `accumulator_dtype` was taken and kept (optax's
+  casts it), and a trace where this `sgd` has no momentum, or none where it
+  has, was taken or failed somewhere inside."""
+  params = {"w": jnp.ones(4)}
+  bf16 = og.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.bfloat16)
+  f32 = og.sgd(0.1, momentum=0.9)
+  with pytest.raises(ValueError, match=re.escape(
+      "The state's momentum trace is bfloat16, but this `sgd` keeps it in "
+      "float32 (accumulator_dtype=None); the state was made by a "
+      "transformation built otherwise")):
+    og.guard(f32).update(params, og.guard(f32).init(params)._replace(
+        inner_state=bf16.init(params)), params)
+  with pytest.raises(ValueError, match=re.escape(
+      "The state's momentum trace is float32, but this `sgd` keeps it in "
+      "bfloat16 (accumulator_dtype=bfloat16)")):
+    bf16.update(params, f32.init(params))  # (no params needed)
+  with pytest.raises(ValueError, match=re.escape(
+      "The state has a momentum trace, but this `sgd` has momentum=None; "
+      "the state was made")):
+    og.sgd(0.1).update(params, f32.init(params))
+  with pytest.raises(ValueError, match=re.escape(
+      "The state has no momentum trace, but this `sgd` has momentum=0.9;")):
+    f32.update(params, og.sgd(0.1).init(params))
+
+
 @pytest.mark.standard_promotion  # traces optax.adam
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
 def test_a_float64_mu_dtype_without_x64_is_no_mismatch():
@@ -1306,3 +1332,29 @@ def test_a_numpy_float_hyperparameter_is_the_python_float_it_equals():
     assert updates["w"].dtype == BF16
     runs.append(np.asarray(updates["w"], np.float32))
   np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda d: og.adam(0.1, mu_dtype=d), "mu_dtype"),
+    (lambda d: og.adamw(0.1, mu_dtype=d), "mu_dtype"),
+    (lambda d: og.sgd(0.1, momentum=0.9, accumulator_dtype=d),
+     "accumulator_dtype")])
+def test_a_real_moment_dtype_for_complex_parameters_is_refused(make, name):
+  """A real moment of a complex parameter dropped its imaginary part at
+  every step, silently (optax's does too); a complex dtype keeps it and
+  matches the moment of `None`."""
+  params = {"b": jnp.ones(2), "z": jnp.array([1 + 2j, -1j], jnp.complex64)}
+  with pytest.raises(ValueError, match=re.escape(
+      f"`{name}`=float32 is real, but the parameter 'z' is complex64: its "
+      "moment would lose its imaginary part at every step. Pass a complex "
+      f"dtype ({name}=jnp.complex64) or leave {name}=None.")):
+    make(jnp.float32).init(params)
+  grads = {"b": jnp.full(2, 0.5), "z": jnp.array([0.3 - 0.4j, 2j],
+                                                  jnp.complex64)}
+  runs = []
+  for tx in (make(jnp.complex64), make(None)):
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+    runs.append(updates["z"])
+  np.testing.assert_array_equal(*runs)

@@ -8,6 +8,7 @@ rounding) and converges at O(r) on a non-quadratic loss.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -611,3 +612,53 @@ def test_check_says_when_the_penalty_probe_made_the_nan():
   with pytest.raises(og.NonFiniteGradientError) as error:
     og.check(state)
   assert "probe" not in str(error.value)
+
+
+def _complex_quadratic(seed=11, n=4):
+  """`L(z) = |Az - b|^2` over complex `z`, in closed form: its gradient as a
+  real vector is `u = 2 A^H (Az - b)` (JAX's `grad` returns `conj(u)`), and
+  that of `||u||` is `M u / ||u||`, `M = 2 A^H A`."""
+  rng = np.random.default_rng(seed)
+  cplx = lambda *shape: rng.normal(size=shape) + 1j * rng.normal(size=shape)
+  a, b, z = cplx(n, n), cplx(n), cplx(n)
+  a32, b32 = a.astype(np.complex64), b.astype(np.complex64)
+  loss_fn = lambda p: jnp.sum(jnp.abs(a32 @ p["z"] - b32) ** 2)
+  u = 2 * a.conj().T @ (a @ z - b)
+  return loss_fn, {"z": jnp.asarray(z, jnp.complex64)}, 2 * a.conj().T @ a, u
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("form", ["exact", "finite_difference",
+                                  "transformation"])
+def test_complex_parameters_against_the_closed_form(form, squared):
+  """The finite-difference probe steps along `conj(g) / ||g||` and keeps the
+  imaginary part: it once dropped it, and stepped the wrong way."""
+  loss_fn, params, m, u = _complex_quadratic()
+  norm = np.linalg.norm(u)
+  want = np.conj(u + (2 * STRENGTH * m @ u if squared else
+                      STRENGTH * m @ u / norm))
+  if form == "transformation":
+    tx = og.add_gradient_norm_penalty(STRENGTH, squared=squared, radius=0.05)
+    grad_fn = jax.grad(loss_fn)
+    grads, state = jax.jit(functools.partial(tx.update, grad_fn=grad_fn))(
+        grad_fn(params), tx.init(params), params)
+    np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-5)
+  else:
+    fn = og.gradient_norm_penalty(loss_fn, STRENGTH, squared=squared,
+                                  method=form, radius=0.05)
+    _, grads = jax.jit(fn)(params)
+  assert grads["z"].dtype == jnp.complex64
+  np.testing.assert_allclose(grads["z"], want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+
+
+def test_input_gradient_penalty_takes_the_modulus_of_complex_inputs():
+  """D(x) = Re(x . conj(w)): its input gradient is `w` (up to JAX's
+  conjugate), of squared norm `sum |w|^2`, imaginary parts included."""
+  rng = np.random.default_rng(12)
+  w = rng.normal(size=5) + 1j * rng.normal(size=5)
+  x = (rng.normal(size=(3, 5)) + 1j * rng.normal(size=(3, 5))
+       ).astype(np.complex64)
+  critic = lambda inputs: jnp.real(inputs @ jnp.conj(w.astype(np.complex64)))
+  np.testing.assert_allclose(og.input_gradient_penalty(critic, x),
+                             np.sum(np.abs(w) ** 2), rtol=1e-5)
