@@ -137,6 +137,14 @@ def guard(
   and Inf too. A skipped step returns exact zeros and leaves `inner`'s state
   bit-identical.
 
+  The update takes the batch's loss as `loss=` (or `value=`, optax's
+  name), for the non-finite and spike tests and the monitor's `loss/*`
+  entries. Extra arguments are passed on to `inner` (`value=` for
+  `optax.lbfgs` or `reduce_on_plateau`, `grad_fn=` for `optax.contrib.sam`
+  in its opaque mode); `loss=` and `value=` only where `inner`'s update
+  takes them, by name or `**kwargs` (`sam` names its own, and refuses any
+  other).
+
   Two paths, with the same results, metrics and guarantees: for a
   guard-aware optimizer (`og.adamw`, `og.adam`, `og.sgd`, or any
   `GuardAwareTransformation`) the keep/clip decision is handed to the
@@ -337,6 +345,7 @@ def guard(
                               stacked=layout.stacked, groups=layout.groups)
     norm = stats.global_norm
     loss = _skip.loss_from(extra_args, axis_name)
+    extra_args = _skip.for_inner(inner, extra_args)
     new = state._replace()
     if monitor:
       new = new._replace(monitor=_monitor.record(

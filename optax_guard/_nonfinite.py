@@ -228,6 +228,7 @@ def skip_nonfinite(
     stats = _stats.tree_stats(updates, axis_name=axis_name,
                               stacked=layout.stacked, groups=layout.groups)
     loss = _skip.loss_from(extra_args, axis_name)
+    extra_args = _skip.for_inner(inner, extra_args)
     loss_ok = (jnp.ones((), jnp.bool_) if loss is None else
                jnp.isfinite(loss))
     if _skip.takes_decision(inner, updates, state.inner_state):

@@ -6,6 +6,7 @@ The one place that decides how a skip is carried out, shared by
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -17,6 +18,27 @@ from optax_guard import _clipping
 from optax_guard import _metrics
 from optax_guard import _optimizers
 from optax_guard import _stats
+
+
+def for_inner(inner: optax.GradientTransformation,
+              extra_args: dict[str, Any]) -> dict[str, Any]:
+  """The extra arguments a wrapper passes on to `inner.update`: all of them,
+  but `loss=` and `value=` (which the wrapper reads itself) only where that
+  update can take them, by name or through `**kwargs`. An update that
+  names its own (optax's `sam`) refuses any other keyword, so with it no
+  loss could reach the wrapper at all."""
+  if not {"loss", "value"} & extra_args.keys():
+    return extra_args
+  try:
+    parameters = inspect.signature(inner.update).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: pass all on
+    return extra_args
+  if any(p.kind == p.VAR_KEYWORD for p in parameters):
+    return extra_args
+  named = {p.name for p in parameters
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  return {k: v for k, v in extra_args.items()
+          if k in named or k not in ("loss", "value")}
 
 
 def loss_from(extra_args: dict[str, Any],

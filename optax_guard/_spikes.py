@@ -335,6 +335,7 @@ def skip_spikes(
     check_history(state.norms, window, "skip_spikes", "window")
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     loss = _skip.loss_from(extra_args, axis_name)
+    extra_args = _skip.for_inner(inner, extra_args)
     spike, new_state = decide(state, norm, loss, sigma=sigma,
                               min_count=count,
                               max_consecutive=max_consecutive)

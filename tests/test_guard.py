@@ -1022,3 +1022,53 @@ def test_accumulator_hint_for_an_infinite_spike_norm_is_conditional(
     np.testing.assert_array_equal(updates["w"], 0.0)  # skipped for good
   else:
     np.testing.assert_allclose(updates["w"], -0.1)
+
+
+def _sam():
+  return optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2)
+
+
+@pytest.mark.standard_promotion  # traces optax's sam
+@pytest.mark.parametrize("wrap,reference,counter", [
+    (og.guard, lambda inner: optax.chain(optax.clip_by_global_norm(1.0),
+                                         inner), "optim/num_skipped"),
+    (og.skip_nonfinite, lambda inner: inner, "optim/num_skipped"),
+    (lambda inner: og.skip_spikes(inner, window=8), lambda inner: inner,
+     "optim/num_spikes")], ids=["guard", "skip_nonfinite", "skip_spikes"])
+def test_loss_reaches_the_wrapper_around_an_update_that_names_its_arguments(
+    wrap, reference, counter):
+  """optax's `sam` names its update's keywords and refuses any other, so a
+  `loss=` (or `value=`) passed on to it failed: no loss could reach the
+  wrapper. The wrapper reads them and passes them on only where they are
+  taken; `sam`'s own steps are unchanged."""
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  tx, ref = wrap(_sam()), reference(_sam())
+  state, ref_state = tx.init(params), ref.init(params)
+  for step, (loss, key) in enumerate([(2.0, "loss"), (1.5, "value"),
+                                      (np.nan, "loss"), (1.0, "loss")]):
+    grads = {"w": jnp.array([0.3, -0.2, 0.1]) * (step + 1)}
+    updates, new_state = jax.jit(tx.update)(grads, state, params,
+                                            **{key: jnp.float32(loss)})
+    if np.isfinite(loss):
+      want, ref_state = ref.update(grads, ref_state, params)
+      np.testing.assert_allclose(updates["w"], want["w"], rtol=1e-6)
+      params = optax.apply_updates(params, updates)
+    else:  # a NaN loss skips the step exactly
+      np.testing.assert_array_equal(updates["w"], np.zeros(3))
+      chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+    state = new_state
+  assert og.metrics(state)[counter] == 1
+
+
+def test_an_update_that_takes_keywords_is_given_the_loss():
+  """Where the inner update takes `**kwargs` (or names `loss`), the loss is
+  passed on, as before: an optax_guard piece inside reads it."""
+  taken = optax.GradientTransformationExtraArgs(
+      lambda p: optax.EmptyState(), lambda u, s, p=None, *, loss: (u, s))
+  assert _skip.for_inner(taken, {"loss": 1.0, "value": 2.0}) == {"loss": 1.0}
+  inner = og.skip_spikes(optax.sgd(0.1), window=8)
+  assert _skip.for_inner(inner, {"loss": 1.0}) == {"loss": 1.0}
+  params = {"w": jnp.ones(2)}
+  tx = og.skip_nonfinite(inner)
+  _, state = tx.update(params, tx.init(params), params, loss=3.0)
+  assert state.inner_state.losses.values[0] == 3.0
