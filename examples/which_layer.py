@@ -25,6 +25,7 @@ steps, blamed the right block for each, and the loss went down.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import sys
 from typing import Any
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--plot", metavar="PNG", help="write the plots")
   args = parser.parse_args(argv)
+  if args.plot and importlib.util.find_spec("matplotlib") is None:
+    parser.error("--plot needs matplotlib: pip install -e '.[plot]'")
   if args.steps <= NAN_STEP:
     parser.error(f"--steps must exceed {NAN_STEP}, the last fault")
 
@@ -143,12 +146,20 @@ def main(argv: list[str] | None = None) -> int:
       why = ("non-finite gradients in " +
              ", ".join(f"{g} ({int(at[f'optim/last_bad_nonfinite/{g}'])})"
                        for g in bad))
+    elif not np.isfinite(at["loss/value"]):
+      blamed[int(step)] = None
+      why = "the loss is not finite"
     else:
-      layer = names[int(at["grad/spike_layer"])]
+      # -1 while the blocks' z-scores still warm up (their EMAs' first
+      # steps): no block to name yet.
+      index = int(at["grad/spike_layer"])
+      layer = names[index] if index >= 0 else None
       blamed[int(step)] = layer
       why = (f"gradient norm {at['grad/norm']:.3g} above the spike threshold "
-             f"{at['grad/spike_threshold']:.3g}; the block that moved most: "
-             f"{layer} (z-score {at[f'grad/zscore/{layer}']:.3g})")
+             f"{at['grad/spike_threshold']:.3g}; " + (
+                 f"the block that moved most: {layer} (z-score "
+                 f"{at[f'grad/zscore/{layer}']:.3g})" if layer else
+                 "the blocks' z-scores are still warming up"))
     print(f"step {step}: skipped: {why}")
   losses = record["loss/value"]
   first, last = losses[:10].mean(), losses[-10:].mean()

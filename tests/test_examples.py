@@ -60,3 +60,17 @@ def test_quickstart_refuses_a_count_below_one(flag, capsys):
   assert exit_info.value.code == 2
   assert ("--steps and --log-every must be at least 1"
           in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-norm", "0"], "`max_norm` must be a finite real number > 0"),
+    (["--lr", "nan"], "`learning_rate` must be a finite real number >= 0")])
+def test_quickstart_refuses_a_bad_number_before_training(argv, message,
+                                                         capsys):
+  """A bad `--max-norm` or `--lr` came as a traceback, after the unguarded
+  run had trained."""
+  with pytest.raises(SystemExit) as exit_info:
+    _constants("quickstart").main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr()
+  assert message in err.err and "== unguarded ==" not in err.out
