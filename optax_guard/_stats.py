@@ -1071,10 +1071,13 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     # In the block's own dtype: a float64 beyond float32's range (an Inf
     # `a`) is finite, in the top decade.
     finite, nan = jnp.isfinite(block), jnp.isnan(block)
+    # A float64 below float32's range (a zero `a`) is a non-zero element of
+    # the lowest decade, as the bucket promises.
+    nonzero = (block != 0) if block.dtype == jnp.float64 else a > 0
     # at_least[j]: finite non-zero elements with |x| >= edges[j]. All the
     # counts in one variadic reduction: one per mask made XLA:CPU write
     # each mask out first (temporaries of 18x the gradients).
-    masks = [finite, nan, finite & (a > 0)] + [finite & (a >= e)
+    masks = [finite, nan, finite & nonzero] + [finite & (a >= e)
                                               for e in edges]
     n_finite, n_nan, *at_least = sum_terms(
         [m.astype(jnp.int32) for m in masks], axes)
