@@ -95,17 +95,26 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
   if callable(stacked):
     flags = [bool(stacked(name)) for name in names]
   else:
-    under = lambda name, p: name == p or name.startswith(p + "/")
+    # Each name's "/"-prefixes looked up in a set: linear in the leaves
+    # (a loop over names for every prefix was quadratic in them).
+    wanted, below = set(stacked), {}
+    for i, name in enumerate(names):
+      parts = name.split("/")
+      for k in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:k])
+        if prefix in wanted:
+          below.setdefault(prefix, []).append(i)
     for p in stacked:
-      if not any(under(name, p) for name in names):
+      if p not in below:
         raise ValueError(
             f"`stacked` names {p!r}, which is no layer of the parameters "
             f"and no prefix of one; their layers are {list(names)[:5]}"
             f"{' ...' if len(names) > 5 else ''}.")
-    flags = [any(under(name, p) for p in stacked) for name in names]
-    for p in stacked:  # one `scan` stacks all the leaves below it alike
-      sizes = {name: np.shape(leaf)[0] for name, (_, leaf) in zip(names, paths)
-               if under(name, p) and np.ndim(leaf)}
+    marked = {i for leaves in below.values() for i in leaves}
+    flags = [i in marked for i in range(len(names))]
+    for p, leaves in below.items():  # one `scan` stacks its leaves alike
+      sizes = {names[i]: np.shape(paths[i][1])[0] for i in leaves
+               if np.ndim(paths[i][1])}
       if len(set(sizes.values())) > 1:
         raise ValueError(
             f"`stacked` names {p!r}, but the leaves below it have leading "
