@@ -648,25 +648,28 @@ def named(states: list[Any]) -> dict[str, Any]:
     # partitions of `optax.multi_transform`) are one view. All of the
     # state's renamed metrics get one number, higher than any given before
     # to them (so that the numbers follow tree order).
-    metric = lambda name: "/".join(name.split("/")[:depth + 2])
-    taken = {metric(name) for name in named
-             if name in out or metric(name) in (
-                 layered if name == metric(name) else totals)}
+    # Each name's metric part, taken once (per-layer names run to
+    # thousands, and `MetricsLog` names every row).
+    metric_of = {name: "/".join(name.split("/", depth + 2)[:depth + 2])
+                 for name in named}
+    taken = {m for name, m in metric_of.items()
+             if name in out or m in (layered if name == m else totals)}
     # A spike layer is an index into its own state's z-score entries, which
     # must then not merge with another state's into one view.
     taken |= {m[:-len("spike_layer")] + "zscore" for m in taken
               if m.endswith("/spike_layer")}
-    renamed = [name for name in named if metric(name) in taken]
+    renamed = [name for name, m in metric_of.items() if m in taken]
     if renamed:
       k = 1 + max(last_repeat.get(m, 0) for m in taken)
       while any(_repeat(name, k, depth) in out for name in renamed):
         k += 1
       last_repeat.update(dict.fromkeys(taken, k))
-    given = {_repeat(name, k, depth) if metric(name) in taken else name:
-             value for name, value in named.items()}
-    for name in given:
-      (totals if name == metric(name) else layered).add(metric(name))
-    out.update(given)
+    for name, value in named.items():
+      m = metric_of[name]
+      if m in taken:  # (a repeat's metric part is the metric's, `.k` added)
+        name, m = _repeat(name, k, depth), f"{m}.{k}"
+      (totals if name == m else layered).add(m)
+      out[name] = value
   return out
 
 
