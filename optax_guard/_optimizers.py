@@ -716,19 +716,17 @@ def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float | None = None,
           f"momentum trace, but this `sgd` has momentum={momentum!r}; "
           f"{_args.OTHER_CONFIGURATION}")
     _check_updates(updates, state.trace, params, "sgd")
-    if momentum is not None and (acc_dtype is not None or params is not None):
-      # `init` puts the trace in `accumulator_dtype`, else in the
-      # parameter's: a state of another would keep its own.
-      owners = (jax.tree.leaves(state.trace) if params is None else
-                        jax.tree.leaves(params))
-      for t, p in zip(jax.tree.leaves(state.trace), owners):
-        want = _moment_dtype(p, acc_dtype)
+    if momentum is not None and acc_dtype is not None:
+      # `init` puts the trace in `accumulator_dtype`: a state of another
+      # would keep its own. (Without one, the trace has the parameter's
+      # dtype at `init`, which the parameters may have left since.)
+      want = jax.dtypes.canonicalize_dtype(acc_dtype)
+      for t in jax.tree.leaves(state.trace):
         if jnp.result_type(t) != want:
           raise ValueError(
               f"The state's momentum trace is {jnp.result_type(t)}, but this "
               f"`sgd` keeps it in {want} (accumulator_dtype="
-              f"{None if acc_dtype is None else jnp.dtype(acc_dtype).name}); "
-              f"{_args.OTHER_CONFIGURATION}")
+              f"{jnp.dtype(acc_dtype).name}); {_args.OTHER_CONFIGURATION}")
     decision = _decision_args(guard_keep, guard_scale)
     keep = None if decision is None else decision[0]
     static, traced = _split_hyper(lr=_value(learning_rate, state.count,

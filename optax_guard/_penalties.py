@@ -234,7 +234,8 @@ def _norm(grads: Any, axis_name: _stats.AxisName, who: str) -> jax.Array:
         "gradient's; if each device is to penalise its own gradient "
         "(parameters made per-device), run the step under `pmap` or "
         "`shard_map(..., check_vma=False)`.")
-  if any(jnp.finfo(x.dtype).dtype == jnp.float64 for x in leaves):
+  _stats.refuse_float0(leaves)
+  if any(x.dtype in (jnp.float64, jnp.complex128) for x in leaves):
     return _safe_norm(leaves)  # (squares overflow only beyond ~1e154)
   return _stats.tree_stats(leaves).global_norm
 

@@ -593,10 +593,11 @@ def computed_in(dtype: Any, at_least: Any = jnp.float32) -> Any:
   part's at least as wide as float32 (and `at_least`), complex for a complex
   leaf, whose imaginary part a real dtype would drop."""
   dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.complexfloating):
+    return max(at_least_float32(dtype), jnp.dtype(at_least),
+               key=lambda d: d.itemsize)
   real = max(at_least_float32(jnp.finfo(dtype).dtype), jnp.dtype(at_least),
              key=lambda d: d.itemsize)
-  if not jnp.issubdtype(dtype, jnp.complexfloating):
-    return real
   return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
 
 
@@ -1073,7 +1074,8 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
     finite, nan = jnp.isfinite(block), jnp.isnan(block)
     # A float64 below float32's range (a zero `a`) is a non-zero element of
     # the lowest decade, as the bucket promises.
-    nonzero = (block != 0) if block.dtype == jnp.float64 else a > 0
+    nonzero = ((block != 0) if block.dtype in (jnp.float64, jnp.complex128)
+               else a > 0)
     # at_least[j]: finite non-zero elements with |x| >= edges[j]. All the
     # counts in one variadic reduction: one per mask made XLA:CPU write
     # each mask out first (temporaries of 18x the gradients).

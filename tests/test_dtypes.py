@@ -343,6 +343,10 @@ tiny = {"w": jnp.array([1e-300, 1e-45, 0.0, 1.0])}
 _, s = og.monitor(histogram=True).update(tiny, og.monitor(histogram=True).init(tiny))
 hist = dict(zip(og.HIST_BUCKETS, np.asarray(og.metrics(s)["grad/hist/w"]).tolist()))
 assert (hist["zero"], hist["1e-10"], hist["1e0"]) == (1, 2, 1), hist
+tiny = {"w": jnp.array([1e-300j, 1e-45, 0.0, 1.0])}  # complex128
+_, s = og.monitor(histogram=True).update(tiny, og.monitor(histogram=True).init(tiny))
+hist = dict(zip(og.HIST_BUCKETS, np.asarray(og.metrics(s)["grad/hist/w"]).tolist()))
+assert (hist["zero"], hist["1e-10"], hist["1e0"]) == (1, 2, 1), hist
 u, s = og.zero_nonfinite().update(big, og.zero_nonfinite().init(big))
 assert np.asarray(u["w"]).tolist() == [1e200, 1.0, 2.0]
 assert int(og.metrics(s)["optim/num_zeroed_steps"]) == 0

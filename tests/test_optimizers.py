@@ -1281,20 +1281,23 @@ def test_a_state_of_another_mu_dtype_is_refused():
 def test_a_state_of_another_sgd_configuration_is_refused():
   """The trace of another `accumulator_dtype` was taken and kept (optax's
   casts it), and a trace where this `sgd` has no momentum, or none where it
-  has, was taken or failed somewhere inside."""
+  has, was taken or failed somewhere inside. Parameters cast after `init`
+  keep their trace, as in optax."""
   params = {"w": jnp.ones(4)}
   bf16 = og.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.bfloat16)
   f32 = og.sgd(0.1, momentum=0.9)
-  with pytest.raises(ValueError, match=re.escape(
-      "The state's momentum trace is bfloat16, but this `sgd` keeps it in "
-      "float32 (accumulator_dtype=None); the state was made by a "
-      "transformation built otherwise")):
-    og.guard(f32).update(params, og.guard(f32).init(params)._replace(
-        inner_state=bf16.init(params)), params)
-  with pytest.raises(ValueError, match=re.escape(
+  message = re.escape(
       "The state's momentum trace is float32, but this `sgd` keeps it in "
-      "bfloat16 (accumulator_dtype=bfloat16)")):
+      "bfloat16 (accumulator_dtype=bfloat16); the state was made by a "
+      "transformation built otherwise")
+  with pytest.raises(ValueError, match=message):
+    og.guard(bf16).update(params, og.guard(bf16).init(params)._replace(
+        inner_state=f32.init(params)), params)
+  with pytest.raises(ValueError, match=message):
     bf16.update(params, f32.init(params))  # (no params needed)
+  cast = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  _, state = f32.update(cast, f32.init(params), cast)
+  assert state.trace["w"].dtype == jnp.float32
   with pytest.raises(ValueError, match=re.escape(
       "The state has a momentum trace, but this `sgd` has momentum=None; "
       "the state was made")):

@@ -662,3 +662,22 @@ def test_input_gradient_penalty_takes_the_modulus_of_complex_inputs():
   critic = lambda inputs: jnp.real(inputs @ jnp.conj(w.astype(np.complex64)))
   np.testing.assert_allclose(og.input_gradient_penalty(critic, x),
                              np.sum(np.abs(w) ** 2), rtol=1e-5)
+
+
+def test_an_integer_or_float0_gradient_leaf_beside_the_weights():
+  """An integer leaf (a step count kept in the parameters) is penalised as
+  a float is (its gradient here is 0); a float0 one (`jax.grad(...,
+  allow_int=True)`) is refused with the sentence that says what it is."""
+  params = {"w": jnp.array([1.0, 2.0]), "n": jnp.array([3, 4])}
+  int_grad_fn = lambda p: {"w": 2 * p["w"], "n": jnp.zeros(2, jnp.int32)}
+  tx = og.add_gradient_norm_penalty(0.1)
+  updates, state = tx.update(int_grad_fn(params), tx.init(params), params,
+                             grad_fn=int_grad_fn)
+  g = np.array([2.0, 4.0])
+  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(g), rtol=1e-6)
+  # L = |w|^2: H = 2I, so the penalty's gradient is 0.1 * 2g / |g|.
+  np.testing.assert_allclose(updates["w"], g + 0.2 * g / np.linalg.norm(g),
+                             rtol=1e-4)
+  grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)
+  with pytest.raises(ValueError, match="A gradient leaf has dtype float0"):
+    tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
