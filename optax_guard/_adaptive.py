@@ -337,7 +337,8 @@ def window_percentile(window: _spikes.Window, q: Any) -> jax.Array:
   """f32[]: `np.percentile(accepted values, q)` (linear), +Inf when empty."""
   size = window.values.shape[0]
   n = jnp.minimum(window.num_accepted, size)
-  ranked = jnp.sort(jnp.where(jnp.arange(size) < n, window.values, jnp.inf))
+  valid = jnp.arange(size, dtype=jnp.int32) < n  # (int32 as `n`, in x64)
+  ranked = jnp.sort(jnp.where(valid, window.values, jnp.inf))
   # `q * (n - 1)` first: exact for integer q, so that a position that is a
   # whole number comes out whole (q / 100 first made 60% of 26 values
   # 15.000001, and a sliver of a huge gap above the 16th value).

@@ -45,8 +45,9 @@ def window_push(window: Window, value: jax.Array, accept: jax.Array) -> Window:
   slot = window.num_accepted % size
   # A select, not `.at[slot].set`: after expanding a scatter, XLA runs its
   # simplifier over the whole step again (three more rounds when compiled).
-  values = jnp.where((jnp.arange(size) == slot) & accept, value,
-                     window.values)
+  # (Positions in int32, as the counts, also in 64-bit mode.)
+  at_slot = jnp.arange(size, dtype=jnp.int32) == slot
+  values = jnp.where(at_slot & accept, value, window.values)
   n = window.num_accepted
   head = jnp.where(n < size - 1, n + 1, size + (n - (size - 1)) % size)
   return Window(values, jnp.where(accept, head, n))
@@ -80,7 +81,7 @@ def window_baseline(window: Window, sigma: Any, min_count: Any) -> Baseline:
   """The mean, std and threshold of the accepted values in `window`."""
   size = window.values.shape[0]
   n = jnp.minimum(window.num_accepted, size)
-  valid = jnp.arange(size) < n
+  valid = jnp.arange(size, dtype=jnp.int32) < n
   nf = jnp.maximum(n, 1).astype(jnp.float32)
   # Without squaring or summing past float32's range: an accepted norm of
   # ~2e19 would otherwise make the threshold Inf while it stays in the window.

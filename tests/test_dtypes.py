@@ -368,6 +368,16 @@ for tail in ([], [np.nan]):
   assert float(og.metrics(s)["grad/frac_clipped"]) == np.float32(want), s
   _, s = og.monitor().update(g, og.monitor().init(g))
   assert float(og.metrics(s)["grad/frac_above_1/w"]) == np.float32(want), s
+# Under strict promotion too: the histories' positions are int32, as their
+# counts (an int64 `arange` beside them was refused).
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+p = {"w": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
+for tx in (og.guard(og.adamw(0.1), zscore=True), og.zclip(), og.autoclip(),
+           og.skip_spikes(og.sgd(0.1), window=4)):
+  s = tx.init(p)
+  for i in range(3):
+    _, s = jax.jit(tx.update)(p, s, p, loss=jnp.float32(i))
+jax.config.update("jax_numpy_dtype_promotion", "standard")
 print("ok")
 """
 
