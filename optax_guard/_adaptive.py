@@ -615,8 +615,11 @@ def zclip(
     else:
       threshold = state.mean + zt * (std + f32(eps))
       spike = z > zt
-      target = (state.mean + zt * std / (z / zt) if mode == "reciprocal"
-                else state.mean)
+      # z / zt only where it spikes (z > zt > 0): a z of 0 elsewhere made
+      # x / 0, whose NaN the `where` below hides from the value but not
+      # from reverse-mode derivatives.
+      target = (state.mean + zt * std / (jnp.where(spike, z, zt) / zt)
+                if mode == "reciprocal" else state.mean)
     spike = ready & finite & spike
     seen = jnp.where(spike, target, norm)  # what the EMAs learn from
     mean = a * state.mean + (1.0 - a) * seen

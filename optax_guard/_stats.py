@@ -549,10 +549,13 @@ def combine_norms(norms: jax.Array) -> jax.Array:
   top = jnp.max(norms)
   factor = _prescale(top)
   safe = jnp.where((top > 0) & jnp.isfinite(top), top * factor, 1.0)
+  # Not finite: `top` is NaN where a norm is (`max` keeps it), else Inf. No
+  # NaN constant is made, which `jax_debug_nans` would flag op by op (under
+  # `jax.disable_jit`) on every finite step.
   return jnp.where(
       jnp.isfinite(top),
       safe * jnp.sqrt(jnp.sum(jnp.square(norms * factor / safe))) / factor,
-      jnp.where(jnp.any(jnp.isnan(norms)), jnp.nan, jnp.inf))
+      top)
 
 
 @combine_norms.defjvp
@@ -1040,7 +1043,7 @@ def _full_stats(blocks: Blocks, axis_name: AxisName,
   # A non-finite leaf's norm is NaN if it holds a NaN (the sums keep it),
   # else Inf.
   norms = jnp.where(nonfinite > 0,
-                    jnp.where(jnp.isnan(sumsq), jnp.nan, jnp.inf), norms)
+                    jnp.where(jnp.isnan(sumsq), sumsq, jnp.inf), norms)
   return TreeStats(norms, nonfinite, sizes,
                    None if count_above is None else summed[4],
                    combine_norms(norms))

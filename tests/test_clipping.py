@@ -605,3 +605,22 @@ def test_numpy_float64_gradients_pass_eagerly_without_warnings():
                og.add_decayed_weights(0.1, mask=None)):
       updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], [3.1, 4.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("make,scale", [
+    (lambda: og.clip_by_global_norm(1.0), 1.0), (og.monitor, 1.0),
+    (lambda: og.guard(og.adamw(1e-3), spike_sigma=None), 1.0),
+    (og.zclip, 0.0)], ids=["clip", "monitor", "guard", "zclip zeros"])
+def test_debug_nans_op_by_op_on_a_finite_step(make, scale):
+  """`jax.disable_jit()` with `jax_debug_nans`, JAX's way to find where a
+  NaN is made, checks every operation: a NaN constant built for the
+  non-finite case (and not selected) raised on finite gradients, and so
+  did zclip's reciprocal target at a z of 0 (0 / 0 with zero gradients)."""
+  params = {"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)}
+  grads = {"w": jnp.array([30.0, 40.0]) * scale,
+           "b": jnp.array([0.0, 1e-3]) * scale}
+  tx = make()
+  state = tx.init(params)
+  with jax.disable_jit(), jax.debug_nans(True):
+    updates, _ = tx.update(grads, state, params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(updates))
