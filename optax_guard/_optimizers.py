@@ -311,7 +311,8 @@ def _check_moment_dtype(params: Any, dtype: Any, name: str) -> None:
   if dtype is None or jnp.issubdtype(dtype, jnp.complexfloating):
     return
   for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if jnp.iscomplexobj(_metrics.unwrap(p)):
+    p = _metrics.unwrap(p)
+    if jnp.iscomplexobj(p):
       raise ValueError(
           f"`{name}`={jnp.dtype(dtype).name} is real, but the parameter "
           f"{_metrics.path_name(path)!r} is {jnp.result_type(p)}: its "
@@ -326,17 +327,11 @@ def _moment(param: Any, dtype: Any) -> jax.Array:
   second moment stuck at 0). Never weakly typed (a `jnp.array(0.0)`
   parameter), as `update` returns it. `zeros_like` keeps the parameter's
   sharding and varying-axes type."""
-  return jnp.zeros_like(param, dtype=_moment_dtype(param, dtype))
-
-
-def _moment_dtype(param: Any, dtype: Any) -> Any:
-  """The dtype of `_moment(param, dtype)`."""
-  if dtype is not None:
-    return jax.dtypes.canonicalize_dtype(dtype)
-  dtype = jnp.dtype(jnp.result_type(param))
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    dtype = jnp.dtype(jnp.result_type(float))
-  return dtype
+  if dtype is None:
+    dtype = jnp.dtype(jnp.result_type(param))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.dtype(jnp.result_type(float))
+  return jnp.zeros_like(param, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "nesterov"))
@@ -420,7 +415,7 @@ def _check_denominator(eps: Any, eps_root: Any, params: Any = None) -> None:
       continue
     # The arithmetic runs in float32 at least, where XLA flushes subnormal
     # numbers to 0: a value must be a normal number there.
-    tiny = float(jnp.finfo(_stats.at_least_float32(dtype)).tiny)
+    tiny = float(jnp.finfo(_stats.computed_in(dtype)).tiny)
     if not any(abs(float(np.asarray(v, dtype))) >= tiny for v in values):
       tiny = max(tiny, float(jnp.finfo(dtype).smallest_subnormal))
       raise ValueError(

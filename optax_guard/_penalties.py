@@ -55,9 +55,9 @@ def _fd_direction(grads: Any, norm: jax.Array) -> Any:
   loss w.r.t. a complex parameter is the conjugate of that direction."""
   inv = jnp.where(norm > 0, 1 / jnp.where(norm > 0, norm, 1), 0)
   def scale(g):
-    dtype = _stats.computed_in(g.dtype, inv.dtype)
-    ascent = jnp.conj(g.astype(dtype)) if jnp.iscomplexobj(g) else g
-    return (ascent.astype(dtype) * inv.astype(dtype)).astype(g.dtype)
+    wide = g.astype(_stats.computed_in(g.dtype, inv.dtype))
+    ascent = jnp.conj(wide) if jnp.iscomplexobj(g) else wide
+    return (ascent * inv.astype(wide.dtype)).astype(g.dtype)
   return jax.tree.map(scale, grads)
 
 

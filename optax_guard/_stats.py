@@ -585,22 +585,17 @@ def magnitude(x: jax.Array) -> jax.Array:
   return jnp.abs(x.astype(jnp.float32))
 
 
-def at_least_float32(dtype: Any) -> Any:
-  """The dtype a real float `dtype` is computed in: float32, or float64."""
-  return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64
-                   else jnp.float32)
-
-
 def computed_in(dtype: Any, at_least: Any = jnp.float32) -> Any:
-  """The dtype a float or complex leaf of `dtype` is computed in: its real
-  part's at least as wide as float32 (and `at_least`), complex for a complex
-  leaf, whose imaginary part a real dtype would drop."""
+  """The dtype a float or complex leaf of `dtype` is computed in: float32,
+  or wider where the leaf (or `at_least`) is (float64); complex for a
+  complex leaf, whose imaginary part a real dtype would drop."""
   dtype = jnp.dtype(dtype)
-  if not jnp.issubdtype(dtype, jnp.complexfloating):
-    return max(at_least_float32(dtype), jnp.dtype(at_least),
-               key=lambda d: d.itemsize)
-  real = max(at_least_float32(jnp.finfo(dtype).dtype), jnp.dtype(at_least),
-             key=lambda d: d.itemsize)
+  is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
+  part = jnp.finfo(dtype).dtype if is_complex else dtype
+  real = jnp.dtype(jnp.float64 if jnp.float64 in (part, jnp.dtype(at_least))
+                   else jnp.float32)
+  if not is_complex:
+    return real
   return jnp.dtype(jnp.complex128 if real == jnp.float64 else jnp.complex64)
 
 
@@ -996,7 +991,7 @@ def _counted(block: jax.Array) -> jax.Array:
   the threshold would not be counted)."""
   if jnp.iscomplexobj(block):
     return magnitude(block)
-  return jnp.abs(block.astype(at_least_float32(block.dtype)))
+  return jnp.abs(block.astype(computed_in(block.dtype)))
 
 
 def _count_above(blocks: Blocks, threshold: Any,
