@@ -256,7 +256,7 @@ def check_groups(groups: Any) -> None:
 class Layout(NamedTuple):
   """How one tree's leaves become per-layer entries (static, trace time)."""
   stacked: list[bool] | None  # per leaf: its leading axis stacks layers.
-  groups: np.ndarray | None   # bool[G, L]: the layers each group sums.
+  groups: np.ndarray | None   # int[L]: each layer's group, in `names`' order.
   names: tuple[str, ...]      # the entries' names: groups', else layers'.
 
 
@@ -284,9 +284,9 @@ class Layers:
             f"`groups` must return a non-empty string (the group's name) for every "
             f"layer, but returned {key!r} for {name!r}.")
       keys.append(key)
-    order = list(dict.fromkeys(keys))  # groups in order of their first layer
-    member = np.array([[k == g for k in keys] for g in order], bool)
-    return Layout(flags, member.reshape(len(order), len(keys)), tuple(order))
+    order = {g: i for i, g in enumerate(dict.fromkeys(keys))}  # by first layer
+    return Layout(flags, np.array([order[k] for k in keys], np.int32),
+                  tuple(order))
 
   def names(self, tree: Any) -> tuple[str, ...]:
     return self.of(tree).names

@@ -771,18 +771,37 @@ def tree_stats(tree: Any, *, axis_name: AxisName = None,
                groups: np.ndarray | None = None,
                full: bool = False) -> TreeStats:
   """Measures every leaf of `tree` (see `layer_stats`); with `groups`
-  (`bool[G, L]`, `_metrics.Layout`), one entry per group of layers instead:
-  the norm of the group's layers together, their counts and sizes summed."""
+  (`int[L]`, each layer's group: `_metrics.Layout`), one entry per group of
+  layers instead: the norm of the group's layers together, their counts and
+  sizes summed."""
   stats = layer_stats(tree, axis_name=axis_name, count_above=count_above,
                       stacked=stacked, full=full)
   if groups is None:
     return stats
+  # Each group's norms in a row, padded with zeros (which add nothing to a
+  # norm): `[groups, largest group]`, not `[groups, layers]`.
+  members = _group_members(groups)
+  padded = jnp.concatenate([stats.norms, jnp.zeros((1,), stats.norms.dtype)])
   return TreeStats(
-      jax.vmap(combine_norms)(jnp.where(groups, stats.norms, 0.0)),
+      jax.vmap(combine_norms)(padded[members]),
       group_sums(stats.nonfinite, groups), group_sums(stats.sizes, groups),
       None if stats.count_above is None else group_sums(stats.count_above,
                                                         groups),
       stats.global_norm)
+
+
+def _group_members(groups: np.ndarray) -> np.ndarray:
+  """`int[G, M]`: the layers of each group, padded with `len(groups)`."""
+  members = [np.flatnonzero(groups == g) for g in range(_num_groups(groups))]
+  table = np.full((len(members), max(map(len, members), default=0)),
+                  len(groups), np.int32)
+  for row, layers in zip(table, members):
+    row[:len(layers)] = layers
+  return table
+
+
+def _num_groups(groups: np.ndarray) -> int:
+  return int(groups.max()) + 1 if groups.size else 0
 
 
 def nonfinite_to_zero(tree: Any) -> Any:
@@ -815,10 +834,10 @@ def any_nonfinite(tree: Any, *, axis_name: AxisName = None,
 
 
 def group_sums(values: jax.Array, groups: np.ndarray) -> jax.Array:
-  """`[G, ...]`: the sums of `values` (`[L, ...]`) over each group's layers."""
-  member = groups.reshape(groups.shape + (1,) * (values.ndim - 1))
-  return jnp.sum(jnp.where(member, values[None], 0), axis=1,
-                 dtype=values.dtype)
+  """`[G, ...]`: the sums of `values` (`[L, ...]`) over each group's layers
+  (`groups`: each layer's group). A segment sum, linear in the layers: a
+  `[G, L, ...]` mask had made temporaries grow with their square."""
+  return jax.ops.segment_sum(values, groups, _num_groups(groups))
 
 
 def layer_stats(tree: Any, *, axis_name: AxisName = None,
@@ -1056,7 +1075,8 @@ def log_histograms(tree: Any, *, axis_name: AxisName = None,
                    stacked: Sequence[bool] | None = None,
                    groups: np.ndarray | None = None) -> jax.Array:
   """i32[L, len(HIST_BUCKETS)]: counts of each leaf over log10-magnitude bins
-  (`[G, ...]`, summed over each group's layers, with `groups`)."""
+  (`[G, ...]`, summed over each group's layers, with `groups`: `int[L]`,
+  each layer's group)."""
   leaves = as_arrays(jax.tree_util.tree_leaves(tree))
   if not leaves:
     return jnp.zeros((0, len(HIST_BUCKETS)), jnp.int32)

@@ -83,6 +83,42 @@ def test_monitor_groups_against_numpy():
   assert not any(k.startswith("grad/norm/Dense_0/") for k in m)
 
 
+def test_groups_whose_layers_interleave_against_numpy():
+  """Groups that are not runs of consecutive layers (kernels, biases)."""
+  by_kind = lambda name: name.rsplit("/", 1)[-1]  # noqa: E731
+  grads = _arrays(5, 3.0)
+  grads["Dense_0/bias"][0] = np.inf
+  tx = og.monitor(groups=by_kind, histogram=True)
+  _, state = jax.jit(tx.update)(_tree(grads), tx.init(_tree(grads)))
+  m = og.metrics(state)
+  g = _by_group(grads, by_kind)
+  assert state.layer_norms.names == ("bias", "kernel", "head")
+  for name in ("kernel", "head"):
+    np.testing.assert_allclose(m[f"grad/norm/{name}"], _norm(g[name]),
+                               rtol=1e-6)
+  assert m["grad/norm/bias"] == np.inf
+  for name in g:
+    assert m[f"grad/nonfinite/{name}"] == np.sum(~np.isfinite(g[name]))
+    np.testing.assert_array_equal(m[f"grad/hist/{name}"],
+                                  _np_histogram(g[name]))
+
+
+def test_many_groups_keep_temporaries_linear_in_layers():
+  """400 layers in 200 groups: summing each group's histogram through a
+  `[groups, layers, buckets]` mask kept 6 MB of temporaries (67x the
+  monitor without groups); a segment sum keeps about what it does."""
+  params = {f"m{i % 200}/l{i}": jnp.ones((8,), jnp.float32)
+            for i in range(400)}
+
+  def temporaries(groups):
+    tx = og.monitor(groups=groups, histogram=True)
+    compiled = jax.jit(tx.update).lower(params, tx.init(params),
+                                        params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temporaries(BY_MODULE) < 2 * temporaries(None)
+
+
 def test_update_ratio_is_per_group():
   updates, params = _arrays(2, 1e-3), _arrays(3)
   tx = og.monitor(kind="update", groups=BY_MODULE)
