@@ -104,8 +104,13 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
         prefix = "/".join(parts[:k])
         if prefix in wanted:
           below.setdefault(prefix, []).append(i)
+    # A name may be hidden here by `optax.masked` / `multi_transform`
+    # (the same `stacked=` given to every part): this part has no such layer.
+    hidden = {"/".join(parts[:k]) for name, masked in _named_leaves(tree)
+              if masked for parts in [name.split("/")]
+              for k in range(1, len(parts) + 1)}
     for p in stacked:
-      if p not in below:
+      if p not in below and p not in hidden:
         raise ValueError(
             f"`stacked` names {p!r}, which is no layer of the parameters "
             f"and no prefix of one; their layers are {list(names)[:5]}"
@@ -163,11 +168,17 @@ def leaf_names(tree: Any) -> tuple[str, ...]:
   from this part (`MaskedNode`s) included: a leaf is named alike in every
   part, and by the whole tree's monitor.
   """
+  return tuple(name for name, hidden in _named_leaves(tree) if not hidden)
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, bool]]:
+  """Each leaf's name (see `leaf_names`) and whether a `MaskedNode` hides it
+  from this part of an `optax.masked` or `multi_transform`."""
   masked = lambda x: isinstance(x, optax.MaskedNode)
   paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=masked)[0]
   short = collections.Counter(path_name(path) for path, _ in paths)
-  return tuple(path_name(path, keep_collection=short[path_name(path)] > 1)
-               for path, leaf in paths if not masked(leaf))
+  return [(path_name(path, keep_collection=short[path_name(path)] > 1),
+           masked(leaf)) for path, leaf in paths]
 
 
 def leaf_paths(tree: Any) -> tuple[str, ...]:

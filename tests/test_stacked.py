@@ -316,3 +316,33 @@ def test_clip_by_layer_norm_clips_each_stacked_layer_against_numpy():
       "updates with 3;")):
     tx.update({"blocks": {"kernel": jnp.ones((2, 4, 4))},
                "head": jnp.ones(4)}, state)
+
+
+def test_one_stacked_setting_in_every_part_of_multi_transform():
+  """The same `stacked=` given to each part: the part whose mask hides the
+  stack has no such layer, which is no error (it was refused as "no layer
+  of the parameters"); a name that is nowhere in the tree still is."""
+  params = {"blocks": {"w": jnp.arange(24.0).reshape(4, 3, 2)},
+            "head": jnp.ones(3)}
+  grads = jax.tree.map(lambda x: x * 0.5, params)
+  labels = {"blocks": {"w": "body"}, "head": "head"}
+
+  def parts(stacked):
+    return optax.multi_transform(
+        {label: og.guard(og.sgd(0.1), stacked=stacked, max_norm=1e9)
+         for label in ("body", "head")}, labels)
+
+  tx = parts(("blocks",))
+  _, state = tx.update(grads, tx.init(params), params)
+  body = og.metrics(state.inner_states["body"])
+  head = og.metrics(state.inner_states["head"])
+  g = np.asarray(grads["blocks"]["w"])
+  for i in range(4):
+    np.testing.assert_allclose(body[f"grad/norm/blocks/w/{i}"],
+                               np.sqrt(np.sum(g[i] ** 2)), rtol=1e-6)
+  assert not any(k.startswith("grad/norm/blocks") for k in head)
+  np.testing.assert_allclose(head["grad/norm/head"], np.sqrt(3 * 0.25),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="`stacked` names 'blocs', which is "
+                     "no layer of the parameters"):
+    parts(("blocs",)).init(params)
