@@ -191,7 +191,11 @@ def _worst(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
                              nan.astype(values.dtype),
                              minus_inf.astype(values.dtype)]), axes)
   top = jnp.where((rows[2] > 0) & jnp.isfinite(rows[0]), -jnp.inf, rows[0])
-  return jnp.where(rows[1] > 0, jnp.nan, top)
+  # A device's NaN made here only where one is (`rows[0]` is then +Inf, and
+  # Inf * 0 is NaN): a NaN constant, made on every step, is what
+  # `jax_debug_nans` flags op by op (under `jax.disable_jit`).
+  any_nan = rows[1] > 0
+  return jnp.where(any_nan, jnp.where(any_nan, rows[0], 1.0) * 0, top)
 
 
 @_worst.defjvp

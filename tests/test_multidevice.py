@@ -546,6 +546,28 @@ def test_pmap_finite_norm_is_worst_device_same_device_for_every_leaf():
                              np.full(NUM_DEVICES, max(per_device)), rtol=RTOL)
 
 
+def test_debug_nans_op_by_op_in_shard_map_without_vma_checks():
+  """`jax.disable_jit()` with `jax_debug_nans` inside a `shard_map` that
+  takes the gradients as replicated (`check_vma=False`): the devices agree
+  on the worst value through a NaN-aware max, which built its NaN on every
+  step and so raised on finite gradients."""
+  mesh = jax.make_mesh((NUM_DEVICES,), ("d",))
+  rows = np.arange(NUM_DEVICES * 6, dtype=np.float32).reshape(-1, 3)
+  grads = jax.device_put({"w": rows}, NamedSharding(mesh, P("d")))
+  params = {"w": jnp.ones((2, 3))}
+  tx = og.guard(og.sgd(0.1), axis_name="d", max_norm=1e9)
+  state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  step = jax.shard_map(lambda g, s, p: tx.update(g, s, p)[1], mesh=mesh,
+                       in_specs=(P("d"), P(), P()), out_specs=P(),
+                       check_vma=False)
+  with jax.disable_jit(), jax.debug_nans(True):
+    state = step(grads, state, params)
+  worst = max(_np_norm(rows[2 * d:2 * d + 2]) for d in range(NUM_DEVICES))
+  np.testing.assert_allclose(og.metrics(state)["grad/norm"], worst,
+                             rtol=RTOL)
+
+
 def test_pmap_finite_norm_is_max_over_devices_of_per_device_norms():
   """README: per device, then made identical by a pmax, "the worst device
   decides". The worst devices of the two leaves differ here."""
