@@ -665,10 +665,12 @@ def named(states: list[Any]) -> dict[str, Any]:
                  for name in named}
     taken = {m for name, m in metric_of.items()
              if name in out or m in (layered if name == m else totals)}
-    # A spike layer is an index into its own state's z-score entries, which
-    # must then not merge with another state's into one view.
-    taken |= {m[:-len("spike_layer")] + "zscore" for m in taken
-              if m.endswith("/spike_layer")}
+    # A spike layer is an index into its own state's z-score entries: the
+    # two are renamed together, whichever was taken.
+    pair = {"spike_layer": "zscore", "zscore": "spike_layer"}
+    split = (m.rpartition("/") for m in taken)
+    taken |= {head + "/" + pair[last] for head, _, last in split
+              if last in pair} & set(metric_of.values())
     renamed = [name for name, m in metric_of.items() if m in taken]
     if renamed:
       k = 1 + max(last_repeat.get(m, 0) for m in taken)
@@ -719,7 +721,7 @@ def metrics(opt_state: Any) -> dict[str, Any]:
   monitors in one chain, say), or one a metric's total and the other its
   per-layer entries (a per-layer clip's `grad/norm/<layer>` and a global
   clip's `grad/norm`: not their total; and a `spike_layer` with the
-  `zscore` entries it indexes), the first in the
+  `zscore` entries it indexes, whichever of the two was taken), the first in the
   tree's order (the earlier one in a chain) keeps the plain name and a later
   one gets `.1`, `.2`, ... at the end
   of the metric, before any layer: `grad/norm.1`, `grad/norm.1/Dense_0/kernel`

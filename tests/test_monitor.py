@@ -875,6 +875,25 @@ def test_a_spike_in_a_layer_still_warming_up_names_no_other_layer():
   assert e.value.layers == {}
 
 
+def test_spike_layer_is_renamed_with_the_zscores_it_indexes():
+  """zclip's total `grad/zscore` ahead of a monitor's per-layer z-scores:
+  the monitor's are renamed `grad/zscore.1/<layer>`, and its spike layer,
+  an index into them, must be `grad/spike_layer.1` with them (it kept the
+  plain name, beside no `grad/zscore/<layer>` to index)."""
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = optax.chain(og.zclip(warmup_steps=2), og.monitor(zscore=True),
+                   optax.sgd(0.1))
+  state = tx.init(params)
+  for scale in (1.0, 1.1, 0.9):
+    _, state = tx.update(jax.tree.map(lambda x: x * scale, params), state,
+                         params)
+  m = og.metrics(state)
+  assert m["grad/zscore"].shape == ()  # zclip's
+  assert [k for k in m if "zscore." in k] == ["grad/zscore.1/a",
+                                               "grad/zscore.1/b"]
+  assert "grad/spike_layer.1" in m and "grad/spike_layer" not in m
+
+
 def test_a_spike_is_named_from_its_own_guard_and_measured_step():
   """Two guards in a multi_transform: the second skips a spike in `head/out`,
   and the message takes the layer from that guard's z-scores, not from the
