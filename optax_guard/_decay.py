@@ -231,19 +231,7 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     # What the state records: a buffer of its own (a float32 array rate, as
     # `optax.inject_hyperparams` passes it, would otherwise be held twice).
     r = jnp.array(raw_rate, jnp.float32, copy=True)
-    out, chosen = [], []
-    for u, p, flag in zip(u_leaves, p_leaves, flags):
-      if not flag:
-        out.append(u)
-        continue
-      chosen.append(p)
-      # Python numbers too; an integer update (of a float parameter: an
-      # integer one is refused) decays as a float, as in optax.
-      u = _stats.as_inexact(u)
-      d = jnp.sign(p) if l1 else p
-      # The rate in the leaf's own dtype, as optax does (exact in float64).
-      out.append((u + jnp.asarray(raw_rate, u.dtype) * d.astype(u.dtype)
-                  ).astype(u.dtype))
+    chosen = [p for p, flag in zip(p_leaves, flags) if flag]
     if l1:
       total = jnp.sum(_stats.per_leaf(
           chosen, lambda block, _: jnp.sum(
@@ -255,12 +243,23 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
       norm = _stats.tree_stats(chosen, axis_name=axis_name).global_norm
       penalty = (0.5 * r * norm) * norm  # no overflow before the rate
       measured = norm
-    # The decayed updates wait for the statistic of the parameters (else
-    # XLA copies each donated parameter: `_stats.waiting_for`); a norm or a
-    # sum of magnitudes is never negative, and NaN < 0 is false.
-    waited = iter(_stats.waiting_for(measured < 0, [
-        u for u, flag in zip(out, flags) if flag]))
-    out = [next(waited) if flag else u for u, flag in zip(out, flags)]
+    # Python numbers too; an integer update (of a float parameter: an
+    # integer one is refused) decays as a float, as in optax.
+    u_leaves = [_stats.as_inexact(u) if flag else u
+                for u, flag in zip(u_leaves, flags)]
+    # The rate in each leaf's own dtype, as optax does (exact in float64),
+    # made to wait for the statistic of the parameters, else XLA copies each
+    # donated parameter (`_stats.waiting_for`; a norm or a sum of magnitudes
+    # is never negative, and NaN < 0 is false). On the scalar rate, not on
+    # each update: a select on the update split its fusion, and the generic
+    # path of a guard around the decay kept a second update-sized temporary.
+    rates = _stats.waiting_for(measured < 0, {
+        u.dtype.name: jnp.asarray(raw_rate, u.dtype)
+        for u, flag in zip(u_leaves, flags) if flag})
+    out = [(u + rates[u.dtype.name] * (jnp.sign(p) if l1 else p).astype(
+        u.dtype)
+            ).astype(u.dtype) if flag else u
+           for u, p, flag in zip(u_leaves, p_leaves, flags)]
     return jax.tree.unflatten(treedef, out), state_type(
         step=optax.safe_increment(state.step), last_rate=r, penalty=penalty)
 
