@@ -91,6 +91,15 @@ class GuardAwareTransformation(optax.GradientTransformationExtraArgs):
     _check_protocol(update)
     return super().__new__(cls, init, update)
 
+  # A NamedTuple's own `_make` and `_replace` build the tuple without
+  # `__new__`, and would take an update that drops the decision.
+  @classmethod
+  def _make(cls, iterable):
+    return cls(*iterable)
+
+  def _replace(self, **changes):
+    return type(self)(**{**self._asdict(), **changes})
+
 
 def _check_protocol(update: Any, seen: frozenset[int] = frozenset()) -> None:
   """Raises unless `update` names both keywords: taken by `**extra_args`
@@ -261,11 +270,29 @@ def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
   return keep, jnp.where(keep, g, jnp.zeros_like(g))
 
 
-# The per-leaf arithmetic is traced once per distinct leaf signature (shape,
-# dtypes, static hyperparameters): a model of 1,000 small leaves of a few
-# shapes then traces it a few times, not 1,000 (XLA inlines the calls, so the
-# compiled step is the same).
-@functools.partial(jax.jit, static_argnames=("static", "nesterov"))
+def _traced_once_per_signature(leaf_step: Callable) -> Callable:
+  """`leaf_step` jitted when called while tracing, as itself otherwise.
+
+  Inside a traced step, the per-leaf arithmetic is traced once per distinct
+  leaf signature (shape, dtypes, static hyperparameters): a model of 1,000
+  small leaves of a few shapes then traces it a few times, not 1,000 (XLA
+  inlines the calls, so the compiled step is the same). Called eagerly, a
+  jitted `leaf_step` would be compiled for every new value of a Python
+  number hyperparameter (a learning rate set by hand each step: 400
+  compiles in 200 steps); run op by op, as optax's, it compiles nothing new.
+  """
+  jitted = jax.jit(leaf_step, static_argnames=("static", "nesterov"))
+
+  @functools.wraps(leaf_step)
+  def call(*args, **kwargs):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+      return jitted(*args, **kwargs)
+    return leaf_step(*args, **kwargs)
+
+  return call
+
+
+@_traced_once_per_signature
 def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
                nesterov):
   """One leaf's AdamW step: (update, new first moment, new second moment)."""
@@ -334,7 +361,7 @@ def _moment(param: Any, dtype: Any) -> jax.Array:
   return jnp.zeros_like(param, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "nesterov"))
+@_traced_once_per_signature
 def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
   """One leaf's SGD step: (update, new trace or None)."""
   h = {**dict(static), **traced}
