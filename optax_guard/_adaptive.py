@@ -216,10 +216,12 @@ def adaptive_grad_clip(
     axis_name: mesh axis name(s), for `pmap`: each unit's gradient norm is
       then the largest over the devices, so every replica applies the same
       factors. Inside `shard_map`, a gradient leaf that still varies along a
-      mesh axis (not yet summed over the data-parallel devices, or sharded) is
-      an error: its units' norms would need to know which array axis is
-      split. Under `jit` with sharded arrays the norms are global by
-      construction.
+      mesh axis (not yet summed over the data-parallel devices, or sharded
+      along its own axes: FSDP, tensor parallelism) is an error: its units'
+      norms would need to know which array axis is split. Under `jit` with
+      sharded arrays the norms are global by construction. Under
+      `shard_map(check_vma=False)` no leaf can be told to vary: each
+      device's shard of a sharded leaf would be clipped as the whole.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update needs `params`,
@@ -283,9 +285,11 @@ def adaptive_grad_clip(
         raise ValueError(
             f"`adaptive_grad_clip` got the gradient leaf {name!r} varying "
             f"along mesh axes {sorted(_stats.varying_axes(g))} inside "
-            "shard_map; each unit's norm needs the unit's whole gradient: "
-            "sum or average the gradients over the data-parallel axes first, "
-            "or clip under jit with sharded arrays instead of shard_map.")
+            "shard_map; each unit's norm needs the unit's whole gradient. "
+            "Sum or average the gradients over the data-parallel axes first; "
+            "a leaf sharded along its own axes (FSDP, tensor parallelism) "
+            "cannot be clipped by unit inside shard_map: clip under jit "
+            "with sharded arrays instead.")
     unit_axes_of = _resolve_unit_axes(params, unit_axes)
     units_of = [int(np.prod([g.shape[a] for a in k]))
                 for g, k in zip(g_leaves, unit_axes_of)]

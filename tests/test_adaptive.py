@@ -718,7 +718,11 @@ def test_shard_map_agc_on_a_varying_gradient_is_an_error():
   with pytest.raises(ValueError, match=r"`adaptive_grad_clip` got the "
                      r"gradient leaf 'w' varying along mesh axes \['d'\] "
                      r"inside shard_map; each unit's norm needs the unit's "
-                     r"whole gradient"):
+                     r"whole gradient\. Sum or average the gradients over "
+                     r"the data-parallel axes first; a leaf sharded along "
+                     r"its own axes \(FSDP, tensor parallelism\) cannot be "
+                     r"clipped by unit inside shard_map: clip under jit "
+                     r"with sharded arrays instead\.$"):
     jax.jit(fn)(jax.device_put(jnp.ones((16, 3)),
                                NamedSharding(mesh, P("d"))))
 
