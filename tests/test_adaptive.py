@@ -722,7 +722,7 @@ def test_shard_map_agc_on_a_varying_gradient_is_an_error():
                      r"the data-parallel axes first; a leaf sharded along "
                      r"its own axes \(FSDP, tensor parallelism\) cannot be "
                      r"clipped by unit inside shard_map: clip under jit "
-                     r"with sharded arrays instead\.\n"):
+                     r"with sharded arrays instead\."):
     jax.jit(fn)(jax.device_put(jnp.ones((16, 3)),
                                NamedSharding(mesh, P("d"))))
 
