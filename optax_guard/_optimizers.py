@@ -287,7 +287,8 @@ def _traced_once_per_signature(leaf_step: Callable) -> Callable:
   def call(*args, **kwargs):
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
       return jitted(*args, **kwargs)
-    return leaf_step(*args, **kwargs)
+    # Arrays, as `jit` makes them (a Python float leaf: weakly typed).
+    return leaf_step(*jax.tree.map(jnp.asarray, args), **kwargs)
 
   return call
 
