@@ -106,11 +106,16 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
           below.setdefault(prefix, []).append(i)
     # A name may be hidden here by `optax.masked` / `multi_transform`
     # (the same `stacked=` given to every part): this part has no such layer.
-    hidden = {"/".join(parts[:k]) for name, masked in _named_leaves(tree)
-              if masked for parts in [name.split("/")]
+    # A mask that is a prefix tree hides a whole subtree as one node.
+    hidden_leaves = {name for name, masked in _named_leaves(tree) if masked}
+    hidden = {"/".join(parts[:k]) for name in hidden_leaves
+              for parts in [name.split("/")]
               for k in range(1, len(parts) + 1)}
+    in_hidden = lambda p: p in hidden or any(  # noqa: E731
+        "/".join(p.split("/")[:k]) in hidden_leaves
+        for k in range(1, p.count("/") + 1))
     for p in stacked:
-      if p not in below and p not in hidden:
+      if p not in below and not in_hidden(p):
         raise ValueError(
             f"`stacked` names {p!r}, which is no layer of the parameters "
             f"and no prefix of one; their layers are {list(names)[:5]}"

@@ -192,10 +192,12 @@ def _worst(values: jax.Array, axes: tuple[str, ...]) -> jax.Array:
                              minus_inf.astype(values.dtype)]), axes)
   top = jnp.where((rows[2] > 0) & jnp.isfinite(rows[0]), -jnp.inf, rows[0])
   # A device's NaN made here only where one is (`rows[0]` is then +Inf, and
-  # Inf * 0 is NaN): a NaN constant, made on every step, is what
-  # `jax_debug_nans` flags op by op (under `jax.disable_jit`).
+  # Inf * 0 is NaN; `abs` clears the sign it may get): a NaN constant, made
+  # on every step, is what `jax_debug_nans` flags op by op (under
+  # `jax.disable_jit`).
   any_nan = rows[1] > 0
-  return jnp.where(any_nan, jnp.where(any_nan, rows[0], 1.0) * 0, top)
+  return jnp.where(any_nan, jnp.abs(jnp.where(any_nan, rows[0], 1.0) * 0),
+                   top)
 
 
 @_worst.defjvp

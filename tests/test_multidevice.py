@@ -518,6 +518,7 @@ def test_pmap_one_device_nonfinite_is_seen_by_all(bad):
   np.testing.assert_array_equal(m["grad/nonfinite/bias"], 0 * ones)
   kind = np.isnan if bad == "nan" else np.isposinf
   assert np.all(kind(np.asarray(m["grad/norm"])))
+  assert not np.any(np.signbit(np.asarray(m["grad/norm"])))  # a plain NaN
   assert np.all(kind(np.asarray(m["grad/norm/kernel"])))
   assert np.all(np.asarray(s_clip.nonfinite))
   assert np.all(~np.isfinite(np.asarray(s_clip.grad_norm)))

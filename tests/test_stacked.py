@@ -346,3 +346,10 @@ def test_one_stacked_setting_in_every_part_of_multi_transform():
   with pytest.raises(ValueError, match="`stacked` names 'blocs', which is "
                      "no layer of the parameters"):
     parts(("blocs",)).init(params)
+  # Labels as a prefix tree (one label for the whole `blocks` subtree): the
+  # other part's mask hides it as one node, a name below it included.
+  labels = {"blocks": "body", "head": "head"}
+  for stacked in (("blocks",), ("blocks/w",)):
+    _, state = parts(stacked).update(grads, parts(stacked).init(params),
+                                     params)
+    assert "grad/norm/blocks/w/3" in og.metrics(state.inner_states["body"])
