@@ -256,9 +256,12 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     rates = _stats.waiting_for(measured < 0, {
         u.dtype.name: jnp.asarray(raw_rate, u.dtype)
         for u, flag in zip(u_leaves, flags) if flag})
-    out = [(u + rates[u.dtype.name] * (jnp.sign(p) if l1 else p).astype(
-        u.dtype)
-            ).astype(u.dtype) if flag else u
+
+    def decayed(u, p):
+      d = (jnp.sign(p) if l1 else p).astype(u.dtype)
+      return (u + rates[u.dtype.name] * d).astype(u.dtype)
+
+    out = [decayed(u, p) if flag else u
            for u, p, flag in zip(u_leaves, p_leaves, flags)]
     return jax.tree.unflatten(treedef, out), state_type(
         step=optax.safe_increment(state.step), last_rate=r, penalty=penalty)

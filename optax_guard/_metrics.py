@@ -106,14 +106,11 @@ def stacked_flags(tree: Any, stacked: Stacked) -> list[bool] | None:
           below.setdefault(prefix, []).append(i)
     # A name may be hidden here by `optax.masked` / `multi_transform`
     # (the same `stacked=` given to every part): this part has no such layer.
-    # A mask that is a prefix tree hides a whole subtree as one node.
-    hidden_leaves = {name for name, masked in _named_leaves(tree) if masked}
-    hidden = {"/".join(parts[:k]) for name in hidden_leaves
-              for parts in [name.split("/")]
-              for k in range(1, len(parts) + 1)}
-    in_hidden = lambda p: p in hidden or any(  # noqa: E731
-        "/".join(p.split("/")[:k]) in hidden_leaves
-        for k in range(1, p.count("/") + 1))
+    # (A mask that is a prefix tree hides a whole subtree as one node.)
+    hidden = [name for name, masked in _named_leaves(tree) if masked]
+    in_hidden = lambda p: any(  # noqa: E731
+        h == p or h.startswith(p + "/") or p.startswith(h + "/")
+        for h in hidden)
     for p in stacked:
       if p not in below and not in_hidden(p):
         raise ValueError(
