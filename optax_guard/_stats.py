@@ -962,19 +962,31 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
     size = jnp.full((block.shape[0],), math.prod(block.shape[1:]), jnp.float32)
     return jnp.sum(x * x, axis=_rest(block)), size
 
-  sumsq, sizes = reduce_blocks(blocks, plain_pass, axis_name, "sum")
+  # Each block's own sums, taken once: a block summed over no mesh axis
+  # decides from them alone (below), so that its conditional waits for that
+  # block only, not for every block's sum (with the gradients computed in
+  # the step, that kept every gradient leaf alive at once).
+  # (Replicated as `reduce_blocks` makes them: a stacked leaf sharded along
+  # its layers has sharded sums, and both branches must give one type.)
+  own = [jax.tree.map(replicated, plain_pass(block, index))
+         for block, index in zip(blocks.arrays, blocks.index)]
+  by_index = {id(index): sums for index, sums in zip(blocks.index, own)}
+  sumsq, sizes = reduce_blocks(
+      blocks, lambda block, index: by_index[id(index)], axis_name, "sum")
+
   # Where the plain sum cannot be trusted: not finite (NaN/Inf, or squares
   # overflowing), or so small that squares may have underflowed.
-  unusual = ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
-  may_exceed = None
-  if count_above is not None:
+  def unusual(sumsq, sizes):
+    return ~jnp.isfinite(sumsq) | (sumsq < sizes * _UNDERFLOW_FLOOR)
+
+  def may_exceed(sumsq):
     # A leaf whose sum of squares is at most `count_above**2` holds no
     # element above it, exactly: a computed sum of non-negative terms is
     # never below its largest term, and a square above `count_above**2`
     # rounds to at least its float32 value (the 2**-10 margin covers that).
     # (The threshold may be traced: `optax.inject_hyperparams`.)
     t = jnp.asarray(count_above, jnp.float32)
-    may_exceed = (t <= 0) | (sumsq > t * t * np.float32(1 - 2.0**-10))
+    return (t <= 0) | (sumsq > t * t * np.float32(1 - 2.0**-10))
 
   # The rest is decided block by block: a NaN in one leaf re-reads that leaf
   # only (or its stack of small leaves). Each branch reads its block alone:
@@ -985,23 +997,35 @@ def _decided_stats(blocks: Blocks, axis_name: AxisName,
   for i, index in enumerate(blocks.index):
     block = blocks.one(i)
     zeros = jnp.zeros(index.shape, jnp.int32)
+    if blocks.axes[i]:  # reduced over the devices: the global sums
+      block_sumsq, block_sizes = sumsq[index], sizes[index]
+      block_norms = lambda index=index: plain_norms[index]
+    else:  # this block's own sums (the same values, bit for bit)
+      block_sumsq, block_sizes = own[i]
+      # (Taken in the branch: a branch that returned its operand as it is
+      # made XLA copy it.)
+      block_norms = lambda block_sumsq=block_sumsq: jnp.sqrt(block_sumsq)
 
-    def usual(index=index, block=block, zeros=zeros):
+    def usual(block=block, zeros=zeros, block_sumsq=block_sumsq,
+              block_norms=block_norms):
+      block_norms = block_norms()
       if count_above is None:
-        return plain_norms[index], zeros, zeros
+        return block_norms, zeros, zeros
       count = lax.cond(
-          jnp.any(may_exceed[index]),
+          jnp.any(may_exceed(block_sumsq)),
           lambda: _count_above(block, count_above, axis_name), lambda: zeros)
-      return plain_norms[index], zeros, count
+      return block_norms, zeros, count
 
     def full(block=block, zeros=zeros):
       stats = _full_stats(block, axis_name, count_above)
       return (stats.norms, stats.nonfinite,
               zeros if count_above is None else stats.count_above)
 
-    # The predicates are global (reduced over the devices), so every replica
+    # The predicates are global (reduced over the devices, or of a block that
+    # varies along no axis: the same on every device), so every replica
     # takes the same branch and the collectives inside it match.
-    parts.append(lax.cond(jnp.any(unusual[index]), full, usual))
+    parts.append(lax.cond(jnp.any(unusual(block_sumsq, block_sizes)), full,
+                          usual))
   # Back to leaf order with one permutation (not a scatter per block).
   norms, nonfinite, counts = permuted(
       tuple(jnp.concatenate(column) for column in zip(*parts)),

@@ -235,6 +235,31 @@ def test_jit_with_the_layer_axis_sharded_on_both_paths():
                                  np.linalg.norm(finite[i]), rtol=1e-6)
 
 
+def test_explicit_mesh_stack_sharded_along_its_layers_against_numpy():
+  """Under `jit` on an Explicit mesh, a stack sharded along its layer axis
+  beside a sharded kernel: each block decides its rare paths from its own
+  sums, which are then sharded like its layers; both branches must still
+  give one type (with the counts above 1 taken, as the monitor does)."""
+  mesh = jax.make_mesh((8,), ("d",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(6)
+  stack = rng.normal(size=(8, 16, 16)).astype(np.float32)
+  kernel = rng.normal(size=(64, 64)).astype(np.float32)
+  with jax.set_mesh(mesh):
+    tree = {"blocks": jax.device_put(stack, NamedSharding(mesh, P("d"))),
+            "k": jax.device_put(kernel, NamedSharding(mesh, P("d")))}
+    tx = optax.chain(og.monitor(stacked=("blocks",)), optax.sgd(0.1))
+    _, state = jax.jit(tx.update)(tree, tx.init(tree), tree)
+  m = og.metrics(state)
+  for i in range(8):
+    np.testing.assert_allclose(m[f"grad/norm/blocks/{i}"],
+                               np.linalg.norm(stack[i]), rtol=1e-5)
+    np.testing.assert_allclose(m[f"grad/frac_above_1/blocks/{i}"],
+                               np.mean(np.abs(stack[i]) > 1), rtol=1e-6)
+  np.testing.assert_allclose(m["grad/norm/k"], np.linalg.norm(kernel),
+                             rtol=1e-5)
+
+
 def test_a_stacked_axis_split_by_shard_map_is_named_in_the_error():
   """A stack sharded along its layer axis reaches each device with one
   layer of the eight `init` saw: the error says why."""
