@@ -19,6 +19,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _clipping
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _skip
 from optax_guard import _spikes
@@ -330,7 +331,8 @@ def adaptive_grad_clip(
         frac_units_clipped=total.astype(jnp.float32) / max(sum(units_of), 1),
         num_clipped=_stats.count_if(total > 0, state.num_clipped))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -452,7 +454,8 @@ def autoclip(
     updates, clip = _clipping.clip_to(updates, norm, threshold, state.clip)
     return updates, AutoclipState(clip, norms, threshold)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 # --------------------------------------------------------------------------
@@ -470,8 +473,8 @@ class ZclipState(NamedTuple):
     >>> state = tx.init({"w": jnp.zeros(2)})
     >>> for norm in (1.0, 2.0):
     ...   _, state = tx.update({"w": jnp.array([norm, 0.0])}, state)
-    >>> print(state.mean, state.std)  # of the warm-up norms
-    1.5 0.5
+    >>> print(state.mean, f"{state.std:.6f}")  # of the warm-up norms
+    1.5 0.500000
 
   References:
     Made by `zclip` (see its references); `og.metrics` reads it.
@@ -628,8 +631,15 @@ def zclip(
     seen = jnp.where(spike, target, norm)  # what the EMAs learn from
     mean = a * state.mean + (1.0 - a) * seen
     # sqrt(a * std**2 + (1 - a) * (seen - mean)**2), without squaring: a
-    # finite norm above ~1.8e19 would make the variance Inf for good.
-    std = jnp.hypot(jnp.sqrt(a) * std, jnp.sqrt(1.0 - a) * (seen - mean))
+    # finite norm above ~1.8e19 would make the variance Inf for good. With
+    # `seen - mean` as `a * (seen - state.mean)`, the same algebraically
+    # but exactly 0 where a spike is learnt as the mean (the difference of
+    # two roundings was an ulp of the mean, which, at every spike of a long
+    # run, made the std drift by 1%). `combine_norms`, not `jnp.hypot`,
+    # which in jax >= 0.11 divides 0 / 0 at (0, 0) (a `jax_debug_nans`
+    # error op by op).
+    std = _stats.combine_norms(jnp.abs(jnp.stack([
+        jnp.sqrt(a) * std, jnp.sqrt(1.0 - a) * a * (seen - state.mean)])))
     learn = ready & finite
     mean = jnp.where(learn, mean, state.mean)
     std = jnp.where(learn, std, state.std)
@@ -658,4 +668,5 @@ def zclip(
         zscore=jnp.where(ready & finite, z, 0.0), threshold=threshold,
         num_spikes=_stats.count_if(spike, state.num_spikes))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))

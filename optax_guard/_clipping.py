@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _stats
 
@@ -182,7 +183,8 @@ def clip_by_global_norm(
     norm = _stats.tree_stats(updates, axis_name=axis_name).global_norm
     return clip_to(updates, norm, max_norm, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 class ClipByLayerNormState(NamedTuple):
@@ -284,7 +286,8 @@ def clip_by_layer_norm(
         layers_clipped=layers_clipped,
         num_clipped=_stats.count_if(layers_clipped > 0, state.num_clipped))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 class ClipByValueState(NamedTuple):
@@ -409,4 +412,5 @@ def clip_by_value(
         frac_clipped=frac,
         num_clipped=_stats.count_if(above > 0, state.num_clipped))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _stats
 
@@ -266,7 +267,8 @@ def _make(factory: str, l1: bool, state_type: type, rate: Any, mask: Mask,
     return jax.tree.unflatten(treedef, out), state_type(
         step=optax.safe_increment(state.step), last_rate=r, penalty=penalty)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 class AddDecayedWeightsState(NamedTuple):

@@ -13,10 +13,11 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _clipping
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _monitor
-from optax_guard import _penalties
 from optax_guard import _nonfinite
+from optax_guard import _penalties
 from optax_guard import _skip
 from optax_guard import _spikes
 from optax_guard import _stats
@@ -427,4 +428,5 @@ def guard(
       new_updates = _monitor.after_params_read(new_updates, new.monitor)
     return new_updates, new._replace(inner_state=new_inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _skip
 from optax_guard import _stats
@@ -495,4 +496,5 @@ def monitor(
     return updates, new_state._replace(
         step=optax.safe_increment(state.step), naming=naming)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))

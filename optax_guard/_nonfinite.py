@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _monitor
 from optax_guard import _skip
@@ -248,7 +249,8 @@ def skip_nonfinite(
             resume_after_halt=resume_after_halt), axis_name, layout)
     return new_updates, new_state._replace(inner_state=new_inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 class ZeroNonfiniteState(NamedTuple):
@@ -324,7 +326,8 @@ def zero_nonfinite(
         replaced=_metrics.PerLayer(counts, state.replaced.names),
         num_steps=_stats.count_if(jnp.any(counts > 0), state.num_steps))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 def skip_nonfinite_microbatch(

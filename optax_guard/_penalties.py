@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _stats
 
@@ -414,7 +415,8 @@ def add_gradient_norm_penalty(
     return out, AddGradientNormPenaltyState(
         grad_norm=norm, penalty=(s * norm) * norm if squared else s * norm)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))
 
 
 def input_gradient_penalty(fn: Callable[[Any], jax.Array],

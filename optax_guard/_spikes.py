@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_guard import _args
+from optax_guard import _eager
 from optax_guard import _monitor
 from optax_guard import _skip
 from optax_guard import _stats
@@ -351,4 +352,5 @@ def skip_spikes(
         axis_name)
     return new_updates, new_state._replace(inner_state=new_inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, _eager.compiled_when_eager(update_fn))

@@ -17,8 +17,8 @@ import pytest
 
 import optax_guard
 
-_WITHOUT_EXAMPLES = {"optax_guard._args", "optax_guard._skip",
-                     "optax_guard._stats"}
+_WITHOUT_EXAMPLES = {"optax_guard._args", "optax_guard._eager",
+                     "optax_guard._skip", "optax_guard._stats"}
 MODULES = sorted(
     m.name for m in pkgutil.iter_modules(optax_guard.__path__,
                                          optax_guard.__name__ + "."))

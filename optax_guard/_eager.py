@@ -1,0 +1,45 @@
+"""Eager calls of a transformation's `update`, compiled once.
+
+Called outside `jax.jit`, every `lax.cond` and `lax.reduce` of the
+statistics compiles anew on each call: JAX caches such a program on the
+identity of its branch or reducer, and those are closures made in the call.
+An eager step of `og.guard(og.adamw)` then compiled 10-46 programs per step
+(0.6-5.5 s, against ~1 ms for optax's chain), and memory grew by MiBs per
+step. An eager call therefore runs the whole `update` as one program,
+compiled once per transformation and argument signature, as a jitted step
+would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+_ARRAYS = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def compiled_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`update_fn`, called through its own `jax.jit` when no argument is
+  traced (functions given as extra arguments, as `grad_fn=` or optax's
+  `value_fn=`, static: compiled once per function); called as it is inside
+  a trace (`jit`, `vmap`, `grad`, `shard_map`), under `jax.disable_jit()`,
+  and where an argument is neither an array nor a number."""
+  compiled: dict[tuple[str, ...], Callable[..., Any]] = {}
+
+  @functools.wraps(update_fn)
+  def update(updates, state, params=None, **extra_args):
+    static = tuple(sorted(k for k, v in extra_args.items() if callable(v)))
+    leaves = jax.tree.leaves((updates, state, params, {
+        k: v for k, v in extra_args.items() if k not in static}))
+    if (jax.config.jax_disable_jit or
+        any(isinstance(x, jax.core.Tracer) for x in leaves) or
+        not all(isinstance(x, _ARRAYS) for x in leaves)):
+      return update_fn(updates, state, params, **extra_args)
+    if static not in compiled:
+      compiled[static] = jax.jit(update_fn, static_argnames=static)
+    return compiled[static](updates, state, params, **extra_args)
+
+  return update
