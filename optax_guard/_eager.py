@@ -27,7 +27,6 @@ def compiled_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
   `value_fn=`, static: compiled once per function); called as it is inside
   a trace (`jit`, `vmap`, `grad`, `shard_map`), under `jax.disable_jit()`,
   and where an argument is neither an array nor a number."""
-  compiled: dict[tuple[str, ...], Callable[..., Any]] = {}
 
   @functools.wraps(update_fn)
   def update(updates, state, params=None, **extra_args):
@@ -38,8 +37,10 @@ def compiled_when_eager(update_fn: Callable[..., Any]) -> Callable[..., Any]:
         any(isinstance(x, jax.core.Tracer) for x in leaves) or
         not all(isinstance(x, _ARRAYS) for x in leaves)):
       return update_fn(updates, state, params, **extra_args)
-    if static not in compiled:
-      compiled[static] = jax.jit(update_fn, static_argnames=static)
-    return compiled[static](updates, state, params, **extra_args)
+    # A new `jit` of the same function each call finds JAX's caches (its
+    # trace and program are keyed on the function), and holds nothing that
+    # would keep the transformation from being pickled (cloudpickle).
+    return jax.jit(update_fn, static_argnames=static)(
+        updates, state, params, **extra_args)
 
   return update
