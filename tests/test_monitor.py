@@ -1006,16 +1006,49 @@ def test_gradients_computed_in_the_step_keep_no_parameter_copy(make):
       h = jnp.tanh(h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"])
     return jnp.mean(h ** 2)
 
-  def temporaries(tx):
-    def step(p, s):
-      u, s = tx.update(jax.grad(loss)(p), s, p)
-      return optax.apply_updates(p, u), s
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, tx.init(params)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
   kernel_bytes = 128 * 8192 * 4
-  assert temporaries(make()) - temporaries(optax.adam(1e-3)) < kernel_bytes // 4
+  assert (_temporaries_with_grads_in_step(make(), params, loss) -
+          _temporaries_with_grads_in_step(optax.adam(1e-3), params, loss)
+          ) < kernel_bytes // 4
+
+
+def _temporaries_with_grads_in_step(tx, params, loss):
+  """Bytes of temporaries of a donated step that takes `jax.grad(loss)`."""
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, tx.init(params)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.standard_promotion  # traces optax.adam
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda: og.clip_by_value(1.0), lambda: optax.clip(1.0)),
+    (og.zero_nonfinite, optax.zero_nans)], ids=["clip_by_value", "zero"])
+def test_gradients_computed_in_the_step_are_not_all_kept_alive(ours, theirs):
+  """With the gradients computed in the step, each block's conditional
+  (whether to re-read it for NaN/overflow) waited for every block's sum, so
+  every gradient leaf stayed alive at once: 3.3 MiB of temporaries against
+  optax's 0.6 MiB for 3 MiB of parameters; deciding each block from its own
+  sum keeps about one leaf more than optax."""
+  rng = np.random.default_rng(0)
+  params = {f"l{i:02d}": jnp.asarray(rng.normal(size=(256, 256)) / 16,
+                                     jnp.float32) for i in range(12)}
+  x = jnp.asarray(rng.normal(size=(8, 256)), jnp.float32)
+
+  def loss(p):
+    h = x
+    for name in sorted(p):
+      h = jnp.tanh(h @ p[name])
+    return jnp.mean(h ** 2)
+
+  leaf_bytes = 256 * 256 * 4
+  assert (_temporaries_with_grads_in_step(
+      optax.chain(ours(), optax.adam(1e-3)), params, loss) -
+          _temporaries_with_grads_in_step(
+              optax.chain(theirs(), optax.adam(1e-3)), params, loss)
+          ) < 3 * leaf_bytes
 
 
 @pytest.mark.standard_promotion  # traces optax.adam
