@@ -34,6 +34,7 @@ import optax
 
 from optax_guard import _args
 from optax_guard import _decay
+from optax_guard import _eager
 from optax_guard import _metrics
 from optax_guard import _stats
 
@@ -270,30 +271,8 @@ def _prepare(decision: Any, g: jax.Array) -> tuple[Any, jax.Array]:
   return keep, jnp.where(keep, g, jnp.zeros_like(g))
 
 
-def _traced_once_per_signature(leaf_step: Callable) -> Callable:
-  """`leaf_step` jitted when called while tracing, as itself otherwise.
-
-  Inside a traced step, the per-leaf arithmetic is traced once per distinct
-  leaf signature (shape, dtypes, static hyperparameters): a model of 1,000
-  small leaves of a few shapes then traces it a few times, not 1,000 (XLA
-  inlines the calls, so the compiled step is the same). Called eagerly, a
-  jitted `leaf_step` would be compiled for every new value of a Python
-  number hyperparameter (a learning rate set by hand each step: 400
-  compiles in 200 steps); run op by op, as optax's, it compiles nothing new.
-  """
-  jitted = jax.jit(leaf_step, static_argnames=("static", "nesterov"))
-
-  @functools.wraps(leaf_step)
-  def call(*args, **kwargs):
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-      return jitted(*args, **kwargs)
-    # Arrays, as `jit` makes them (a Python float leaf: weakly typed).
-    return leaf_step(*jax.tree.map(jnp.asarray, args), **kwargs)
-
-  return call
-
-
-@_traced_once_per_signature
+@functools.partial(_eager.jitted_while_tracing,
+                   static_argnames=("static", "nesterov"))
 def _adam_leaf(g, m, v, p, decision, corrections, traced, *, static,
                nesterov):
   """One leaf's AdamW step: (update, new first moment, new second moment)."""
@@ -362,7 +341,8 @@ def _moment(param: Any, dtype: Any) -> jax.Array:
   return jnp.zeros_like(param, dtype=dtype)
 
 
-@_traced_once_per_signature
+@functools.partial(_eager.jitted_while_tracing,
+                   static_argnames=("static", "nesterov"))
 def _sgd_leaf(g, t, decision, traced, *, static, nesterov):
   """One leaf's SGD step: (update, new trace or None)."""
   h = {**dict(static), **traced}
